@@ -1,0 +1,1 @@
+"""Sub-commands of the ``hfx`` CLI, one module each (see ``hfx/cli.py``)."""

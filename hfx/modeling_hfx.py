@@ -1,0 +1,593 @@
+"""The hfx transformer, read top to bottom: embeddings, attention, block, base model, heads.
+
+Norm, position encoding and feed-forward network are built from the plugin registry by name;
+attention is dispatched through transformers' ``ALL_ATTENTION_FUNCTIONS`` exactly as Llama does.
+The block itself has one switch, pre- or post-norm; everything else lives in components.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import CrossEntropyLoss
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.modeling_layers import (
+    GenericForQuestionAnswering,
+    GenericForTokenClassification,
+    GradientCheckpointingLayer,
+)
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    MaskedLMOutput,
+    MultipleChoiceModelOutput,
+    SequenceClassifierOutputWithPast,
+)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.utils import ModelOutput, logging
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .attention import eager_attention_forward
+from .configuration_hfx import HfxConfig
+from .registry import registry
+
+logger = logging.get_logger(__name__)
+
+
+def build_norm(config: HfxConfig) -> nn.Module:
+    norm = registry.get("norm", config.norm_type).factory(config, config.hidden_size)
+    norm._hfx_norm = True  # lets _init_weights reset any norm plugin's affine parameters
+    return norm
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(query, key, rotary):
+    """Rotate (B, H, T, D) queries and keys by the (cos, sin) of a rotary position component."""
+    cos, sin = (t.unsqueeze(1) for t in rotary)
+    return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
+
+
+def padding_mask_for(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
+    """Bool (B, T) with True on real tokens of the current step, from a 2-D attention mask."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    return attention_mask[:, -seq_len:].bool()
+
+
+class HfxEmbeddings(nn.Module):
+    """Token + segment (+ absolute position) embeddings; post-norm models normalise them here."""
+
+    def __init__(self, config: HfxConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.token_type_embeddings = (
+            nn.Embedding(config.type_vocab_size, config.hidden_size) if config.type_vocab_size > 0 else None
+        )
+        self.position = registry.get("position", config.position_embedding_type).factory(config)
+        self.norm = build_norm(config) if config.norm_position == "post" else None
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids, inputs_embeds, token_type_ids, position_ids, padding_mask):
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        if self.token_type_embeddings is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+            inputs_embeds = inputs_embeds + self.token_type_embeddings(token_type_ids)
+        hidden_states, rotary = self.position(inputs_embeds, position_ids)
+        if self.norm is not None:
+            hidden_states = self.norm(hidden_states, padding_mask)
+        return self.dropout(hidden_states), rotary
+
+
+class HfxAttention(nn.Module):
+    """Multi-head (optionally grouped-query) self-attention; the score computation is a registered backend."""
+
+    def __init__(self, config: HfxConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = config.is_decoder
+        self.attention_dropout = config.attention_probs_dropout_prob
+        kv_size = config.num_key_value_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
+
+    def forward(self, hidden_states, attention_mask=None, rotary=None, past_key_values: Cache | None = None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        if rotary is not None:
+            query, key = apply_rotary(query, key, rotary)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        out, weights = attention(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+
+
+class HfxLayer(GradientCheckpointingLayer):
+    """Attention and feed-forward sub-layers, each with a residual and a norm placed before or after it."""
+
+    def __init__(self, config: HfxConfig, layer_idx: int):
+        super().__init__()
+        self.pre_norm = config.norm_position == "pre"
+        self.attention_norm = build_norm(config)
+        self.attention = HfxAttention(config, layer_idx)
+        self.ffn_norm = build_norm(config)
+        self.ffn = registry.get("ffn", config.ffn_type).factory(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states, attention_mask=None, padding_mask=None, rotary=None, past_key_values=None, **kwargs):
+        if self.pre_norm:
+            normed = self.attention_norm(hidden_states, padding_mask)
+            attended, _ = self.attention(normed, attention_mask, rotary, past_key_values, **kwargs)
+            hidden_states = hidden_states + self.dropout(attended)
+            return hidden_states + self.dropout(self.ffn(self.ffn_norm(hidden_states, padding_mask)))
+        attended, _ = self.attention(hidden_states, attention_mask, rotary, past_key_values, **kwargs)
+        hidden_states = self.attention_norm(hidden_states + self.dropout(attended), padding_mask)
+        return self.ffn_norm(hidden_states + self.dropout(self.ffn(hidden_states)), padding_mask)
+
+
+class HfxPreTrainedModel(PreTrainedModel):
+    config_class = HfxConfig
+    config: HfxConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["HfxLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_record_outputs = {"hidden_states": HfxLayer, "attentions": HfxAttention}
+
+    def __init__(self, config: HfxConfig, *inputs, **kwargs):
+        super().__init__(config, *inputs, **kwargs)
+        # Keep attention_type (saved in config.json) in step with the backend actually in use.
+        config.attention_type = config._attn_implementation
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if getattr(module, "_hfx_norm", False):
+            if isinstance(getattr(module, "weight", None), nn.Parameter):
+                init.ones_(module.weight)
+            if isinstance(getattr(module, "bias", None), nn.Parameter):
+                init.zeros_(module.bias)
+            if getattr(module, "running_mean", None) is not None:
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+                init.zeros_(module.num_batches_tracked)
+        elif isinstance(module, HfxLMPredictionHead):
+            init.zeros_(module.bias)
+
+
+class HfxModel(HfxPreTrainedModel):
+    """The bare hfx transformer: hidden states out, no head."""
+
+    def __init__(self, config: HfxConfig):
+        super().__init__(config)
+        self.embeddings = HfxEmbeddings(config)
+        self.layers = nn.ModuleList([HfxLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.final_norm = build_norm(config) if config.norm_position == "pre" else None
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings.word_embeddings = value
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        if not self.config.is_decoder:
+            use_cache = False
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            device = (input_ids if input_ids is not None else inputs_embeds).device
+            position_ids = (torch.arange(seq_len, device=device) + past_seen).unsqueeze(0)
+
+        padding_mask = padding_mask_for(attention_mask, seq_len)
+        hidden_states, rotary = self.embeddings(input_ids, inputs_embeds, token_type_ids, position_ids, padding_mask)
+        if self.config.is_decoder:
+            mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=hidden_states,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                position_ids=position_ids,
+            )
+        else:
+            mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask)
+
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=mask,
+                padding_mask=padding_mask,
+                rotary=rotary,
+                past_key_values=past_key_values,
+                position_ids=position_ids,
+                **kwargs,
+            )
+        if self.final_norm is not None:
+            hidden_states = self.final_norm(hidden_states, padding_mask)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+
+class HfxPooler(nn.Module):
+    """Dense + tanh over the first ([CLS]) token, as in BERT, for sentence-level heads of encoders."""
+
+    def __init__(self, config: HfxConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(hidden_states[:, 0]))
+
+
+class HfxLMPredictionHead(nn.Module):
+    """Transform (dense, activation, norm) then project onto the vocabulary; the projection is tied to the embeddings."""
+
+    def __init__(self, config: HfxConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.norm = build_norm(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden_states, padding_mask=None):
+        hidden_states = self.norm(self.act(self.dense(hidden_states)), padding_mask)
+        return self.decoder(hidden_states) + self.bias
+
+
+class HfxForMaskedLM(HfxPreTrainedModel):
+    _tied_weights_keys = {"lm_head.decoder.weight": "model.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: HfxConfig):
+        super().__init__(config)
+        self.model = HfxModel(config)
+        self.lm_head = HfxLMPredictionHead(config)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head.decoder
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head.decoder = new_embeddings
+        if new_embeddings.out_features != self.lm_head.bias.shape[0]:
+            old = self.lm_head.bias.data
+            bias = torch.zeros(new_embeddings.out_features, dtype=old.dtype, device=old.device)
+            bias[: min(old.shape[0], bias.shape[0])] = old[: bias.shape[0]]
+            self.lm_head.bias = nn.Parameter(bias)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> MaskedLMOutput:
+        outputs = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        logits = self.lm_head(outputs.last_hidden_state, padding_mask_for(attention_mask, outputs.last_hidden_state.shape[1]))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+@dataclass
+class HfxForPreTrainingOutput(ModelOutput):
+    """MLM and NSP outputs; ``loss`` is their sum (each part is reported too)."""
+
+    loss: torch.Tensor | None = None
+    mlm_loss: torch.Tensor | None = None
+    nsp_loss: torch.Tensor | None = None
+    prediction_logits: torch.Tensor | None = None
+    seq_relationship_logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+class HfxForPreTraining(HfxPreTrainedModel):
+    """BERT-style pre-training: masked LM over tokens plus next-sentence prediction over [CLS].
+
+    ``next_sentence_label``: 0 when sentence B really follows A, 1 when it is random (BERT's convention).
+    """
+
+    _tied_weights_keys = {"lm_head.decoder.weight": "model.embeddings.word_embeddings.weight"}
+    # Two mean losses are summed: Trainer must not rescale them by a global token count.
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: HfxConfig):
+        super().__init__(config)
+        self.model = HfxModel(config)
+        self.lm_head = HfxLMPredictionHead(config)
+        self.pooler = HfxPooler(config)
+        self.nsp_head = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    get_output_embeddings = HfxForMaskedLM.get_output_embeddings
+    set_output_embeddings = HfxForMaskedLM.set_output_embeddings
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels: torch.LongTensor | None = None,
+        next_sentence_label: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> HfxForPreTrainingOutput:
+        outputs = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        prediction_logits = self.lm_head(hidden, padding_mask_for(attention_mask, hidden.shape[1]))
+        nsp_logits = self.nsp_head(self.pooler(hidden))
+        loss_fct = CrossEntropyLoss()
+        mlm_loss = nsp_loss = None
+        if labels is not None:
+            mlm_loss = loss_fct(prediction_logits.view(-1, self.config.vocab_size).float(), labels.view(-1))
+        if next_sentence_label is not None:
+            nsp_loss = loss_fct(nsp_logits.view(-1, 2).float(), next_sentence_label.view(-1))
+        parts = [part for part in (mlm_loss, nsp_loss) if part is not None]
+        return HfxForPreTrainingOutput(
+            loss=sum(parts) if parts else None,
+            mlm_loss=mlm_loss,
+            nsp_loss=nsp_loss,
+            prediction_logits=prediction_logits,
+            seq_relationship_logits=nsp_logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+class HfxForCausalLM(HfxPreTrainedModel, GenerationMixin):
+    """Left-to-right language model (GPT-style). Forces ``is_decoder=True``: a causal LM never sees the future."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: HfxConfig):
+        if not config.is_decoder:
+            logger.info("HfxForCausalLM sets is_decoder=True (causal attention mask).")
+            config.is_decoder = True
+        super().__init__(config)
+        self.model = HfxModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        past_key_values: Cache | None = None,
+        inputs_embeds=None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+class HfxForSequenceClassification(HfxPreTrainedModel):
+    """Encoders classify the pooled [CLS] token (BERT); decoders the last non-pad token (GPT/Llama)."""
+
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: HfxConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = HfxModel(config)
+        self.pooler = None if config.is_decoder else HfxPooler(config)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def _pool(self, hidden, input_ids, attention_mask):
+        if self.pooler is not None:
+            return self.pooler(hidden)
+        batch = torch.arange(hidden.shape[0], device=hidden.device)
+        if attention_mask is not None and attention_mask.dim() == 2:
+            positions = torch.arange(hidden.shape[1], device=hidden.device)
+            last = (positions * attention_mask.to(hidden.device).long()).argmax(-1)
+        elif input_ids is not None and self.config.pad_token_id is not None:
+            positions = torch.arange(hidden.shape[1], device=hidden.device)
+            last = (positions * (input_ids != self.config.pad_token_id).long()).argmax(-1)
+        else:
+            last = torch.full_like(batch, hidden.shape[1] - 1)
+        return hidden[batch, last]
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast:
+        outputs = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            **kwargs,
+        )
+        pooled = self._pool(outputs.last_hidden_state, input_ids, attention_mask)
+        logits = self.score(self.dropout(pooled))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
+        return SequenceClassifierOutputWithPast(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class HfxForTokenClassification(GenericForTokenClassification, HfxPreTrainedModel):
+    pass
+
+
+class HfxForQuestionAnswering(GenericForQuestionAnswering, HfxPreTrainedModel):
+    accepts_loss_kwargs = False
+
+    def get_input_embeddings(self):
+        return self.model.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.model.embeddings.word_embeddings = value
+
+
+class HfxForMultipleChoice(HfxPreTrainedModel):
+    """Scores each (context, choice) sequence from its pooled [CLS] token; softmax over the choices."""
+
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: HfxConfig):
+        super().__init__(config)
+        self.model = HfxModel(config)
+        self.pooler = HfxPooler(config)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, 1)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> MultipleChoiceModelOutput:
+        """Inputs are (batch, num_choices, seq_len); they are flattened to (batch * num_choices, seq_len)."""
+        reference = input_ids if input_ids is not None else inputs_embeds
+        num_choices = reference.shape[1]
+
+        def flat(t):
+            return None if t is None else t.reshape(-1, *t.shape[2:])
+
+        outputs = self.model(
+            flat(input_ids),
+            attention_mask=flat(attention_mask),
+            token_type_ids=flat(token_type_ids),
+            position_ids=flat(position_ids),
+            inputs_embeds=flat(inputs_embeds),
+            **kwargs,
+        )
+        logits = self.classifier(self.dropout(self.pooler(outputs.last_hidden_state))).view(-1, num_choices)
+        loss = CrossEntropyLoss()(logits.float(), labels) if labels is not None else None
+        return MultipleChoiceModelOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+__all__ = [
+    "HfxPreTrainedModel",
+    "HfxModel",
+    "HfxForMaskedLM",
+    "HfxForPreTraining",
+    "HfxForPreTrainingOutput",
+    "HfxForCausalLM",
+    "HfxForSequenceClassification",
+    "HfxForTokenClassification",
+    "HfxForQuestionAnswering",
+    "HfxForMultipleChoice",
+]

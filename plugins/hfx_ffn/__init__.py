@@ -1,0 +1,1 @@
+"""First-party feed-forward components. Each module ends with ``COMPONENT`` (group ``hfx.ffn``)."""

@@ -1,0 +1,120 @@
+"""BatchNorm for sequences: statistics over the real tokens of the whole (possibly distributed) batch.
+
+What plain ``nn.BatchNorm1d`` gets wrong for transformers, and what this module does instead:
+
+- padding: statistics are taken over real tokens only (``padding_mask``), so whatever sits in
+  pad positions cannot change a real token's output;
+- precision: sums are accumulated in fp32 even under bf16/fp16 activations;
+- several processes: when ``torch.distributed`` is initialised the (sum, sum of squares, count)
+  triple is all-reduced with an autograd-aware collective, so gradients flow through the global
+  statistics exactly as in one process on the concatenated batch (``SyncBatchNorm`` refuses CPU/gloo);
+- gradient checkpointing: the forward that checkpointing replays during backward does not
+  update the running statistics a second time;
+- frozen for LoRA/QLoRA: when the affine parameters do not require grad the layer is treated as
+  frozen and normalises with its running statistics, which then never move, so an adapter
+  checkpoint (which holds no BN buffers) reproduces the trained model exactly.
+
+Causal models: in train mode the batch statistics pool over every position, future ones
+included, which leaks a little information about future tokens into the normalisation of past
+ones. In eval mode (running statistics) each token is normalised on its own, so incremental
+decoding with a KV cache equals a full forward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hfx.registry import Component
+
+
+def _in_backward_replay() -> bool:
+    """True while autograd runs a backward pass, i.e. when checkpointing recomputes a forward."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from torch.distributed.nn.functional import all_reduce
+
+        return all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+class SequenceBatchNorm(nn.Module):
+    """BatchNorm over the feature axis, pooling every real token of the batch."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.eps = eps
+        self.momentum = momentum
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
+        self.register_buffer("running_mean", torch.zeros(hidden_size, dtype=torch.float32))
+        self.register_buffer("running_var", torch.ones(hidden_size, dtype=torch.float32))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    @property
+    def frozen(self) -> bool:
+        """Frozen affine parameters mean a frozen layer: running statistics are used and kept."""
+        return not self.weight.requires_grad
+
+    def batch_statistics(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None):
+        """Mean and biased variance (fp32) over real tokens, global across processes, and the token count."""
+        x = hidden_states.reshape(-1, hidden_states.shape[-1]).float()
+        if padding_mask is None:
+            weights = x.new_ones(x.shape[0], 1)
+        else:
+            weights = padding_mask.reshape(-1, 1).to(device=x.device, dtype=torch.float32)
+        # Zero pad rows before summing so that inf/nan garbage there cannot leak in through 0 * inf.
+        x = torch.where(weights > 0, x, torch.zeros_like(x))
+        totals = torch.cat([x.sum(0), (x * x).sum(0), weights.sum().reshape(1)])
+        totals = _all_reduce_sum(totals)
+        hidden = x.shape[-1]
+        count = totals[-1].clamp(min=1.0)
+        mean = totals[:hidden] / count
+        var = (totals[hidden : 2 * hidden] / count - mean * mean).clamp(min=0.0)
+        return mean, var, count
+
+    def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.training and not self.frozen:
+            mean, var, count = self.batch_statistics(hidden_states, padding_mask)
+            if not _in_backward_replay():
+                self._update_running(mean.detach(), var.detach(), count.detach())
+        else:
+            mean, var = self.running_mean.float(), self.running_var.float()
+        out = (hidden_states.float() - mean) * torch.rsqrt(var + self.eps)
+        out = out * self.weight.float() + self.bias.float()
+        return out.to(hidden_states.dtype)
+
+    @torch.no_grad()
+    def _update_running(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
+        unbiased = var * count / (count - 1).clamp(min=1.0)
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+        self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
+        self.num_batches_tracked += 1
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, momentum={self.momentum}"
+
+
+def build(config, hidden_size: int) -> nn.Module:
+    return SequenceBatchNorm(hidden_size, eps=config.batchnorm_eps, momentum=config.batchnorm_momentum)
+
+
+def validate(config) -> None:
+    if not 0.0 < config.batchnorm_momentum <= 1.0:
+        raise ValueError(f"batchnorm_momentum must be in (0, 1], got {config.batchnorm_momentum}.")
+    if config.batchnorm_eps <= 0:
+        raise ValueError(f"batchnorm_eps must be > 0, got {config.batchnorm_eps}.")
+
+
+COMPONENT = Component(
+    kind="norm",
+    name="batchnorm",
+    factory=build,
+    description="Padding-aware, process-synchronised BatchNorm over real tokens (fp32 statistics).",
+    config_defaults={"batchnorm_momentum": 0.1, "batchnorm_eps": 1e-5},
+    validate_config=validate,
+)

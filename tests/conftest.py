@@ -1,0 +1,38 @@
+"""Shared fixtures: no hub access, tiny configs, tiny tokenizers saved to tmp dirs."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import hfx  # noqa: E402,F401
+
+
+def tiny_config(**overrides):
+    """A 2-layer, 32-wide hfx config: big enough to exercise every path, small enough for CI."""
+    base = dict(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    base.update(overrides)
+    return hfx.HfxConfig(**base)
+
+
+@pytest.fixture
+def make_config():
+    return tiny_config
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
