@@ -1,0 +1,214 @@
+"""What the three long-context backends share: reading their settings, the padding mask, global
+tokens, and running many small attention tiles through SDPA.
+
+Mask contract. The ``AttentionMaskInterface`` function of every hfx long-context backend returns
+the 2-D key padding mask (bool ``(batch, kv_length)``, True on real tokens) or ``None``, exactly as
+transformers' flash-attention mask does; causality comes from ``module.is_causal`` (the attribute
+flash and SDPA read too). A dense ``(batch, 1, q, kv)`` mask is never built, so memory stays linear.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from hfx.attention import repeat_kv
+
+GLOBAL_TOKEN_IDS = "global_attention_token_ids"
+
+
+def padding_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor | None:
+    """``AttentionMaskInterface`` function: the key padding mask of the keys the layer will see."""
+    if attention_mask is None:
+        return None
+    # With a window-bounded cache the keys are the last kv_length tokens seen so far.
+    attention_mask = attention_mask[:, kv_offset : kv_offset + kv_length].bool()
+    return None if bool(attention_mask.all()) else attention_mask
+
+
+def key_padding(attention_mask: torch.Tensor | None, batch: int, kv_length: int, device, name: str) -> torch.Tensor:
+    """Normalise what the model passed as ``attention_mask`` to bool (batch, kv_length), True = may be attended."""
+    if attention_mask is None:
+        return torch.ones(batch, kv_length, dtype=torch.bool, device=device)
+    mask = attention_mask
+    if mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1:
+        mask = mask[:, 0, 0]  # a (batch, 1, 1, kv) key-padding mask handed in by the caller
+    if mask.dim() != 2:
+        raise ValueError(
+            f"{name} takes a 2-D key padding mask (batch, kv_length) or a (batch, 1, 1, kv_length) one; got a mask "
+            f"of shape {tuple(attention_mask.shape)}. A dense 4-D mask would defeat linear memory: pass the 2-D "
+            "attention_mask to the model instead."
+        )
+    if mask.dtype != torch.bool:
+        # additive float masks use 0 for kept keys and a large negative number for dropped ones
+        mask = mask == 0 if mask.is_floating_point() and bool((mask <= 0).all()) else mask != 0
+    if mask.shape != (batch, kv_length):
+        raise ValueError(
+            f"{name}: attention_mask has shape {tuple(mask.shape)}, expected (batch, kv_length)=({batch}, {kv_length})."
+        )
+    return mask.to(device)
+
+
+def layer_setting(config, name: str, layer_idx: int | None, default):
+    """A config value that may be given once or once per layer (Longformer's ``attention_window``)."""
+    value = getattr(config, name, default) if config is not None else default
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if layer_idx is None:
+            raise ValueError(f"{name} is given per layer ({list(value)}) but the attention module has no layer_idx.")
+        if layer_idx >= len(value):
+            raise ValueError(f"{name} has {len(value)} per-layer values; layer {layer_idx} has none.")
+        return value[layer_idx]
+    return value
+
+
+def is_causal(module, kwargs: dict) -> bool:
+    return bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
+
+
+def global_flags(kwargs: dict, config, batch: int, length: int, device, name: str) -> torch.Tensor | None:
+    """Bool (batch, length) of global tokens from ``global_attention_mask`` and/or the always-global token ids."""
+    flags = None
+    given = kwargs.get("global_attention_mask")
+    if given is not None:
+        if given.dim() != 2 or given.shape[0] != batch or given.shape[1] != length:
+            raise ValueError(
+                f"{name}: global_attention_mask must have shape (batch, seq_len)=({batch}, {length}) "
+                f"with 1 on global tokens and 0 elsewhere; got shape {tuple(given.shape)}."
+            )
+        flags = given.to(device=device) != 0
+    token_ids = getattr(config, GLOBAL_TOKEN_IDS, None) if config is not None else None
+    if token_ids:
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None:
+            if flags is None:
+                raise ValueError(
+                    f"{name}: config.{GLOBAL_TOKEN_IDS}={list(token_ids)} but neither input_ids nor a "
+                    "global_attention_mask reached the attention function; on a stock transformers model call "
+                    "hfx_attention.attach_global_token_ids(model) once, or pass global_attention_mask."
+                )
+        else:
+            if input_ids.shape != (batch, length):
+                raise ValueError(f"{name}: input_ids of shape {tuple(input_ids.shape)} do not match the queries ({batch}, {length}).")
+            by_id = torch.isin(input_ids.to(device), torch.as_tensor(list(token_ids), device=device))
+            flags = by_id if flags is None else flags | by_id
+    return flags
+
+
+def attach_global_token_ids(model) -> None:
+    """Make ``config.global_attention_token_ids`` work on a stock model: a forward pre-hook turns the ids
+    found in ``input_ids`` into the ``global_attention_mask`` keyword (OR-ed with one given explicitly)."""
+
+    def hook(module, args, kwargs):
+        token_ids = getattr(module.config, GLOBAL_TOKEN_IDS, None)
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if not token_ids or input_ids is None:
+            return None
+        flags = torch.isin(input_ids, torch.as_tensor(list(token_ids), device=input_ids.device))
+        if kwargs.get("global_attention_mask") is not None:
+            flags = flags | (kwargs["global_attention_mask"] != 0)
+        return args, {**kwargs, "global_attention_mask": flags.long()}
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def expand_kv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+    """Repeat grouped key/value heads so that every query head has its own."""
+    n_rep = query.shape[1] // key.shape[1]
+    return repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+
+
+def sdpa_tiles(query, key, value, allowed, scaling: float, dropout: float) -> torch.Tensor:
+    """Attention inside independent tiles.
+
+    query (B, H, T, c, d); key, value (B, H, T, L, d); allowed bool (B, 1 or H, T, c, L).
+    Returns (B, H, T, c, d). Tiles become the batch of one SDPA call: SDPA's fused CPU/GPU kernels
+    never hold more than one tile of scores, and rows with no allowed key come out as zeros.
+    """
+    b, h, t, c, d = query.shape
+    length = key.shape[3]
+
+    def flat(x, rows):
+        return x.transpose(1, 2).reshape(b * t, x.shape[1], rows, x.shape[-1])
+
+    out = F.scaled_dot_product_attention(
+        flat(query, c), flat(key, length), flat(value, length), attn_mask=flat(allowed, c), dropout_p=dropout, scale=scaling
+    )
+    return out.reshape(b, t, h, c, d).transpose(1, 2)
+
+
+def global_index(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the global tokens of each row, padded to the largest count.
+
+    Returns ``index`` (B, g) and ``valid`` (B, g). Padding slots point at distinct non-global
+    positions (a stable sort puts global positions first), so scattering into them is harmless.
+    """
+    count = int(flags.sum(-1).max())
+    order = torch.sort(flags.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :count]
+    return order, torch.gather(flags, 1, order)
+
+
+def gather_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, H, n, d), index (B, g) -> (B, H, g, d)."""
+    b, h, _, d = x.shape
+    return torch.gather(x, 2, index[:, None, :, None].expand(b, h, index.shape[1], d))
+
+
+def with_global_keys(k_tiles, v_tiles, allowed, key, value, keep, index, valid, causal: bool, chunk: int):
+    """Append the global keys to every tile: each query also sees every global key (causal: the earlier ones).
+
+    k_tiles/v_tiles (B, H, T, L, d), allowed (B, 1 or H, T, c, L); index/valid (B, g) from :func:`global_index`.
+    The tiles' own columns must already exclude global keys, so that none is counted twice.
+    """
+    batch, heads, tiles = k_tiles.shape[:3]
+    g_keys = gather_positions(key, index)[:, :, None].expand(-1, -1, tiles, -1, -1)
+    g_values = gather_positions(value, index)[:, :, None].expand(-1, -1, tiles, -1, -1)
+    g_allowed = (valid & torch.gather(keep, 1, index))[:, None, None, :]
+    if causal:
+        positions = torch.arange(tiles * chunk, device=key.device).view(tiles, chunk, 1)
+        g_allowed = g_allowed & (index[:, None, None, :] <= positions)
+    g_allowed = g_allowed.expand(batch, tiles, chunk, -1).unsqueeze(1).expand(-1, allowed.shape[1], -1, -1, -1)
+    return (
+        torch.cat([g_keys, k_tiles], dim=3),
+        torch.cat([g_values, v_tiles], dim=3),
+        torch.cat([g_allowed, allowed], dim=-1),
+    )
+
+
+def global_rows(query, key, value, index, valid, keep, causal: bool, scaling: float, dropout: float) -> torch.Tensor:
+    """Global queries attend to every (allowed) key: (B, H, g, d) outputs, one dense row each."""
+    rows = gather_positions(query, index)
+    allowed = keep[:, None, None, :] & valid[:, None, :, None]
+    if causal:
+        allowed = allowed & (torch.arange(key.shape[2], device=key.device) <= index[:, None, :, None])
+    return F.scaled_dot_product_attention(rows, key, value, attn_mask=allowed, dropout_p=dropout, scale=scaling)
+
+
+def scatter_rows(out: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Overwrite out (B, n, H, d) at the valid global positions with rows (B, H, g, d)."""
+    b, _, h, d = out.shape
+    index4 = index[:, :, None, None].expand(b, index.shape[1], h, d)
+    rows = torch.where(valid[:, :, None, None], rows.transpose(1, 2), torch.gather(out, 1, index4))
+    return out.scatter(1, index4, rows)
+
+
+def check_self_attention(query, key, causal: bool, name: str) -> None:
+    if query.shape[2] != key.shape[2] and not causal:
+        raise ValueError(
+            f"{name} is self-attention: {query.shape[2]} queries against {key.shape[2]} keys is only valid for "
+            "causal decoding with a KV cache (cross-attention is not supported)."
+        )
+
+
+def check_positive_int(value, name: str, backend: str, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{backend}: {name} must be an integer >= {minimum}, got {value!r}.")
