@@ -1,0 +1,36 @@
+"""Zero/few-shot in-context evaluation: lm-evaluation-harness task files, the same numbers, faster.
+
+```python
+>>> from hfx.evaluation import evaluate
+>>> results = evaluate("path/to/causal-lm", "facts,arithmetic", num_fewshot=5)
+>>> results["results"]["facts"]["acc,none"]
+```
+
+Modules: ``tasks`` (task YAML loading and prompt construction), ``templates`` (safe YAML and
+sandboxed Jinja), ``samplers`` (few-shot demonstrations), ``scorer`` (the packed causal-LM
+scorer), ``metrics``, ``results`` (lm-eval-shaped JSON, markdown table, sample logs),
+``cache`` (result cache keyed by model identity), ``evaluator`` (output-type dispatch and
+``evaluate``). See ``docs/evaluation.md``.
+"""
+
+from .evaluator import OUTPUT_TYPES, OutputType, evaluate, evaluate_tasks, load_model, register_output_type
+from .results import markdown_table, write_results, write_samples
+from .tasks import Task, TaskConfig, TaskIndex, find_tasks
+from .templates import TaskError
+
+__all__ = [
+    "OUTPUT_TYPES",
+    "OutputType",
+    "Task",
+    "TaskConfig",
+    "TaskError",
+    "TaskIndex",
+    "evaluate",
+    "evaluate_tasks",
+    "find_tasks",
+    "load_model",
+    "markdown_table",
+    "register_output_type",
+    "write_results",
+    "write_samples",
+]

@@ -1,0 +1,421 @@
+"""Tasks as data: lm-evaluation-harness YAML task files, loaded and rendered as lm-eval 0.4.13 does.
+
+A task is a mapping with lm-eval's keys (``task``, ``dataset_path``, ``dataset_name``,
+``dataset_kwargs``, ``training_split`` / ``validation_split`` / ``test_split`` / ``fewshot_split``,
+``doc_to_text`` / ``doc_to_target`` / ``doc_to_choice``, ``description``, ``target_delimiter``,
+``fewshot_delimiter``, ``fewshot_config``, ``num_fewshot``, ``output_type``, ``metric_list``,
+``generation_kwargs``, ``process_docs``, ``include``, ``tag``, ``metadata``). Tasks come from
+
+- YAML files under ``--include-path`` directories (only those directories are read: no global
+  index of thousands of files is built before a run), and
+- plugins in the entry-point group ``hfx.tasks``: ``Component.factory()`` returns a list whose
+  items are task mappings (dicts, as a parsed YAML) or paths to YAML files or directories.
+
+Public API (also used by the encoder evaluators): :class:`TaskConfig`, :class:`Task`,
+:func:`find_tasks` / :class:`TaskIndex`, :class:`TaskError`.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import random
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..registry import registry
+from .samplers import get_sampler
+from .templates import TaskError, find_unsafe, load_yaml, render
+
+OUTPUT_TYPES_LM = ("loglikelihood", "loglikelihood_rolling", "multiple_choice", "generate_until")
+
+
+@dataclass
+class TaskConfig:
+    """One task, with lm-eval's field names and defaults. Unknown keys are kept in ``extra``."""
+
+    task: str
+    dataset_path: str | None = None
+    dataset_name: str | None = None
+    dataset_kwargs: dict | None = None
+    training_split: str | None = None
+    validation_split: str | None = None
+    test_split: str | None = None
+    fewshot_split: str | None = None
+    process_docs: Callable | None = None
+    doc_to_text: Any = None
+    doc_to_target: Any = None
+    doc_to_choice: Any = None
+    description: str = ""
+    target_delimiter: str = " "
+    fewshot_delimiter: str = "\n\n"
+    fewshot_config: dict | None = None
+    num_fewshot: int | None = None
+    output_type: str = "generate_until"
+    metric_list: list | None = None
+    generation_kwargs: dict | None = None
+    tag: Any = None
+    metadata: dict | None = None
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "") -> TaskConfig:
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "source"}
+        known = {k: v for k, v in data.items() if k in names}
+        extra = {k: v for k, v in data.items() if k not in names and k not in ("include", "task_alias")}
+        if not isinstance(known.get("task"), str):
+            raise TaskError(f"{source or 'task config'}: `task` must be a string name, got {known.get('task')!r}.")
+        return cls(**known, source=source, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as written to results JSON (``configs``): None fields dropped, functions named."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("extra", "source") or value is None:
+                continue
+            out[f.name] = _printable(value)
+        out.update({k: _printable(v) for k, v in self.extra.items()})
+        return out
+
+
+def _printable(value: Any) -> Any:
+    if callable(value):
+        return f"{getattr(value, '__module__', '')}.{getattr(value, '__name__', repr(value))}"
+    if isinstance(value, dict):
+        return {k: _printable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_printable(v) for v in value]
+    return value if isinstance(value, (str, int, float, bool)) or value is None else repr(value)
+
+
+class Task:
+    """A loaded task: its documents, its prompt construction and its few-shot sampler.
+
+    Prompt strings follow lm-eval 0.4.13 exactly: ``description`` then, per demonstration,
+    ``text + target_delimiter + target + fewshot_delimiter``, then the document's text. A choice's
+    continuation is ``target_delimiter + choice``.
+    """
+
+    def __init__(self, config: TaskConfig, dataset=None):
+        self.config = config
+        unsafe = find_unsafe(dataclasses.asdict(config))
+        if unsafe is not None:
+            raise TaskError(
+                f"Task {config.task!r} ({unsafe.path}) uses `{unsafe!r}`, which runs Python code from the task "
+                "directory. Re-run with --allow-code (allow_code=True) if you trust it."
+            )
+        fs = dict(config.fewshot_config or {})
+        self.fewshot = {
+            "sampler": fs.get("sampler", "default"),
+            "split": fs.get("split", config.fewshot_split),
+            "samples": fs.get("samples"),
+            "process_docs": fs.get("process_docs", config.process_docs),
+            "doc_to_text": fs.get("doc_to_text", config.doc_to_text),
+            "doc_to_target": fs.get("doc_to_target", config.doc_to_target),
+            "doc_to_choice": fs.get("doc_to_choice", config.doc_to_choice),
+            "target_delimiter": fs.get("target_delimiter", config.target_delimiter),
+            "fewshot_delimiter": fs.get("fewshot_delimiter", config.fewshot_delimiter),
+        }
+        self._dataset = dataset
+        self._features: set[str] = set()
+
+    @property
+    def name(self) -> str:
+        return self.config.task
+
+    @property
+    def output_type(self) -> str:
+        return self.config.output_type
+
+    # -- data ---------------------------------------------------------------------------------
+    @property
+    def dataset(self):
+        if self._dataset is None:
+            import datasets
+
+            kwargs = dict(self.config.dataset_kwargs or {})
+            kwargs.pop("trust_remote_code", None)
+            try:
+                self._dataset = datasets.load_dataset(self.config.dataset_path, self.config.dataset_name, **kwargs)
+            except Exception as exc:
+                raise TaskError(
+                    f"Task {self.name!r}: could not load dataset {self.config.dataset_path!r}"
+                    f"{'/' + self.config.dataset_name if self.config.dataset_name else ''}: {type(exc).__name__}: {exc}"
+                ) from exc
+        return self._dataset
+
+    def _split(self, split: str, process: Callable | None = None) -> list[dict]:
+        if split not in self.dataset:
+            raise TaskError(f"Task {self.name!r}: split {split!r} not in the dataset; it has {list(self.dataset)}.")
+        docs = self.dataset[split]
+        if process is not None:
+            docs = process(docs)
+        if hasattr(docs, "features"):
+            self._features |= set(docs.features)
+        return list(docs)
+
+    def eval_docs(self) -> list[dict]:
+        """The documents scored: the test split if the task has one, else validation (as lm-eval)."""
+        split = self.config.test_split or self.config.validation_split
+        if split is None:
+            raise TaskError(f"Task {self.name!r} has neither test_split nor validation_split.")
+        return self._split(split, self.config.process_docs)
+
+    def fewshot_docs(self) -> list[dict]:
+        """The pool demonstrations are drawn from, chosen by lm-eval's precedence."""
+        if self.fewshot["split"] is not None:
+            return self._split(self.fewshot["split"], self.fewshot["process_docs"])
+        if self.fewshot["samples"] is not None:
+            return list(self.fewshot["samples"])
+        for split in (self.config.training_split, self.config.validation_split, self.config.test_split):
+            if split is not None:
+                return self._split(split, self.config.process_docs)
+        return []
+
+    @property
+    def fewshot_excludes_eval_doc(self) -> bool:
+        """lm-eval removes the evaluated doc from its demonstrations only when fewshot split == test split."""
+        return self.fewshot["split"] == self.config.test_split
+
+    # -- rendering ----------------------------------------------------------------------------
+    def _is_field(self, spec: str, doc: dict) -> bool:
+        return spec in (self._features or doc.keys())
+
+    def doc_to_text(self, doc: dict, spec: Any = None) -> str | int:
+        spec = self.config.doc_to_text if spec is None else spec
+        if isinstance(spec, int) or callable(spec):
+            return spec if isinstance(spec, int) else spec(doc)
+        if not isinstance(spec, str):
+            raise TaskError(f"Task {self.name!r}: doc_to_text must be a field, template or function, got {spec!r}.")
+        if self._is_field(spec, doc):
+            return doc[spec]
+        text = render(spec, doc, where=f"Task {self.name!r}: doc_to_text")
+        return ast.literal_eval(text) if text.isdigit() and self.config.doc_to_choice is not None else text
+
+    def doc_to_target(self, doc: dict, spec: Any = None) -> str | int | list:
+        spec = self.config.doc_to_target if spec is None else spec
+        if isinstance(spec, (int, list)):
+            return spec
+        if callable(spec):
+            return spec(doc)
+        if not isinstance(spec, str):
+            raise TaskError(f"Task {self.name!r}: doc_to_target must be a field, template or function, got {spec!r}.")
+        if self._is_field(spec, doc):
+            return doc[spec]
+        text = render(spec, doc, where=f"Task {self.name!r}: doc_to_target")
+        if text.isdigit() and self.config.doc_to_choice is not None:
+            return ast.literal_eval(text)
+        if len(text) >= 2 and text[0] == "[" and text[-1] == "]":
+            try:
+                return ast.literal_eval(text)
+            except (SyntaxError, ValueError):
+                return text
+        return text
+
+    def doc_to_choice(self, doc: dict, spec: Any = None) -> list[str]:
+        spec = self.config.doc_to_choice if spec is None else spec
+        if isinstance(spec, list):
+            return spec
+        if isinstance(spec, dict):
+            return list(spec.values())
+        if callable(spec):
+            return spec(doc)
+        if not isinstance(spec, str):
+            raise TaskError(f"Task {self.name!r}: doc_to_choice must be a field, template, list or function.")
+        if self._is_field(spec, doc):
+            return doc[spec]
+        text = render(spec, doc, where=f"Task {self.name!r}: doc_to_choice")
+        try:
+            return ast.literal_eval(text)
+        except (SyntaxError, ValueError) as exc:
+            raise TaskError(f"Task {self.name!r}: doc_to_choice rendered {text!r}, which is not a Python list.") from exc
+
+    def description_for(self, doc: dict) -> str:
+        spec = self.config.description
+        if not spec:
+            return ""
+        return doc[spec] if spec in doc else render(spec, doc, where=f"Task {self.name!r}: description")
+
+    def target_text(self, doc: dict, *, fewshot: bool = False) -> str:
+        """The answer string of ``doc`` as shown in a demonstration."""
+        cfg = self.fewshot if fewshot else {}
+        target = self.doc_to_target(doc, cfg.get("doc_to_target"))
+        if isinstance(target, int) and (self.config.doc_to_choice is not None or cfg.get("doc_to_choice")):
+            return self.doc_to_choice(doc, cfg.get("doc_to_choice"))[target]
+        if isinstance(target, list):
+            return target[0]
+        return target if isinstance(target, str) else str(target)
+
+    def context(self, doc: dict, demonstrations: Sequence[dict]) -> str:
+        """The prompt for ``doc`` preceded by ``demonstrations`` (already sampled)."""
+        parts = [self.description_for(doc)]
+        fs = self.fewshot
+        for demo in demonstrations:
+            text = self.doc_to_text(demo, fs["doc_to_text"])
+            if self.doc_to_target(demo, fs["doc_to_target"]) in (None, ""):
+                parts.append(text)  # lm-eval: no answer, no delimiters
+                continue
+            answer = self.target_text(demo, fewshot=True)
+            parts.append(f"{text}{fs['target_delimiter']}{answer}{fs['fewshot_delimiter']}")
+        text = self.doc_to_text(doc)
+        if isinstance(text, int):
+            raise TaskError(f"Task {self.name!r}: multiple-input tasks (doc_to_text returning an index) are not supported.")
+        parts.append(text)
+        return "".join(parts)
+
+    def contexts(self, docs: Sequence[dict], num_fewshot: int, seed: int | None = 1234) -> list[str]:
+        """Prompts for ``docs`` in order, demonstrations drawn as lm-eval draws them for ``seed``."""
+        if num_fewshot == 0:
+            return [self.context(doc, []) for doc in docs]
+        sampler = get_sampler(self.fewshot["sampler"])(self.fewshot_docs(), random.Random(seed))
+        exclude = self.fewshot_excludes_eval_doc
+        return [self.context(doc, sampler.sample(num_fewshot, doc if exclude else None)) for doc in docs]
+
+    def validate(self, num_fewshot: int, docs: Sequence[dict] | None = None) -> None:
+        """Render the first document (and a demonstration) so template and pool errors surface before the model runs."""
+        docs = self.eval_docs() if docs is None else docs
+        if not docs:
+            raise TaskError(f"Task {self.name!r} has no documents to evaluate.")
+        doc = docs[0]
+        self.doc_to_text(doc)
+        if self.config.doc_to_choice is not None:
+            choices = self.doc_to_choice(doc)
+            if not isinstance(choices, list) or not choices:
+                raise TaskError(f"Task {self.name!r}: doc_to_choice must give a non-empty list, got {choices!r}.")
+        if self.config.output_type != "loglikelihood_rolling":
+            self.doc_to_target(doc)
+        if num_fewshot > 0:
+            pool = self.fewshot_docs()
+            available = len(pool) - (1 if self.fewshot_excludes_eval_doc else 0)
+            if num_fewshot > available:
+                raise TaskError(
+                    f"Task {self.name!r}: num_fewshot={num_fewshot} but the few-shot pool has only {available} "
+                    f"documents{' (the evaluated one excluded)' if self.fewshot_excludes_eval_doc else ''}."
+                )
+            self.context(doc, pool[:1])
+
+    def effective_num_fewshot(self, requested: int | None) -> int:
+        """lm-eval's rule: a request overrides the config, except a config that pins 0 shots."""
+        configured = self.config.num_fewshot
+        if requested is not None and configured != 0:
+            return requested
+        return configured or 0
+
+    @property
+    def version(self) -> Any:
+        return (self.config.metadata or {}).get("version", "Yaml")
+
+    def __repr__(self) -> str:
+        return f"Task({self.name!r}, output_type={self.output_type!r}, source={self.config.source!r})"
+
+
+# -- finding tasks ----------------------------------------------------------------------------
+def _merge_include(data: dict, path: Path, allow_code: bool, seen: tuple = ()) -> dict:
+    include = data.get("include")
+    if not include:
+        return data
+    base_path = (path.parent / include).resolve()
+    if base_path in seen:
+        raise TaskError(f"{path}: include cycle through {base_path}.")
+    if not base_path.exists():
+        raise TaskError(f"{path}: include {include!r} not found ({base_path}).")
+    base = _merge_include(load_yaml(base_path, allow_code=allow_code), base_path, allow_code, seen + (base_path,))
+    merged = {k: v for k, v in base.items() if k != "include"}
+    merged.update({k: v for k, v in data.items() if k != "include"})
+    return merged
+
+
+@dataclass
+class TaskSource:
+    """Where one task name comes from: a YAML file or an in-memory mapping (from a plugin)."""
+
+    name: str
+    path: Path | None = None
+    data: dict | None = None
+    origin: str = ""
+    tags: tuple[str, ...] = ()
+
+
+class TaskIndex:
+    """Task names from include paths and ``hfx.tasks`` plugins; files are parsed, never imported."""
+
+    def __init__(self, include_paths: Iterable[str | Path] = (), *, allow_code: bool = False, plugins: bool = True):
+        self.allow_code = allow_code
+        self.sources: dict[str, TaskSource] = {}
+        for path in include_paths:
+            self._add_path(Path(path), origin=f"--include-path {path}")
+        if plugins:
+            for plugin in registry.names("tasks"):
+                for item in registry.get("tasks", plugin).factory():
+                    if isinstance(item, dict):
+                        self._add_source(TaskSource(item.get("task"), data=item, origin=f"plugin {plugin}"), item)
+                    else:
+                        self._add_path(Path(item), origin=f"plugin {plugin}")
+
+    def _add_path(self, path: Path, origin: str) -> None:
+        if not path.exists():
+            raise TaskError(f"Task path {path} ({origin}) does not exist.")
+        files = sorted(path.rglob("*.yaml")) if path.is_dir() else [path]
+        for file in files:
+            data = load_yaml(file, allow_code=False)  # peek only: names and tags, no code
+            if isinstance(data.get("task"), str):
+                self._add_source(TaskSource(data["task"], path=file, origin=origin), data)
+
+    def _add_source(self, source: TaskSource, data: dict) -> None:
+        tags = data.get("tag") or ()
+        source.tags = (tags,) if isinstance(tags, str) else tuple(tags)
+        # include paths come first and win over plugins of the same name
+        self.sources.setdefault(source.name, source)
+
+    def names(self) -> list[str]:
+        return sorted(self.sources)
+
+    def tags(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for name, source in self.sources.items():
+            for tag in source.tags:
+                out.setdefault(tag, []).append(name)
+        return out
+
+    def expand(self, names: Iterable[str]) -> list[str]:
+        """Task names for a list of task or tag names; unknown names fail with the closest known ones."""
+        out, tags = [], self.tags()
+        for name in names:
+            if name in self.sources:
+                out.append(name)
+            elif name in tags:
+                out.extend(sorted(tags[name]))
+            else:
+                known = self.names() + sorted(tags)
+                close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+                hint = f" Did you mean {close}?" if close else ""
+                raise TaskError(
+                    f"Unknown task {name!r}.{hint} {len(known)} tasks/tags are known from --include-path and "
+                    f"hfx.tasks plugins{': ' + ', '.join(known[:30]) if known else ''}."
+                )
+        return list(dict.fromkeys(out))
+
+    def config(self, name: str) -> TaskConfig:
+        source = self.sources[name]
+        if source.data is not None:
+            return TaskConfig.from_dict(source.data, source=source.origin)
+        data = _merge_include(load_yaml(source.path, allow_code=self.allow_code), source.path, self.allow_code)
+        return TaskConfig.from_dict(data, source=str(source.path))
+
+    def load(self, name: str) -> Task:
+        return Task(self.config(name))
+
+
+def find_tasks(
+    names: Iterable[str] | str, include_paths: Iterable[str | Path] = (), *, allow_code: bool = False
+) -> list[Task]:
+    """Tasks by name (comma-separated string or list), from include paths and ``hfx.tasks`` plugins."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    index = TaskIndex(include_paths, allow_code=allow_code)
+    return [index.load(name) for name in index.expand(names)]
