@@ -55,7 +55,7 @@ Files (stable names and fields; other tools build on them)
     sentence. ``mask_query`` is the cloze form for masked-LM scoring. Chance is 25%.
 ``arithmetic_{split}.jsonl`` (keys ``arithmetic_train``, ...)
     Same fields, ``task: "arithmetic"``, ``relation: "plus"|"minus"``, ``query: "3 plus 4 is"``;
-    distractors lie within 4 of the answer and inside the operation's range.
+    distractors lie within 4 of the answer and have the same number of digits.
 ``topics_{split}.jsonl`` (keys ``topics_train``, ...)
     Sentence classification: ``{"id", "text", "label": int, "label_name": str}``, five
     classes, balanced. Texts are about *new* entities (not in the corpus), so the label
@@ -248,10 +248,10 @@ def _arithmetic_tasks(rng):
     out = {split: [] for split in SPLITS}
     for index, (op, x, y, z) in enumerate(equations):
         query = f"{x} {op} {y} is"
-        # Distractors near the answer and inside the operation's range (sums 0-18, differences
-        # 0-9), so knowing only which numbers are frequent after "is" does not help.
-        top = 18 if op == "plus" else 9
-        pool = [str(n) for n in range(max(0, z - 4), min(top, z + 4) + 1)]
+        # Distractors lie near the answer and have as many digits (so as many tokens): a summed
+        # log-likelihood cannot prefer a choice for being shorter.
+        low, high = (0, 9) if z < 10 else (10, 18)
+        pool = [str(n) for n in range(max(low, z - 4), min(high, z + 4) + 1)]
         item = _mc_item(rng, f"arithmetic-{x}-{op}-{y}", "arithmetic", op, query, str(z), pool, f"{query} [MASK].")
         out[_split_of(index, len(equations))].append(item)
     return out
