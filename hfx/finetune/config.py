@@ -1,0 +1,145 @@
+"""FinetuneConfig: every knob of one fine-tuning run, checked before anything heavy is loaded."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+METHODS = ("full", "lora", "qlora", "int8")
+TASKS = ("auto", "causal-lm", "seq-cls")
+DATA_FORMATS = ("auto", "text", "prompt-completion", "chat")
+QUANT_TYPES = ("nf4", "fp4")
+DTYPES = ("float32", "bfloat16", "float16")
+BF16_CHOICES = ("auto", "yes", "no")
+
+
+@dataclass
+class FinetuneConfig:
+    """One fine-tuning run. Field names match the ``hfx finetune`` flags (``lora_r`` is ``--lora-r``).
+
+    ``method``: ``full`` trains every weight; ``lora`` trains low-rank adapters on a frozen base;
+    ``qlora`` does the same on a base whose block linears are stored in 4 bit (NF4 + double
+    quantisation + bf16 compute unless told otherwise); ``int8`` on an LLM.int8 base.
+    """
+
+    model: str
+    data: str
+    output: str
+    method: str = "lora"
+    task: str = "auto"
+
+    # data
+    data_format: str = "auto"
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"
+    label_field: str = "label"
+    data_split: str = "train"
+    eval_data: str | None = None
+    eval_fraction: float = 0.0
+    max_length: int = 512
+    packing: bool = False
+    max_train_samples: int | None = None
+
+    # LoRA
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: list[str] | None = None
+
+    # quantisation
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+
+    # optimisation
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 8
+    eval_batch_size: int | None = None
+    grad_accum: int = 1
+    learning_rate: float | None = None
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    optim: str = "adamw_torch"
+    gradient_checkpointing: bool | None = None
+    bf16: str = "auto"
+    seed: int = 42
+
+    # evaluation, checkpoints, logging
+    eval_steps: int | None = None
+    early_stopping_patience: int | None = None
+    save_steps: int = 200
+    save_total_limit: int | None = 2
+    logging_steps: int = 10
+
+    # output
+    merge: bool = False
+    merge_dtype: str | None = None
+    overwrite: bool = False
+    resume: bool = False
+    trust_remote_code: bool = False
+    extra_training_args: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name, valid in (
+            ("method", METHODS),
+            ("task", TASKS),
+            ("data_format", DATA_FORMATS),
+            ("quant_type", QUANT_TYPES),
+            ("compute_dtype", DTYPES),
+            ("bf16", BF16_CHOICES),
+        ):
+            if getattr(self, name) not in valid:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid; valid values: {list(valid)}.")
+        if self.merge_dtype is not None and self.merge_dtype not in DTYPES:
+            raise ValueError(f"merge_dtype={self.merge_dtype!r} is invalid; valid values: {list(DTYPES)}.")
+        for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_length", "save_steps", "logging_steps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}.")
+        if self.eval_data is not None and self.eval_fraction:
+            raise ValueError("give either eval_data or eval_fraction, not both.")
+        if self.early_stopping_patience is not None and not self.has_eval:
+            raise ValueError("early_stopping_patience needs evaluation data: set eval_data or eval_fraction.")
+        if self.overwrite and self.resume:
+            raise ValueError("overwrite and resume exclude each other: overwrite deletes the checkpoints resume needs.")
+        if self.merge and self.method == "full":
+            raise ValueError("merge applies to adapter methods (lora, qlora, int8); a full fine-tune is already plain.")
+        if isinstance(self.target_modules, str):
+            self.target_modules = [name.strip() for name in self.target_modules.split(",") if name.strip()]
+
+    @property
+    def uses_adapter(self) -> bool:
+        return self.method != "full"
+
+    @property
+    def quantized(self) -> bool:
+        return self.method in ("qlora", "int8")
+
+    @property
+    def has_eval(self) -> bool:
+        return self.eval_data is not None or self.eval_fraction > 0
+
+    @property
+    def resolved_learning_rate(self) -> float:
+        """2e-4 for adapters (the QLoRA paper's setting), 2e-5 for full fine-tuning."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 2e-4 if self.uses_adapter else 2e-5
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "FinetuneConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown FinetuneConfig fields {unknown}; valid fields: {sorted(known)}.")
+        return cls(**values)

@@ -1,0 +1,208 @@
+"""Training data: load through ``datasets``, check the fields, tokenise, mask, pack, split.
+
+Three record shapes are understood for causal LMs, chosen by ``data_format`` (``auto`` picks by
+the columns present, in this order):
+
+- ``chat``: a list of ``{"role", "content"}`` messages, rendered with the tokenizer's chat template;
+- ``prompt-completion``: two text fields; the loss is taken on the completion only;
+- ``text``: one text field; the loss is taken on every token.
+
+Sequence classification reads ``text_field`` and ``label_field`` (integers or label names).
+Every check here runs before the model is loaded, so a misspelt field costs seconds, not a load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import FinetuneConfig
+
+IGNORE_INDEX = -100
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """The data cannot serve the requested run (missing field, unknown split, unreadable files)."""
+
+
+@dataclass
+class PreparedData:
+    train: object
+    eval: object | None
+    data_format: str
+    label_names: list[str] | None = None
+
+
+def load_split(source: str, split: str):
+    """A ``datasets.Dataset`` from a local file, a folder of files, or a hub dataset name."""
+    from datasets import load_dataset
+
+    path = Path(source)
+    if path.is_file():
+        builder = _builder_for([path])
+        dataset = load_dataset(builder, data_files=str(path), split="train")
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in FILE_BUILDERS)
+        if not files:
+            raise DataError(f"folder {source} holds no {sorted(FILE_BUILDERS)} files.")
+        dataset = load_dataset(_builder_for(files), data_files=[str(p) for p in files], split="train")
+    else:
+        try:
+            splits = load_dataset(source)
+        except Exception as exc:  # datasets raises many types for "not found / offline"
+            raise DataError(f"{source!r} is neither a local file or folder nor a loadable dataset: {exc}") from exc
+        if split not in splits:
+            raise DataError(f"dataset {source!r} has no split {split!r}; splits: {sorted(splits)}.")
+        dataset = splits[split]
+    return dataset
+
+
+def _builder_for(files: list[Path]) -> str:
+    builders = {FILE_BUILDERS.get(p.suffix) for p in files}
+    if None in builders:
+        bad = [p.name for p in files if p.suffix not in FILE_BUILDERS]
+        raise DataError(f"unsupported data file(s) {bad}; supported extensions: {sorted(FILE_BUILDERS)}.")
+    if len(builders) > 1:
+        raise DataError(f"data files mix formats {sorted(builders)}; use one of json/jsonl, csv or parquet.")
+    return builders.pop()
+
+
+def resolve_format(columns: list[str], config: FinetuneConfig, task: str) -> str:
+    """The record shape to use, or a DataError naming the fields that exist."""
+
+    def missing(*names: str) -> list[str]:
+        return [name for name in names if name not in columns]
+
+    if task == "seq-cls":
+        absent = missing(config.text_field, config.label_field)
+        if absent:
+            raise DataError(
+                f"sequence classification needs fields {absent} (text_field/label_field); the data has columns {columns}."
+            )
+        return "text"
+    required = {
+        "chat": (config.messages_field,),
+        "prompt-completion": (config.prompt_field, config.completion_field),
+        "text": (config.text_field,),
+    }
+    if config.data_format != "auto":
+        absent = missing(*required[config.data_format])
+        if absent:
+            raise DataError(f"data_format={config.data_format!r} needs field(s) {absent}; the data has columns {columns}.")
+        return config.data_format
+    for data_format, names in required.items():
+        if not missing(*names):
+            return data_format
+    wanted = " or ".join(repr(list(names)) for names in required.values())
+    raise DataError(f"no usable field: expected {wanted}; the data has columns {columns}.")
+
+
+def check_data(config: FinetuneConfig, task: str, tokenizer) -> tuple[object, object | None, str]:
+    """Load the raw splits and validate them against the config and tokenizer; nothing is tokenised yet."""
+    train = load_split(config.data, config.data_split)
+    data_format = resolve_format(list(train.column_names), config, task)
+    evaluation = None
+    if config.eval_data is not None:
+        evaluation = load_split(config.eval_data, config.data_split)
+        resolve_format(list(evaluation.column_names), config, task)
+    if data_format == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"field {config.messages_field!r} holds chat messages but the tokenizer of {config.model} has no chat "
+            "template; set tokenizer.chat_template or use text / prompt-completion records."
+        )
+    if task == "causal-lm" and tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+        raise DataError(f"the tokenizer of {config.model} has neither a pad nor an eos token to pad batches with.")
+    return train, evaluation, data_format
+
+
+def prepare_data(config: FinetuneConfig, task: str, tokenizer, label_names: list[str] | None = None) -> PreparedData:
+    train, evaluation, data_format = check_data(config, task, tokenizer)
+    if config.max_train_samples is not None:
+        train = train.select(range(min(config.max_train_samples, len(train))))
+    if evaluation is None and config.eval_fraction > 0:
+        parts = train.train_test_split(test_size=config.eval_fraction, seed=config.seed)
+        train, evaluation = parts["train"], parts["test"]
+    if task == "seq-cls":
+        label_names = label_names or infer_label_names(train[config.label_field])
+        encode = _classification_encoder(config, tokenizer, label_names)
+    else:
+        encode = _causal_encoder(config, tokenizer, data_format)
+    train = _tokenize(train, encode, config)
+    evaluation = _tokenize(evaluation, encode, config) if evaluation is not None else None
+    return PreparedData(train=train, eval=evaluation, data_format=data_format, label_names=label_names)
+
+
+def infer_label_names(labels) -> list[str] | None:
+    """None when labels are already integer ids; otherwise the sorted distinct label names."""
+    if all(isinstance(label, int) and not isinstance(label, bool) for label in labels):
+        return None
+    return sorted({str(label) for label in labels})
+
+
+def _tokenize(dataset, encode, config: FinetuneConfig):
+    tokenized = dataset.map(encode, remove_columns=dataset.column_names, desc="tokenising")
+    tokenized = tokenized.filter(lambda row: len(row["input_ids"]) > 0)
+    if config.packing and "labels" in tokenized.column_names and isinstance(tokenized[0]["labels"], list):
+        tokenized = tokenized.map(
+            _packer(config.max_length), batched=True, remove_columns=tokenized.column_names, desc="packing"
+        )
+    return tokenized
+
+
+def _causal_encoder(config: FinetuneConfig, tokenizer, data_format: str):
+    """Token ids and labels: bos + text + eos, with -100 on the tokens that carry no loss."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    truncate = not config.packing  # packing cuts the concatenated stream into blocks instead
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def finish(prompt_ids: list[int], target_ids: list[int]) -> dict:
+        input_ids = prompt_ids + target_ids
+        labels = [IGNORE_INDEX] * len(prompt_ids) + target_ids
+        if truncate:
+            input_ids, labels = input_ids[: config.max_length], labels[: config.max_length]
+        return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+    if data_format == "text":
+        return lambda row: finish([], bos + ids(row[config.text_field]) + eos)
+    if data_format == "prompt-completion":
+        return lambda row: finish(bos + ids(row[config.prompt_field]), ids(row[config.completion_field]) + eos)
+
+    def chat(row):
+        rendered = tokenizer.apply_chat_template(row[config.messages_field], tokenize=False)
+        return finish([], ids(rendered))
+
+    return chat
+
+
+def _classification_encoder(config: FinetuneConfig, tokenizer, label_names: list[str] | None):
+    index = {name: i for i, name in enumerate(label_names)} if label_names else None
+
+    def encode(row):
+        encoded = tokenizer(row[config.text_field], truncation=True, max_length=config.max_length)
+        label = row[config.label_field]
+        return {**encoded, "labels": index[str(label)] if index else int(label)}
+
+    return encode
+
+
+def _packer(block: int):
+    """Concatenate examples and cut the stream into full blocks of ``block`` tokens (the tail is dropped)."""
+
+    def pack(batch):
+        streams = {key: [token for row in batch[key] for token in row] for key in batch}
+        usable = (len(streams["input_ids"]) // block) * block
+        return {key: [stream[i : i + block] for i in range(0, usable, block)] for key, stream in streams.items()}
+
+    return pack
+
+
+def collator_for(task: str, tokenizer):
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
+
+    if task == "seq-cls":
+        return DataCollatorWithPadding(tokenizer)
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)

@@ -1,0 +1,171 @@
+"""Model side of a run: task detection, bitsandbytes checks, loading (optionally quantised), LoRA.
+
+Quantisation goes through transformers' ``BitsAndBytesConfig`` on ``from_pretrained``: only
+modules whose type is exactly ``nn.Linear`` are replaced, which in hfx means every block linear
+(q/k/v/o and up/down projections) and never the output head. The head of a classifier is kept
+out of quantisation because LoRA trains it in full (PEFT's ``modules_to_save``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+
+import torch
+from torch import nn
+
+from .config import FinetuneConfig
+
+# Every projection of an hfx block; the output head (lm_head / score / classifier) is not among them.
+HFX_LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+CLASSIFIER_HEADS = ("score", "classifier")
+
+
+class BackendError(RuntimeError):
+    """The requested method needs a library or hardware feature that is not available here."""
+
+
+class TargetModulesError(ValueError):
+    """LoRA target module names that match no linear layer of the model."""
+
+
+def register_peft_mappings() -> None:
+    """Let ``LoraConfig(task_type=...)`` without ``target_modules`` work for hfx models."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.setdefault("hfx", list(HFX_LORA_TARGET_MODULES))
+
+
+def resolve_task(config: FinetuneConfig, model_config) -> str:
+    """``seq-cls`` for a checkpoint saved as a sequence classifier, otherwise ``causal-lm``."""
+    if config.task != "auto":
+        return config.task
+    architectures = getattr(model_config, "architectures", None) or []
+    return "seq-cls" if any(a.endswith("ForSequenceClassification") for a in architectures) else "causal-lm"
+
+
+def model_class_for(task: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if task == "seq-cls" else AutoModelForCausalLM
+
+
+def check_bitsandbytes(config: FinetuneConfig) -> None:
+    """Quantise a small tensor the way the run will, so a missing or broken install fails first."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise BackendError(f"method={config.method!r} needs bitsandbytes: pip install 'bitsandbytes>=0.50.2'.")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        import bitsandbytes as bnb
+
+        sample = torch.randn(64, 64, device=device)
+        if config.method == "qlora":
+            packed, state = bnb.functional.quantize_4bit(
+                sample, quant_type=config.quant_type, compress_statistics=config.double_quant
+            )
+            bnb.functional.dequantize_4bit(packed, state)
+        else:
+            layer = bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False).to(device)
+            layer(sample.to(torch.float16 if device == "cuda" else torch.float32))
+    except Exception as exc:
+        raise BackendError(
+            f"method={config.method!r}: bitsandbytes {getattr(bnb, '__version__', '?')} cannot run on {device}: {exc}"
+        ) from exc
+
+
+def quantization_config(config: FinetuneConfig, task: str):
+    from transformers import BitsAndBytesConfig
+
+    skip = list(CLASSIFIER_HEADS) if task == "seq-cls" else None
+    if config.method == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=config.quant_type,
+        bnb_4bit_use_double_quant=config.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, config.compute_dtype),
+        llm_int8_skip_modules=skip,
+    )
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def head_module_names(model: nn.Module) -> set[str]:
+    names = set()
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        if (output is not None and module is output) or name in CLASSIFIER_HEADS:
+            names.add(name)
+    return names
+
+
+def _matches(target: str, name: str) -> bool:
+    return name == target or name.endswith("." + target) or re.fullmatch(target, name) is not None
+
+
+def check_target_modules(config: FinetuneConfig, skeleton: nn.Module) -> None:
+    """Every requested target must match a linear layer; the error lists the ones that exist."""
+    if not config.target_modules:
+        return
+    linears = linear_module_names(skeleton)
+    unmatched = [t for t in config.target_modules if not any(_matches(t, name) for name in linears)]
+    if unmatched:
+        suffixes = sorted({name.rsplit(".", 1)[-1] for name in linears})
+        raise TargetModulesError(
+            f"target module(s) {unmatched} match no linear layer of {config.model}. Linear layer names: "
+            f"{suffixes} (full names: {linears})."
+        )
+
+
+def build_skeleton(model_class, model_config) -> nn.Module:
+    """The model's module tree on the meta device: names and types without allocating weights."""
+    with torch.device("meta"):
+        return model_class.from_config(model_config)
+
+
+def load_model(config: FinetuneConfig, task: str, model_config, gradient_checkpointing: bool) -> nn.Module:
+    kwargs = {"config": model_config, "trust_remote_code": config.trust_remote_code, "dtype": torch.float32}
+    if config.quantized:
+        kwargs["quantization_config"] = quantization_config(config, task)
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": _local_device()}
+    model = model_class_for(task).from_pretrained(config.model, **kwargs)
+    if task == "causal-lm" and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    if config.quantized:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    return model
+
+
+def _local_device() -> int:
+    import os
+
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def lora_config(config: FinetuneConfig, task: str):
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.target_modules or "all-linear",
+        task_type=TaskType.SEQ_CLS if task == "seq-cls" else TaskType.CAUSAL_LM,
+    )
+
+
+def add_lora(model: nn.Module, config: FinetuneConfig, task: str) -> nn.Module:
+    """Wrap ``model`` in a PeftModel; every base weight is frozen, so hfx BatchNorm uses and keeps its running stats."""
+    from peft import get_peft_model
+
+    register_peft_mappings()
+    return get_peft_model(model, lora_config(config, task))
