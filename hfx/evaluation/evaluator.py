@@ -36,12 +36,14 @@ class OutputType:
     ``run(task, docs, contexts, backend) -> list[record]`` with one record per doc whose
     ``metrics`` maps each metric name to its per-document item (what the aggregation consumes).
     ``needs_causal_lm``: the backend must be a causal LM (checked before the model runs).
+    ``check(task, docs, backend)``: raises for bad task options before any task of the run is scored.
     """
 
     name: str
     default_metrics: tuple[str, ...]
     run: Callable[[Task, list[dict], list[str], Any], list[dict]]
     needs_causal_lm: bool = True
+    check: Callable[[Task, list[dict], Any], None] | None = None
 
 
 OUTPUT_TYPES: dict[str, OutputType] = {}
@@ -191,6 +193,8 @@ def evaluate_tasks(
         all_docs = task.eval_docs()
         docs = all_docs[:limit] if limit else all_docs
         task.validate(k, docs)
+        if OUTPUT_TYPES[task.output_type].check is not None:
+            OUTPUT_TYPES[task.output_type].check(task, docs, backend)
         prepared.append((task, k, docs, len(all_docs), task.contexts(docs, k, seed)))
     records, summaries = {}, []
     for task, k, docs, n_original, contexts in prepared:
@@ -254,7 +258,7 @@ def evaluate(
         model_name = str(model)
         if needs_lm:
             _check_causal_config(str(model))
-        model, loaded_tokenizer, source = load_model(model)
+        model, loaded_tokenizer, source = load_model(model) if needs_lm else load_encoder(model_name)
         tokenizer = tokenizer or loaded_tokenizer
     elif needs_lm and not is_causal_lm(model):
         raise TaskError(
@@ -279,3 +283,6 @@ def evaluate(
     results, records = evaluate_tasks(resolved, scorer, num_fewshot=num_fewshot, limit=limit, seed=seed, config=config)
     results["config"]["cache_hits"] = cache.hits if cache is not None else 0
     return (results, records) if return_records else results
+
+
+from .encoder.harness import load_encoder  # noqa: E402  registers the encoder output types

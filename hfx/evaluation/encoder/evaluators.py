@@ -126,6 +126,34 @@ def _label_map(given: Mapping | None, classes: list[str], what: str) -> dict[str
     return given
 
 
+def zero_shot_plan(model, tokenizer, classes, *, method, label_descriptions=None, template=None,
+                   verbalizers=None, hypothesis_template=DEFAULT_HYPOTHESIS, pooling="mean", distance="cosine",
+                   batch_size=32):
+    """Check every zero-shot argument (nothing is encoded) and return (candidates, config, score(texts))."""
+    check_method(method)
+    config = dict(method=method)
+    if method == "description":
+        check_pooling(pooling)
+        check_distance(distance)
+        candidates = _label_map(label_descriptions, classes, "label_descriptions")
+        config.update(pooling=pooling, distance=distance, label_descriptions=candidates)
+        return candidates, config, lambda texts: description_scores(
+            model, tokenizer, texts, list(candidates.values()), pooling, distance, batch_size)
+    if method == "cloze":
+        if template is None:
+            raise ValueError("cloze zero-shot needs a template with {text} and {mask}, e.g. '{text} It was {mask}.'")
+        candidates = _label_map(verbalizers, classes, "verbalizers")
+        verbalizer_ids(tokenizer, template, candidates)
+        config.update(template=template, verbalizers=candidates)
+        return candidates, config, lambda texts: cloze_scores(model, tokenizer, texts, template, candidates, batch_size)
+    check_hypothesis_template(hypothesis_template)
+    entailment_id(model)
+    candidates = _label_map(label_descriptions, classes, "label_descriptions")
+    config.update(hypothesis_template=hypothesis_template, label_descriptions=candidates)
+    return candidates, config, lambda texts: nli_scores(
+        model, tokenizer, texts, list(candidates.values()), hypothesis_template, batch_size)
+
+
 def zero_shot(model, tokenizer, data, *, method: str, text_column: str = "text", label_column: str = "label",
               label_descriptions: Mapping | None = None, template: str | None = None,
               verbalizers: Mapping | None = None, hypothesis_template: str = DEFAULT_HYPOTHESIS,
@@ -137,32 +165,14 @@ def zero_shot(model, tokenizer, data, *, method: str, text_column: str = "text",
     classes absent from the data, never miss one present), or the classes of the data. Without
     descriptions or verbalizers a class is described by its own name.
     """
-    check_method(method)
     texts, labels = labelled_columns(data, text_column, label_column)
-    classes = sorted(set(labels))
-    config = dict(method=method)
-    if method == "description":
-        check_pooling(pooling)
-        check_distance(distance)
-        candidates = _label_map(label_descriptions, classes, "label_descriptions")
-        config.update(pooling=pooling, distance=distance, label_descriptions=candidates)
-        score = lambda: description_scores(model, tokenizer, texts, list(candidates.values()), pooling, distance, batch_size)
-    elif method == "cloze":
-        if template is None:
-            raise ValueError("cloze zero-shot needs a template with {text} and {mask}, e.g. '{text} It was {mask}.'")
-        candidates = _label_map(verbalizers, classes, "verbalizers")
-        verbalizer_ids(tokenizer, template, candidates)
-        config.update(template=template, verbalizers=candidates)
-        score = lambda: cloze_scores(model, tokenizer, texts, template, candidates, batch_size)
-    else:
-        check_hypothesis_template(hypothesis_template)
-        entailment_id(model)
-        candidates = _label_map(label_descriptions, classes, "label_descriptions")
-        config.update(hypothesis_template=hypothesis_template, label_descriptions=candidates)
-        score = lambda: nli_scores(model, tokenizer, texts, list(candidates.values()), hypothesis_template, batch_size)
-
+    candidates, config, score = zero_shot_plan(
+        model, tokenizer, sorted(set(labels)), method=method, label_descriptions=label_descriptions,
+        template=template, verbalizers=verbalizers, hypothesis_template=hypothesis_template, pooling=pooling,
+        distance=distance, batch_size=batch_size,
+    )
     names = list(candidates)
-    scores = score()
+    scores = score(texts)
     predicted = scores.argmax(-1).tolist()
     correct = [float(names[p] == label) for p, label in zip(predicted, labels)]
     mean, stderr, _ = mean_and_ci95(correct)
