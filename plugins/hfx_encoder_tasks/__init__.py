@@ -22,10 +22,9 @@ from hfx.registry import Component
 CLOZE_VERBALIZERS = {"home": "lives", "color": "color", "occupation": "works", "animal": "pet", "arithmetic": "plus"}
 
 
-def _topic_files() -> dict[str, str]:
+def _topic_files(directory: Path) -> dict[str, str]:
     from hfx.data import write_embedded_data
 
-    directory = Path(os.environ.get("HFX_EMBEDDED_DIR", Path.home() / ".cache" / "hfx" / "embedded" / "seed0"))
     names = ("topics_train", "topics_test", "topics_labels")
     paths = {name: directory / f"{name}.{'json' if name == 'topics_labels' else 'jsonl'}" for name in names}
     if not all(path.exists() for path in paths.values()):
@@ -34,8 +33,10 @@ def _topic_files() -> dict[str, str]:
     return {name: str(path) for name, path in paths.items()}
 
 
-def tasks() -> list[dict]:
-    files = _topic_files()
+def tasks(directory: str | os.PathLike | None = None) -> list[dict]:
+    """The task mappings, on the embedded files in ``directory`` (written there if missing)."""
+    default = Path(os.environ.get("HFX_EMBEDDED_DIR", Path.home() / ".cache" / "hfx" / "embedded" / "seed0"))
+    files = _topic_files(Path(directory) if directory is not None else default)
     descriptions = {entry["name"]: entry["description"] for entry in json.loads(Path(files["topics_labels"]).read_text())}
     common = {
         "tag": ["embedded_encoder"],
