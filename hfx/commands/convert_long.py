@@ -1,0 +1,37 @@
+"""``hfx convert-long``: turn a local BERT/RoBERTa-style checkpoint into a long-context one."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "convert-long",
+        help="extend a BERT/RoBERTa checkpoint to long inputs (sliding window + global [CLS])",
+        description="Copy the learned position embeddings until max_position_embeddings is reached (as the "
+        "Longformer paper did for RoBERTa) and switch attention to hfx_sliding_window with the [CLS]/<s> token "
+        "global. The output is a stock checkpoint; load it with hfx.long_context.load_long_model(path), or "
+        "from_pretrained(path, attn_implementation='hfx_sliding_window'). Inputs of at most attention_window/2 + 1 "
+        "tokens give the same outputs as the original model.",
+    )
+    parser.add_argument("source", help="directory of the saved short model (config.json + weights)")
+    parser.add_argument("output", help="directory to write the long model to")
+    parser.add_argument("--max-position-embeddings", type=int, default=4096, help="new length limit (default 4096)")
+    parser.add_argument("--attention-window", type=int, default=512, help="total window, even (default 512)")
+    parser.add_argument(
+        "--global-token-id", type=int, action="append", dest="global_token_ids",
+        help="token id that always attends globally (repeatable; default: the tokenizer's [CLS]/<s>)",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import hfx  # noqa: F401
+    from hfx.long_context import convert_to_long
+
+    out = convert_to_long(
+        args.source, args.output, args.max_position_embeddings, args.attention_window, args.global_token_ids
+    )
+    print(f"wrote {out} (max_position_embeddings={args.max_position_embeddings}, attention_window={args.attention_window})")
+    return 0
