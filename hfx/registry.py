@@ -35,7 +35,8 @@ class Component:
     - ``attention``: ``factory`` is the function registered in transformers' ``AttentionInterface``
       (``fn(module, query, key, value, attention_mask, scaling=..., dropout=..., **kwargs)``) and
       ``mask_factory`` the matching ``AttentionMaskInterface`` function.
-    - ``tasks``: ``factory()`` returns the evaluation task definitions it provides.
+    - ``tasks``: ``factory()`` returns a list of evaluation tasks: lm-eval-format task mappings (dicts),
+      ``hfx.evaluation.TaskConfig`` objects, or paths to task YAML files / directories.
 
     ``config_defaults`` lists the config fields the component reads, with their defaults, so that
     ``HfxConfig`` can document and fill them; ``validate_config(config)`` raises ``ValueError`` for

@@ -9,7 +9,8 @@ A task is a mapping with lm-eval's keys (``task``, ``dataset_path``, ``dataset_n
 - YAML files under ``--include-path`` directories (only those directories are read: no global
   index of thousands of files is built before a run), and
 - plugins in the entry-point group ``hfx.tasks``: ``Component.factory()`` returns a list whose
-  items are task mappings (dicts, as a parsed YAML) or paths to YAML files or directories.
+  items are task mappings (dicts, as a parsed YAML), :class:`TaskConfig` objects, or paths to YAML
+  files or directories. A plugin that fails to load is skipped with a warning naming it.
 
 Public API (also used by the encoder evaluators): :class:`TaskConfig`, :class:`Task`,
 :func:`find_tasks` / :class:`TaskIndex`, :class:`TaskError`.
@@ -21,6 +22,7 @@ import ast
 import dataclasses
 import difflib
 import random
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -351,11 +353,26 @@ class TaskIndex:
             self._add_path(Path(path), origin=f"--include-path {path}")
         if plugins:
             for plugin in registry.names("tasks"):
-                for item in registry.get("tasks", plugin).factory():
-                    if isinstance(item, dict):
-                        self._add_source(TaskSource(item.get("task"), data=item, origin=f"plugin {plugin}"), item)
-                    else:
-                        self._add_path(Path(item), origin=f"plugin {plugin}")
+                self._add_plugin(plugin)
+
+    def _add_plugin(self, plugin: str) -> None:
+        try:
+            items = list(registry.get("tasks", plugin).factory())
+        except Exception as exc:  # a broken plugin names itself and never hides the other tasks
+            warnings.warn(f"hfx.tasks plugin {plugin!r} skipped: {type(exc).__name__}: {exc}", stacklevel=3)
+            return
+        for item in items:
+            origin = f"plugin {plugin}"
+            if isinstance(item, TaskConfig):
+                fields = dataclasses.asdict(item)
+                item = {**{k: v for k, v in fields.items() if k not in ("extra", "source")}, **item.extra}
+            if isinstance(item, dict):
+                self._add_source(TaskSource(item.get("task"), data=item, origin=origin), item)
+            elif isinstance(item, (str, Path)):
+                self._add_path(Path(item), origin=origin)
+            else:
+                warnings.warn(f"hfx.tasks plugin {plugin!r}: ignoring {item!r} (expected a task mapping or a YAML path)",
+                              stacklevel=3)
 
     def _add_path(self, path: Path, origin: str) -> None:
         if not path.exists():
