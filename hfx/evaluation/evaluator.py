@@ -234,12 +234,15 @@ def evaluate(
     cache_dir: str | os.PathLike | None | bool = None,
     progress: bool = True,
     return_records: bool = False,
+    add_special_tokens: bool | None = None,
 ):
     """Evaluate a causal LM (object or path/id) on tasks (names, tag names or :class:`Task` objects).
 
     Task files are resolved and every task is checked (unknown names, template fields, few-shot
     pool size, causal model) before the model is loaded or run. ``cache_dir=False`` disables the
-    result cache; ``None`` uses ``$HFX_EVAL_CACHE`` or ``~/.cache/hfx/eval``.
+    result cache; ``None`` uses ``$HFX_EVAL_CACHE`` or ``~/.cache/hfx/eval``. ``add_special_tokens``
+    is lm-eval's ``add_bos_token``: ``None`` keeps the tokenizer's default (lm-eval's default too);
+    ``False`` suits models trained without special tokens around documents (hfx quickstart).
     Returns the lm-eval-shaped results dict (and the per-task records with ``return_records``).
     """
     includes = [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path)
@@ -272,13 +275,15 @@ def evaluate(
     if cache_dir is not False:
         cache = ResultCache(cache_dir or default_cache_dir(), identity)
     scorer = CausalLMScorer(
-        model, tokenizer, batch_size=batch_size, max_batch_tokens=max_batch_tokens, cache=cache, progress=progress
+        model, tokenizer, batch_size=batch_size, max_batch_tokens=max_batch_tokens, cache=cache, progress=progress,
+        add_special_tokens=add_special_tokens,
     )
     config = {
         "model": model_name,
         "model_identity": identity,
         "batch_size": batch_size,
         "max_batch_tokens": max_batch_tokens,
+        "add_special_tokens": add_special_tokens,
     }
     results, records = evaluate_tasks(resolved, scorer, num_fewshot=num_fewshot, limit=limit, seed=seed, config=config)
     results["config"]["cache_hits"] = cache.hits if cache is not None else 0

@@ -71,6 +71,7 @@ class CausalLMScorer:
         cache: ResultCache | None = None,
         progress: bool = True,
         max_length: int | None = None,
+        add_special_tokens: bool | None = None,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -83,10 +84,12 @@ class CausalLMScorer:
         bos = tokenizer.bos_token_id
         self.prefix_token_id = bos if bos is not None else tokenizer.eos_token_id
         self.forward_calls = 0
+        # lm-eval's HFLM(add_bos_token=...): None keeps the tokenizer's default special tokens
+        self.special = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
 
     # -- tokenisation (lm-eval's) -----------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
+        return self.tokenizer.encode(text, **self.special)
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         if context == "":
@@ -150,7 +153,7 @@ class CausalLMScorer:
             if cached is not None:
                 out.append(cached)
                 continue
-            ids = self.tokenizer(context, return_tensors="pt")["input_ids"][:, -(self.max_length - max_new) :]
+            ids = self.tokenizer(context, return_tensors="pt", **self.special)["input_ids"][:, -(self.max_length - max_new) :]
             ids = ids.to(self.device)
             generated = self._greedy(ids, max_new, until)
             text = self.tokenizer.decode(generated)

@@ -58,7 +58,11 @@ def _multiple_choice(files, name: str) -> dict:
 
 
 def tasks() -> list[dict]:
-    files = _files()
+    return task_configs(_files())
+
+
+def task_configs(files: dict[str, Path]) -> list[dict]:
+    """The embedded task mappings for data files written by ``hfx.data.write_embedded_data``."""
     labels = [entry["name"] for entry in sorted(json.loads(Path(files["topics_labels"]).read_text()), key=lambda e: e["label"])]
     topics = {
         **_multiple_choice(files, "topics"),
