@@ -55,6 +55,14 @@ class SequenceBatchNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(hidden_size, dtype=torch.float32))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) / .half() would round the running statistics to 8 mantissa bits, and
+        # every later momentum update with them; they stay fp32 whatever dtype the model is cast to.
+        super()._apply(fn, recurse)
+        self.running_mean = self.running_mean.float()
+        self.running_var = self.running_var.float()
+        return self
+
     @property
     def frozen(self) -> bool:
         """Frozen affine parameters mean a frozen layer: running statistics are used and kept."""
@@ -67,8 +75,7 @@ class SequenceBatchNorm(nn.Module):
             weights = x.new_ones(x.shape[0], 1)
         else:
             weights = padding_mask.reshape(-1, 1).to(device=x.device, dtype=torch.float32)
-        # Zero pad rows before summing so that inf/nan garbage there cannot leak in through 0 * inf.
-        x = torch.where(weights > 0, x, torch.zeros_like(x))
+        x = x * weights
         totals = torch.cat([x.sum(0), (x * x).sum(0), weights.sum().reshape(1)])
         totals = _all_reduce_sum(totals)
         hidden = x.shape[-1]
@@ -78,6 +85,11 @@ class SequenceBatchNorm(nn.Module):
         return mean, var, count
 
     def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if padding_mask is not None:
+            # Pad positions are zeroed before anything else: inf/nan there would otherwise reach real tokens'
+            # gradients through the shared statistics (0 * inf in the backward of the variance).
+            real = padding_mask.to(hidden_states.device).unsqueeze(-1)
+            hidden_states = torch.where(real, hidden_states, torch.zeros_like(hidden_states))
         if self.training and not self.frozen:
             mean, var, count = self.batch_statistics(hidden_states, padding_mask)
             if not _in_backward_replay():
