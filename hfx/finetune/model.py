@@ -113,9 +113,10 @@ def check_target_modules(config: FinetuneConfig, skeleton: nn.Module) -> None:
     unmatched = [t for t in config.target_modules if not any(_matches(t, name) for name in linears)]
     if unmatched:
         suffixes = sorted({name.rsplit(".", 1)[-1] for name in linears})
+        shown = linears if len(linears) <= 12 else linears[:12] + [f"... {len(linears) - 12} more"]
         raise TargetModulesError(
             f"target module(s) {unmatched} match no linear layer of {config.model}. Linear layer names: "
-            f"{suffixes} (full names: {linears})."
+            f"{suffixes} (full names: {shown})."
         )
 
 

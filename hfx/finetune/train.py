@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .config import FinetuneConfig
-from .data import DataError, collator_for, prepare_data
+from .data import DataError, check_data, collator_for, prepare_data
 from .model import (
     add_lora,
     build_skeleton,
@@ -75,16 +75,17 @@ def finetune(config: FinetuneConfig | None = None, *, callbacks=None, **kwargs) 
     tokenizer = AutoTokenizer.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    check_data(config, task, tokenizer)
+    if config.quantized:
+        check_bitsandbytes(config)
+    if config.uses_adapter:
+        check_target_modules(config, build_skeleton(model_class_for(task), model_config))
     label_names = _existing_label_names(model_config) if task == "seq-cls" else None
     data = prepare_data(config, task, tokenizer, label_names)
     if len(data.train) == 0:
         raise DataError(f"no training example left after tokenising {config.data} (max_length={config.max_length}).")
     if task == "seq-cls":
         _set_labels(model_config, data)
-    if config.quantized:
-        check_bitsandbytes(config)
-    if config.uses_adapter:
-        check_target_modules(config, build_skeleton(model_class_for(task), model_config))
     if main_process:
         _write_json(output / RUN_FILE, json.loads(config.to_json()))
 

@@ -1,0 +1,102 @@
+"""``hfx finetune``: full, LoRA, QLoRA or LLM.int8 + LoRA fine-tuning; a thin layer over ``hfx.finetune``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+EPILOG = """examples:
+  hfx finetune --model ./tiny-llama --data train.jsonl --method qlora --output runs/qlora --max-steps 200 --merge
+  hfx finetune --model ./hfx-enc --data reviews.csv --task seq-cls --label-field sentiment --output runs/cls
+  hfx finetune ... --output runs/qlora --resume          # continue from the last checkpoint
+  torchrun --nproc_per_node 2 -m hfx.cli finetune ...    # DDP, one process per device (CPU: gloo)
+
+Records: {"text": ...}, {"prompt": ..., "completion": ...} (loss on the completion only) or
+{"messages": [{"role": ..., "content": ...}, ...]} (rendered with the tokenizer's chat template).
+Output: OUTPUT/adapter (PEFT adapter; OUTPUT/model for --method full), OUTPUT/merged with --merge,
+OUTPUT/checkpoint-*, OUTPUT/hfx_finetune_results.json. See docs/finetuning.md."""
+
+
+def add_parser(subparsers) -> None:
+    from hfx.finetune.config import BF16_CHOICES, DATA_FORMATS, DTYPES, METHODS, QUANT_TYPES, TASKS
+
+    p = subparsers.add_parser(
+        "finetune",
+        help="fine-tune a model: full, LoRA, QLoRA (4-bit) or LLM.int8 + LoRA",
+        description="Fine-tune an hfx model or any AutoModelForCausalLM / AutoModelForSequenceClassification "
+        "checkpoint with Trainer, PEFT and bitsandbytes. Bad input (missing data fields, unusable bitsandbytes, "
+        "LoRA targets that match nothing, an output folder holding another run) is reported before the model loads.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    need = p.add_argument_group("what to train")
+    need.add_argument("--model", required=True, help="checkpoint folder or hub id")
+    need.add_argument("--data", required=True, help="json/jsonl/csv/parquet file, a folder of them, or a hub dataset")
+    need.add_argument("--output", required=True, help="run folder (adapter, checkpoints, results)")
+    need.add_argument("--method", choices=METHODS, default="lora", help="default: %(default)s")
+    need.add_argument("--task", choices=TASKS, default="auto", help="auto: from the checkpoint's architecture")
+
+    data = p.add_argument_group("data")
+    data.add_argument("--data-format", choices=DATA_FORMATS, default="auto", help="auto: chosen by the columns present")
+    for name, default in (("text", "text"), ("prompt", "prompt"), ("completion", "completion"),
+                          ("messages", "messages"), ("label", "label")):
+        data.add_argument(f"--{name}-field", default=default, help="default: %(default)s")
+    data.add_argument("--data-split", default="train", help="split of a hub dataset (default: %(default)s)")
+    data.add_argument("--eval-data", help="separate evaluation data (same formats as --data)")
+    data.add_argument("--eval-fraction", type=float, default=0.0, help="hold out this fraction of --data for evaluation")
+    data.add_argument("--max-length", type=int, default=512, help="tokens per sequence (default: %(default)s)")
+    data.add_argument("--packing", action="store_true", help="concatenate examples into full --max-length blocks")
+    data.add_argument("--max-train-samples", type=int)
+
+    lora = p.add_argument_group("LoRA and quantisation")
+    lora.add_argument("--lora-r", type=int, default=16)
+    lora.add_argument("--lora-alpha", type=int, default=32)
+    lora.add_argument("--lora-dropout", type=float, default=0.05)
+    lora.add_argument("--target-modules", help="comma-separated names (default: every linear layer except the output head)")
+    lora.add_argument("--quant-type", choices=QUANT_TYPES, default="nf4", help="4-bit data type for qlora")
+    lora.add_argument("--no-double-quant", dest="double_quant", action="store_false", help="qlora: no double quantisation")
+    lora.add_argument("--compute-dtype", choices=DTYPES, default="bfloat16", help="qlora matmul dtype")
+
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--epochs", type=float, default=1.0)
+    opt.add_argument("--max-steps", type=int, default=-1, help="overrides --epochs when > 0")
+    opt.add_argument("--batch-size", type=int, default=8, help="per device")
+    opt.add_argument("--eval-batch-size", type=int)
+    opt.add_argument("--grad-accum", type=int, default=1)
+    opt.add_argument("--learning-rate", type=float, help="default 2e-4 for adapters, 2e-5 for full")
+    opt.add_argument("--lr-scheduler", default="cosine", help="any transformers scheduler name (default: %(default)s)")
+    opt.add_argument("--warmup-ratio", type=float, default=0.03)
+    opt.add_argument("--weight-decay", type=float, default=0.0)
+    opt.add_argument("--optim", default="adamw_torch", help="e.g. paged_adamw_8bit on GPU (default: %(default)s)")
+    opt.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                     help="default: on for qlora/int8, off otherwise")
+    opt.add_argument("--bf16", choices=BF16_CHOICES, default="auto", help="auto: on where the GPU supports it")
+    opt.add_argument("--seed", type=int, default=42)
+
+    run = p.add_argument_group("evaluation, checkpoints, output")
+    run.add_argument("--eval-steps", type=int, help="default: --save-steps")
+    run.add_argument("--early-stopping-patience", type=int, help="stop after this many evaluations without improvement")
+    run.add_argument("--save-steps", type=int, default=200)
+    run.add_argument("--save-total-limit", type=int, default=2)
+    run.add_argument("--logging-steps", type=int, default=10)
+    run.add_argument("--merge", action="store_true", help="also save OUTPUT/merged, a plain checkpoint without PEFT")
+    run.add_argument("--merge-dtype", choices=DTYPES, help="default: the base checkpoint's dtype")
+    run.add_argument("--overwrite", action="store_true", help="replace whatever the output folder holds")
+    run.add_argument("--resume", action="store_true", help="continue the run in the output folder from its last checkpoint")
+    run.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(func=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from hfx.finetune import BackendError, DataError, FinetuneConfig, OutputDirError, TargetModulesError, finetune
+
+    values = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    try:
+        config = FinetuneConfig.from_dict(values)
+        result = finetune(config)
+    except (ValueError, BackendError, OutputDirError) as exc:
+        kind = "bad data" if isinstance(exc, DataError) else "bad target modules" if isinstance(exc, TargetModulesError) else "error"
+        raise SystemExit(f"hfx finetune: {kind}: {exc}") from None
+    summary = {k: v for k, v in result.to_dict().items() if k != "log_history"}
+    print(json.dumps(summary, indent=2))
+    return 0
