@@ -1,0 +1,56 @@
+"""``hfx quickstart``: train a tokenizer and a tiny hfx model on the embedded corpus, save, reload, report."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "quickstart",
+        help="end-to-end demo on the embedded corpus (no download, a few minutes on CPU)",
+        description="Write the embedded corpus and tasks, train a BPE tokenizer on it, pre-train a tiny hfx model "
+        "with Trainer, save it, reload it with AutoModel*.from_pretrained and report what happened: timings, "
+        "validation loss before and after, a loss-curve PNG and where every file is (report.json). "
+        "With no arguments it finishes in under 5 minutes on 2 CPU cores.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--work-dir", default="hfx-quickstart", help="where data, tokenizer, model and report go")
+    parser.add_argument("--objective", default="clm", choices=["clm", "mlm_nsp"],
+                        help="clm: GPT-style next-token prediction; mlm_nsp: BERT-style masked LM + next sentence")
+    parser.add_argument("--norm-type", default="layernorm", help="layernorm, rmsnorm, batchnorm or a norm plugin")
+    parser.add_argument("--norm-position", default="pre", choices=["pre", "post"])
+    parser.add_argument("--position-embedding-type", default="rotary", help="learned, sinusoidal, rotary or a plugin")
+    parser.add_argument("--attention-type", default="sdpa", help="sdpa, eager or an attention plugin (`hfx plugins`)")
+    parser.add_argument("--steps", type=int, default=600, help="pre-training steps")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=3e-3)
+    parser.add_argument("--max-length", type=int, default=64, help="tokens per training example")
+    parser.add_argument("--hidden-size", type=int, default=64)
+    parser.add_argument("--vocab-size", type=int, default=1000, help="upper bound; the corpus needs fewer tokens")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip", action="append", default=[], metavar="STEP",
+                        help="skip a step by name (repeatable); see hfx.quickstart.STEPS")
+    parser.add_argument("--fast", action="store_true", help="ask every step to do the least that still shows it works")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import hfx
+    from hfx.quickstart import run_quickstart, summary
+
+    # Fail on a bad component name now, before any data or training.
+    try:
+        hfx.HfxConfig(
+            hidden_size=args.hidden_size,
+            num_attention_heads=4,
+            norm_type=args.norm_type,
+            norm_position=args.norm_position,
+            position_embedding_type=args.position_embedding_type,
+            attention_type=args.attention_type,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"hfx quickstart: {exc}") from None
+    ctx = run_quickstart(args)
+    print(summary(ctx))
+    return 0
