@@ -194,9 +194,16 @@ def _documents(rng, names, facts, docs_per_entity, num_arithmetic_docs, prefix, 
             rng.shuffle(relations)
             sentences = [_fact_sentence(rng, name, r, facts[name][r], canonical_rate) for r in relations]
             docs.append({"kind": "entity", "sentences": sentences})
-    equations = _equations()
+    # Equations are dealt from repeatedly shuffled decks, so every one is stated (about equally often).
+    deck: list = []
     for _ in range(num_arithmetic_docs):
-        sentences = [_equation_sentence(*eq) for eq in rng.sample(equations, rng.randint(4, 8))]
+        size = rng.randint(4, 8)
+        while len(deck) < size:
+            fresh = _equations()
+            rng.shuffle(fresh)
+            deck.extend(fresh)
+        sentences = [_equation_sentence(*eq) for eq in deck[:size]]
+        del deck[:size]
         docs.append({"kind": "arithmetic", "sentences": sentences})
     rng.shuffle(docs)
     return [
