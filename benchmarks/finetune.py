@@ -1,0 +1,194 @@
+"""Fine-tuning cost: hfx.finetune against a plain PEFT + Trainer script doing the same work.
+
+For a tiny Llama-shaped model and an hfx model, and each method (full, LoRA, QLoRA, LLM.int8 +
+LoRA), both pipelines train the same data for the same steps with the same TrainingArguments.
+Reported per run: median step time (after warm-up steps), tokens per second, and peak memory
+(CUDA: max allocated; CPU: peak resident memory above the level before the model was loaded,
+sampled every 5 ms). ``overhead`` is hfx's median step time over the plain script's, minus one.
+
+    python benchmarks/finetune.py --quick          # a few steps, for development
+    python benchmarks/finetune.py --json out.json  # the full run recorded in docs/finetuning.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import psutil  # noqa: E402
+import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+import hfx  # noqa: E402
+from hfx.finetune import FinetuneConfig, finetune  # noqa: E402
+from hfx.tokenizer import train_tokenizer  # noqa: E402
+
+METHODS = ("full", "lora", "qlora", "int8")
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of every optimiser step, and peak memory while training."""
+
+    def __init__(self):
+        self.times, self._start, self.peak = [], None, 0
+        self._stop = threading.Event()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            return
+        process = psutil.Process()
+
+        def sample():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, process.memory_info().rss)
+                time.sleep(0.005)
+
+        threading.Thread(target=sample, daemon=True).start()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self._start)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._stop.set()
+        if torch.cuda.is_available():
+            self.peak = torch.cuda.max_memory_allocated()
+
+
+def build_models(root: Path) -> dict[str, str]:
+    texts = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(40)) for i in range(200)]
+    tokenizer = train_tokenizer(texts, vocab_size=400)
+    common = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                  bos_token_id=tokenizer.bos_token_id)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    models = {
+        "llama-tiny": LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                                                   num_attention_heads=8, num_key_value_heads=4, **common)),
+        "hfx-tiny": hfx.HfxForCausalLM(hfx.HfxConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                                                     num_attention_heads=8, is_decoder=True, norm_type="rmsnorm",
+                                                     norm_position="pre", position_embedding_type="rotary",
+                                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                                     **common)),
+    }
+    paths = {}
+    for name, model in models.items():
+        paths[name] = str(root / name)
+        model.save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    paths["data"] = str(data)
+    return paths
+
+
+def training_arguments(output: str, method: str, steps: int, batch: int) -> dict:
+    """What hfx.finetune gives Trainer for these settings, spelled out for the plain script."""
+    return dict(output_dir=output, per_device_train_batch_size=batch, learning_rate=2e-5 if method == "full" else 2e-4,
+                lr_scheduler_type="cosine", warmup_steps=0.03, max_steps=steps, logging_steps=10, save_steps=10_000,
+                save_strategy="steps", report_to="none", remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
+                activation_checkpointing=method in ("qlora", "int8"), bf16=False, disable_tqdm=True, seed=42,
+                activation_checkpointing_kwargs={"use_reentrant": False} if method in ("qlora", "int8") else None)
+
+
+def run_hfx(model: str, data: str, method: str, steps: int, batch: int, length: int, output: str) -> StepTimer:
+    timer = StepTimer()
+    finetune(FinetuneConfig(model=model, data=data, output=output, method=method, max_steps=steps, batch_size=batch,
+                            max_length=length, save_steps=10_000, overwrite=True, extra_training_args={"disable_tqdm": True}),
+             callbacks=[timer])
+    return timer
+
+
+def run_plain(model: str, data: str, method: str, steps: int, batch: int, length: int, output: str) -> StepTimer:
+    """The textbook PEFT + bitsandbytes + Trainer recipe."""
+    from datasets import load_dataset
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForSeq2Seq, Trainer,
+                              TrainingArguments)
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    dataset = load_dataset("json", data_files=data, split="train")
+
+    def encode(row):
+        ids = ([tokenizer.bos_token_id] + tokenizer(row["text"], add_special_tokens=False)["input_ids"]
+               + [tokenizer.eos_token_id])[:length]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": ids}
+
+    dataset = dataset.map(encode, remove_columns=dataset.column_names)
+    quant = {"qlora": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                         bnb_4bit_compute_dtype=torch.bfloat16),
+             "int8": BitsAndBytesConfig(load_in_8bit=True)}.get(method)
+    net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, quantization_config=quant)
+    if quant is not None:
+        net = prepare_model_for_kbit_training(net, gradient_checkpointing_kwargs={"use_reentrant": False})
+    if method != "full":
+        net = get_peft_model(net, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    timer = StepTimer()
+    Trainer(model=net, args=TrainingArguments(**training_arguments(output, method, steps, batch)), train_dataset=dataset,
+            data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100), callbacks=[timer]).train()
+    return timer
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="4 steps per run (2 timed), for development")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each run")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=42)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args(argv)
+    steps = 4 if args.quick else args.steps
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        paths = build_models(root)
+        for model_name in ("llama-tiny", "hfx-tiny"):
+            for method in args.methods.split(","):
+                result = {"model": model_name, "method": method}
+                for pipeline, run in (("plain", run_plain), ("hfx", run_hfx)):
+                    base_rss = psutil.Process().memory_info().rss
+                    timer = run(paths[model_name], paths["data"], method, steps, args.batch_size, args.max_length,
+                                str(root / f"{model_name}-{method}-{pipeline}"))
+                    step = statistics.median(timer.times[args.warmup:])
+                    peak = timer.peak if torch.cuda.is_available() else max(0, timer.peak - base_rss)
+                    result[f"{pipeline}_step_ms"] = round(step * 1000, 1)
+                    result[f"{pipeline}_tokens_per_s"] = round(args.batch_size * args.max_length / step)
+                    result[f"{pipeline}_peak_mb"] = round(peak / 2**20, 1)
+                result["overhead"] = round(result["hfx_step_ms"] / result["plain_step_ms"] - 1, 3)
+                rows.append(result)
+                print(json.dumps(result), flush=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\n{device}; {steps} steps of {args.batch_size} x {args.max_length} tokens, median after {args.warmup}")
+    header = ("model", "method", "plain ms/step", "hfx ms/step", "plain tok/s", "hfx tok/s", "plain peak MB",
+              "hfx peak MB", "hfx overhead")
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for r in rows:
+        print(f"| {r['model']} | {r['method']} | {r['plain_step_ms']} | {r['hfx_step_ms']} | {r['plain_tokens_per_s']} | "
+              f"{r['hfx_tokens_per_s']} | {r['plain_peak_mb']} | {r['hfx_peak_mb']} | {r['overhead']:+.1%} |")
+    if args.json:
+        tmp_path = Path(args.json + ".tmp")
+        tmp_path.write_text(json.dumps({"device": device, "steps": steps, "rows": rows}, indent=2))
+        os.replace(tmp_path, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
