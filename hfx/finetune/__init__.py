@@ -15,6 +15,7 @@ See ``docs/finetuning.md``.
 from .config import METHODS, FinetuneConfig
 from .data import DataError
 from .model import HFX_LORA_TARGET_MODULES, BackendError, TargetModulesError, register_peft_mappings
+from .quickstart import quickstart_step
 from .train import FinetuneResult, OutputDirError, finetune
 
 register_peft_mappings()
@@ -29,5 +30,6 @@ __all__ = [
     "OutputDirError",
     "TargetModulesError",
     "finetune",
+    "quickstart_step",
     "register_peft_mappings",
 ]
