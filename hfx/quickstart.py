@@ -41,6 +41,7 @@ STEPS: list[tuple[str, str]] = [
     ("tokenizer", "hfx.quickstart:train_tokenizer_step"),
     ("pretrain", "hfx.quickstart:pretrain_step"),
     ("reload", "hfx.quickstart:reload_step"),
+    ("finetune", "hfx.finetune:quickstart_step"),
     ("encoder-eval", "hfx.evaluation.encoder.quickstart:quickstart_step"),
     ("eval", "hfx.evaluation.quickstart:quickstart_step"),
 ]
