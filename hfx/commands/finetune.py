@@ -56,6 +56,8 @@ def add_parser(subparsers) -> None:
     lora.add_argument("--quant-type", choices=QUANT_TYPES, default="nf4", help="4-bit data type for qlora")
     lora.add_argument("--no-double-quant", dest="double_quant", action="store_false", help="qlora: no double quantisation")
     lora.add_argument("--compute-dtype", choices=DTYPES, default="bfloat16", help="qlora matmul dtype")
+    lora.add_argument("--quant-storage", choices=DTYPES, help="qlora: dtype the packed 4-bit weights are stored in "
+                      "(FSDP needs the model's dtype, e.g. bfloat16)")
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=float, default=1.0)

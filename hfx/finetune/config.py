@@ -52,6 +52,7 @@ class FinetuneConfig:
     quant_type: str = "nf4"
     double_quant: bool = True
     compute_dtype: str = "bfloat16"
+    quant_storage: str | None = None
 
     # optimisation
     epochs: float = 1.0
@@ -94,6 +95,8 @@ class FinetuneConfig:
         ):
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid; valid values: {list(valid)}.")
+        if self.quant_storage is not None and self.quant_storage not in DTYPES + ("uint8",):
+            raise ValueError(f"quant_storage={self.quant_storage!r} is invalid; valid values: {list(DTYPES) + ['uint8']}.")
         if self.merge_dtype is not None and self.merge_dtype not in DTYPES:
             raise ValueError(f"merge_dtype={self.merge_dtype!r} is invalid; valid values: {list(DTYPES)}.")
         for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_length", "save_steps", "logging_steps"):

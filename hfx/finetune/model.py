@@ -84,6 +84,8 @@ def quantization_config(config: FinetuneConfig, task: str):
         bnb_4bit_quant_type=config.quant_type,
         bnb_4bit_use_double_quant=config.double_quant,
         bnb_4bit_compute_dtype=getattr(torch, config.compute_dtype),
+        # FSDP flattens one dtype per unit: the packed 4-bit weights must be stored like the rest.
+        bnb_4bit_quant_storage=getattr(torch, config.quant_storage or "uint8"),
         llm_int8_skip_modules=skip,
     )
 

@@ -90,6 +90,9 @@ def finetune(config: FinetuneConfig | None = None, *, callbacks=None, **kwargs) 
         _write_json(output / RUN_FILE, json.loads(config.to_json()))
 
     gradient_checkpointing = config.gradient_checkpointing if config.gradient_checkpointing is not None else config.quantized
+    from transformers import set_seed
+
+    set_seed(config.seed)  # LoRA's A matrices (and a new classifier head) are drawn before Trainer seeds
     model = load_model(config, task, model_config, gradient_checkpointing)
     if config.uses_adapter:
         model = add_lora(model, config, task)
@@ -205,6 +208,8 @@ def prepare_output_dir(config: FinetuneConfig) -> None:
         )
     if not run_file.exists():
         raise OutputDirError(f"--resume: {output} holds no hfx fine-tuning run ({RUN_FILE} is missing).")
+    if (output / RESULTS_FILE).exists():
+        raise OutputDirError(f"--resume: the run in {output} already finished; pass --overwrite to train it again.")
     previous = json.loads(run_file.read_text())
     current = json.loads(config.to_json())
     changed = {k: (previous.get(k), current[k]) for k in RUN_IDENTITY if previous.get(k) != current[k]}
