@@ -33,6 +33,25 @@ def make_config():
     return tiny_config
 
 
+TINY_CORPUS = [
+    "the cat sat on the mat",
+    "a dog ran in the park",
+    "transformers normalise tokens with layer norm or batch norm",
+    "the quick brown fox jumps over the lazy dog",
+    "numbers like 12 and 345 are split into digits",
+] * 4
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    """A ~150-token BPE tokenizer trained offline and saved with save_pretrained; load it with AutoTokenizer."""
+    from hfx.tokenizer import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_tokenizer")
+    train_tokenizer(TINY_CORPUS, vocab_size=150, save_dir=folder)
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
