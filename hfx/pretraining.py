@@ -88,7 +88,7 @@ def prepare_dataset(documents, tokenizer, objective: str, max_length: int, seed:
             tokenizer, mlm=False
         )
     require_mask_token(tokenizer)
-    collator = DataCollatorForPreTraining(tokenizer, whole_word_mask=whole_word_mask)
+    collator = DataCollatorForPreTraining(tokenizer, whole_word_mask=whole_word_mask, seed=seed)
     if objective == "mlm_nsp":
         return build_nsp_pairs(documents, tokenizer, max_length=max_length, seed=seed), collator
     return tokenize_for_mlm(documents, tokenizer, max_length=max_length), collator

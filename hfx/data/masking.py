@@ -15,6 +15,7 @@ probability, and each of its tokens then gets its own 80/10/10 draw.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,9 +85,14 @@ class DataCollatorForPreTraining:
 
     Works for ``HfxForPreTraining`` (examples from :func:`hfx.data.build_nsp_pairs`) and for
     ``HfxForMaskedLM`` (examples without ``next_sentence_label``). Examples may carry
-    ``special_tokens_mask``; otherwise special tokens are recognised by id. With ``seed=None``
-    masking uses torch's global RNG, which Trainer saves in checkpoints, so a resumed run
-    draws the same masks as an uninterrupted one.
+    ``special_tokens_mask``; otherwise special tokens are recognised by id.
+
+    With a ``seed``, each batch is masked by a generator seeded from ``(seed, the batch's token
+    ids)``: masks do not depend on how many batches came before, so a run resumed from a
+    checkpoint masks exactly as the uninterrupted run did (Trainer's data loader collates one
+    batch ahead, so a shared RNG saved in the checkpoint would already have moved on), and
+    torch's global RNG (dropout) is left alone. Reshuffling puts examples in new batches every
+    epoch, so masks still change from epoch to epoch. With ``seed=None`` the global RNG is used.
     """
 
     tokenizer: PreTrainedTokenizerBase
@@ -114,7 +120,6 @@ class DataCollatorForPreTraining:
             prefix = _continuing_subword_prefix(self.tokenizer)
             tokens = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
             self.continuation = torch.tensor([t is not None and t.startswith(prefix) for t in tokens])
-        self.generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         nsp = [example["next_sentence_label"] for example in examples if "next_sentence_label" in example]
@@ -137,11 +142,18 @@ class DataCollatorForPreTraining:
             self.mask_replace_prob,
             self.random_replace_prob,
             word_starts=word_starts,
-            generator=self.generator,
+            generator=self._generator_for(input_ids),
         )
         if nsp:
             batch["next_sentence_label"] = torch.tensor(nsp, dtype=torch.long)
         return dict(batch)
+
+
+    def _generator_for(self, input_ids: torch.Tensor) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        digest = hashlib.blake2b(input_ids.numpy().tobytes(), digest_size=8, key=str(self.seed).encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
 def _continuing_subword_prefix(tokenizer: PreTrainedTokenizerBase) -> str:

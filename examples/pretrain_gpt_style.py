@@ -1,0 +1,26 @@
+"""GPT-style pre-training of an hfx model with Trainer: next-token prediction on EOS-separated packed blocks.
+
+    python examples/pretrain_gpt_style.py --output-dir runs/gpt                   # embedded corpus
+    python examples/pretrain_gpt_style.py --data corpus.txt --output-dir runs/gpt --position-embedding-type rotary
+    python examples/pretrain_gpt_style.py --output-dir runs/gpt --resume           # continue after a stop
+
+--data takes a .txt file or folder (one sentence per line, a blank line between documents), a
+.json/.jsonl/.csv/.parquet file with --text-column, 'embedded', or a datasets name. The model,
+with its tokenizer, is saved to OUTPUT_DIR/model and loads with AutoModelForCausalLM after
+`import hfx`; OUTPUT_DIR/loss_curve.png shows training.
+"""
+
+import argparse
+import sys
+
+from hfx.pretraining import add_arguments, run_from_args
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser, objective_default="clm")
+    run_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

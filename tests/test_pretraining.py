@@ -1,0 +1,125 @@
+"""Pre-training with Trainer through the examples' code path: saving, reloading, resuming after a crash."""
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForPreTraining, TrainerCallback
+
+from hfx.data import load_documents
+from hfx.pretraining import add_arguments, run_from_args
+from hfx.tokenizer import train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse(objective, *argv):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, objective_default=objective)
+    return parser.parse_args(list(argv))
+
+
+class Crash(RuntimeError):
+    pass
+
+
+class CrashAfter(TrainerCallback):
+    """Dies when step ``step`` is done and its checkpoint written, like a killed job."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            raise Crash(f"simulated crash after step {state.global_step}")
+
+
+TINY = ("--max-steps", "12", "--save-steps", "6", "--logging-steps", "3", "--hidden-size", "32", "--max-length", "32",
+        "--batch-size", "8")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    # BPE training in `tokenizers` breaks ties differently from run to run, so both runs share one tokenizer.
+    path = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(load_documents("embedded")["text"], vocab_size=1000, save_dir=path)
+    return str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["mlm_nsp", "clm"])
+def test_resumed_run_reaches_the_same_final_loss(tmp_path, objective, tokenizer_dir):
+    common = ("--tokenizer", tokenizer_dir, *TINY)
+    straight = run_from_args(parse(objective, "--output-dir", str(tmp_path / "straight"), *common))
+
+    interrupted_dir = str(tmp_path / "interrupted")
+    with pytest.raises(Crash):
+        run_from_args(parse(objective, "--output-dir", interrupted_dir, *common), callbacks=[CrashAfter(6)])
+    assert (tmp_path / "interrupted" / "checkpoint-6").is_dir()
+    assert not (tmp_path / "interrupted" / "model").exists()
+    resumed = run_from_args(parse(objective, "--output-dir", interrupted_dir, "--resume", *common))
+
+    def losses(trainer):
+        return [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
+
+    assert resumed.state.global_step == straight.state.global_step == 12
+    final_straight, final_resumed = losses(straight)[-1], losses(resumed)[-1]
+    assert final_resumed[0] == final_straight[0] == 12
+    assert final_resumed[1] == pytest.approx(final_straight[1], rel=1e-5, abs=1e-6)
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        run_from_args(parse("clm", "--output-dir", str(tmp_path), "--resume", *TINY))
+
+
+def example(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_bert_style_example_saves_a_model_auto_classes_reload(tmp_path, tokenizer_dir):
+    out = tmp_path / "bert"
+    example("pretrain_bert_style").main(
+        ["--output-dir", str(out), "--tokenizer", tokenizer_dir, "--norm-type", "rmsnorm",
+         "--position-embedding-type", "sinusoidal", "--attention-type", "eager", "--whole-word-mask", *TINY]
+    )
+    model = AutoModelForPreTraining.from_pretrained(out / "model")
+    assert type(model).__name__ == "HfxForPreTraining"
+    assert (model.config.norm_type, model.config.position_embedding_type) == ("rmsnorm", "sinusoidal")
+    masked_lm = AutoModelForMaskedLM.from_pretrained(out / "model")
+    torch.testing.assert_close(masked_lm.lm_head.decoder.weight, model.lm_head.decoder.weight)
+    assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list(out.glob(".*")), "temporary folders left behind"
+
+
+def test_gpt_style_example_rejects_missing_data_before_training(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        example("pretrain_gpt_style").main(["--output-dir", str(tmp_path / "gpt"), "--data",
+                                            str(tmp_path / "missing.txt")])
+    assert not (tmp_path / "gpt").exists()
+
+
+def test_examples_reject_a_bad_norm_name(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        example("pretrain_gpt_style").main(["--output-dir", str(tmp_path), "--norm-type", "groupnorm"])
+    assert "invalid choice: 'groupnorm'" in capsys.readouterr().err
+
+
+def test_gpt_style_run_trains_and_reloads_as_causal_lm(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(f"doc {i} starts here.\nit ends with {i % 7}." for i in range(200)))
+    trainer = run_from_args(parse("clm", "--data", str(text), "--output-dir", str(tmp_path / "gpt"),
+                                  *TINY, "--save-steps", "0"))
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert losses[-1] < losses[0]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt" / "model")
+    assert model.config.is_decoder and type(model).__name__ == "HfxForCausalLM"
+    assert not list((tmp_path / "gpt").glob("checkpoint-*"))
