@@ -250,6 +250,8 @@ class HfxModel(HfxPreTrainedModel):
                 rotary=rotary,
                 past_key_values=past_key_values,
                 position_ids=position_ids,
+                # Backends that act on token identity (always-global token ids) read them here.
+                input_ids=input_ids,
                 **kwargs,
             )
         if self.final_norm is not None:

@@ -111,6 +111,21 @@ def test_global_token_ids_from_config_on_a_stock_model(tmp_path):
         torch.testing.assert_close(model(input_ids).last_hidden_state, model(input_ids, global_attention_mask=flags).last_hidden_state)
 
 
+def test_global_token_ids_from_config_on_an_hfx_model(make_config):
+    config = make_config(attention_type="hfx_sliding_window", attention_window=WINDOW, global_attention_token_ids=[2])
+    model = hfx.HfxModel(config).eval()
+    input_ids = torch.randint(3, 97, (1, N))
+    input_ids[0, 0] = 2
+    flags = torch.zeros(1, N, dtype=torch.long)
+    flags[0, 0] = 1
+    plain = hfx.HfxModel(make_config(attention_type="hfx_sliding_window", attention_window=WINDOW)).eval()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        by_config = model(input_ids).last_hidden_state
+        torch.testing.assert_close(by_config, plain(input_ids, global_attention_mask=flags).last_hidden_state)
+        assert not torch.allclose(by_config, plain(input_ids).last_hidden_state, atol=1e-4)
+
+
 @pytest.mark.parametrize("backend", ["hfx_sliding_window", "hfx_block_sparse", "hfx_lsh"])
 def test_hfx_config_selects_backend_and_validates(backend, make_config):
     model = hfx.HfxModel(make_config(attention_type=backend)).eval()
