@@ -199,6 +199,10 @@ def run_quickstart(flags: argparse.Namespace, steps: list[tuple[str, str]] | Non
     unknown = set(flags.skip or ()) - {name for name, _ in steps}
     if unknown:
         raise ValueError(f"--skip: unknown step(s) {sorted(unknown)}; steps are {[name for name, _ in steps]}.")
+    if getattr(flags, "threads", None):
+        import torch
+
+        torch.set_num_threads(flags.threads)
     start = time.perf_counter()
     for name, target in steps:
         if name in (flags.skip or ()):

@@ -29,6 +29,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--vocab-size", type=int, default=1000, help="upper bound; the corpus needs fewer tokens")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads; a model this small gains nothing from more, and on a busy machine "
+                        "extra threads spin and slow it down")
     parser.add_argument("--skip", action="append", default=[], metavar="STEP",
                         help="skip a step by name (repeatable); see hfx.quickstart.STEPS")
     parser.add_argument("--fast", action="store_true", help="ask every step to do the least that still shows it works")

@@ -1,0 +1,95 @@
+"""``hfx quickstart``: its own steps end to end (short), the step seam, and flag errors."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForPreTraining, AutoTokenizer
+
+from hfx.cli import build_parser, main
+from hfx.data import embedded_corpus
+from hfx.quickstart import STEPS, run_quickstart
+
+OWN_STEPS = [(name, target) for name, target in STEPS if target.startswith("hfx.quickstart:")]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """A model this small runs fastest on one thread, and far faster than two on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def flags(*argv):
+    return build_parser().parse_args(["quickstart", *argv])
+
+
+def facts_accuracy(model, tokenizer):
+    """Summed log-likelihood of each choice after the query; argmax is the prediction."""
+    rows = embedded_corpus()["facts_test"]
+    correct = 0
+    for row in rows:
+        context = tokenizer(row["query"], add_special_tokens=False)["input_ids"]
+        scores = []
+        for choice in row["choices"]:
+            ids = tokenizer(f"{row['query']} {choice}", add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logprobs = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+            scores.append(sum(logprobs[i - 1, ids[i]].item() for i in range(len(context), len(ids))))
+        correct += scores.index(max(scores)) == row["gold"]
+    return correct / len(rows)
+
+
+@pytest.mark.slow
+def test_quickstart_pretrains_a_causal_lm_that_learns_the_facts(tmp_path):
+    ctx = run_quickstart(flags("--work-dir", str(tmp_path), "--steps", "300"), steps=OWN_STEPS)
+    assert [name for name, _ in OWN_STEPS] == ["data", "tokenizer", "pretrain", "reload"]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["timings_s"]) == {"data", "tokenizer", "pretrain", "reload", "total"}
+    pretrain = report["results"]["pretrain"]
+    assert pretrain["validation_loss_after"] < pretrain["validation_loss_before"] / 2
+    assert (tmp_path / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert report["results"]["reload"]["auto_class"] == "AutoModelForCausalLM"
+    for label in ("model", "tokenizer", "loss curve", "embedded data"):
+        assert label in report["files"]
+
+    model = AutoModelForCausalLM.from_pretrained(ctx.model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(ctx.model_dir)
+    assert (model.config.norm_type, model.config.position_embedding_type) == ("layernorm", "rotary")
+    untrained = AutoModelForCausalLM.from_config(model.config).eval()
+    chance = facts_accuracy(untrained, tokenizer)
+    learned = facts_accuracy(model, tokenizer)
+    assert chance < 0.4 < learned, (chance, learned)
+
+
+@pytest.mark.slow
+def test_quickstart_bert_style_with_batchnorm_and_a_plugin_step(tmp_path, monkeypatch):
+    seen = {}
+
+    def extra_step(ctx):
+        seen["model_dir"], seen["objective"] = ctx.model_dir, ctx.objective
+        ctx.report("extra", "ran after reload")
+
+    monkeypatch.setattr("hfx.quickstart.extra_step", extra_step, raising=False)
+    steps = OWN_STEPS + [("extra", "hfx.quickstart:extra_step")]
+    ctx = run_quickstart(
+        flags("--work-dir", str(tmp_path), "--objective", "mlm_nsp", "--norm-type", "batchnorm", "--steps", "20"),
+        steps=steps,
+    )
+    assert seen == {"model_dir": ctx.model_dir, "objective": "mlm_nsp"}
+    assert ("extra", "ran after reload") in ctx.lines
+    model = AutoModelForPreTraining.from_pretrained(ctx.model_dir)
+    assert type(model).__name__ == "HfxForPreTraining" and model.config.norm_type == "batchnorm"
+
+
+def test_skip_names_must_exist(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown step\(s\) \['pretrian'\]"):
+        run_quickstart(flags("--work-dir", str(tmp_path), "--skip", "pretrian"), steps=OWN_STEPS)
+
+
+def test_bad_component_name_fails_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="norm_type|groupnorm"):
+        main(["quickstart", "--work-dir", str(tmp_path / "qs"), "--norm-type", "groupnorm"])
+    assert not (tmp_path / "qs").exists()
