@@ -17,6 +17,7 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 
+from . import peft_integration
 from .attention import register_attention_plugins
 from .configuration_hfx import HfxConfig
 from .modeling_hfx import (
@@ -55,6 +56,7 @@ def _register_with_auto_classes() -> None:
 
 register_attention_plugins()
 _register_with_auto_classes()
+peft_integration.install()
 
 __all__ = [
     "Component",

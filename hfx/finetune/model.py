@@ -14,10 +14,9 @@ import re
 import torch
 from torch import nn
 
+from ..peft_integration import HFX_LORA_TARGET_MODULES, register_peft_mappings  # noqa: F401  (re-exported)
 from .config import FinetuneConfig
 
-# Every projection of an hfx block; the output head (lm_head / score / classifier) is not among them.
-HFX_LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 CLASSIFIER_HEADS = ("score", "classifier")
 
 
@@ -27,13 +26,6 @@ class BackendError(RuntimeError):
 
 class TargetModulesError(ValueError):
     """LoRA target module names that match no linear layer of the model."""
-
-
-def register_peft_mappings() -> None:
-    """Let ``LoraConfig(task_type=...)`` without ``target_modules`` work for hfx models."""
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-
-    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.setdefault("hfx", list(HFX_LORA_TARGET_MODULES))
 
 
 def resolve_task(config: FinetuneConfig, model_config) -> str:
