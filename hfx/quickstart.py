@@ -46,6 +46,8 @@ STEPS: list[tuple[str, str]] = [
     ("eval", "hfx.evaluation.quickstart:quickstart_step"),
 ]
 
+# --fast: enough steps for the loss curve to fall, not for the facts to be learned.
+FAST_PRETRAIN_STEPS = 100
 AUTO_CLASS_FOR_OBJECTIVE = {"clm": "AutoModelForCausalLM", "mlm_nsp": "AutoModelForPreTraining"}
 
 
@@ -109,6 +111,7 @@ def pretrain_step(ctx: QuickstartContext) -> None:
 
     flags = ctx.flags
     ctx.objective = flags.objective
+    steps = min(flags.steps, FAST_PRETRAIN_STEPS) if getattr(flags, "fast", False) else flags.steps
     tokenizer = AutoTokenizer.from_pretrained(str(ctx.tokenizer_dir))
     train_docs = load_documents(str(ctx.data_paths["corpus_text"]))
     validation_docs = load_documents(str(ctx.data_paths["corpus_validation"]))
@@ -124,8 +127,8 @@ def pretrain_step(ctx: QuickstartContext) -> None:
         attention_type=flags.attention_type,
     )
     args = training_arguments(
-        ctx.work_dir / "checkpoints", flags.steps, flags.batch_size, flags.learning_rate, flags.seed,
-        logging_steps=max(1, flags.steps // 30),
+        ctx.work_dir / "checkpoints", steps, flags.batch_size, flags.learning_rate, flags.seed,
+        logging_steps=max(1, steps // 30),
     )
     trainer = Trainer(
         model_init=lambda: OBJECTIVES[flags.objective](config),
@@ -140,7 +143,7 @@ def pretrain_step(ctx: QuickstartContext) -> None:
         f"{type(trainer.model).__name__} ({n_params / 1e3:.0f}k parameters; norm={config.norm_type}, "
         f"norm_position={config.norm_position}, position={config.position_embedding_type}, "
         f"attention={config.attention_type}) on {len(train_set)} examples of {flags.max_length} tokens, "
-        f"{flags.steps} steps of {flags.batch_size}",
+        f"{steps} steps of {flags.batch_size}",
     )
     before = trainer.evaluate()["eval_loss"]
     trainer.train()
@@ -153,7 +156,7 @@ def pretrain_step(ctx: QuickstartContext) -> None:
     ctx.files["loss curve"] = plot
     ctx.results["pretrain"] = {
         "objective": flags.objective,
-        "steps": flags.steps,
+        "steps": steps,
         "validation_loss_before": round(before, 4),
         "validation_loss_after": round(after, 4),
         "loss_curve": [[step, round(loss, 4)] for step, loss in curve],

@@ -8,7 +8,6 @@ from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFas
 import hfx
 from hfx.data import (
     IS_NEXT,
-    NOT_NEXT,
     DataCollatorForPreTraining,
     build_nsp_pairs,
     embedded_corpus,

@@ -77,7 +77,7 @@ def test_resumed_run_reaches_the_same_final_loss(tmp_path, objective, tokenizer_
     final_straight, final_resumed = losses(straight)[-1], losses(resumed)[-1]
     assert final_resumed[0] == final_straight[0] == 12
     assert final_resumed[1] == pytest.approx(final_straight[1], rel=1e-5, abs=1e-6)
-    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 

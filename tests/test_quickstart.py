@@ -44,7 +44,7 @@ def facts_accuracy(model, tokenizer):
 
 @pytest.mark.slow
 def test_quickstart_pretrains_a_causal_lm_that_learns_the_facts(tmp_path):
-    ctx = run_quickstart(flags("--work-dir", str(tmp_path), "--steps", "300"), steps=OWN_STEPS)
+    ctx = run_quickstart(flags("--work-dir", str(tmp_path), "--steps", "500"), steps=OWN_STEPS)
     assert [name for name, _ in OWN_STEPS] == ["data", "tokenizer", "pretrain", "reload"]
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report["timings_s"]) == {"data", "tokenizer", "pretrain", "reload", "total"}

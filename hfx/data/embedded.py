@@ -152,7 +152,7 @@ def _world(rng: random.Random, num_entities: int) -> tuple[list[str], list[str],
     for relation, pool in values.items():
         dealt = [pool[i % len(pool)] for i in range(num_entities)]
         rng.shuffle(dealt)
-        for name, value in zip(names, dealt):
+        for name, value in zip(names, dealt, strict=True):
             facts[name][relation] = value
     # Friends: a random derangement, so nobody is their own friend and every name is a friend once.
     order = names[:]
@@ -188,7 +188,7 @@ def _equation_sentence(op: str, x: int, y: int, z: int) -> str:
 
 def _documents(rng, names, facts, docs_per_entity, num_arithmetic_docs, prefix, canonical_rate):
     docs = []
-    for round_ in range(docs_per_entity):
+    for _ in range(docs_per_entity):
         for name in names:
             relations = list(RELATIONS)
             rng.shuffle(relations)
