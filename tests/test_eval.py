@@ -249,3 +249,15 @@ def test_function_tag_needs_allow_code_and_jinja_is_sandboxed(world, tmp_path):
         render("{{ x.append(1) }}", {"x": []})
     with pytest.raises(SecurityError):
         render("{{ x.__class__.__mro__ }}", {"x": ""}) and render("{{ ''.__class__.__subclasses__() }}", {})
+
+
+def test_saved_hfx_causal_model_is_evaluated_by_path(world, ours, tmp_path):
+    model, tok = world["models"]["hfx"]
+    model.save_pretrained(tmp_path / "hfx")
+    tok.save_pretrained(tmp_path / "hfx")
+    by_path = evaluate(tmp_path / "hfx", ["tiny_mc0"], include_path=world["tasks"], limit=10, cache_dir=False,
+                       progress=False)
+    results = by_path[0] if isinstance(by_path, tuple) else by_path
+    in_memory = ours["hfx"][0] if isinstance(ours["hfx"], tuple) else ours["hfx"]
+    for metric in ("acc,none", "acc_norm,none"):
+        assert results["results"]["tiny_mc0"][metric] == in_memory["results"]["tiny_mc0"][metric]

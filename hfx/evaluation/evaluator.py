@@ -143,15 +143,15 @@ for _ot in (
 
 # -- model ------------------------------------------------------------------------------------
 def _check_causal_config(path: str) -> None:
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     import hfx  # noqa: F401  (registers the hfx model type)
 
     config = AutoConfig.from_pretrained(path)
     architectures = getattr(config, "architectures", None) or []
     causal_arch = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (architectures and not causal_arch):
+    # The Auto mapping also holds model types registered at run time (hfx, third parties).
+    if type(config) not in AutoModelForCausalLM._model_mapping or (architectures and not causal_arch):
         raise TaskError(
             f"{path} is a {config.model_type!r} model ({architectures or 'no architectures'}), not a causal LM; "
             "loglikelihood / generate_until tasks need one (e.g. *ForCausalLM)."
