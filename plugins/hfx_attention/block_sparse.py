@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from hfx.registry import Component
 
 from .common import (
+    require_full_sequence,
     check_positive_int,
     expand_kv,
     global_flags,
@@ -92,11 +93,7 @@ def block_sparse_attention(module, query, key, value, attention_mask, scaling=No
     block_size, num_random, seed = settings(config)
     causal = is_causal(module, kwargs)
     batch, heads, length, head_dim = query.shape
-    if key.shape[2] != length:
-        raise ValueError(
-            f"{NAME} needs as many keys as queries (no KV-cache decoding, no cross-attention); got {length} "
-            f"queries and {key.shape[2]} keys. Use hfx_sliding_window for incremental decoding."
-        )
+    require_full_sequence(key, length, NAME)
     keep = key_padding(attention_mask, batch, length, query.device, NAME)
     flags = global_blocks(batch, length, block_size, causal, query.device)
     extra = global_flags(kwargs, config, batch, length, query.device, NAME)

@@ -212,3 +212,12 @@ def check_self_attention(query, key, causal: bool, name: str) -> None:
 def check_positive_int(value, name: str, backend: str, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{backend}: {name} must be an integer >= {minimum}, got {value!r}.")
+
+
+def require_full_sequence(key: torch.Tensor, length: int, name: str) -> None:
+    """Backends that hash or block the whole sequence cannot decode incrementally from a KV cache."""
+    if key.shape[2] != length:
+        raise ValueError(
+            f"{name} needs as many keys as queries (no KV-cache decoding, no cross-attention); got {length} "
+            f"queries and {key.shape[2]} keys. Use hfx_sliding_window for incremental decoding."
+        )

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from hfx.registry import Component
 
-from .common import check_positive_int, expand_kv, is_causal, key_padding, padding_mask
+from .common import require_full_sequence, check_positive_int, expand_kv, is_causal, key_padding, padding_mask
 
 NAME = "hfx_lsh"
 DEFAULTS = {
@@ -83,11 +83,7 @@ def lsh_attention(module, query, key, value, attention_mask, scaling=None, dropo
     s = settings(getattr(module, "config", None))
     causal = is_causal(module, kwargs)
     batch, heads, length, head_dim = query.shape
-    if key.shape[2] != length:
-        raise ValueError(
-            f"{NAME} needs as many keys as queries (no KV-cache decoding, no cross-attention); got {length} "
-            f"queries and {key.shape[2]} keys. Use hfx_sliding_window for incremental decoding."
-        )
+    require_full_sequence(key, length, NAME)
     keep = key_padding(attention_mask, batch, length, query.device, NAME)
     key, value = expand_kv(query, key, value)
     scaling = head_dim**-0.5 if scaling is None else scaling
