@@ -222,3 +222,13 @@ def test_dense_4d_mask_is_refused():
     q, k, v = qkv(8)
     with pytest.raises(ValueError, match="2-D key padding mask"):
         sliding_window_attention(layer(attention_window=4), q, k, v, torch.ones(2, 1, 8, 8, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("name", ["hfx_block_sparse", "hfx_lsh"])
+def test_whole_sequence_backends_refuse_cached_decoding(name):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    module = torch.nn.Module()
+    query, key = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 5, 8)
+    with pytest.raises(ValueError, match=r"needs as many keys as queries.*got 1 queries and 5 keys"):
+        ALL_ATTENTION_FUNCTIONS[name](module, query, key, key, None, scaling=8**-0.5)
