@@ -1,15 +1,25 @@
-"""Train a small fast tokenizer from text, offline, with the `tokenizers` library.
+"""Train a small fast tokenizer from text, offline and reproducibly.
 
 hfx ships no vocabulary and reaches no hub, so quickstart and the tests build their tokenizer
 here and save it with ``save_pretrained``; from then on it loads with ``AutoTokenizer``.
+
+The merges are learned here rather than by ``tokenizers.trainers.BpeTrainer``: with a
+continuing-subword prefix that trainer assigns ids to the ``##x`` symbols in hash-map order,
+and equal-count merges are then broken by those ids, so two runs on the same text give
+different vocabularies (measured: five runs, five vocabularies). A model pre-trained in one run
+and a tokenizer trained in another would silently disagree, and a test could pass or fail by
+chance. Here ties go to the lexicographically smallest pair, so the same text always gives the
+same tokenizer. Normalisation, pre-tokenisation and encoding are still ``tokenizers``' own.
 """
 
 from __future__ import annotations
 
+import heapq
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = {
@@ -21,6 +31,7 @@ SPECIAL_TOKENS = {
     "eos_token": "</s>",
     "bos_token": "<s>",
 }
+CONTINUING_PREFIX = "##"
 
 
 def train_tokenizer(
@@ -29,23 +40,35 @@ def train_tokenizer(
     save_dir: str | Path | None = None,
     lowercase: bool = True,
 ) -> PreTrainedTokenizerFast:
-    """A byte-level-free BPE tokenizer with BERT-style specials.
+    """A WordPiece-style BPE tokenizer (``##`` marks word-internal pieces) with BERT-style specials.
 
     Single sequences encode as ``[CLS] A [SEP]`` and pairs as ``[CLS] A [SEP] B [SEP]`` with
     token_type_ids 0/1, so the same tokenizer serves MLM/NSP and (with ``add_special_tokens=False``)
-    causal LM training, where documents are separated by ``</s>``.
+    causal LM training, where documents are separated by ``</s>``. Deterministic: the same texts
+    and arguments give the same vocabulary, merges and ids.
     """
     specials = list(SPECIAL_TOKENS.values())
-    tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"], continuing_subword_prefix="##"))
-    steps = [normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else [])
-    tokenizer.normalizer = normalizers.Sequence(steps)
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(True)])
-    tokenizer.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, continuing_subword_prefix="##", show_progress=False
+    if vocab_size < len(specials):
+        raise ValueError(f"vocab_size={vocab_size} is smaller than the {len(specials)} special tokens {specials}")
+    normalizer = normalizers.Sequence([normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else []))
+    pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(True)])
+    word_counts: Counter[str] = Counter()
+    for text in texts:
+        pieces = pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
+        word_counts.update(piece for piece, _ in pieces)
+    if not word_counts:
+        raise ValueError("train_tokenizer got no text to learn from (every text was empty or whitespace)")
+    vocab, merges = learn_bpe(word_counts, vocab_size, specials)
+
+    tokenizer = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token=SPECIAL_TOKENS["unk_token"],
+                   continuing_subword_prefix=CONTINUING_PREFIX)
     )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
+    tokenizer.decoder = decoders.WordPiece(prefix=CONTINUING_PREFIX)
+    tokenizer.add_special_tokens(specials)
+    cls_id, sep_id = vocab["[CLS]"], vocab["[SEP]"]
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -60,3 +83,72 @@ def train_tokenizer(
     if save_dir is not None:
         fast.save_pretrained(str(save_dir))
     return fast
+
+
+def learn_bpe(
+    word_counts: dict[str, int], vocab_size: int, specials: list[str]
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Byte-pair merges over pre-tokenised words, most frequent pair first, ties to the smallest pair.
+
+    A word starts as its first character followed by ``##``-prefixed characters; a merge of
+    ``(a, ##b)`` yields ``ab``, of ``(##a, ##b)`` yields ``##ab``. Ids: specials, then the sorted
+    alphabet, then merged tokens in the order they were learned — the layout ``tokenizers``' BPE
+    model expects. Pair counts are kept incrementally, so each merge touches only the words that
+    contain it.
+    """
+    words = sorted(word_counts)  # a fixed order makes every later step independent of hashing
+    counts = [word_counts[w] for w in words]
+    symbols = [[w[0]] + [CONTINUING_PREFIX + c for c in w[1:]] for w in words]
+    alphabet = sorted({s for word in symbols for s in word} - set(specials))
+    vocab = {token: i for i, token in enumerate(specials + alphabet)}
+
+    pair_counts: Counter[tuple[str, str]] = Counter()
+    where: defaultdict[tuple[str, str], set[int]] = defaultdict(set)
+    for index, word in enumerate(symbols):
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] += counts[index]
+            where[pair].add(index)
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+
+    merges: list[tuple[str, str]] = []
+    while len(vocab) < vocab_size and heap:
+        negative, pair = heapq.heappop(heap)
+        if pair_counts.get(pair, 0) != -negative:  # stale entry: the count changed since it was pushed
+            continue
+        left, right = pair
+        merged = left + right[len(CONTINUING_PREFIX):]
+        merges.append(pair)
+        vocab.setdefault(merged, len(vocab))
+        touched: set[tuple[str, str]] = set()
+        for index in sorted(where.pop(pair)):
+            word, count = symbols[index], counts[index]
+            for old in zip(word, word[1:]):
+                pair_counts[old] -= count
+                touched.add(old)
+            word = _merge_word(word, left, right, merged)
+            symbols[index] = word
+            for new in zip(word, word[1:]):
+                pair_counts[new] += count
+                where[new].add(index)
+                touched.add(new)
+        for changed in touched:
+            count = pair_counts.get(changed, 0)
+            if changed != pair and count > 0:
+                heapq.heappush(heap, (-count, changed))
+                continue
+            pair_counts.pop(changed, None)  # merged away everywhere, or no word holds it any more
+            where.pop(changed, None)
+    return vocab, merges
+
+
+def _merge_word(word: list[str], left: str, right: str, merged: str) -> list[str]:
+    out, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and word[i] == left and word[i + 1] == right:
+            out.append(merged)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return out

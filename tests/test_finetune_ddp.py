@@ -20,9 +20,10 @@ def test_two_process_ddp_matches_single_process_on_the_joint_batch(tmp_path, hfx
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = ["finetune", "--model", hfx_causal, "--data", str(data), "--max-steps", "3", "--lora-r", "4",
               "--lora-alpha", "8", "--lora-dropout", "0", "--learning-rate", "1e-2", "--logging-steps", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}  # as in test_distributed.py
+    env["OMP_NUM_THREADS"] = "1"
     ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "hfx.cli", *common, "--batch-size", "4", "--output", str(tmp_path / "ddp")],
         capture_output=True, text=True, env=env, timeout=400,
     )

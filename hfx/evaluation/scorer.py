@@ -138,7 +138,11 @@ class CausalLMScorer:
 
     @torch.no_grad()
     def generate_until(self, requests: Sequence[tuple[str, dict]]) -> list[str]:
-        """Greedy continuations, cut at the first stop string (``until`` plus the EOS string)."""
+        """Greedy continuations, cut at the first stop string (``until`` plus the EOS string).
+
+        As in lm-eval, generation stops on a stop string found in the raw decoded text (special
+        tokens included), while the returned text is decoded without special tokens.
+        """
         out: list[str] = []
         eos = self.tokenizer.decode(self.tokenizer.eos_token_id) if self.tokenizer.eos_token_id is not None else None
         for context, gen_kwargs in tqdm(requests, desc="generate_until", disable=not self.progress):
@@ -156,7 +160,7 @@ class CausalLMScorer:
             ids = self.tokenizer(context, return_tensors="pt", **self.special)["input_ids"][:, -(self.max_length - max_new) :]
             ids = ids.to(self.device)
             generated = self._greedy(ids, max_new, until)
-            text = self.tokenizer.decode(generated)
+            text = self.tokenizer.decode(generated, skip_special_tokens=True)  # as lm-eval's tok_decode
             for stop in until:
                 if stop:
                     text = text.split(stop)[0]
