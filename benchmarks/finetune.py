@@ -6,8 +6,13 @@ Reported per run: median step time (after warm-up steps), tokens per second, and
 (CUDA: max allocated; CPU: peak resident memory above the level before the model was loaded,
 sampled every 5 ms). ``overhead`` is hfx's median step time over the plain script's, minus one.
 
-    python benchmarks/finetune.py --quick          # a few steps, for development
-    python benchmarks/finetune.py --json out.json  # the full run recorded in docs/finetuning.md
+Each (model, method) pair runs ``--repeats`` times per pipeline, alternating which pipeline goes
+first, and the step time reported is the median over all timed steps of all repeats: on a shared
+CPU a single run drifts by tens of percent, which would swamp a 5 % overhead target.
+
+    python benchmarks/finetune.py --quick                     # a few steps, for development
+    python benchmarks/finetune.py --methods full,lora         # the CPU rows in docs/finetuning.md
+    python benchmarks/finetune.py --json results/other.json   # rows go to benchmarks/results/finetune.json by default
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from hfx.finetune import FinetuneConfig, finetune  # noqa: E402
 from hfx.tokenizer import train_tokenizer  # noqa: E402
 
 METHODS = ("full", "lora", "qlora", "int8")
+MODELS = ("llama-tiny", "hfx-tiny")
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
 
 
@@ -152,41 +158,63 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=42)
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per pipeline, alternating which goes first")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--json", default=str(Path(__file__).parent / "results" / "finetune.json"),
+                        help="where the rows are written (default: %(default)s)")
     args = parser.parse_args(argv)
     steps = 4 if args.quick else args.steps
+    repeats = 1 if args.quick else args.repeats
+    unknown = sorted(set(args.methods.split(",")) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    unknown = sorted(set(args.models.split(",")) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    if args.warmup >= steps:
+        parser.error(f"--warmup {args.warmup} leaves no timed step out of {steps}")
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         paths = build_models(root)
-        for model_name in ("llama-tiny", "hfx-tiny"):
+        for model_name in args.models.split(","):
             for method in args.methods.split(","):
-                result = {"model": model_name, "method": method}
-                for pipeline, run in (("plain", run_plain), ("hfx", run_hfx)):
-                    base_rss = psutil.Process().memory_info().rss
-                    timer = run(paths[model_name], paths["data"], method, steps, args.batch_size, args.max_length,
-                                str(root / f"{model_name}-{method}-{pipeline}"))
-                    step = statistics.median(timer.times[args.warmup:])
-                    peak = timer.peak if torch.cuda.is_available() else max(0, timer.peak - base_rss)
+                result = {"model": model_name, "method": method, "repeats": repeats}
+                times: dict[str, list[float]] = {"plain": [], "hfx": []}
+                peaks: dict[str, list[int]] = {"plain": [], "hfx": []}
+                order = [("plain", run_plain), ("hfx", run_hfx)]
+                for repeat in range(repeats):
+                    for pipeline, run in order if repeat % 2 == 0 else order[::-1]:
+                        base_rss = psutil.Process().memory_info().rss
+                        timer = run(paths[model_name], paths["data"], method, steps, args.batch_size, args.max_length,
+                                    str(root / f"{model_name}-{method}-{pipeline}"))
+                        times[pipeline].extend(timer.times[args.warmup:])
+                        peaks[pipeline].append(timer.peak if torch.cuda.is_available() else max(0, timer.peak - base_rss))
+                for pipeline in ("plain", "hfx"):
+                    step = statistics.median(times[pipeline])
                     result[f"{pipeline}_step_ms"] = round(step * 1000, 1)
                     result[f"{pipeline}_tokens_per_s"] = round(args.batch_size * args.max_length / step)
-                    result[f"{pipeline}_peak_mb"] = round(peak / 2**20, 1)
+                    result[f"{pipeline}_peak_mb"] = round(max(peaks[pipeline]) / 2**20, 1)
                 result["overhead"] = round(result["hfx_step_ms"] / result["plain_step_ms"] - 1, 3)
                 rows.append(result)
                 print(json.dumps(result), flush=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"\n{device}; {steps} steps of {args.batch_size} x {args.max_length} tokens, median after {args.warmup}")
+    print(f"\n{device}; {repeats} x {steps} steps of {args.batch_size} x {args.max_length} tokens per pipeline, "
+          f"median over the steps after the first {args.warmup} of each run")
     header = ("model", "method", "plain ms/step", "hfx ms/step", "plain tok/s", "hfx tok/s", "plain peak MB",
               "hfx peak MB", "hfx overhead")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for r in rows:
         print(f"| {r['model']} | {r['method']} | {r['plain_step_ms']} | {r['hfx_step_ms']} | {r['plain_tokens_per_s']} | "
               f"{r['hfx_tokens_per_s']} | {r['plain_peak_mb']} | {r['hfx_peak_mb']} | {r['overhead']:+.1%} |")
-    if args.json:
-        tmp_path = Path(args.json + ".tmp")
-        tmp_path.write_text(json.dumps({"device": device, "steps": steps, "rows": rows}, indent=2))
-        os.replace(tmp_path, args.json)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = out.with_name(out.name + ".tmp")
+    tmp_path.write_text(json.dumps({"device": device, "steps": steps, "repeats": repeats, "warmup": args.warmup,
+                                    "batch_size": args.batch_size, "max_length": args.max_length, "rows": rows}, indent=2))
+    os.replace(tmp_path, out)
+    print(f"rows written to {out}")
     return 0
 
 

@@ -20,6 +20,8 @@ What a step finds in ``ctx`` after the built-in steps:
 - ``ctx.model_dir``: the pre-trained model and its tokenizer; ``ctx.objective`` says which head
   (``"clm"`` -> ``AutoModelForCausalLM``, ``"mlm_nsp"`` -> ``AutoModelForPreTraining`` /
   ``AutoModelForMaskedLM``); ``ctx.model_class`` is the Auto class used to reload it
+- ``ctx.finetuned_dir``: after the ``finetune`` step, the merged fine-tuned checkpoint (same
+  Auto class as ``ctx.model_dir``); ``None`` when that step was skipped
 - ``ctx.flags``: the parsed command-line flags (``ctx.flags.fast`` asks steps to be brief)
 - ``ctx.results``: a dict steps add numbers to (written to ``report.json``)
 
@@ -58,6 +60,7 @@ class QuickstartContext:
     data_paths: dict[str, Path] = field(default_factory=dict)
     tokenizer_dir: Path | None = None
     model_dir: Path | None = None
+    finetuned_dir: Path | None = None
     objective: str = "clm"
     model_class: str | None = None
     files: dict[str, Path] = field(default_factory=dict)
@@ -230,7 +233,8 @@ def run_quickstart(flags: argparse.Namespace, steps: list[tuple[str, str]] | Non
 
 def summary(ctx: QuickstartContext) -> str:
     lines = ["", "hfx quickstart finished in " f"{ctx.timings['total']:.0f} s"]
-    lines += [f"  {name:<10} {seconds:6.1f} s" for name, seconds in ctx.timings.items() if name != "total"]
+    width = max((len(name) for name in ctx.timings), default=0)
+    lines += [f"  {name:<{width}} {seconds:6.1f} s" for name, seconds in ctx.timings.items() if name != "total"]
     lines.append("files:")
     lines += [f"  {label:<14} {path}" for label, path in ctx.files.items()]
     return "\n".join(lines)

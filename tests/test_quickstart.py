@@ -93,3 +93,26 @@ def test_bad_component_name_fails_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit, match="norm_type|groupnorm"):
         main(["quickstart", "--work-dir", str(tmp_path / "qs"), "--norm-type", "groupnorm"])
     assert not (tmp_path / "qs").exists()
+
+
+@pytest.mark.slow
+def test_every_step_runs_and_eval_compares_the_pre_trained_and_fine_tuned_models(tmp_path, capsys):
+    """The main job end to end (``--fast``): each built-in step reports, and eval scores both models."""
+    ctx = run_quickstart(flags("--work-dir", str(tmp_path), "--fast"))
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["timings_s"]) == {name for name, _ in STEPS} | {"total"}
+    finetune = report["results"]["finetune"]
+    assert finetune["steps"] > 0 and finetune["train_loss_last"] < finetune["train_loss_first"]
+    assert ctx.finetuned_dir is not None and (ctx.finetuned_dir / "config.json").is_file()
+    assert not (ctx.finetuned_dir / "adapter_config.json").exists()  # merged: a plain checkpoint
+    evaluation = report["results"]["eval"]
+    assert set(evaluation) == {"pre-trained", "fine-tuned"}
+    for label in evaluation:
+        assert set(evaluation[label]) == {"0-shot", "3-shot"}
+        for shots in evaluation[label].values():
+            assert set(shots) == {"embedded_facts", "embedded_arithmetic"}
+            assert all(0.0 <= entry["acc,none"] <= 1.0 for entry in shots.values())
+    table = capsys.readouterr().out.split("| task | shots | pre-trained acc | fine-tuned acc |")[1]
+    facts_0 = evaluation["pre-trained"]["0-shot"]["embedded_facts"]["acc,none"]
+    tuned_0 = evaluation["fine-tuned"]["0-shot"]["embedded_facts"]["acc,none"]
+    assert f"| embedded_facts | 0 | {facts_0:.3f} | {tuned_0:.3f} |" in table

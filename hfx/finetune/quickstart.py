@@ -8,6 +8,7 @@ with ``--merge`` and a reload of the merged folder through transformers alone.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 
 def _prompt_completion_file(source, target) -> str:
@@ -27,7 +28,7 @@ def quickstart_step(ctx) -> None:
     work.mkdir(parents=True, exist_ok=True)
     steps = 12 if ctx.flags.fast else 40
     common = dict(model=str(ctx.model_dir), output=str(work / "run"), method="lora", max_steps=steps, batch_size=16,
-                  learning_rate=5e-3, lora_r=8, lora_alpha=16, logging_steps=max(1, steps // 4),
+                  learning_rate=1e-3, lora_r=8, lora_alpha=16, logging_steps=max(1, steps // 4),
                   eval_steps=steps // 2, save_steps=steps, merge=True, overwrite=True, seed=ctx.flags.seed,
                   max_length=ctx.flags.max_length, extra_training_args={"disable_tqdm": True})
     if ctx.objective == "clm":
@@ -47,6 +48,7 @@ def quickstart_step(ctx) -> None:
     merged = auto_class.from_pretrained(result.merged_dir)
     ctx.files["LoRA adapter"] = result.saved_dir
     ctx.files["merged model"] = result.merged_dir
+    ctx.finetuned_dir = Path(result.merged_dir)
     ctx.results["finetune"] = {
         "task": task, "method": "lora", "steps": result.global_step, "train_loss_first": round(losses[0], 4),
         "train_loss_last": round(losses[-1], 4), "eval_loss": round(result.eval_loss, 4),
