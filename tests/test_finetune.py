@@ -160,6 +160,34 @@ def test_output_folder_with_another_run_is_refused(tmp_path, hfx_causal, task_fi
         finetune(run_config(hfx_causal, task_file, out))
 
 
+def test_unknown_optimizer_is_refused_when_the_config_is_built(tmp_path, hfx_causal, task_file):
+    with pytest.raises(ValueError, match=r"optim='adamw_fast' is invalid; valid values: \[.*'adamw_torch_fused'"):
+        run_config(hfx_causal, task_file, tmp_path / "out", optim="adamw_fast")
+
+
+def test_trainer_gets_the_same_optimizer_as_a_plain_script_unless_one_is_named(tmp_path, hfx_causal, task_file,
+                                                                             monkeypatch):
+    """hfx once forced adamw_torch, 8% slower per full fine-tune step than Trainer's default fused AdamW."""
+    from transformers import TrainingArguments
+
+    from hfx.finetune import train as train_module
+
+    seen = []
+    original = train_module.build_trainer
+
+    def spy(*args, **kwargs):
+        trainer = original(*args, **kwargs)
+        seen.append(trainer.args.optim)
+        raise KeyboardInterrupt  # stop before training: only the arguments matter here
+
+    monkeypatch.setattr(train_module, "build_trainer", spy)
+    for optim in (None, "adafactor"):
+        with pytest.raises(KeyboardInterrupt):
+            finetune(run_config(hfx_causal, task_file, tmp_path / f"out-{optim}", optim=optim))
+    default = TrainingArguments(output_dir=str(tmp_path / "plain"), use_cpu=True, report_to="none").optim
+    assert seen == [default, "adafactor"]
+
+
 # --- data ----------------------------------------------------------------------------------------
 
 

@@ -69,7 +69,8 @@ def add_parser(subparsers) -> None:
     opt.add_argument("--lr-scheduler", default="cosine", help="any transformers scheduler name (default: %(default)s)")
     opt.add_argument("--warmup-ratio", type=float, default=0.03)
     opt.add_argument("--weight-decay", type=float, default=0.0)
-    opt.add_argument("--optim", default="adamw_torch", help="e.g. paged_adamw_8bit on GPU (default: %(default)s)")
+    opt.add_argument("--optim", default=None, help="a TrainingArguments optim name, e.g. paged_adamw_8bit on GPU "
+                     "(default: TrainingArguments' own, adamw_torch_fused)")
     opt.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                      help="default: on for qlora/int8, off otherwise")
     opt.add_argument("--bf16", choices=BF16_CHOICES, default="auto", help="auto: on where the GPU supports it")

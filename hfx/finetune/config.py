@@ -64,7 +64,7 @@ class FinetuneConfig:
     lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
-    optim: str = "adamw_torch"
+    optim: str | None = None  # None: TrainingArguments' default (adamw_torch_fused), as a plain Trainer script gets
     gradient_checkpointing: bool | None = None
     bf16: str = "auto"
     seed: int = 42
@@ -97,6 +97,12 @@ class FinetuneConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid; valid values: {list(valid)}.")
         if self.quant_storage is not None and self.quant_storage not in DTYPES + ("uint8",):
             raise ValueError(f"quant_storage={self.quant_storage!r} is invalid; valid values: {list(DTYPES) + ['uint8']}.")
+        if self.optim is not None:
+            from transformers.training_args import OptimizerNames
+
+            valid_optims = [o.value for o in OptimizerNames]
+            if self.optim not in valid_optims:
+                raise ValueError(f"optim={self.optim!r} is invalid; valid values: {valid_optims}.")
         if self.merge_dtype is not None and self.merge_dtype not in DTYPES:
             raise ValueError(f"merge_dtype={self.merge_dtype!r} is invalid; valid values: {list(DTYPES)}.")
         for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_length", "save_steps", "logging_steps"):

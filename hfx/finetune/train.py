@@ -150,7 +150,6 @@ def build_trainer(config, model, tokenizer, data, task, gradient_checkpointing, 
         weight_decay=config.weight_decay,
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
-        optim=config.optim,
         seed=config.seed,
         bf16=_use_bf16(config),
         activation_checkpointing=gradient_checkpointing,
@@ -171,6 +170,8 @@ def build_trainer(config, model, tokenizer, data, task, gradient_checkpointing, 
         # Adapters leave most of the graph without gradients; DDP must not wait for them.
         ddp_find_unused_parameters=False,
     )
+    if config.optim is not None:
+        args["optim"] = config.optim
     args.update(config.extra_training_args)
     trainer_callbacks = list(callbacks or [])
     if early_stopping:
