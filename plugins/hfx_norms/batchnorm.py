@@ -34,11 +34,30 @@ def _in_backward_replay() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes whose backward is the same sum of the incoming gradients.
+
+    Every process's loss depends on the global statistics, so the gradient reaching one process's
+    local sums is the total over all processes. (``torch.distributed.nn.functional.all_reduce``
+    does this too but is deprecated in torch 2.13 in favour of a private module.)
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+
 def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from torch.distributed.nn.functional import all_reduce
-
-        return all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return _AllReduceSum.apply(tensor)
     return tensor
 
 
