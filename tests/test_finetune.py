@@ -231,6 +231,36 @@ def test_text_csv_parquet_folder_chat_and_packing(tmp_path, hfx_causal):
     assert tok.decode(data.train[0]["input_ids"], skip_special_tokens=True) == "user say 2 assistant two"
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} </s> {% endfor %}"
+                 "{% if add_generation_prompt %}<assistant> {% endif %}")
+
+
+def test_chat_loss_on_assistant_turns_only_by_default(tmp_path, hfx_causal):
+    tok = AutoTokenizer.from_pretrained(hfx_causal)
+    tok.chat_template = CHAT_TEMPLATE
+    conversation = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "say 2"},
+                    {"role": "assistant", "content": "two"}, {"role": "user", "content": "say 3"},
+                    {"role": "assistant", "content": "three"}]
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": conversation},
+                                                 {"messages": conversation[:2]}])  # no assistant turn: dropped
+    data = prepare_data(run_config(hfx_causal, str(chat), tmp_path), "causal-lm", tok)
+    assert len(data.train) == 1
+    row = data.train[0]
+    supervised = [label for label in row["labels"] if label != IGNORE_INDEX]
+    assert tok.decode(supervised, skip_special_tokens=True) == "two three"
+    assert supervised.count(tok.eos_token_id) == 2  # each turn's end marker is learned, so generation stops
+    full = tok.decode(row["input_ids"], skip_special_tokens=True)
+    assert "say 2" in full and "say 3" in full  # the other turns are still read, just not learned
+
+    every = prepare_data(run_config(hfx_causal, str(chat), tmp_path, assistant_only_loss=False), "causal-lm", tok)
+    assert len(every.train) == 2 and every.train[0]["labels"] == every.train[0]["input_ids"]
+
+    tok.chat_template = ("{% for m in messages %}{% if loop.last %}{{ m['role'] }}: {{ m['content'] }} </s> "
+                         "{% endif %}{% endfor %}")  # renders only the last turn: not prefix-stable
+    with pytest.raises(DataError, match="assistant_only_loss=False"):
+        prepare_data(run_config(hfx_causal, str(chat), tmp_path), "causal-lm", tok)
+
+
 # --- model loading, PEFT mapping, quantisation ---------------------------------------------------
 
 

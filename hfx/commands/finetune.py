@@ -41,6 +41,8 @@ def add_parser(subparsers) -> None:
     for name, default in (("text", "text"), ("prompt", "prompt"), ("completion", "completion"),
                           ("messages", "messages"), ("label", "label")):
         data.add_argument(f"--{name}-field", default=default, help="default: %(default)s")
+    data.add_argument("--no-assistant-only-loss", dest="assistant_only_loss", action="store_false",
+                      help="chat data: take the loss on every token, not only on the assistant turns")
     data.add_argument("--data-split", default="train", help="split of a hub dataset (default: %(default)s)")
     data.add_argument("--eval-data", help="separate evaluation data (same formats as --data)")
     data.add_argument("--eval-fraction", type=float, default=0.0, help="hold out this fraction of --data for evaluation")

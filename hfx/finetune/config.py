@@ -34,6 +34,7 @@ class FinetuneConfig:
     prompt_field: str = "prompt"
     completion_field: str = "completion"
     messages_field: str = "messages"
+    assistant_only_loss: bool = True  # chat: loss on the assistant turns only (False: on every token)
     label_field: str = "label"
     data_split: str = "train"
     eval_data: str | None = None

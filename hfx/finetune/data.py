@@ -4,6 +4,9 @@ Three record shapes are understood for causal LMs, chosen by ``data_format`` (``
 the columns present, in this order):
 
 - ``chat``: a list of ``{"role", "content"}`` messages, rendered with the tokenizer's chat template;
+  the loss is taken on the assistant turns only (``assistant_only_loss``, on by default). Any
+  template works, not only those with ``{% generation %}`` markers: an assistant turn is the text
+  between the conversation rendered up to it (with the generation prompt) and rendered through it;
 - ``prompt-completion``: two text fields; the loss is taken on the completion only;
 - ``text``: one text field; the loss is taken on every token.
 
@@ -111,6 +114,11 @@ def check_data(config: FinetuneConfig, task: str, tokenizer) -> tuple[object, ob
             f"field {config.messages_field!r} holds chat messages but the tokenizer of {config.model} has no chat "
             "template; set tokenizer.chat_template or use text / prompt-completion records."
         )
+    if data_format == "chat" and config.assistant_only_loss and not getattr(tokenizer, "is_fast", False):
+        raise DataError(
+            f"assistant_only_loss needs a fast tokenizer (character offsets); {type(tokenizer).__name__} of "
+            f"{config.model} is not one. Pass assistant_only_loss=False (--no-assistant-only-loss)."
+        )
     if task == "causal-lm" and tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
         raise DataError(f"the tokenizer of {config.model} has neither a pad nor an eos token to pad batches with.")
     return train, evaluation, data_format
@@ -143,6 +151,9 @@ def infer_label_names(labels) -> list[str] | None:
 def _tokenize(dataset, encode, config: FinetuneConfig):
     tokenized = dataset.map(encode, remove_columns=dataset.column_names, desc="tokenising")
     tokenized = tokenized.filter(lambda row: len(row["input_ids"]) > 0)
+    if "labels" in tokenized.column_names and len(tokenized) and isinstance(tokenized[0]["labels"], list):
+        # no supervised token left (a chat without an assistant turn, a prompt past max_length): nothing to learn
+        tokenized = tokenized.filter(lambda row: any(label != IGNORE_INDEX for label in row["labels"]))
     if config.packing and "labels" in tokenized.column_names and isinstance(tokenized[0]["labels"], list):
         tokenized = tokenized.map(
             _packer(config.max_length), batched=True, remove_columns=tokenized.column_names, desc="packing"
@@ -160,8 +171,9 @@ def _causal_encoder(config: FinetuneConfig, tokenizer, data_format: str):
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def finish(prompt_ids: list[int], target_ids: list[int]) -> dict:
-        input_ids = prompt_ids + target_ids
-        labels = [IGNORE_INDEX] * len(prompt_ids) + target_ids
+        return finish_labelled(prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids)
+
+    def finish_labelled(input_ids: list[int], labels: list[int]) -> dict:
         if truncate:
             input_ids, labels = input_ids[: config.max_length], labels[: config.max_length]
         return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
@@ -172,10 +184,48 @@ def _causal_encoder(config: FinetuneConfig, tokenizer, data_format: str):
         return lambda row: finish(bos + ids(row[config.prompt_field]), ids(row[config.completion_field]) + eos)
 
     def chat(row):
-        rendered = tokenizer.apply_chat_template(row[config.messages_field], tokenize=False)
-        return finish([], ids(rendered))
+        messages = row[config.messages_field]
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+        if not config.assistant_only_loss:
+            return finish([], ids(rendered))
+        spans = assistant_spans(tokenizer, messages, rendered)
+        encoded = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+        labels = [token if any(start <= begin < end for start, end in spans) else IGNORE_INDEX
+                  for token, (begin, _) in zip(encoded["input_ids"], encoded["offset_mapping"])]
+        return finish_labelled(encoded["input_ids"], labels)
 
     return chat
+
+
+def assistant_spans(tokenizer, messages: list[dict], rendered: str) -> list[tuple[int, int]]:
+    """Character spans of the assistant turns in ``rendered``, found by rendering growing prefixes.
+
+    The span of turn k starts where the conversation up to k, rendered with the generation prompt,
+    ends, and stops where the conversation through k ends. Templates that rewrite earlier turns
+    (e.g. drop past reasoning) break the prefix property; that is reported rather than guessed.
+    """
+
+    def render(prefix: list[dict], generation_prompt: bool) -> str:
+        if not prefix:
+            return ""
+        return tokenizer.apply_chat_template(prefix, tokenize=False, add_generation_prompt=generation_prompt)
+
+    spans = []
+    for k, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        through = render(messages[: k + 1], False)
+        before = render(messages[:k], True)
+        if not through.startswith(before):  # the generation prompt is not how this template opens a turn
+            before = render(messages[:k], False)
+        if not rendered.startswith(through) or not through.startswith(before):
+            raise DataError(
+                f"the chat template does not render the first {k + 1} messages as a prefix of the whole "
+                "conversation, so the assistant turns cannot be located for assistant_only_loss; pass "
+                "assistant_only_loss=False (--no-assistant-only-loss) to take the loss on every token."
+            )
+        spans.append((len(before), len(through)))
+    return spans
 
 
 def _classification_encoder(config: FinetuneConfig, tokenizer, label_names: list[str] | None):
