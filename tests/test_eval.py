@@ -61,6 +61,11 @@ def _write_tasks(root):
         f"task: tiny_ppl\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {root}/test.jsonl\n"
         "output_type: loglikelihood_rolling\ntest_split: test\ndoc_to_text: ''\ndoc_to_target: text\nnum_fewshot: 0\n"
     )
+    (tasks / "ll.yaml").write_text(
+        f"task: tiny_ll\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {root}/test.jsonl\n"
+        "output_type: loglikelihood\ntest_split: test\ndoc_to_text: \"Q: {{question}}\\nA:\"\n"
+        "doc_to_target: \"{{choices[label]}}\"\nnum_fewshot: 0\nmetric_list:\n  - metric: perplexity\n  - metric: acc\n"
+    )
     (tasks / "gen.yaml").write_text(
         f"task: tiny_gen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {root}/test.jsonl\n"
         "output_type: generate_until\ntest_split: test\ndoc_to_text: \"Q: {{question}}\\nA:\"\n"
@@ -101,7 +106,7 @@ def _hfx_causal():
     return hfx.HfxForCausalLM(config).eval(), tok
 
 
-PARITY_TASKS = ["tiny_mc0", "tiny_mc3", "tiny_mc_self", "tiny_mc_first", "tiny_ppl", "tiny_gen"]
+PARITY_TASKS = ["tiny_mc0", "tiny_mc3", "tiny_mc_self", "tiny_mc_first", "tiny_ppl", "tiny_ll", "tiny_gen"]
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +163,30 @@ def test_rolling_and_generation_match_lm_eval(world, ours, model_name):
     ref_gen = [s["resps"][0][0] for s in sorted(ref["samples"]["tiny_gen"], key=lambda s: s["doc_id"])]
     assert [r["resps"][0] for r in records["tiny_gen"]] == ref_gen
     assert results["results"]["tiny_gen"]["exact_match,none"] == ref["results"]["tiny_gen"]["exact_match,none"]
+
+
+@pytest.mark.parametrize("model_name", ["gpt2", "hfx"])
+def test_loglikelihood_perplexity_and_its_bootstrap_stderr_match_lm_eval(world, ours, model_name):
+    """lm-eval bootstraps perplexity's stderr (100 000 resamples); hfx reproduces its draws exactly."""
+    ref = world["reference"][model_name]["results"]["tiny_ll"]
+    got = ours[model_name][0]["results"]["tiny_ll"]
+    for metric in ("perplexity,none", "acc,none", "acc_stderr,none"):
+        assert got[metric] == pytest.approx(ref[metric], rel=1e-5)
+    assert isinstance(ref["perplexity_stderr,none"], float) and ref["perplexity_stderr,none"] > 0
+    assert got["perplexity_stderr,none"] == pytest.approx(ref["perplexity_stderr,none"], rel=1e-5)
+
+
+@pytest.mark.parametrize("n, iters", [(2, 1000), (10, 100_000), (37, 2500), (150, 999)])
+def test_bootstrap_stderr_equals_lm_eval_draw_for_draw(n, iters, monkeypatch, capsys):
+    from lm_eval.api.metrics import bootstrap_stderr as lm_eval_bootstrap
+    from lm_eval.api.metrics import perplexity
+
+    from hfx.evaluation.metrics import bootstrap_stderr
+
+    monkeypatch.setenv("DISABLE_MULTIPROC", "1")  # lm-eval's own single-process path, same draws as its pool
+    rng = random.Random(n)
+    lls = [-rng.expovariate(0.5) for _ in range(n)]
+    assert bootstrap_stderr(lls, iters) == pytest.approx(lm_eval_bootstrap(perplexity, lls, iters), rel=1e-12)
 
 
 def test_batch_size_does_not_move_scores(world):

@@ -7,17 +7,23 @@ Per document: ``acc`` (the highest log-likelihood choice is gold, the first wins
 ``word_perplexity`` / ``byte_perplexity`` / ``bits_per_byte`` (``loglikelihood_rolling``).
 
 Aggregates: a mean with stderr = sample standard deviation / sqrt(n); perplexities as lm-eval
-(``exp(-mean)`` and weighted forms). Perplexity stderr is not computed (lm-eval bootstraps it);
-it is reported as ``"N/A"``, as lm-eval reports metrics without a closed form.
+(``exp(-mean)`` and weighted forms). ``perplexity``'s stderr is lm-eval's bootstrap, draw for
+draw (see :func:`bootstrap_stderr`); the weighted perplexities have none in lm-eval either and
+are reported as ``"N/A"``.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import re
 import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+import numpy as np
+
+BOOTSTRAP_ITERS = 100_000  # lm-eval's default bootstrap_iters
 
 
 def mean(items: Sequence[float]) -> float:
@@ -35,6 +41,39 @@ def weighted_mean(items: Sequence[tuple[float, float]]) -> float:
     return sum(a for a, _ in items) / sum(b for _, b in items)
 
 
+def perplexity(items: Sequence[float]) -> float:
+    return math.exp(-mean(items))
+
+
+def sample_stddev(values: Sequence[float]) -> float:
+    mu = mean(values)
+    return math.sqrt(sum((x - mu) ** 2 for x in values) / (len(values) - 1))
+
+
+def bootstrap_stderr(items: Sequence[float], iters: int = BOOTSTRAP_ITERS) -> float:
+    """Standard error of ``perplexity(items)`` by resampling, with lm-eval's exact draws.
+
+    lm-eval draws ``iters // chunk`` chunks of ``chunk = min(1000, iters)`` resamples, chunk ``i``
+    from ``random.Random(i)`` through ``choices``, i.e. index ``floor(random() * n)``. The same
+    Mersenne Twister state is loaded into numpy here, so the draws are identical while a chunk
+    costs one vectorised gather instead of ``chunk * n`` Python calls (100 000 resamples of 5 000
+    documents: seconds instead of minutes). Sums run in lm-eval's left-to-right order.
+    """
+    values = np.asarray(items, dtype=np.float64)
+    n, chunk = len(values), min(1000, iters)
+    if n < 2 or chunk < 1:
+        return float("nan")
+    replicates: list[float] = []
+    for i in range(iters // chunk):
+        state = random.Random(i).getstate()[1]
+        generator = np.random.RandomState()
+        generator.set_state(("MT19937", np.array(state[:624], dtype=np.uint32), state[624]))
+        index = np.floor(generator.random_sample(chunk * n) * n).astype(np.int64).reshape(chunk, n)
+        sums = np.cumsum(values[index], axis=1)[:, -1]  # sequential, as Python's sum
+        replicates.extend(math.exp(-(total / n)) for total in sums.tolist())
+    return sample_stddev(replicates)
+
+
 @dataclass(frozen=True)
 class Metric:
     name: str
@@ -50,7 +89,7 @@ METRICS: dict[str, Metric] = {
         Metric("acc_norm", mean, True, mean_stderr),
         Metric("acc_bytes", mean, True, mean_stderr),
         Metric("exact_match", mean, True, mean_stderr),
-        Metric("perplexity", lambda xs: math.exp(-mean(xs)), False),
+        Metric("perplexity", perplexity, False, bootstrap_stderr),
         Metric("word_perplexity", lambda xs: math.exp(-weighted_mean(xs)), False),
         Metric("byte_perplexity", lambda xs: math.exp(-weighted_mean(xs)), False),
         Metric("bits_per_byte", lambda xs: -weighted_mean(xs) / math.log(2), False),
