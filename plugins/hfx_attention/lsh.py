@@ -10,7 +10,9 @@ Semantics (Reformer's, with transformers' config names):
   ``lsh_num_chunks_before`` chunks before and ``lsh_num_chunks_after`` after (circularly, as Reformer);
 - masked keys (padding; causal: later positions) score -1e9 instead of being removed, as in Reformer;
   ``lsh_exclude_self=True`` gives a token's own key -1e5 (Reformer's rule for tied query/key projections);
-- the rounds are combined with weights softmax over rounds of each round's log-sum-exp.
+- the rounds are combined with weights softmax over rounds of each round's log-sum-exp; both softmaxes
+  subtract the maximum, so a query whose only admissible key is itself gets exactly its own value
+  (Reformer's float32 ``exp(x - logsumexp(x))`` is off by up to ~0.5% there, see docs/long-context.md).
 
 Tokens are bucketed by their *key*: with tied query/key projections (Reformer) this is exactly
 Reformer's shared-QK hashing, since the bucket of a vector does not change when it is scaled.
@@ -118,8 +120,11 @@ def lsh_attention(module, query, key, value, attention_mask, scaling=None, dropo
     scores = scores.masked_fill(~allowed, -1e4 if half else -1e9)
     if s["lsh_exclude_self"]:
         scores = scores.masked_fill(k_pos[..., None, :] == q_pos[..., None], -1e3 if half else -1e5)
+    # Normalise with softmax (max subtracted), not exp(scores - logsumexp) as Reformer: a query whose only
+    # admissible key is itself has every score at the -1e5 self value, where float32 spacing is 2**-7 (bf16:
+    # 512), so the rounded log-sum-exp would leave weights summing to 1 +- 0.4% (bf16: 2 with two copies).
     logits = torch.logsumexp(scores, dim=-1, keepdim=True)
-    probs = F.dropout(torch.exp(scores - logits), p=dropout, training=dropout > 0)
+    probs = F.dropout(torch.softmax(scores, dim=-1), p=dropout, training=dropout > 0)
     out = torch.matmul(probs, v_chunks).view(batch, heads, rounds * padded, head_dim)
 
     undo = torch.argsort(order, dim=-1)
