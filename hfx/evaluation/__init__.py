@@ -8,7 +8,8 @@
 
 Modules: ``tasks`` (task YAML loading and prompt construction), ``templates`` (safe YAML and
 sandboxed Jinja), ``samplers`` (few-shot demonstrations), ``scorer`` (the packed causal-LM
-scorer), ``metrics``, ``results`` (lm-eval-shaped JSON, markdown table, sample logs),
+scorer), ``metrics``, ``filters`` (lm-eval's ``filter_list`` pipelines for generate_until),
+``results`` (lm-eval-shaped JSON, markdown table, sample logs),
 ``cache`` (result cache keyed by model identity), ``evaluator`` (output-type dispatch and
 ``evaluate``). See ``docs/evaluation.md``.
 """

@@ -3,6 +3,8 @@
 An *output type* (``OutputType``) turns a task's documents and prompts into per-document records
 (``{"doc_id", "doc", "target", "arguments", "resps", "metrics": {metric: item}}``) using a
 backend. lm-eval's four types are registered here on :class:`~hfx.evaluation.scorer.CausalLMScorer`;
+``generate_until`` gives one record per document and filter pipeline (as lm-eval's sample logs),
+with ``"filter"`` and ``"filtered_resps"``, and its metrics are reported as ``"<metric>,<filter>"``;
 other evaluators (e.g. encoder n-way k-shot) add theirs with :func:`register_output_type`,
 and reuse :func:`evaluate_tasks` with their own backend.
 """
@@ -112,23 +114,74 @@ def generation_kwargs(task: Task) -> dict:
     return kwargs
 
 
+def _generate_metric_options(task: Task) -> dict[str, dict]:
+    return {m["metric"]: {k: v for k, v in m.items() if k not in ("metric", "aggregation", "higher_is_better")}
+            for m in task.config.metric_list or [{"metric": "exact_match"}]}
+
+
+def _check_generate(task: Task, docs, backend) -> None:
+    for name in _generate_metric_options(task):
+        if name != "exact_match":
+            raise TaskError(f"Task {task.name!r}: generate_until supports the metric exact_match, not {name!r}.")
+
+
+def _matches(prediction, reference, options: dict) -> bool:
+    if isinstance(prediction, str) and isinstance(reference, str):
+        return bool(exact_match(prediction, reference, **options))
+    if any(options.get(k) for k in ("regexes_to_ignore", "ignore_case", "ignore_punctuation", "ignore_numbers")):
+        raise TaskError(f"exact_match options {sorted(options)} need text, got {prediction!r} and {reference!r} "
+                        "(lm-eval 0.4.13 fails here too).")
+    return prediction == reference
+
+
+def filtered_exact_match(result, gold, options: dict) -> float:
+    """exact_match of one document's filtered response ``result``, with lm-eval 0.4.13's rules.
+
+    A string is compared with each gold (any match counts). A list (a pipeline that does not end
+    with ``take_first``) scores the mean over its items against a single gold; against several
+    golds, items and golds pair up as lm-eval's array comparison broadcasts them. Another value
+    (e.g. from ``map``) is compared with the gold converted to its type.
+    """
+    if isinstance(result, list):
+        if not isinstance(gold, list):
+            return sum(_matches(item, gold, options) for item in result) / len(result) if result else float("nan")
+        if len(result) == 1 or len(gold) == 1 or len(result) == len(gold):
+            pairs = [(result[0 if len(result) == 1 else j], gold[0 if len(gold) == 1 else j])
+                     for j in range(max(len(result), len(gold)))]
+            return float(any(_matches(p, g, options) for p, g in pairs))
+        raise TaskError(f"{len(result)} filtered responses cannot be compared with {len(gold)} golds "
+                        "(lm-eval 0.4.13 fails here too).")
+    if isinstance(gold, list):
+        return float(any(_matches(result, g, options) for g in gold))
+    if not isinstance(result, str) and type(gold) is not type(result):
+        try:
+            gold = type(result)(gold)
+        except (TypeError, ValueError) as exc:
+            raise TaskError(f"filtered response {result!r} cannot be compared with gold {gold!r}: {exc} "
+                            "(lm-eval 0.4.13 fails here too; give `map` a default_value).") from None
+    return float(_matches(result, str(gold) if isinstance(result, str) else gold, options))
+
+
 def _run_generate(task: Task, docs, contexts, scorer: CausalLMScorer):
     kwargs = generation_kwargs(task)
     outputs = scorer.generate_until([(ctx, kwargs) for ctx in contexts])
-    metric_kwargs = {m["metric"]: {k: v for k, v in m.items() if k not in ("metric", "aggregation", "higher_is_better")}
-                     for m in task.config.metric_list or [{"metric": "exact_match"}]}
-    records = []
-    for i, (doc, ctx, output) in enumerate(zip(docs, contexts, outputs)):
+    metric_kwargs = _generate_metric_options(task)
+    golds = []
+    for doc in docs:
         gold = task.doc_to_target(doc)
-        if task.config.doc_to_choice is not None:
-            gold = task.doc_to_choice(doc)[gold]
-        golds = gold if isinstance(gold, list) else [str(gold)]
-        metrics = {}
-        for name, options in metric_kwargs.items():
-            if name != "exact_match":
-                raise TaskError(f"Task {task.name!r}: generate_until supports the metric exact_match, not {name!r}.")
-            metrics[name] = float(any(exact_match(output, g, **options) for g in golds))
-        records.append(_record(i, doc, gold, [[ctx, kwargs]], [output], metrics))
+        golds.append(task.doc_to_choice(doc)[gold] if task.config.doc_to_choice is not None else gold)
+    records = []
+    for pipeline in task.filters:  # lm-eval's order: per filter, then per document
+        for i, (doc, ctx, output, gold) in enumerate(zip(docs, contexts, outputs, golds)):
+            resps = [output] * task.config.repeats  # greedy decoding: every repeat is the same answer
+            try:
+                filtered = pipeline.apply(resps, doc)
+                metrics = {name: filtered_exact_match(filtered, gold, opts) for name, opts in metric_kwargs.items()}
+            except TaskError as exc:
+                raise TaskError(f"Task {task.name!r}, document {i}: {exc}") from None
+            record = _record(i, doc, gold, [[ctx, kwargs]], resps, metrics)
+            record.update(filter=pipeline.name, filtered_resps=filtered)
+            records.append(record)
     return records
 
 
@@ -136,7 +189,7 @@ for _ot in (
     OutputType("multiple_choice", ("acc", "acc_norm"), _run_multiple_choice),
     OutputType("loglikelihood", ("perplexity", "acc"), _run_loglikelihood),
     OutputType("loglikelihood_rolling", ("word_perplexity", "byte_perplexity", "bits_per_byte"), _run_rolling),
-    OutputType("generate_until", ("exact_match",), _run_generate),
+    OutputType("generate_until", ("exact_match",), _run_generate, check=_check_generate),
 ):
     register_output_type(_ot)
 
@@ -201,7 +254,11 @@ def evaluate_tasks(
         recs = OUTPUT_TYPES[task.output_type].run(task, docs, contexts, backend)
         records[task.name] = recs
         names = _metric_names(task)
-        scores = {m: aggregate(m, [r["metrics"][m] for r in recs]) for m in names}
+        filters = list(dict.fromkeys(r.get("filter", "none") for r in recs)) or ["none"]
+        scores = {
+            (m, f): aggregate(m, [r["metrics"][m] for r in recs if r.get("filter", "none") == f])
+            for f in filters for m in names
+        }
         summaries.append(
             {
                 "name": task.name,

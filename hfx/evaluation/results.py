@@ -3,6 +3,7 @@
 ``build_results`` returns a dict readers of lm-eval output already understand::
 
     {"results":  {task: {"alias": task, "acc,none": 0.5, "acc_stderr,none": 0.1, ...}},
+                           # "<metric>,<filter>": "none" unless the task has a filter_list
      "group_subtasks": {task: []},
      "configs":  {task: <task config>},
      "versions": {task: <metadata.version or "Yaml">},
@@ -32,19 +33,23 @@ def stderr_key(metric: str, filter_name: str = "none") -> str:
     return f"{metric}_stderr,{filter_name}"
 
 
-def task_entry(task: str, scores: dict[str, tuple[float, Any]]) -> dict[str, Any]:
-    """``{"alias": task, "<metric>,none": value, "<metric>_stderr,none": stderr}`` for one task."""
+def task_entry(task: str, scores: dict[str | tuple[str, str], tuple[float, Any]]) -> dict[str, Any]:
+    """``{"alias": task, "<metric>,<filter>": value, "<metric>_stderr,<filter>": stderr}`` for one task.
+
+    ``scores`` is keyed by metric name (filter ``none``) or by ``(metric, filter name)``.
+    """
     entry: dict[str, Any] = {"alias": task}
-    for metric, (value, stderr) in scores.items():
-        entry[metric_key(metric)] = value
-        entry[stderr_key(metric)] = stderr
+    for key, (value, stderr) in scores.items():
+        metric, filter_name = key if isinstance(key, tuple) else (key, "none")
+        entry[metric_key(metric, filter_name)] = value
+        entry[stderr_key(metric, filter_name)] = stderr
     return entry
 
 
 def build_results(task_results: list[dict[str, Any]], config: dict[str, Any], started: float, finished: float) -> dict:
     """Assemble the lm-eval-shaped document from per-task records.
 
-    Each record holds ``name``, ``scores`` ({metric: (value, stderr)}), ``config`` (dict),
+    Each record holds ``name``, ``scores`` ({metric or (metric, filter): (value, stderr)}), ``config`` (dict),
     ``version``, ``num_fewshot``, ``higher_is_better`` ({metric: bool}), ``n_original``, ``n_effective``.
     """
     out: dict[str, Any] = {
@@ -78,20 +83,26 @@ def _fmt(value: Any) -> str:
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    """The table lm-eval prints: Tasks | Version | n-shot | Metric | Value | ± Stderr."""
-    lines = ["| Tasks | Version | n-shot | Metric | | Value | | Stderr |", "|---|---|---:|---|---|---:|---|---:|"]
+    """The table lm-eval prints: Tasks | Version | Filter | n-shot | Metric | | Value | | Stderr.
+
+    As lm-eval's ``make_table``: one row per ``metric,filter`` key in sorted order, the task and
+    its version on its first row only, the filter and n-shot on every row.
+    """
+    lines = ["| Tasks | Version | Filter | n-shot | Metric | | Value | | Stderr |",
+             "|---|---|---|---:|---|---|---:|---|---:|"]
     for task, entry in results["results"].items():
         hib = results.get("higher_is_better", {}).get(task, {})
-        first = True
-        for key, value in entry.items():
-            if key == "alias" or "_stderr," in key:
-                continue
+        head = (entry.get("alias", task), str(results["versions"].get(task, "")))
+        shots = str(results["n-shot"].get(task, ""))
+        for key, value in sorted(entry.items()):
             metric, _, filt = key.partition(",")
+            if key == "alias" or metric.endswith("_stderr"):
+                continue
             stderr = entry.get(stderr_key(metric, filt), "N/A")
             arrow = "↑" if hib.get(metric, True) else "↓"
-            head = (task, str(results["versions"].get(task, "")), str(results["n-shot"].get(task, ""))) if first else ("", "", "")
-            lines.append(f"| {' | '.join(head)} | {metric} | {arrow} | {_fmt(value)} | ± | {_fmt(stderr)} |")
-            first = False
+            lines.append(f"| {' | '.join(head)} | {filt} | {shots} | {metric} | {arrow} | {_fmt(value)} | ± "
+                         f"| {_fmt(stderr)} |")
+            head = ("", "")
     return "\n".join(lines)
 
 

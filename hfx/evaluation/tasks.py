@@ -4,7 +4,10 @@ A task is a mapping with lm-eval's keys (``task``, ``dataset_path``, ``dataset_n
 ``dataset_kwargs``, ``training_split`` / ``validation_split`` / ``test_split`` / ``fewshot_split``,
 ``doc_to_text`` / ``doc_to_target`` / ``doc_to_choice``, ``description``, ``target_delimiter``,
 ``fewshot_delimiter``, ``fewshot_config``, ``num_fewshot``, ``output_type``, ``metric_list``,
-``generation_kwargs``, ``process_docs``, ``include``, ``tag``, ``metadata``). Tasks come from
+``generation_kwargs``, ``repeats``, ``filter_list`` (see :mod:`.filters`), ``process_docs``, ``include``,
+``tag``, ``metadata``). lm-eval keys that would change prompts or scores and that hfx does not
+implement (``process_results`` code, ``gen_prefix``, ``use_prompt``, ...) are refused when the task is
+loaded, never silently ignored; keys that leave the numbers unchanged are kept. Tasks come from
 
 - YAML files under ``--include-path`` directories (only those directories are read: no global
   index of thousands of files is built before a run), and
@@ -29,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from ..registry import registry
+from .filters import build_pipelines
 from .samplers import get_sampler
-from .templates import TaskError, find_unsafe, load_yaml, render
+from .templates import TaskError, UnsafeFunction, find_unsafe, load_yaml, render
 
 OUTPUT_TYPES_LM = ("loglikelihood", "loglikelihood_rolling", "multiple_choice", "generate_until")
 
@@ -59,6 +63,8 @@ class TaskConfig:
     output_type: str = "generate_until"
     metric_list: list | None = None
     generation_kwargs: dict | None = None
+    repeats: int = 1
+    filter_list: list | None = None
     tag: Any = None
     metadata: dict | None = None
     source: str = ""
@@ -95,6 +101,52 @@ def _printable(value: Any) -> Any:
     return value if isinstance(value, (str, int, float, bool)) or value is None else repr(value)
 
 
+def _is_code(value: Any) -> bool:
+    return callable(value) or isinstance(value, UnsafeFunction)
+
+
+# lm-eval 0.4.13 keys that change prompts or scores and that hfx does not implement, with the test
+# of "set" that lm-eval applies: such a task is refused rather than scored differently.
+UNSUPPORTED_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "process_results": (_is_code, "a Python function that scores each document"),
+    "custom_dataset": (_is_code, "a Python function that builds the dataset"),
+    "gen_prefix": (bool, "a prefix written after the prompt (chat-style answers)"),
+    "use_prompt": (lambda v: v is not None, "promptsource prompts"),
+    "doc_to_image": (lambda v: v is not None, "image inputs"),
+    "doc_to_audio": (lambda v: v is not None, "audio inputs"),
+}
+# lm-eval keys that leave the numbers unchanged: kept in ``extra`` (and the results' configs) only.
+HARMLESS_KEYS = frozenset({"should_decontaminate", "doc_to_decontamination_query", "unsafe_code"})
+
+
+def check_scoring_keys(config: TaskConfig) -> None:
+    """Refuse lm-eval keys hfx would otherwise ignore while they change the numbers; warn on unknown keys."""
+    for key, (is_set, what) in UNSUPPORTED_KEYS.items():
+        if key in config.extra and is_set(config.extra[key]):
+            raise TaskError(
+                f"Task {config.task!r} sets `{key}` ({what}), which hfx does not implement; scoring it without "
+                "would give numbers that differ from lm-eval. Remove the key or run the task with lm-eval."
+            )
+    if not isinstance(config.repeats, int) or isinstance(config.repeats, bool) or config.repeats < 1:
+        raise TaskError(f"Task {config.task!r}: repeats must be a positive integer, got {config.repeats!r}.")
+    if config.repeats > 1:
+        if config.output_type != "generate_until":
+            raise TaskError(f"Task {config.task!r}: repeats > 1 is supported for generate_until only.")
+        if (config.generation_kwargs or {}).get("do_sample"):
+            raise TaskError(
+                f"Task {config.task!r}: repeats={config.repeats} with do_sample: true samples several answers; hfx "
+                "decodes greedily (every repeat is the same answer), so its numbers would differ from lm-eval's."
+            )
+    if config.filter_list is not None and config.output_type != "generate_until":
+        raise TaskError(f"Task {config.task!r}: filter_list is supported for generate_until tasks only, "
+                        f"not {config.output_type}.")
+    if config.output_type in OUTPUT_TYPES_LM:
+        unknown = sorted(set(config.extra) - set(UNSUPPORTED_KEYS) - HARMLESS_KEYS)
+        if unknown:
+            warnings.warn(f"Task {config.task!r}: ignoring keys {unknown}, which lm-eval 0.4.13 task files do not "
+                          "define.", stacklevel=3)
+
+
 class Task:
     """A loaded task: its documents, its prompt construction and its few-shot sampler.
 
@@ -105,6 +157,9 @@ class Task:
 
     def __init__(self, config: TaskConfig, dataset=None):
         self.config = config
+        # before the !function check: code hfx could not use anyway is refused for what it is
+        check_scoring_keys(config)
+        self.filters = build_pipelines(config.filter_list, config.task)
         unsafe = find_unsafe(dataclasses.asdict(config))
         if unsafe is not None:
             raise TaskError(
