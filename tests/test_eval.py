@@ -290,3 +290,37 @@ def test_saved_hfx_causal_model_is_evaluated_by_path(world, ours, tmp_path):
     in_memory = ours["hfx"][0] if isinstance(ours["hfx"], tuple) else ours["hfx"]
     for metric in ("acc,none", "acc_norm,none"):
         assert results["results"]["tiny_mc0"][metric] == in_memory["results"]["tiny_mc0"][metric]
+
+
+@pytest.mark.parametrize("gen_kwargs, expected", [
+    ({}, {"do_sample": False}),
+    ({"do_sample": False, "temperature": 0.0}, {"do_sample": False}),
+    ({"temperature": 0}, {"do_sample": False}),
+    ({"top_k": 5, "num_beams": 2}, {"do_sample": False, "num_beams": 2}),
+    ({"do_sample": True, "temperature": 0.7, "top_p": 0.9}, {"do_sample": True, "temperature": 0.7, "top_p": 0.9}),
+])
+def test_generation_kwargs_reach_generate_as_lm_eval_reads_them(gen_kwargs, expected):
+    from hfx.evaluation.scorer import generation_options
+
+    assert generation_options(gen_kwargs) == expected
+
+
+def test_sampling_task_samples_and_is_reproducible_with_a_seed(world, tmp_path):
+    """do_sample: true is honoured (it was once silently greedy); a fixed torch seed repeats the samples."""
+    model, tok = world["models"]["gpt2"]
+    (tmp_path / "sample.yaml").write_text(
+        (world["tasks"] / "gen.yaml").read_text().replace("tiny_gen", "tiny_sample")
+        .replace("do_sample: false", "do_sample: true\n  temperature: 5.0")
+    )
+
+    def run():
+        torch.manual_seed(0)
+        _, records = evaluate(model, ["tiny_sample"], tokenizer=tok, include_path=tmp_path, limit=6,
+                              cache_dir=False, progress=False, return_records=True)
+        return [r["resps"][0] for r in records["tiny_sample"]]
+
+    _, greedy = evaluate(model, ["tiny_gen"], tokenizer=tok, include_path=world["tasks"], limit=6, cache_dir=False,
+                         progress=False, return_records=True)
+    first = run()
+    assert first == run()
+    assert first != [r["resps"][0] for r in greedy["tiny_gen"]]

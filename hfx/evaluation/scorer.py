@@ -138,10 +138,12 @@ class CausalLMScorer:
 
     @torch.no_grad()
     def generate_until(self, requests: Sequence[tuple[str, dict]]) -> list[str]:
-        """Greedy continuations, cut at the first stop string (``until`` plus the EOS string).
+        """Continuations, cut at the first stop string (``until`` plus the EOS string).
 
         As in lm-eval, generation stops on a stop string found in the raw decoded text (special
-        tokens included), while the returned text is decoded without special tokens.
+        tokens included), while the returned text is decoded without special tokens. The task's
+        other ``generation_kwargs`` go to ``generate``: greedy unless ``do_sample: true``
+        (``temperature: 0`` means greedy, as in lm-eval).
         """
         out: list[str] = []
         eos = self.tokenizer.decode(self.tokenizer.eos_token_id) if self.tokenizer.eos_token_id is not None else None
@@ -159,7 +161,7 @@ class CausalLMScorer:
                 continue
             ids = self.tokenizer(context, return_tensors="pt", **self.special)["input_ids"][:, -(self.max_length - max_new) :]
             ids = ids.to(self.device)
-            generated = self._greedy(ids, max_new, until)
+            generated = self._generate(ids, max_new, until, generation_options(kwargs))
             text = self.tokenizer.decode(generated, skip_special_tokens=True)  # as lm-eval's tok_decode
             for stop in until:
                 if stop:
@@ -169,7 +171,7 @@ class CausalLMScorer:
             out.append(text)
         return out
 
-    def _greedy(self, ids: torch.Tensor, max_new: int, until: list[str]) -> list[int]:
+    def _generate(self, ids: torch.Tensor, max_new: int, until: list[str], options: dict) -> list[int]:
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         tokenizer, start = self.tokenizer, ids.shape[1]
@@ -184,7 +186,7 @@ class CausalLMScorer:
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=max_new,
-            do_sample=False,
+            **options,
             stopping_criteria=StoppingCriteriaList([StopStrings()]),
             pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id,
         )
@@ -319,3 +321,21 @@ def is_causal_lm(model) -> bool:
     return type(model).__name__ in names or type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
 
 
+SAMPLING_OPTIONS = ("temperature", "top_p", "top_k", "min_p", "typical_p")
+
+
+def generation_options(gen_kwargs: dict) -> dict:
+    """``generate`` keyword arguments from a task's generation_kwargs (``until``/``max_gen_toks`` removed).
+
+    lm-eval reads ``temperature: 0`` as greedy; sampling knobs are dropped when not sampling, so
+    transformers does not warn that they are ignored.
+    """
+    options = dict(gen_kwargs)
+    if options.get("temperature") == 0.0:
+        options.pop("temperature")
+        options["do_sample"] = False
+    options["do_sample"] = bool(options.get("do_sample", False))
+    if not options["do_sample"]:
+        for name in SAMPLING_OPTIONS:
+            options.pop(name, None)
+    return options
