@@ -190,10 +190,9 @@ def test_config_fields_match_lm_eval(pair):
     assert cfg.process_docs is None, "hub tasks must not run Python"
 
 
+@pytest.mark.parametrize("pair", PLAIN, indirect=True)  # hellaswag/copa prompts are Python: compared on documents
 def test_plain_task_templates_are_lm_evals(pair):
     name, _, lm_cfg, hfx_task = pair
-    if name not in PLAIN:
-        pytest.skip("lm-eval builds this task's prompts with Python; compared on documents below")
     for key in ("doc_to_text", "doc_to_target", "doc_to_choice"):
         assert getattr(hfx_task.config, key) == lm_cfg[key], (name, key)
 

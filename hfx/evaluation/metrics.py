@@ -30,11 +30,15 @@ def mean(items: Sequence[float]) -> float:
     return sum(items) / len(items)
 
 
+def sample_stddev(values: Sequence[float]) -> float:
+    mu = mean(values)
+    return math.sqrt(sum((x - mu) ** 2 for x in values) / (len(values) - 1))
+
+
 def mean_stderr(items: Sequence[float]) -> float:
     if len(items) < 2:
         return float("nan")
-    mu = mean(items)
-    return math.sqrt(sum((x - mu) ** 2 for x in items) / (len(items) - 1)) / math.sqrt(len(items))
+    return sample_stddev(items) / math.sqrt(len(items))
 
 
 def weighted_mean(items: Sequence[tuple[float, float]]) -> float:
@@ -43,11 +47,6 @@ def weighted_mean(items: Sequence[tuple[float, float]]) -> float:
 
 def perplexity(items: Sequence[float]) -> float:
     return math.exp(-mean(items))
-
-
-def sample_stddev(values: Sequence[float]) -> float:
-    mu = mean(values)
-    return math.sqrt(sum((x - mu) ** 2 for x in values) / (len(values) - 1))
 
 
 def bootstrap_stderr(items: Sequence[float], iters: int = BOOTSTRAP_ITERS) -> float:

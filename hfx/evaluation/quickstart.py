@@ -21,7 +21,7 @@ def quickstart_step(ctx) -> None:
         ctx.report("eval", f"skipped: in-context evaluation needs a causal LM (objective {ctx.objective!r})")
         return
     models = {"pre-trained": ctx.model_dir}
-    if getattr(ctx, "finetuned_dir", None) is not None:
+    if ctx.finetuned_dir is not None:
         models["fine-tuned"] = ctx.finetuned_dir
     configs = [c for c in task_configs(ctx.data_paths) if c["task"] in TASKS]
     limit = 40 if getattr(ctx.flags, "fast", False) else None

@@ -151,10 +151,11 @@ def infer_label_names(labels) -> list[str] | None:
 def _tokenize(dataset, encode, config: FinetuneConfig):
     tokenized = dataset.map(encode, remove_columns=dataset.column_names, desc="tokenising")
     tokenized = tokenized.filter(lambda row: len(row["input_ids"]) > 0)
-    if "labels" in tokenized.column_names and len(tokenized) and isinstance(tokenized[0]["labels"], list):
+    token_labels = len(tokenized) > 0 and isinstance(tokenized[0]["labels"], list)  # causal LM, not a class id
+    if token_labels:
         # no supervised token left (a chat without an assistant turn, a prompt past max_length): nothing to learn
         tokenized = tokenized.filter(lambda row: any(label != IGNORE_INDEX for label in row["labels"]))
-    if config.packing and "labels" in tokenized.column_names and isinstance(tokenized[0]["labels"], list):
+    if config.packing and token_labels:
         tokenized = tokenized.map(
             _packer(config.max_length), batched=True, remove_columns=tokenized.column_names, desc="packing"
         )
