@@ -55,3 +55,15 @@ def tiny_tokenizer_dir(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=[False, True], ids=["bnb-cpu-dequantize", "bnb-cpu-avx512bf16"])
+def bnb_cpu_bf16(request, monkeypatch):
+    """Both CPU kernels bitsandbytes can pick, on any CPU: its AVX512-BF16 check, patched before a
+    model is built (each ``Linear4bit`` reads it in ``__init__``). On a CPU that has the
+    instructions, ``False`` is the path other CPUs take; on one without, ``True`` is the flag a
+    Xeon sets, with the real capability still absent (``hfx.quantization`` must notice)."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: request.param)
+    return request.param

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..peft_integration import HFX_LORA_TARGET_MODULES, register_peft_mappings  # noqa: F401  (re-exported)
+from ..quantization import pin_bnb_cpu_path
 from .config import FinetuneConfig
 
 CLASSIFIER_HEADS = ("score", "classifier")
@@ -137,6 +138,8 @@ def load_model(config: FinetuneConfig, task: str, model_config, gradient_checkpo
             use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
+        # Training must never switch to bitsandbytes' fused bf16 CPU kernel (see hfx.quantization).
+        pin_bnb_cpu_path(model, for_training=True)
     return model
 
 
