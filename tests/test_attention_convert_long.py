@@ -1,5 +1,7 @@
 """hfx convert-long: a short BERT/RoBERTa checkpoint becomes a long one with unchanged short-input outputs."""
 
+import json
+
 import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, RobertaConfig, RobertaModel
@@ -39,8 +41,124 @@ def test_convert_long_keeps_short_outputs(model_class, config, tmp_path):
     torch.testing.assert_close(table[offset + learned : offset + 2 * learned], table[offset : offset + learned])
 
 
-def test_convert_long_rejects_odd_window(tmp_path):
-    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
-    BertForMaskedLM(config).save_pretrained(tmp_path / "short")
-    with pytest.raises(ValueError, match="attention_window must be an even integer >= 2.*got 15"):
-        main(["convert-long", str(tmp_path / "short"), str(tmp_path / "long"), "--attention-window", "15"])
+def bert_dir(path, **overrides):
+    settings = dict(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                    max_position_embeddings=16)
+    settings.update(overrides)
+    BertForMaskedLM(BertConfig(**settings)).save_pretrained(path)
+    return str(path)
+
+
+def cli_error(capsys, argv):
+    """Run the CLI; return the one stderr line of a refused conversion (exit code 2, no traceback)."""
+    capsys.readouterr()  # drop what building the fixtures printed
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_convert_long_rejects_odd_window(tmp_path, capsys):
+    source = bert_dir(tmp_path / "short")
+    err = cli_error(capsys, ["convert-long", source, str(tmp_path / "long"), "--attention-window", "15"])
+    assert "attention_window must be an even integer >= 2" in err and "got 15" in err
+    assert not (tmp_path / "long").exists()
+
+
+def _hfx_model(path):
+    import hfx
+
+    hfx.HfxForMaskedLM(hfx.HfxConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64)).save_pretrained(path)
+
+
+def _gpt2(path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=4, n_positions=16)).save_pretrained(path)
+
+
+def _truncated(path):
+    bert_dir(path)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+def _no_config(path):
+    bert_dir(path)
+    (path / "config.json").unlink()
+
+
+def _relative_bert(path):
+    bert_dir(path, position_embedding_type="relative_key")
+
+
+SOURCES = {"hfx": _hfx_model, "gpt2": _gpt2, "truncated": _truncated, "no_config": _no_config,
+           "relative": _relative_bert}
+
+
+@pytest.mark.parametrize("source,extra,fragment", [
+    ("missing", [], "no such folder"),
+    ("hfx", [], "is a 'hfx' model; convert-long converts ['bert', 'roberta', 'xlm-roberta', 'camembert']"),
+    ("gpt2", [], "is a 'gpt2' model"),
+    ("truncated", [], "model.safetensors is damaged or truncated"),
+    ("no_config", [], "holds no config.json"),
+    ("relative", [], "position_embedding_type='relative_key'"),
+    ("bert", ["--global-token-id", "50"], "global token id(s) [50] are outside the vocabulary"),
+    ("bert", ["--global-token-id", "-1"], "valid ids are 0 to 49"),
+    ("bert", ["--max-position-embeddings", "16"], "max_position_embeddings=16 must exceed the checkpoint's 16"),
+    ("bert", ["--max-position-embeddings", "0"], "max_position_embeddings must be a positive integer, got 0"),
+    ("bert", [], "has no tokenizer with a [CLS]/<s> token; pass --global-token-id"),
+])
+def test_convert_long_errors_are_one_line_before_any_write(tmp_path, capsys, source, extra, fragment):
+    folder = tmp_path / "src"
+    if source == "bert":
+        bert_dir(folder)
+    elif source != "missing":
+        SOURCES[source](folder)
+    err = cli_error(capsys, ["convert-long", str(folder), str(tmp_path / "long"), *extra])
+    assert err.startswith("hfx convert-long: error: ") and fragment in err, err
+    assert not (tmp_path / "long").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".long")]  # no temp folder left
+
+
+def test_convert_long_output_rules(tmp_path, capsys):
+    source = bert_dir(tmp_path / "short")
+    out = tmp_path / "long"
+    argv = ["convert-long", source, str(out), "--max-position-embeddings", "40", "--attention-window", "8",
+            "--global-token-id", "2"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "config.json" in printed and "model.safetensors" in printed
+    marker = json.loads((out / "hfx_convert_long.json").read_text())
+    assert set(marker["files"]) == {p.name for p in out.iterdir()} - {"hfx_convert_long.json"}
+    before = (out / "model.safetensors").read_bytes()
+
+    assert "is not empty" in cli_error(capsys, argv) and "--overwrite" in cli_error(capsys, argv)
+    (out / "notes.txt").write_text("mine")
+    err = cli_error(capsys, argv + ["--overwrite"])
+    assert "['notes.txt']" in err and "nothing was deleted" in err
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model.safetensors").read_bytes() == before
+    (out / "notes.txt").unlink()
+    assert main(argv[:3] + ["--max-position-embeddings", "64", "--attention-window", "8", "--global-token-id", "2",
+                            "--overwrite"]) == 0
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 64
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".long")]
+
+    other = tmp_path / "someone-elses"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    err = cli_error(capsys, ["convert-long", source, str(other), "--global-token-id", "2", "--overwrite"])
+    assert "was not written by hfx convert-long" in err and (other / "config.json").read_text() == "{}"
+    a_file = tmp_path / "file.bin"
+    a_file.write_text("x")
+    for flags in ([], ["--overwrite"]):
+        err = cli_error(capsys, ["convert-long", source, str(a_file), "--global-token-id", "2", *flags])
+        assert "is a file" in err and a_file.read_text() == "x"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["convert-long", source, str(empty), "--max-position-embeddings", "32", "--attention-window", "8",
+                 "--global-token-id", "2"]) == 0
+    assert (empty / "model.safetensors").is_file()
