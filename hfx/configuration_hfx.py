@@ -8,13 +8,61 @@ weights are allocated.
 
 from __future__ import annotations
 
+import math
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-from .attention import valid_attention_types
 from .registry import registry, unknown_name_message
 
 NORM_POSITIONS = ("pre", "post")
+BUILTIN_ATTENTION = ("eager", "sdpa")  # always valid; other names are looked up in transformers' AttentionInterface
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive_int(v) -> bool:
+    return _is_int(v) and v > 0
+
+
+def _probability(v) -> bool:
+    return _is_number(v) and 0.0 <= v < 1.0
+
+
+def _positive_number(v) -> bool:
+    return _is_number(v) and v > 0
+
+
+# field -> (accepts, what is valid). Checked at construction and on every later assignment
+# (``from_pretrained(path, hidden_dropout_prob=...)`` assigns its overrides after construction).
+FIELD_RULES = {
+    **{name: (_positive_int, "an integer > 0") for name in (
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+        "max_position_embeddings")},
+    "num_key_value_heads": (lambda v: v is None or _positive_int(v), "None or an integer > 0"),
+    "type_vocab_size": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: no segment embeddings)"),
+    "hidden_dropout_prob": (_probability, "a number in [0, 1)"),
+    "attention_probs_dropout_prob": (_probability, "a number in [0, 1)"),
+    "classifier_dropout": (lambda v: v is None or _probability(v), "None or a number in [0, 1)"),
+    **{name: (_positive_number, "a finite number > 0") for name in ("initializer_range", "layer_norm_eps", "rope_theta")},
+    "norm_position": (lambda v: v in NORM_POSITIONS, str(list(NORM_POSITIONS))),
+    "hidden_act": (lambda v: isinstance(v, str), "a name of transformers' ACT2FN"),
+}
+# Checked at construction only: transformers and PEFT assign these (e.g. ``use_cache``) on their own.
+BOOL_FIELDS = ("attention_bias", "is_decoder", "use_cache", "tie_word_embeddings")
+TOKEN_ID_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+
+
+def _check_field(name: str, value) -> None:
+    accepts, valid = FIELD_RULES[name]
+    if not accepts(value):
+        raise ValueError(f"{name}={value!r} is invalid; valid values: {valid}.")
 
 
 @strict
@@ -66,25 +114,41 @@ class HfxConfig(PreTrainedConfig):
     attention_type: str = "sdpa"
 
     def __post_init__(self, **kwargs):
+        self._check_values()
         self._check_shapes()
-        if self.norm_position not in NORM_POSITIONS:
-            raise ValueError(f"norm_position={self.norm_position!r} is invalid; valid values: {list(NORM_POSITIONS)}.")
         for kind, field_name in (("norm", "norm_type"), ("position", "position_embedding_type"), ("ffn", "ffn_type")):
-            self._apply_component(registry.get(kind, getattr(self, field_name)), kwargs)
-        attention_types = valid_attention_types()
-        if self.attention_type not in attention_types:
-            raise ValueError(unknown_name_message("attention", self.attention_type, attention_types))
+            self._apply_component(self._component(kind, field_name), kwargs)
         if self.attention_type in registry.names("attention"):
-            self._apply_component(registry.get("attention", self.attention_type), kwargs)
+            self._apply_component(self._component("attention", "attention_type"), kwargs)
+        else:
+            self._check_attention_type()
         # The backend travels with config.json; an explicit `attn_implementation=` still wins.
         kwargs.setdefault("attn_implementation", self.attention_type)
         super().__post_init__(**kwargs)
 
+    def __setattr__(self, name, value):
+        if name in FIELD_RULES:
+            _check_field(name, value)
+        super().__setattr__(name, value)
+
+    def _check_values(self) -> None:
+        """Types and ranges of the plain fields, before anything is derived from them."""
+        for name in FIELD_RULES:
+            _check_field(name, getattr(self, name))
+        for name in BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid; valid values: True or False.")
+        for name in TOKEN_ID_FIELDS:
+            value = getattr(self, name)
+            ids = value if isinstance(value, list) and name == "eos_token_id" else [value]
+            for token_id in ids:
+                if token_id is not None and not (_is_int(token_id) and 0 <= token_id < self.vocab_size):
+                    allowed = "None, an integer or a list of integers" if name == "eos_token_id" else "None or an integer"
+                    raise ValueError(
+                        f"{name}={value!r} is invalid; valid values: {allowed} in [0, vocab_size={self.vocab_size})."
+                    )
+
     def _check_shapes(self) -> None:
-        positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
         if self.hidden_size % self.num_attention_heads:
             divisors = [h for h in range(1, self.hidden_size + 1) if self.hidden_size % h == 0 and h <= 64]
             raise ValueError(
@@ -93,14 +157,30 @@ class HfxConfig(PreTrainedConfig):
             )
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.num_key_value_heads <= 0 or self.num_attention_heads % self.num_key_value_heads:
+        if self.num_attention_heads % self.num_key_value_heads:
+            divisors = [h for h in range(1, self.num_attention_heads + 1) if self.num_attention_heads % h == 0]
             raise ValueError(
                 f"num_key_value_heads={self.num_key_value_heads} must divide num_attention_heads="
-                f"{self.num_attention_heads}."
+                f"{self.num_attention_heads}; valid values: {divisors}."
             )
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
+
+    def _component(self, kind: str, field_name: str):
+        """The registry's component named by ``field_name``; an unknown name fails naming the field."""
+        value = getattr(self, field_name)
+        names = registry.names(kind)  # entry-point metadata only
+        if not isinstance(value, str) or value not in names:
+            raise ValueError(f"{field_name}={value!r} is invalid: {unknown_name_message(kind, value, names)}")
+        return registry.get(kind, value)  # imports that one plugin (PluginLoadError names a broken one)
+
+    def _check_attention_type(self) -> None:
+        if self.attention_type in BUILTIN_ATTENTION:
+            return
+        from .attention import valid_attention_types  # transformers' AttentionInterface: only for other names
+
+        valid = valid_attention_types()
+        if not isinstance(self.attention_type, str) or self.attention_type not in valid:
+            message = unknown_name_message("attention", self.attention_type, valid)
+            raise ValueError(f"attention_type={self.attention_type!r} is invalid: {message}")
 
     def _apply_component(self, component, kwargs: dict) -> None:
         """Fill the component's own config fields (unless given) and let it validate the result."""

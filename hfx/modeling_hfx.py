@@ -33,6 +33,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .attention import eager_attention_forward
 from .configuration_hfx import HfxConfig
+from .padding_masks import real_token_mask
 from .registry import registry
 
 logger = logging.get_logger(__name__)
@@ -56,10 +57,8 @@ def apply_rotary(query, key, rotary):
 
 
 def padding_mask_for(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
-    """Bool (B, T) with True on real tokens of the current step, from a 2-D attention mask."""
-    if attention_mask is None or attention_mask.dim() != 2:
-        return None
-    return attention_mask[:, -seq_len:].bool()
+    """Bool (B, T) with True on real tokens of the current step, from a 2-D or 4-D attention mask."""
+    return real_token_mask(attention_mask, seq_len)
 
 
 class HfxEmbeddings(nn.Module):

@@ -3,7 +3,11 @@
 What plain ``nn.BatchNorm1d`` gets wrong for transformers, and what this module does instead:
 
 - padding: statistics are taken over real tokens only (``padding_mask``), so whatever sits in
-  pad positions cannot change a real token's output;
+  pad positions cannot change a real token's output (the model derives the mask from a 2-D or a
+  4-D attention mask, see ``hfx.padding_masks``);
+- too few real tokens: a training batch with fewer than two real tokens in all (an all-padding
+  batch, or one token per channel, whose variance is undefined) is normalised with the running
+  statistics and leaves them, and ``num_batches_tracked``, unchanged;
 - precision: sums are accumulated in fp32 even under bf16/fp16 activations;
 - several processes: when ``torch.distributed`` is initialised the (sum, sum of squares, count)
   triple is all-reduced with an autograd-aware collective, so gradients flow through the global
@@ -61,6 +65,10 @@ def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+MIN_TOKENS = 2
+"""Real tokens a training batch needs (over all processes) for its statistics to be used and recorded."""
+
+
 class SequenceBatchNorm(nn.Module):
     """BatchNorm over the feature axis, pooling every real token of the batch."""
 
@@ -88,7 +96,12 @@ class SequenceBatchNorm(nn.Module):
         return not self.weight.requires_grad
 
     def batch_statistics(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None):
-        """Mean and biased variance (fp32) over real tokens, global across processes, and the token count."""
+        """Mean and biased variance (fp32) over real tokens, global across processes, and the token count.
+
+        ``count`` is the global number of real tokens (an fp32 scalar tensor, possibly 0); mean and variance
+        are 0 when it is 0. A process whose shard is all padding contributes zeros and still takes part in
+        the all-reduce, so every process sees the same statistics.
+        """
         x = hidden_states.reshape(-1, hidden_states.shape[-1]).float()
         if padding_mask is None:
             weights = x.new_ones(x.shape[0], 1)
@@ -98,33 +111,43 @@ class SequenceBatchNorm(nn.Module):
         totals = torch.cat([x.sum(0), (x * x).sum(0), weights.sum().reshape(1)])
         totals = _all_reduce_sum(totals)
         hidden = x.shape[-1]
-        count = totals[-1].clamp(min=1.0)
-        mean = totals[:hidden] / count
-        var = (totals[hidden : 2 * hidden] / count - mean * mean).clamp(min=0.0)
+        count = totals[-1]
+        mean = totals[:hidden] / count.clamp(min=1.0)
+        var = (totals[hidden : 2 * hidden] / count.clamp(min=1.0) - mean * mean).clamp(min=0.0)
         return mean, var, count
 
     def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not (self.training and not self.frozen):
+            # Running statistics: every token is normalised on its own, the mask is not needed.
+            return self._normalise(hidden_states, self.running_mean, self.running_var)
         if padding_mask is not None:
             # Pad positions are zeroed before anything else: inf/nan there would otherwise reach real tokens'
             # gradients through the shared statistics (0 * inf in the backward of the variance).
-            real = padding_mask.to(hidden_states.device).unsqueeze(-1)
+            real = padding_mask.to(device=hidden_states.device, dtype=torch.bool).unsqueeze(-1)
             hidden_states = torch.where(real, hidden_states, torch.zeros_like(hidden_states))
-        if self.training and not self.frozen:
-            mean, var, count = self.batch_statistics(hidden_states, padding_mask)
-            if not _in_backward_replay():
-                self._update_running(mean.detach(), var.detach(), count.detach())
-        else:
-            mean, var = self.running_mean.float(), self.running_var.float()
-        out = (hidden_states.float() - mean) * torch.rsqrt(var + self.eps)
+        mean, var, count = self.batch_statistics(hidden_states, padding_mask)
+        # Fewer than MIN_TOKENS real tokens in the whole (global) batch: no variance to estimate. The batch
+        # is normalised with the running statistics, which do not move. Decided on tensors, without a
+        # host sync, and identically on every process (``count`` is global).
+        usable = count >= MIN_TOKENS
+        if not _in_backward_replay():
+            self._update_running(mean.detach(), var.detach(), count.detach(), usable)
+        mean = torch.where(usable, mean, self.running_mean)
+        var = torch.where(usable, var, self.running_var)
+        return self._normalise(hidden_states, mean, var)
+
+    def _normalise(self, hidden_states: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        out = (hidden_states.float() - mean.float()) * torch.rsqrt(var.float() + self.eps)
         out = out * self.weight.float() + self.bias.float()
         return out.to(hidden_states.dtype)
 
     @torch.no_grad()
-    def _update_running(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
+    def _update_running(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor, usable: torch.Tensor) -> None:
         unbiased = var * count / (count - 1).clamp(min=1.0)
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
-        self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
-        self.num_batches_tracked += 1
+        rate = usable.to(self.running_mean.dtype) * self.momentum  # 0: the lerp leaves the buffers bit-identical
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), rate)
+        self.running_var.lerp_(unbiased.to(self.running_var.dtype), rate)
+        self.num_batches_tracked += usable.to(self.num_batches_tracked.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, momentum={self.momentum}"
