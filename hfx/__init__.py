@@ -3,59 +3,52 @@
 ``import hfx`` registers the ``hfx`` model type with AutoConfig and the AutoModel* classes, and
 makes every installed attention plugin known to transformers' ``AttentionInterface``. After that,
 only the transformers API is needed.
+
+``import hfx`` itself imports neither torch nor transformers: each registration runs as soon as
+the transformers module it extends is imported (at once when it already is), and the model
+classes load on first use (see ``hfx.auto_registration``).
 """
 
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    AutoModelForMultipleChoice,
-    AutoModelForPreTraining,
-    AutoModelForQuestionAnswering,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-)
+import importlib
 
-from . import peft_integration
-from .attention import register_attention_plugins
-from .configuration_hfx import HfxConfig
-from .modeling_hfx import (
-    HfxForCausalLM,
-    HfxForMaskedLM,
-    HfxForMultipleChoice,
-    HfxForPreTraining,
-    HfxForPreTrainingOutput,
-    HfxForQuestionAnswering,
-    HfxForSequenceClassification,
-    HfxForTokenClassification,
-    HfxModel,
-    HfxPreTrainedModel,
-)
+from . import auto_registration, peft_integration
 from .registry import Component, PluginLoadError, registry
 
 __version__ = "0.1.0"
 
-AUTO_CLASSES = {
-    AutoModel: HfxModel,
-    AutoModelForMaskedLM: HfxForMaskedLM,
-    AutoModelForPreTraining: HfxForPreTraining,
-    AutoModelForCausalLM: HfxForCausalLM,
-    AutoModelForSequenceClassification: HfxForSequenceClassification,
-    AutoModelForTokenClassification: HfxForTokenClassification,
-    AutoModelForQuestionAnswering: HfxForQuestionAnswering,
-    AutoModelForMultipleChoice: HfxForMultipleChoice,
+# Imported on first access (``hfx.HfxForCausalLM``, ``from hfx import HfxConfig``): the model
+# classes need torch and ``transformers.modeling_utils``, which ``import hfx`` does not pay for.
+_LAZY_ATTRIBUTES = {
+    "HfxConfig": "hfx.configuration_hfx",
+    **{name: "hfx.modeling_hfx" for name in (
+        "HfxForCausalLM",
+        "HfxForMaskedLM",
+        "HfxForMultipleChoice",
+        "HfxForPreTraining",
+        "HfxForPreTrainingOutput",
+        "HfxForQuestionAnswering",
+        "HfxForSequenceClassification",
+        "HfxForTokenClassification",
+        "HfxModel",
+        "HfxPreTrainedModel",
+    )},
 }
 
 
-def _register_with_auto_classes() -> None:
-    AutoConfig.register(HfxConfig.model_type, HfxConfig, exist_ok=True)
-    for auto_class, model_class in AUTO_CLASSES.items():
-        auto_class.register(HfxConfig, model_class, exist_ok=True)
+def __getattr__(name: str):
+    module = _LAZY_ATTRIBUTES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hfx' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 
-register_attention_plugins()
-_register_with_auto_classes()
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_ATTRIBUTES))
+
+
+auto_registration.install()
 peft_integration.install()
 
 __all__ = [

@@ -14,13 +14,14 @@ and padding would be silently dropped.
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from .registry import registry
+
+if TYPE_CHECKING:  # torch is imported where it is used: `import hfx` must stay cheap
+    import torch
+    from torch import nn
 
 
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -42,6 +43,9 @@ def eager_attention_forward(
     **kwargs,
 ):
     """softmax(Q K^T * scaling + mask) V in plain torch: the reference every backend is tested against."""
+    import torch
+    from torch import nn
+
     n_rep = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
@@ -59,11 +63,13 @@ def eager_attention_forward(
 
 def valid_attention_types() -> list[str]:
     """Every name ``attention_type`` may take: transformers' backends plus installed hfx plugins."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     register_attention_plugins()
     return sorted({"eager", *ALL_ATTENTION_FUNCTIONS.valid_keys(), *registry.names("attention")})
 
 
-_REGISTERED: set[str] = set()
+_REGISTERED: set[tuple[str, str]] = set()
 
 
 def _lazy_attention(name: str):
@@ -78,6 +84,8 @@ def _lazy_mask(name: str):
     def mask(*args, **kwargs):
         component = registry.get("attention", name)
         if component.mask_factory is None:
+            from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
             return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](*args, **kwargs)
         return component.mask_factory(*args, **kwargs)
 
@@ -85,11 +93,28 @@ def _lazy_mask(name: str):
     return mask
 
 
-def register_attention_plugins() -> None:
-    """Make every installed attention plugin known to transformers under its entry-point name."""
-    for name in registry.names("attention"):
-        if name in _REGISTERED:
-            continue
-        AttentionInterface.register(name, _lazy_attention(name))
-        AttentionMaskInterface.register(name, _lazy_mask(name))
-        _REGISTERED.add(name)
+def register_attention_plugins(module: ModuleType | None = None) -> None:
+    """Make every installed attention plugin known to transformers under its entry-point name.
+
+    ``module`` is ``transformers.modeling_utils`` (``AttentionInterface``) or
+    ``transformers.masking_utils`` (``AttentionMaskInterface``): ``import hfx`` registers with each
+    right after it is imported (see ``hfx.auto_registration``). With no argument, both; names
+    already registered are skipped, so calling it again picks up plugins installed since.
+    """
+    if module is None:
+        import transformers.masking_utils
+        import transformers.modeling_utils
+
+        targets = [transformers.modeling_utils, transformers.masking_utils]
+    else:
+        targets = [module]
+    for target in targets:
+        if target.__name__ == "transformers.masking_utils":
+            interface, make, label = target.AttentionMaskInterface, _lazy_mask, "mask"
+        else:
+            interface, make, label = target.AttentionInterface, _lazy_attention, "attention"
+        for name in registry.names("attention"):
+            if (label, name) in _REGISTERED:
+                continue
+            interface.register(name, make(name))
+            _REGISTERED.add((label, name))

@@ -3,14 +3,10 @@
 ``LoraConfig(task_type=...)`` without ``target_modules`` looks the model type up in PEFT's
 ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``. hfx adds itself there as soon as that
 module exists: at once if PEFT is already imported, otherwise right after PEFT's import (a
-one-shot import hook), so the ~2 s PEFT import is paid only by those who use it.
+one-shot import hook, ``hfx.import_hooks``), so the ~2 s PEFT import is paid only by those who use it.
 """
 
 from __future__ import annotations
-
-import importlib.abc
-import importlib.util
-import sys
 
 HFX_LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 _CONSTANTS = "peft.utils.constants"
@@ -23,28 +19,12 @@ def register_peft_mappings() -> None:
     TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.setdefault("hfx", list(HFX_LORA_TARGET_MODULES))
 
 
-class _RegisterAfterPeftImport(importlib.abc.MetaPathFinder):
-    """Wraps the loader of PEFT's constants module so the mapping is extended right after it runs."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != _CONSTANTS:
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None:
-            return spec
-        original_exec = spec.loader.exec_module
-
-        def exec_module(module):
-            original_exec(module)
-            module.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.setdefault("hfx", list(HFX_LORA_TARGET_MODULES))
-
-        spec.loader.exec_module = exec_module
-        return spec
+def _extend_mapping(constants) -> None:
+    constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.setdefault("hfx", list(HFX_LORA_TARGET_MODULES))
 
 
 def install() -> None:
-    if _CONSTANTS in sys.modules:
-        register_peft_mappings()
-    elif not any(isinstance(finder, _RegisterAfterPeftImport) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterAfterPeftImport())
+    """Extend PEFT's mapping now if PEFT is imported, else right after its constants module is."""
+    from .import_hooks import when_imported
+
+    when_imported(_CONSTANTS, _extend_mapping)

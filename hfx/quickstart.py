@@ -48,6 +48,17 @@ STEPS: list[tuple[str, str]] = [
     ("eval", "hfx.evaluation.quickstart:quickstart_step"),
 ]
 
+# What each step reads from the context, by the name of the step that puts it there: skipping a
+# step that a step still to run needs is refused before anything runs.
+STEP_REQUIRES: dict[str, tuple[str, ...]] = {
+    "tokenizer": ("data",),
+    "pretrain": ("data", "tokenizer"),
+    "reload": ("pretrain",),
+    "finetune": ("data", "pretrain"),
+    "encoder-eval": ("data", "pretrain"),
+    "eval": ("data", "pretrain"),
+}
+
 # --fast: enough steps for the loss curve to fall, not for the facts to be learned.
 FAST_PRETRAIN_STEPS = 100
 AUTO_CLASS_FOR_OBJECTIVE = {"clm": "AutoModelForCausalLM", "mlm_nsp": "AutoModelForPreTraining"}
@@ -76,6 +87,23 @@ class QuickstartContext:
 def resolve_step(target: str) -> Callable[[QuickstartContext], None]:
     module_name, _, function_name = target.partition(":")
     return getattr(importlib.import_module(module_name), function_name)
+
+
+def skip_error(skip, steps: list[tuple[str, str]] | None = None) -> str | None:
+    """Why ``skip`` cannot be honoured (an unknown name, or a step a remaining step needs), else ``None``."""
+    names = [name for name, _ in (STEPS if steps is None else steps)]
+    skip = list(dict.fromkeys(skip or ()))
+    unknown = [name for name in skip if name not in names]
+    if unknown:
+        return f"--skip: unknown step {', '.join(map(repr, unknown))}; valid steps: {', '.join(names)}"
+    running = [name for name in names if name not in skip]
+    for name in skip:
+        needed_by = [step for step in running if name in STEP_REQUIRES.get(step, ())]
+        if needed_by:
+            one = len(needed_by) == 1
+            return (f"--skip {name}: {'step' if one else 'steps'} {', '.join(map(repr, needed_by))} "
+                    f"{'needs' if one else 'need'} what it makes; skip {'it' if one else 'them'} too or keep {name!r}")
+    return None
 
 
 def write_data_step(ctx: QuickstartContext) -> None:
@@ -198,13 +226,13 @@ def run_quickstart(flags: argparse.Namespace, steps: list[tuple[str, str]] | Non
     """Run ``steps`` (default ``STEPS``) minus ``flags.skip``; writes ``report.json`` and returns the context."""
     from .pretraining import write_json_atomic
 
+    steps = STEPS if steps is None else steps
+    problem = skip_error(flags.skip, steps)
+    if problem:
+        raise ValueError(problem)
     work_dir = Path(flags.work_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     ctx = QuickstartContext(work_dir=work_dir, flags=flags, objective=flags.objective)
-    steps = STEPS if steps is None else steps
-    unknown = set(flags.skip or ()) - {name for name, _ in steps}
-    if unknown:
-        raise ValueError(f"--skip: unknown step(s) {sorted(unknown)}; steps are {[name for name, _ in steps]}.")
     if getattr(flags, "threads", None):
         import torch
 
@@ -240,4 +268,4 @@ def summary(ctx: QuickstartContext) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["STEPS", "QuickstartContext", "resolve_step", "run_quickstart", "summary"]
+__all__ = ["STEPS", "STEP_REQUIRES", "QuickstartContext", "resolve_step", "run_quickstart", "skip_error", "summary"]

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 
+HELP = "list installed components (attention, norm, position, ffn, tasks)"
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "plugins",
-        help="list installed components (attention, norm, position, ffn, tasks)",
+        help=HELP,
         description="List every component found through the hfx.<kind> entry-point groups, with the "
         "distribution and version that provides it. Plugins that fail to load are shown with their error.",
     )
-    parser.add_argument("--kind", choices=None, help="only this kind")
+    from hfx.registry import KINDS  # metadata and dataclasses only
+
+    parser.add_argument("--kind", choices=KINDS, help="only this kind")
     parser.set_defaults(func=run)
 
 
@@ -20,10 +24,11 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from hfx.commands import usage_error
     from hfx.registry import KINDS, registry
 
     if args.kind is not None and args.kind not in KINDS:
-        raise SystemExit(f"hfx plugins: unknown kind {args.kind!r}; valid kinds: {list(KINDS)}")
+        usage_error("plugins", f"unknown kind {args.kind!r}; valid kinds: {list(KINDS)}")
     table = Table(title="hfx components")
     for column in ("kind", "name", "distribution", "version", "status"):
         table.add_column(column)

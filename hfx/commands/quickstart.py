@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from hfx.commands import usage_error
+
+HELP = "end to end on the embedded corpus: tokenizer, pre-training, LoRA fine-tune, evaluation (no download)"
 
 
 def add_parser(subparsers) -> None:
+    from hfx.quickstart import STEPS  # the step table only: no torch, no transformers
+
     parser = subparsers.add_parser(
         "quickstart",
-        help="end-to-end demo on the embedded corpus (no download, a few minutes on CPU)",
+        help=HELP,
         description="Write the embedded corpus and tasks, train a BPE tokenizer on it, pre-train a tiny hfx model "
         "with Trainer, save it, reload it with AutoModel*.from_pretrained and report what happened: timings, "
         "validation loss before and after, a loss-curve PNG and where every file is (report.json). "
@@ -33,12 +40,33 @@ def add_parser(subparsers) -> None:
                         help="torch CPU threads; a model this small gains nothing from more, and on a busy machine "
                         "extra threads spin and slow it down")
     parser.add_argument("--skip", action="append", default=[], metavar="STEP",
-                        help="skip a step by name (repeatable); see hfx.quickstart.STEPS")
+                        help=f"skip a step by name (repeatable): {', '.join(name for name, _ in STEPS)}")
     parser.add_argument("--fast", action="store_true", help="ask every step to do the least that still shows it works")
     parser.set_defaults(func=run)
 
 
+POSITIVE_INTS = ("steps", "batch_size", "max_length", "hidden_size", "vocab_size", "threads")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every flag checked before any file is written: one line, exit code 2."""
+    from hfx.quickstart import skip_error
+
+    problem = skip_error(args.skip)
+    if problem:
+        usage_error("quickstart", problem)
+    for name in POSITIVE_INTS:
+        if getattr(args, name) < 1:
+            usage_error("quickstart", f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not args.learning_rate > 0:
+        usage_error("quickstart", f"--learning-rate must be positive, got {args.learning_rate}")
+    work_dir = Path(args.work_dir)
+    if work_dir.exists() and not work_dir.is_dir():
+        usage_error("quickstart", f"--work-dir {str(work_dir)!r} exists and is not a directory")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_args(args)
     import hfx
     from hfx.quickstart import run_quickstart, summary
 
@@ -53,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             attention_type=args.attention_type,
         )
     except ValueError as exc:
-        raise SystemExit(f"hfx quickstart: {exc}") from None
+        usage_error("quickstart", str(exc))
     ctx = run_quickstart(args)
     print(summary(ctx))
     return 0
