@@ -24,7 +24,9 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import json
 import random
+import re
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -147,6 +149,114 @@ def check_scoring_keys(config: TaskConfig) -> None:
                           "define.", stacklevel=3)
 
 
+LOCAL_FORMATS = ("json", "csv", "text")
+_CHECK_RECORDS_UP_TO = 64 * 2**20  # bytes: larger JSON files are checked for encoding only, datasets parses them
+
+
+def _data_file_paths(data_files: Any) -> list[Path]:
+    """Local paths named by a ``data_files`` value (str, list, or split -> str/list); globs expanded."""
+    if isinstance(data_files, dict):
+        values = [v for value in data_files.values() for v in (value if isinstance(value, (list, tuple)) else [value])]
+    elif isinstance(data_files, (list, tuple)):
+        values = list(data_files)
+    else:
+        values = [data_files]
+    paths: list[Path] = []
+    for value in values:
+        if not isinstance(value, (str, Path)) or "://" in str(value):
+            continue
+        text = str(value)
+        if any(c in text for c in "*?["):
+            import glob
+
+            paths.extend(Path(p) for p in sorted(glob.glob(text, recursive=True)) if Path(p).is_file())
+        else:
+            paths.append(Path(text))
+    return paths
+
+
+def _check_utf8(task: str, path: Path) -> None:
+    import codecs
+
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                raise TaskError(f"Task {task!r}: data file {path} is not UTF-8 text (byte {offset + exc.start}: "
+                                f"{chunk[exc.start:exc.start + 1]!r}); convert it to UTF-8.") from None
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise TaskError(f"Task {task!r}: data file {path} is not UTF-8 text (it ends inside a character).") from None
+
+
+def _check_json_records(task: str, path: Path, field_name: str | None) -> None:
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if not stripped:
+        raise TaskError(f"Task {task!r}: data file {path} has no records (only whitespace).")
+    if field_name is not None or stripped[0] == "[":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise TaskError(f"Task {task!r}: data file {path} is not valid JSON (line {exc.lineno}: {exc.msg}).") \
+                from None
+        records = data.get(field_name) if isinstance(data, dict) and field_name is not None else data
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise TaskError(f"Task {task!r}: data file {path} must hold a list of JSON objects"
+                            f"{' under ' + repr(field_name) if field_name else ''}.")
+        return
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == 1 and stripped[0] == "{":
+                try:  # one JSON object over several lines (datasets reads it as a table)
+                    if isinstance(json.loads(text), dict):
+                        return
+                except json.JSONDecodeError:
+                    pass
+            raise TaskError(f"Task {task!r}: data file {path}, line {number}, is not valid JSON "
+                            f"({exc.msg}, column {exc.colno}).") from None
+        if not isinstance(record, dict):
+            raise TaskError(f"Task {task!r}: data file {path}, line {number}, is a JSON {type(record).__name__}, "
+                            "not an object (one document per line, e.g. {\"question\": ..., \"label\": ...}).")
+
+
+def check_data_files(task: str, dataset_path: Any, kwargs: dict) -> list[Path]:
+    """Local ``json`` / ``csv`` / ``text`` data files: present, non-empty, UTF-8, and (JSON) one object per record.
+
+    Each problem is one :class:`TaskError` naming the file, raised before ``datasets`` reads it (an
+    empty file makes datasets raise a bare ``StopIteration``; a non-UTF-8 JSON file or a line that is
+    a list loads silently wrong). Returns the paths checked.
+    """
+    if dataset_path not in LOCAL_FORMATS or kwargs.get("data_files") is None:
+        return []
+    paths = _data_file_paths(kwargs["data_files"])
+    for path in paths:
+        if not path.exists():
+            raise TaskError(f"Task {task!r}: data file {path} does not exist (relative paths are read from "
+                            f"{Path.cwd()}).")
+        if path.is_dir():
+            raise TaskError(f"Task {task!r}: data file {path} is a directory; name the files (a glob works).")
+        if path.suffix in (".gz", ".bz2", ".xz", ".zst", ".zip"):
+            continue
+        if path.stat().st_size == 0:
+            raise TaskError(f"Task {task!r}: data file {path} is empty.")
+        _check_utf8(task, path)
+        if dataset_path == "json" and path.stat().st_size <= _CHECK_RECORDS_UP_TO:
+            _check_json_records(task, path, kwargs.get("field"))
+        elif (dataset_path == "csv" and path.stat().st_size <= _CHECK_RECORDS_UP_TO
+              and not path.read_text(encoding="utf-8").strip()):
+            raise TaskError(f"Task {task!r}: data file {path} has no rows (only whitespace).")
+    return paths
+
+
 class Task:
     """A loaded task: its documents, its prompt construction and its few-shot sampler.
 
@@ -197,12 +307,16 @@ class Task:
 
             kwargs = dict(self.config.dataset_kwargs or {})
             kwargs.pop("trust_remote_code", None)
+            files = check_data_files(self.name, self.config.dataset_path, kwargs)
             try:
                 self._dataset = datasets.load_dataset(self.config.dataset_path, self.config.dataset_name, **kwargs)
             except Exception as exc:
+                cause = exc.__cause__ if exc.__cause__ is not None and "generating the dataset" in str(exc) else exc
+                where = f" (data files: {', '.join(str(f) for f in files[:3])}{', ...' if len(files) > 3 else ''})"
                 raise TaskError(
                     f"Task {self.name!r}: could not load dataset {self.config.dataset_path!r}"
-                    f"{'/' + self.config.dataset_name if self.config.dataset_name else ''}: {type(exc).__name__}: {exc}"
+                    f"{'/' + self.config.dataset_name if self.config.dataset_name else ''}{where if files else ''}: "
+                    f"{type(cause).__name__}: {' '.join(str(cause).split())}"
                 ) from exc
         return self._dataset
 
@@ -372,19 +486,49 @@ class Task:
 
 
 # -- finding tasks ----------------------------------------------------------------------------
-def _merge_include(data: dict, path: Path, allow_code: bool, seen: tuple = ()) -> dict:
-    include = data.get("include")
-    if not include:
-        return data
-    base_path = (path.parent / include).resolve()
-    if base_path in seen:
-        raise TaskError(f"{path}: include cycle through {base_path}.")
-    if not base_path.exists():
-        raise TaskError(f"{path}: include {include!r} not found ({base_path}).")
-    base = _merge_include(load_yaml(base_path, allow_code=allow_code), base_path, allow_code, seen + (base_path,))
-    merged = {k: v for k, v in base.items() if k != "include"}
-    merged.update({k: v for k, v in data.items() if k != "include"})
+MAX_INCLUDE_DEPTH = 32  # lm-eval 0.4.13's own task files include at most a few levels deep
+
+
+def _merge_include(data: dict, path: Path, allow_code: bool, code_root: Path | None = None) -> dict:
+    """``data`` (the YAML at ``path``) merged over the files it includes, nearest last; bounded and cycle-checked."""
+    layers, chain, current, current_path = [data], [path.resolve()], data, path
+    while current.get("include"):
+        include = current["include"]
+        if not isinstance(include, str):
+            raise TaskError(f"{current_path}: include must name one YAML file, got {include!r}.")
+        base_path = (current_path.parent / include).resolve()
+        if base_path in chain:
+            cycle = " -> ".join(str(p) for p in chain[chain.index(base_path):] + [base_path])
+            raise TaskError(f"{path}: include cycle: {cycle}.")
+        if len(chain) > MAX_INCLUDE_DEPTH:
+            raise TaskError(f"{path}: include chain longer than {MAX_INCLUDE_DEPTH} files (stopped at {current_path}).")
+        if not base_path.exists():
+            raise TaskError(f"{current_path}: include {include!r} not found ({base_path}).")
+        if base_path.is_dir():
+            raise TaskError(f"{current_path}: include {include!r} is a directory ({base_path}); it must name one "
+                            "YAML file.")
+        current = load_yaml(base_path, allow_code=allow_code, code_root=code_root)
+        layers.append(current)
+        chain.append(base_path)
+        current_path = base_path
+    merged: dict = {}
+    for layer in reversed(layers):
+        merged.update({k: v for k, v in layer.items() if k != "include"})
     return merged
+
+
+_TASK_LINE = re.compile(r"^task:[ \t]*[\"']?([^\s\"'#]+)", re.MULTILINE)
+
+
+def _declared_task_name(path: Path) -> str | None:
+    """The ``task:`` name written in a file that does not parse, read as text (for the error message)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(1 << 16).decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    match = _TASK_LINE.search(head)
+    return match.group(1) if match else None
 
 
 @dataclass
@@ -396,6 +540,7 @@ class TaskSource:
     data: dict | None = None
     origin: str = ""
     tags: tuple[str, ...] = ()
+    root: Path | None = None  # the folder ``!function`` code may come from
 
 
 class TaskIndex:
@@ -404,6 +549,9 @@ class TaskIndex:
     def __init__(self, include_paths: Iterable[str | Path] = (), *, allow_code: bool = False, plugins: bool = True):
         self.allow_code = allow_code
         self.sources: dict[str, TaskSource] = {}
+        # task files that could not be read: reported, and fatal only for a task named in them
+        self.broken: dict[Path, TaskError] = {}
+        self.broken_names: dict[str, tuple[Path, TaskError]] = {}
         for path in include_paths:
             self._add_path(Path(path), origin=f"--include-path {path}")
         if plugins:
@@ -432,11 +580,20 @@ class TaskIndex:
     def _add_path(self, path: Path, origin: str) -> None:
         if not path.exists():
             raise TaskError(f"Task path {path} ({origin}) does not exist.")
-        files = sorted(path.rglob("*.yaml")) if path.is_dir() else [path]
+        root = path if path.is_dir() else path.parent
+        files = sorted(f for f in path.rglob("*.yaml") if f.is_file()) if path.is_dir() else [path]
         for file in files:
-            data = load_yaml(file, allow_code=False)  # peek only: names and tags, no code
+            try:
+                data = load_yaml(file, allow_code=False)  # peek only: names and tags, no code
+            except TaskError as exc:  # one broken file never hides the other tasks of the folder
+                self.broken[file] = exc
+                name = _declared_task_name(file)
+                if name is not None:
+                    self.broken_names.setdefault(name, (file, exc))
+                warnings.warn(f"Skipping task file {file} ({origin}): {exc}", stacklevel=3)
+                continue
             if isinstance(data.get("task"), str):
-                self._add_source(TaskSource(data["task"], path=file, origin=origin), data)
+                self._add_source(TaskSource(data["task"], path=file, origin=origin, root=root), data)
 
     def _add_source(self, source: TaskSource, data: dict) -> None:
         tags = data.get("tag") or ()
@@ -462,13 +619,18 @@ class TaskIndex:
                 out.append(name)
             elif name in tags:
                 out.extend(sorted(tags[name]))
+            elif name in self.broken_names:
+                file, exc = self.broken_names[name]
+                raise TaskError(f"Task {name!r} cannot be loaded: {exc}")
             else:
                 known = self.names() + sorted(tags)
                 close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
                 hint = f" Did you mean {close}?" if close else ""
+                broken = (f" {len(self.broken)} task file(s) could not be read: "
+                          f"{', '.join(str(f) for f in list(self.broken)[:5])}." if self.broken else "")
                 raise TaskError(
                     f"Unknown task {name!r}.{hint} {len(known)} tasks/tags are known from --include-path and "
-                    f"hfx.tasks plugins{': ' + ', '.join(known[:30]) if known else ''}."
+                    f"hfx.tasks plugins{': ' + ', '.join(known[:30]) if known else ''}.{broken}"
                 )
         return list(dict.fromkeys(out))
 
@@ -476,7 +638,9 @@ class TaskIndex:
         source = self.sources[name]
         if source.data is not None:
             return TaskConfig.from_dict(source.data, source=source.origin)
-        data = _merge_include(load_yaml(source.path, allow_code=self.allow_code), source.path, self.allow_code)
+        root = source.root or source.path.parent
+        data = _merge_include(load_yaml(source.path, allow_code=self.allow_code, code_root=root), source.path,
+                              self.allow_code, root)
         return TaskConfig.from_dict(data, source=str(source.path))
 
     def load(self, name: str) -> Task:

@@ -1,48 +1,414 @@
-"""Safe reading of task files: YAML through a safe loader, Jinja through a sandbox.
+"""Safe reading of task files: YAML through a bounded safe loader, Jinja through a bounded sandbox.
 
-lm-evaluation-harness task files are data, but two of their features can run code: Jinja
-templates (rendered here in :class:`jinja2.sandbox.ImmutableSandboxedEnvironment`, which refuses
-attribute tricks such as ``{{ ''.__class__ }}``) and the ``!function module.name`` YAML tag,
-which imports a Python file next to the YAML. That tag is resolved only when the caller passes
-``allow_code=True`` (``hfx eval --allow-code``); otherwise loading the task fails and says why.
+lm-evaluation-harness task files are data, but some of their features can run code or unbounded
+work:
+
+- Jinja templates render in a subclass of :class:`jinja2.sandbox.ImmutableSandboxedEnvironment`
+  (which refuses attribute tricks such as ``{{ ''.__class__ }}``) that also enforces
+  :data:`TEMPLATE_LIMITS`: loop iterations and calls, the size of every string or list a template
+  builds (``'a' * 10**9``, ``center``, ``replace``, ``join``, ``format`` widths, ...), the text it
+  writes, integer sizes and wall time. A template over a limit fails with
+  :class:`TemplateLimitError` (a :class:`TaskError`) naming the task and field.
+- YAML is parsed by a safe loader that refuses files over :data:`MAX_YAML_BYTES`, documents that
+  expand (aliases counted) to more than :data:`MAX_YAML_NODES` nodes, and aliases that contain
+  themselves, before any Python object is built.
+- The ``!function module.name`` tag imports a Python file. It is resolved only when the caller
+  passes ``allow_code=True`` (``hfx eval --allow-code``), and only from a file inside the task's
+  folder tree; otherwise loading the task fails and says why.
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import importlib.util
 import re
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from jinja2 import StrictUndefined
-from jinja2.exceptions import UndefinedError
+from jinja2 import StrictUndefined, nodes
+from jinja2.exceptions import SecurityError, TemplateError, UndefinedError
+from jinja2.runtime import Macro
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import _PassArg, pass_context
+from jinja2.visitor import NodeTransformer
 
 
 class TaskError(ValueError):
     """A task file or its data cannot be used; raised before any model runs."""
 
 
+class TemplateLimitError(TaskError):
+    """A template exceeded :data:`TEMPLATE_LIMITS` (loop steps, size of a value it builds, or time)."""
+
+
+class TemplateSecurityError(TaskError, SecurityError):
+    """A template tried something the sandbox forbids (attribute tricks, mutating a list, ...)."""
+
+
+@dataclass
+class TemplateLimits:
+    """Bounds on the work one rendering of one template may do.
+
+    ``max_steps``: loop iterations plus calls (methods, globals; a macro call counts 10, it costs
+    about as much); ``max_size``: characters
+    of any string it builds or writes (elements for lists, nested contents counted) beyond the size
+    of the document itself; ``max_int_bits``: size of an integer it computes; ``max_seconds``: wall
+    time, checked at every step, call, attribute access, operator and output. The lm-eval 0.4.13
+    task files stay far below all four.
+    """
+
+    max_steps: int = 100_000
+    max_size: int = 4 * 2**20
+    max_int_bits: int = 2**16
+    max_seconds: float = 2.0
+
+
+TEMPLATE_LIMITS = TemplateLimits()
+
+
+class _Budget:
+    def __init__(self, where: str, extra_size: int = 0):
+        limits = TEMPLATE_LIMITS
+        self.where, self.limits = where, limits
+        self.steps = 0
+        self.emitted = 0
+        self.max_size = limits.max_size + extra_size
+        self.deadline = time.monotonic() + limits.max_seconds
+
+    def fail(self, what: str) -> None:
+        raise TemplateLimitError(f"{self.where}: {what}; refused to keep rendering bounded.")
+
+    def tick(self, steps: int = 0) -> None:
+        if steps:
+            self.steps += steps
+            if self.steps > self.limits.max_steps:
+                self.fail(f"more than {self.limits.max_steps} loop iterations and calls")
+        if time.monotonic() > self.deadline:
+            self.fail(f"rendering took longer than {self.limits.max_seconds:g} s")
+
+    def size(self, estimate: int, what: str) -> None:
+        if estimate > self.max_size:
+            self.fail(f"{what} would be about {estimate} characters/items, more than the limit of {self.max_size}")
+
+    def int_bits(self, estimate: int, what: str) -> None:
+        if estimate > self.limits.max_int_bits:
+            self.fail(f"{what} would have about {estimate} bits, more than the limit of {self.limits.max_int_bits}")
+
+
+_BUDGET: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("hfx_template_budget", default=None)
+
+
+def _budget() -> _Budget:
+    # outside render() (Jinja folding constants while compiling) a fresh budget applies
+    return _BUDGET.get() or _Budget("template")
+
+
+def _weight(value: Any, limit: int) -> int:
+    """Characters and items ``value`` holds, nested contents included; stops counting past ``limit``."""
+    total, stack = 0, [value]
+    while stack and total <= limit:
+        item = stack.pop()
+        if isinstance(item, (str, bytes)):
+            total += len(item)
+        elif isinstance(item, dict):
+            total += len(item)
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            total += len(item)
+            stack.extend(item)
+        elif isinstance(item, int) and not isinstance(item, bool):
+            total += item.bit_length() // 3 + 1
+        else:
+            total += 1
+    return total
+
+
+def _shallow(value: Any) -> int:
+    return len(value) if isinstance(value, (str, bytes, list, tuple, dict, set, frozenset)) else 0
+
+
+_NUMBER = re.compile(r"\d+")
+
+
+def _check_ints(budget: _Budget, args: tuple, kwargs: dict, what: str) -> None:
+    """Integer arguments (widths, counts, repetitions) above the size limit are refused."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, int) and not isinstance(value, bool) and value > budget.max_size:
+            budget.size(value, f"{what} with argument {value}")
+
+
+def _check_format(budget: _Budget, fmt: str, args: tuple, kwargs: dict, what: str) -> None:
+    """``%``-, ``format``- and ``str.format`` strings: no width above the limit, arguments within it."""
+    for number in _NUMBER.findall(fmt):
+        if len(number) > 12 or int(number) > budget.max_size:
+            budget.size(int(number[:13]), f"{what} with a width of {number[:20]}")
+    _check_ints(budget, args, kwargs, what)
+    budget.size(len(fmt) + _weight((args, kwargs), budget.max_size), what)
+
+
+def _estimate_replace(s: str, old: str, new: str, count: int | None = None) -> int:
+    occurrences = s.count(old) if old else len(s) + 1
+    if count is not None and count >= 0:
+        occurrences = min(occurrences, count)
+    return len(s) + occurrences * max(len(new) - len(old), 0)
+
+
+def _estimate_join(budget: _Budget, sep: str, items: Any) -> int:
+    seq = list(items) if not isinstance(items, (str, list, tuple)) else items
+    return _weight(seq, budget.max_size) + len(sep) * max(len(seq) - 1, 0)
+
+
+# per-filter size estimates of the result, from the arguments (after any Jinja pass-arg)
+def _filter_estimate(budget: _Budget, name: str, args: tuple, kwargs: dict) -> int | None:
+    value = args[0] if args else None
+    rest = args[1:]
+    if name == "format" and isinstance(value, str):
+        _check_format(budget, value, rest, kwargs, "the format filter")
+        return None
+    if name == "replace" and isinstance(value, str) and len(rest) >= 2:
+        return _estimate_replace(value, str(rest[0]), str(rest[1]), rest[2] if len(rest) > 2 else kwargs.get("count"))
+    if name == "join":
+        sep = rest[0] if rest else kwargs.get("d", "")
+        return _estimate_join(budget, str(sep), value)
+    if name == "indent" and isinstance(value, str):
+        width = rest[0] if rest else kwargs.get("width", 4)
+        width = len(width) if isinstance(width, str) else int(width)
+        return len(value) + (value.count("\n") + 1) * max(width, 0)
+    if name == "wordwrap" and isinstance(value, str):
+        wrap = (rest[3] if len(rest) > 3 else kwargs.get("wrapstring")) or "\n"
+        return len(value) * (1 + len(str(wrap)))
+    if name == "sum":
+        return _weight((value, kwargs.get("start"), rest), budget.max_size)
+    if name in ("string", "pprint", "tojson", "e", "escape", "forceescape", "urlize", "urlencode", "xmlattr", "list"):
+        return 6 * _weight(value, budget.max_size)
+    return None
+
+
+def _guard_filter(name: str, func):
+    """``func`` (a Jinja filter) with the size limits checked before and after it runs."""
+    pass_arg = _PassArg.from_obj(func)
+
+    @functools.wraps(func)
+    def guarded(*args, **kwargs):
+        budget = _budget()
+        budget.tick()
+        values = args[1:] if pass_arg is not None else args
+        _check_ints(budget, values, kwargs, f"the {name} filter")
+        estimate = _filter_estimate(budget, name, values, kwargs)
+        if estimate is not None:
+            budget.size(estimate, f"the result of the {name} filter")
+        result = func(*args, **kwargs)
+        budget.size(_shallow(result), f"the result of the {name} filter")
+        return result
+
+    return guarded
+
+
 def _regex_replace(string: str, pattern: str, repl: str, count: int = 0) -> str:
+    budget = _budget()
+    matches = sum(1 for _ in zip(range(count or len(string) + 1), re.finditer(pattern, string)))
+    # a group reference in repl can copy up to the whole string per match
+    per_match = len(repl) + (len(string) * repl.count("\\") if "\\" in repl else 0)
+    budget.size(len(string) + matches * per_match, "the result of the regex_replace filter")
     return re.sub(pattern, repl, string, count=count)
+
+
+def _bounded_steps(iterable):
+    budget = _budget()
+    for item in iterable:
+        budget.tick(1)
+        yield item
+
+
+@pass_context
+def _steps_filter(context, iterable):
+    return _bounded_steps(iterable)
+
+
+@pass_context
+def _emit_filter(context, value):
+    """Every piece a template writes (to its output, a macro or a ``{% set %}`` block) counts."""
+    budget = _budget()
+    budget.tick()
+    size = len(value) if isinstance(value, str) else _weight(value, budget.max_size)
+    budget.emitted += size
+    budget.size(budget.emitted, "the text written")
+    return value
+
+
+@pass_context
+def _piece_filter(context, value):
+    budget = _budget()
+    budget.size(len(value) if isinstance(value, str) else _weight(value, budget.max_size), "a concatenated value")
+    return value
+
+
+@pass_context
+def _concat_filter(context, value):
+    _budget().size(_shallow(value), "a concatenated string")
+    return value
+
+
+_GUARDS = {"hfx_steps": _steps_filter, "hfx_emit": _emit_filter, "hfx_piece": _piece_filter,
+           "hfx_concat": _concat_filter}
+
+
+def _guard(node: nodes.Expr, name: str) -> nodes.Filter:
+    return nodes.Filter(node, name, [], [], None, None, lineno=node.lineno)
+
+
+class _GuardTransformer(NodeTransformer):
+    """Routes loops, concatenations and written pieces through the budget filters."""
+
+    def visit_For(self, node):
+        node = self.generic_visit(node)
+        node.iter = _guard(node.iter, "hfx_steps")
+        return node
+
+    def visit_Concat(self, node):
+        node = self.generic_visit(node)
+        node.nodes = [_guard(n, "hfx_piece") for n in node.nodes]
+        return _guard(node, "hfx_concat")
+
+    def visit_Output(self, node):
+        node = self.generic_visit(node)
+        node.nodes = [_guard(n, "hfx_emit") for n in node.nodes]
+        return node
+
+
+_SIZED = (str, list, tuple)
+_STR_WIDTH_METHODS = frozenset({"center", "ljust", "rjust", "zfill"})
+
+
+class _BoundedEnvironment(ImmutableSandboxedEnvironment):
+    """lm-eval's sandboxed environment, with :data:`TEMPLATE_LIMITS` enforced.
+
+    Loops, calls, attribute/item access, the operators ``* ** + %``, every filter and every written
+    piece check the budget of the current rendering; no thread or signal is involved.
+    """
+
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+    def _parse(self, source, name, filename):
+        return _GuardTransformer().visit(super()._parse(source, name, filename))
+
+    def call_binop(self, context, operator, left, right):
+        budget = _budget()
+        budget.tick()
+        ints = isinstance(left, int) and isinstance(right, int)
+        if operator == "*":
+            if ints:
+                budget.int_bits(abs(left).bit_length() + abs(right).bit_length(), "a product")
+            elif isinstance(left, _SIZED) and isinstance(right, int):
+                budget.size(_weight(left, budget.max_size) * max(right, 0), "a repeated value")
+            elif isinstance(right, _SIZED) and isinstance(left, int):
+                budget.size(_weight(right, budget.max_size) * max(left, 0), "a repeated value")
+        elif operator == "**" and ints and abs(left) > 1 and right > 0:
+            budget.int_bits(right * abs(left).bit_length(), "a power")
+        elif operator == "+" and isinstance(left, _SIZED) and isinstance(right, _SIZED):
+            budget.size(_weight(left, budget.max_size) + _weight(right, budget.max_size), "a sum")
+        elif operator == "%" and isinstance(left, str):
+            args = right if isinstance(right, tuple) else (right,)
+            _check_format(budget, left, args, right if isinstance(right, dict) else {}, "a %-formatted string")
+        return super().call_binop(context, operator, left, right)
+
+    def getattr(self, obj, attribute):
+        budget = _budget()
+        budget.tick()
+        value = super().getattr(obj, attribute)
+        budget.size(_shallow(value), f"attribute {attribute!r}")
+        return value
+
+    def getitem(self, obj, argument):
+        budget = _budget()
+        budget.tick()
+        value = super().getitem(obj, argument)
+        budget.size(_shallow(value), "an item")
+        return value
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - Jinja's own signature
+        budget = _budget()
+        budget.tick(10 if isinstance(__obj, Macro) else 1)
+        target = getattr(__obj, "__wrapped__", __obj)  # str.format comes wrapped by the sandbox
+        owner = getattr(target, "__self__", None)
+        method = getattr(target, "__name__", "")
+        what = f"{method or 'a call'}()"
+        _check_ints(budget, args, kwargs, what)
+        if isinstance(owner, str):
+            if method in ("format", "format_map"):
+                _check_format(budget, owner, args, kwargs, what)
+            elif method == "join" and args:
+                budget.size(_estimate_join(budget, owner, args[0]), what)
+            elif method == "replace" and len(args) >= 2:
+                budget.size(_estimate_replace(owner, str(args[0]), str(args[1]), args[2] if len(args) > 2 else None),
+                            what)
+            elif method == "expandtabs" and "\t" in owner:
+                tab = args[0] if args else kwargs.get("tabsize", 8)
+                budget.size(len(owner) * max(int(tab), 1), what)
+            elif method == "translate" and args and isinstance(args[0], dict):
+                longest = max((_shallow(v) for v in args[0].values()), default=1)
+                budget.size(len(owner) * max(longest, 1), what)
+        if target is _LIPSUM:
+            n = args[0] if args else kwargs.get("n", 5)
+            most = args[3] if len(args) > 3 else kwargs.get("max", 100)
+            budget.size(int(n) * int(most) * 12, what)
+        if type(__obj).__name__ == "LoopContext" and args:  # a recursive loop's next level counts its steps too
+            args = (_bounded_steps(args[0]), *args[1:])
+        result = super().call(__context, __obj, *args, **kwargs)
+        budget.size(_shallow(result), f"the result of {what}")
+        return result
 
 
 # Same options as lm-eval's environment (strict undefined, keep the trailing newline) so that
 # every template renders to the same string.
-_ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
+_ENV = _BoundedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
+_LIPSUM = _ENV.globals["lipsum"]
 _ENV.filters["regex_replace"] = _regex_replace
+_ENV.filters.update({name: _guard_filter(name, func) for name, func in _ENV.filters.items()})
+_ENV.filters.update(_GUARDS)
+
+
+@functools.lru_cache(maxsize=512)
+def _compile(template: str):
+    return _ENV.from_string(template)
 
 
 def render(template: str, doc: dict[str, Any], *, where: str = "template") -> str:
-    """Render ``template`` with the fields of ``doc``; a missing field names itself and the available ones."""
+    """Render ``template`` with the fields of ``doc`` within :data:`TEMPLATE_LIMITS`.
+
+    Every failure is a :class:`TaskError` naming ``where``: a missing field (with the available
+    ones), a syntax error, a forbidden operation, a limit, or an error raised by the template.
+    """
     try:
-        return _ENV.from_string(template).render(**doc)
+        compiled = _compile(template)
+    except TemplateError as exc:
+        raise TaskError(f"{where} {template[:200]!r} is not a valid Jinja template: {exc}") from None
+    budget = _Budget(where, extra_size=_weight(doc, 2**62))
+    token = _BUDGET.set(budget)
+    try:
+        return compiled.render(**doc)
     except UndefinedError as exc:
         raise TaskError(
-            f"{where} {template!r} references a field that the document does not have ({exc}). "
+            f"{where} {template[:200]!r} references a field that the document does not have ({exc}). "
             f"Available fields: {sorted(doc)}."
         ) from None
+    except TaskError:
+        raise
+    except SecurityError as exc:
+        raise TemplateSecurityError(f"{where}: the template sandbox refused it: {exc}") from None
+    except RecursionError:
+        raise TemplateLimitError(f"{where}: the template recurses too deeply; refused.") from None
+    except MemoryError:
+        raise TemplateLimitError(f"{where}: the template ran out of memory; refused.") from None
+    except Exception as exc:  # an error inside the template (1/0, int('x'), ...): name the field, no traceback
+        raise TaskError(f"{where} {template[:200]!r} failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        _BUDGET.reset(token)
 
 
 class UnsafeFunction:
@@ -55,31 +421,124 @@ class UnsafeFunction:
         return f"!function {self.name}"
 
 
-def _import_function(name: str, yaml_path: Path):
+def _import_function(name: str, yaml_path: Path, code_root: Path):
     module_name, _, function_name = name.rpartition(".")
-    module_path = yaml_path.parent / f"{module_name}.py"
-    spec = importlib.util.spec_from_file_location(f"hfx_task_code.{module_name}", module_path)
-    if spec is None or not module_path.exists():
+    if not module_name or not function_name:
+        raise TaskError(f"{yaml_path}: !function {name!r} must be written module.function (utils.process_docs).")
+    module_path = (yaml_path.parent / f"{module_name}.py").resolve()
+    root = code_root.resolve()
+    if not module_path.is_relative_to(root):
+        raise TaskError(
+            f"{yaml_path}: !function {name} resolves to {module_path}, outside the task folder {root}; only Python "
+            "files inside the folder the task was found in are imported (pass the folder that holds both the task "
+            "and its code as --include-path if you trust it)."
+        )
+    if not module_path.is_file():
         raise TaskError(f"{yaml_path}: !function {name}: {module_path} does not exist.")
+    spec = importlib.util.spec_from_file_location(f"hfx_task_code.{module_path.stem}", module_path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise TaskError(f"{yaml_path}: !function {name}: importing {module_path} failed: "
+                        f"{type(exc).__name__}: {exc}") from exc
+    if not callable(getattr(module, function_name, None)):
+        raise TaskError(f"{yaml_path}: !function {name}: {module_path} has no function {function_name!r}.")
     return getattr(module, function_name)
 
 
-def load_yaml(path: str | Path, *, allow_code: bool = False) -> dict[str, Any]:
-    """Parse one task YAML with a safe loader; ``!function`` is imported only with ``allow_code``."""
+# lm-eval 0.4.13's largest task file has under 800 YAML nodes and 63 KB.
+MAX_YAML_BYTES = 8 * 2**20
+MAX_YAML_NODES = 100_000  # counted with every alias expanded
+
+
+def _check_node_graph(root: yaml.Node, limit: int) -> None:
+    """Count the nodes of the composed document as construction would expand them, without expanding.
+
+    Aliases share nodes, so each node's expanded size is computed once (iteratively: no recursion
+    limit); a node reached again while it is still open is an alias that contains itself.
+    """
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def children(node):
+        if isinstance(node, yaml.SequenceNode):
+            return node.value
+        if isinstance(node, yaml.MappingNode):
+            return [item for pair in node.value for item in pair]
+        return ()
+
+    stack = [(root, False)]
+    while stack:
+        node, closing = stack.pop()
+        key = id(node)
+        if closing:
+            open_nodes.discard(key)
+            total = 1 + sum(sizes[id(c)] for c in children(node))
+            if total > limit:
+                raise TaskError(
+                    f"expands to more than {limit} YAML nodes (aliases repeat their anchor's contents: a "
+                    f"'billion laughs' file); refused before building it"
+                )
+            sizes[key] = total
+            continue
+        if key in sizes:
+            continue
+        open_nodes.add(key)
+        stack.append((node, True))
+        for child in children(node):
+            if id(child) in open_nodes:
+                mark = child.start_mark
+                raise TaskError(f"has an alias that contains itself (line {mark.line + 1}); refused")
+            if id(child) not in sizes:
+                stack.append((child, False))
+
+
+def load_yaml(path: str | Path, *, allow_code: bool = False, code_root: str | Path | None = None) -> dict[str, Any]:
+    """Parse one task YAML with a safe loader, bounded in size and alias expansion.
+
+    ``!function`` is imported only with ``allow_code``, and only from a ``.py`` file inside
+    ``code_root`` (default: the YAML's folder). Every problem is a :class:`TaskError` naming the file.
+    """
     path = Path(path)
+    root = Path(code_root) if code_root is not None else path.parent
+    if path.is_dir():
+        raise TaskError(f"{path} is a directory, not a task file.")
+    try:
+        size = path.stat().st_size
+        if size > MAX_YAML_BYTES:
+            raise TaskError(f"{path}: {size} bytes, more than the {MAX_YAML_BYTES} a task file may have.")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise TaskError(f"{path}: cannot read the task file: {exc.strerror or exc}.") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TaskError(f"{path}: not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}).") from None
 
     class Loader(yaml.SafeLoader):
-        pass
+        def get_single_data(self):
+            node = self.get_single_node()
+            if node is None:
+                return None
+            _check_node_graph(node, MAX_YAML_NODES)
+            return self.construct_document(node)
 
     def function(loader, node):
         name = loader.construct_scalar(node)
-        return _import_function(name, path) if allow_code else UnsafeFunction(name, path)
+        return _import_function(name, path, root) if allow_code else UnsafeFunction(name, path)
 
     Loader.add_constructor("!function", function)
-    with open(path, encoding="utf-8") as handle:
-        data = yaml.load(handle, Loader=Loader)  # noqa: S506 - Loader is a SafeLoader subclass
+    try:
+        data = yaml.load(text, Loader=Loader)  # noqa: S506 - Loader is a SafeLoader subclass
+    except TaskError as exc:
+        if str(exc).startswith(str(path)):
+            raise
+        raise TaskError(f"{path}: {exc}.") from None
+    except yaml.YAMLError as exc:
+        raise TaskError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    except RecursionError:
+        raise TaskError(f"{path}: YAML nested too deeply; refused.") from None
     if not isinstance(data, dict):
         raise TaskError(f"{path}: a task file must be a YAML mapping, got {type(data).__name__}.")
     return data
