@@ -86,13 +86,17 @@ def add_parser(subparsers) -> None:
     run.add_argument("--logging-steps", type=int, default=10)
     run.add_argument("--merge", action="store_true", help="also save OUTPUT/merged, a plain checkpoint without PEFT")
     run.add_argument("--merge-dtype", choices=DTYPES, help="default: the base checkpoint's dtype")
-    run.add_argument("--overwrite", action="store_true", help="replace whatever the output folder holds")
-    run.add_argument("--resume", action="store_true", help="continue the run in the output folder from its last checkpoint")
+    run.add_argument("--overwrite", action="store_true", help="replace the hfx run in the output folder (only a folder "
+                     "with hfx_finetune.json that holds nothing but what a run writes)")
+    run.add_argument("--resume", action="store_true", help="continue the run in the output folder from its newest "
+                     "complete checkpoint (same settings; --max-steps/--epochs may grow)")
     run.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=run_command)
 
 
 def run_command(args: argparse.Namespace) -> int:
+    import sys
+
     from hfx.finetune import BackendError, DataError, FinetuneConfig, OutputDirError, TargetModulesError, finetune
 
     values = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
@@ -101,7 +105,10 @@ def run_command(args: argparse.Namespace) -> int:
         result = finetune(config)
     except (ValueError, BackendError, OutputDirError) as exc:
         kind = "bad data" if isinstance(exc, DataError) else "bad target modules" if isinstance(exc, TargetModulesError) else "error"
-        raise SystemExit(f"hfx finetune: {kind}: {exc}") from None
+        print(f"hfx finetune: {kind}: {' '.join(str(exc).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if not result.main_process:
+        return 0  # one summary per run: the other processes of a DDP run stay quiet
     summary = {k: v for k, v in result.to_dict().items() if k != "log_history"}
     print(json.dumps(summary, indent=2))
     return 0

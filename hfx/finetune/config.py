@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 METHODS = ("full", "lora", "qlora", "int8")
@@ -11,6 +12,13 @@ DATA_FORMATS = ("auto", "text", "prompt-completion", "chat")
 QUANT_TYPES = ("nf4", "fp4")
 DTYPES = ("float32", "bfloat16", "float16")
 BF16_CHOICES = ("auto", "yes", "no")
+
+
+def scheduler_names() -> list[str]:
+    """Learning-rate scheduler names transformers' Trainer accepts (``lr_scheduler_type``)."""
+    from transformers.trainer_utils import SchedulerType
+
+    return [s.value for s in SchedulerType]
 
 
 @dataclass
@@ -109,6 +117,26 @@ class FinetuneConfig:
         for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_length", "save_steps", "logging_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        for name in ("eval_steps", "eval_batch_size", "max_train_samples", "early_stopping_patience"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        for name in ("model", "data", "output"):
+            if not str(getattr(self, name)).strip():
+                raise ValueError(f"{name} must name a path, got {getattr(self, name)!r}.")
+        if self.max_steps != -1 and self.max_steps <= 0:
+            raise ValueError(f"max_steps must be a positive number of steps, or -1 to train for epochs; got {self.max_steps}.")
+        if self.max_steps == -1 and not (0 < self.epochs < math.inf):
+            raise ValueError(f"epochs must be a positive finite number (or set max_steps); got {self.epochs}: "
+                             "such a run would train nothing.")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1) (a fraction of the training steps), got {self.warmup_ratio}.")
+        if self.learning_rate is not None and not (0 < self.learning_rate < math.inf):
+            raise ValueError(f"learning_rate must be a positive finite number, got {self.learning_rate}.")
+        if not (0 <= self.weight_decay < math.inf):
+            raise ValueError(f"weight_decay must be a non-negative finite number, got {self.weight_decay}.")
+        schedulers = scheduler_names()
+        if self.lr_scheduler not in schedulers:
+            raise ValueError(f"lr_scheduler={self.lr_scheduler!r} is invalid; valid values: {schedulers}.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
         if not 0.0 <= self.eval_fraction < 1.0:
@@ -122,7 +150,11 @@ class FinetuneConfig:
         if self.merge and self.method == "full":
             raise ValueError("merge applies to adapter methods (lora, qlora, int8); a full fine-tune is already plain.")
         if isinstance(self.target_modules, str):
-            self.target_modules = [name.strip() for name in self.target_modules.split(",") if name.strip()]
+            given = self.target_modules
+            self.target_modules = [name.strip() for name in given.split(",") if name.strip()]
+            if not self.target_modules:
+                raise ValueError(f"target_modules={given!r} names no module; give comma-separated names, e.g. "
+                                 "'q_proj,v_proj', or leave it out for every linear layer except the head.")
 
     @property
     def uses_adapter(self) -> bool:

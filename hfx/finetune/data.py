@@ -16,6 +16,7 @@ Every check here runs before the model is loaded, so a misspelt field costs seco
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,27 +39,136 @@ class PreparedData:
 
 
 def load_split(source: str, split: str):
-    """A ``datasets.Dataset`` from a local file, a folder of files, or a hub dataset name."""
+    """A ``datasets.Dataset`` from a local file, a folder of files, or a hub dataset name.
+
+    Local json/jsonl/csv files are read through once first (:func:`check_data_file`), so an empty,
+    malformed or non-UTF-8 file is reported with its name and line instead of failing (or, for a
+    JSON line that is not an object or a CSV row with extra fields, silently loading garbage)
+    inside ``datasets``.
+    """
     from datasets import load_dataset
 
-    path = Path(source)
+    path = Path(source).expanduser()
     if path.is_file():
-        builder = _builder_for([path])
-        dataset = load_dataset(builder, data_files=str(path), split="train")
+        files = [path]
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in FILE_BUILDERS)
+        files = sorted(p for p in path.rglob("*") if p.suffix in FILE_BUILDERS and p.is_file())
         if not files:
             raise DataError(f"folder {source} holds no {sorted(FILE_BUILDERS)} files.")
-        dataset = load_dataset(_builder_for(files), data_files=[str(p) for p in files], split="train")
     else:
+        if path.suffix in FILE_BUILDERS or source.startswith((".", "/", "~")) or source.endswith("/"):
+            raise DataError(f"data file {source} does not exist.")
         try:
             splits = load_dataset(source)
         except Exception as exc:  # datasets raises many types for "not found / offline"
-            raise DataError(f"{source!r} is neither a local file or folder nor a loadable dataset: {exc}") from exc
+            raise DataError(f"{source!r} is neither a local file or folder nor a loadable dataset: "
+                            f"{' '.join(str(exc).split())}") from None
         if split not in splits:
             raise DataError(f"dataset {source!r} has no split {split!r}; splits: {sorted(splits)}.")
-        dataset = splits[split]
+        return splits[split]
+    builder = _builder_for(files)
+    for file in files:
+        check_data_file(file)
+    try:
+        dataset = load_dataset(builder, data_files=[str(p) for p in files], split="train")
+    except Exception as exc:  # pyarrow / pandas errors come wrapped in DatasetGenerationError
+        cause = exc.__cause__ or exc
+        raise DataError(f"cannot read {source} as {builder}: {' '.join(str(cause).split()) or type(cause).__name__}") from None
+    if len(dataset) == 0:
+        raise DataError(f"{source} holds no records.")
     return dataset
+
+
+def _utf8_lines(path: Path):
+    """(line number, text) of every line of ``path``; a DataError names the first line that is not UTF-8."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{path} line {number} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                    "save the file as UTF-8."
+                ) from None
+
+
+def check_data_file(path: Path) -> None:
+    """Read a local .json/.jsonl/.csv file once and report the first problem with its line number."""
+    if path.stat().st_size == 0:
+        raise DataError(f"{path} is empty: no records.")
+    if path.suffix == ".jsonl":
+        _check_json_lines(path)
+    elif path.suffix == ".json":
+        text = "".join(line for _, line in _utf8_lines(path))
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as exc:
+            if text.lstrip().startswith("{") and "\n" in text.strip():
+                _check_json_lines(path)  # datasets also reads JSON lines from a .json file
+                return
+            raise DataError(f"{path} line {exc.lineno}: invalid JSON ({exc.msg}).") from None
+        _check_json_document(path, document)
+    elif path.suffix == ".csv":
+        _check_csv(path)
+
+
+def _check_json_lines(path: Path) -> None:
+    records = 0
+    for number, line in _utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} line {number}: invalid JSON ({exc.msg} at column {exc.colno}).") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path} line {number}: a record must be a JSON object, got {type(record).__name__}.")
+        records += 1
+    if records == 0:
+        raise DataError(f"{path} holds no records (only blank lines).")
+
+
+def _check_json_document(path: Path, document) -> None:
+    if isinstance(document, list):
+        if not document:
+            raise DataError(f"{path} holds an empty list: no records.")
+        for index, record in enumerate(document):
+            if not isinstance(record, dict):
+                raise DataError(f"{path}: record {index} must be a JSON object, got {type(record).__name__}.")
+        return
+    if isinstance(document, dict) and document and all(isinstance(v, list) for v in document.values()):
+        lengths = {len(v) for v in document.values()}
+        if len(lengths) > 1 or lengths == {0}:
+            raise DataError(f"{path}: the columns hold lists of different lengths {sorted(lengths)}, or none.")
+        return
+    raise DataError(f"{path} must hold a list of records (JSON objects), one JSON object per line, or an object "
+                    f"mapping column names to lists; got {type(document).__name__}.")
+
+
+def _check_csv(path: Path) -> None:
+    import csv
+    import io
+
+    text = io.StringIO("".join(line for _, line in _utf8_lines(path)), newline="")
+    reader = csv.reader(text)
+    try:
+        header = next(reader, None)
+        while header is not None and not any(cell.strip() for cell in header):
+            header = next(reader, None)
+        if header is None:
+            raise DataError(f"{path} is empty: no header row.")
+        rows = 0
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise DataError(f"{path} line {reader.line_num}: {len(row)} fields where the header has {len(header)} "
+                                f"({header}).")
+            rows += 1
+    except csv.Error as exc:
+        raise DataError(f"{path} line {reader.line_num}: {exc}.") from None
+    if rows == 0:
+        raise DataError(f"{path} has a header {header} but no records.")
 
 
 def _builder_for(files: list[Path]) -> str:

@@ -6,7 +6,9 @@ folder) is checked before the model's weights are loaded.
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint_check import CheckpointError, check_model_dir, file_problem, weights_problem
 from .config import FinetuneConfig
 from .data import DataError, check_data, collator_for, prepare_data
 from .model import (
@@ -31,12 +34,58 @@ RESULTS_FILE = "hfx_finetune_results.json"
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
 MERGED_DIR = "merged"
-# Fields that must agree for --resume to continue a run rather than start a different one.
-RUN_IDENTITY = ("model", "data", "method", "task", "lora_r", "target_modules", "quant_type", "max_length", "packing")
+#: Everything a run writes into its output folder (fnmatch patterns), the ONLY names ``--overwrite``
+#: removes: the run file, the saved adapter / model / merged checkpoint, Trainer's checkpoints and
+#: its tensorboard ``runs/`` and result files. Each may also appear with the ``.tmp`` / ``.old``
+#: suffix of an interrupted atomic write. Anything else in the folder stops an overwrite.
+RUN_OUTPUTS = (
+    RUN_FILE,
+    RESULTS_FILE,
+    ADAPTER_DIR,
+    MODEL_DIR,
+    MERGED_DIR,
+    "checkpoint-[0-9]*",
+    "tmp-checkpoint-[0-9]*",
+    "runs",
+    "trainer_state.json",
+    "all_results.json",
+    "train_results.json",
+    "eval_results.json",
+)
+ATOMIC_SUFFIXES = ("", ".tmp", ".old")
+
+# Settings that must agree for --resume to continue a run rather than start a different one.
+RUN_IDENTITY = (
+    "model", "data", "task", "method", "data_format", "text_field", "prompt_field", "completion_field",
+    "messages_field", "assistant_only_loss", "label_field", "data_split", "eval_fraction", "max_train_samples",
+    "lora_r", "lora_alpha", "lora_dropout", "target_modules",
+    "quant_type", "double_quant", "compute_dtype", "quant_storage",
+    "max_length", "packing", "batch_size", "grad_accum",
+    "learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "optim", "bf16", "seed",
+)
+# Settings a resumed run may change: how long it trains (to extend a run), how often it evaluates,
+# saves and logs, what it does after training, and the flags of this invocation.
+RESUME_MAY_DIFFER = (
+    "output", "epochs", "max_steps", "eval_steps", "save_steps", "logging_steps", "save_total_limit",
+    "eval_data", "eval_batch_size", "early_stopping_patience", "gradient_checkpointing",
+    "merge", "merge_dtype", "overwrite", "resume", "trust_remote_code", "extra_training_args",
+)
+
+
+logger = logging.getLogger("hfx.finetune")
 
 
 class OutputDirError(FileExistsError):
-    """The output folder holds another run and neither overwrite nor resume was asked for."""
+    """The output folder cannot be used as asked: it holds something else, or another run, or the
+    saved run differs from the requested one (``--resume``)."""
+
+
+@dataclass
+class OutputPlan:
+    """What :func:`check_output_dir` found: the run outputs an overwrite removes, the saved run's process count."""
+
+    remove: list[str] = field(default_factory=list)
+    previous_world_size: int | None = None
 
 
 @dataclass
@@ -52,29 +101,32 @@ class FinetuneResult:
     eval_loss: float | None
     world_size: int
     resumed_from: str | None
+    #: the kernel bitsandbytes' 4-bit layers use on the CPU (``hfx.quantization``); None without any
+    bnb_cpu_path: str | None = None
     log_history: list = field(default_factory=list)
     model: object = field(default=None, repr=False)
     tokenizer: object = field(default=None, repr=False)
+    main_process: bool = field(default=True, repr=False)  # False on the other ranks of a multi-process run
 
     def to_dict(self) -> dict:
-        skip = {"model", "tokenizer"}
+        skip = {"model", "tokenizer", "main_process"}
         return {k: v for k, v in self.__dict__.items() if k not in skip}
 
 
 def finetune(config: FinetuneConfig | None = None, *, callbacks=None, **kwargs) -> FinetuneResult:
-    """Fine-tune ``config.model`` on ``config.data``; ``finetune(model=..., data=..., output=...)`` works too."""
+    """Fine-tune ``config.model`` on ``config.data``; ``finetune(model=..., data=..., output=...)`` works too.
+
+    Order: every check (settings, output folder, model files, tokenizer, data, bitsandbytes,
+    target modules) runs first; only then is anything in the output folder removed or written,
+    and only then are the model's weights loaded.
+    """
     config = config if config is not None else FinetuneConfig(**kwargs)
-    from transformers import AutoConfig, AutoTokenizer
 
     main_process = int(os.environ.get("RANK", "0")) == 0
     output = Path(config.output)
-    if main_process:
-        prepare_output_dir(config)
-    model_config = AutoConfig.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
+    plan = check_output_dir(config) if main_process else OutputPlan()
+    model_config, tokenizer = _load_config_and_tokenizer(config)
     task = resolve_task(config, model_config)
-    tokenizer = AutoTokenizer.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     check_data(config, task, tokenizer)
     if config.quantized:
         check_bitsandbytes(config)
@@ -86,18 +138,31 @@ def finetune(config: FinetuneConfig | None = None, *, callbacks=None, **kwargs) 
         raise DataError(f"no training example left after tokenising {config.data} (max_length={config.max_length}).")
     if task == "seq-cls":
         _set_labels(model_config, data)
+    resumed_from = newest_complete_checkpoint(output, warn=main_process) if config.resume else None
+    if config.resume and resumed_from is None and main_process:
+        logger.warning("--resume: %s holds no complete checkpoint; training starts from step 0.", output)
     if main_process:
-        _write_json(output / RUN_FILE, json.loads(config.to_json()))
+        if plan.remove:
+            clear_run_outputs(output, plan.remove)
+        if plan.previous_world_size is not None and plan.previous_world_size != _world_size():
+            logger.warning(
+                "--resume: the run was trained on %d process(es) and continues on %d: the effective batch changes "
+                "from %d to %d examples per step.", plan.previous_world_size, _world_size(),
+                plan.previous_world_size * config.batch_size * config.grad_accum,
+                _world_size() * config.batch_size * config.grad_accum,
+            )
+        _write_json(output / RUN_FILE, {**json.loads(config.to_json()), "world_size": _world_size()})
 
     gradient_checkpointing = config.gradient_checkpointing if config.gradient_checkpointing is not None else config.quantized
     from transformers import set_seed
+
+    from ..quantization import bnb_cpu_path
 
     set_seed(config.seed)  # LoRA's A matrices (and a new classifier head) are drawn before Trainer seeds
     model = load_model(config, task, model_config, gradient_checkpointing)
     if config.uses_adapter:
         model = add_lora(model, config, task)
     trainer = build_trainer(config, model, tokenizer, data, task, gradient_checkpointing, callbacks)
-    resumed_from = last_checkpoint(output) if config.resume else None
     outcome = trainer.train(resume_from_checkpoint=resumed_from)
 
     saved_dir = output / (ADAPTER_DIR if config.uses_adapter else MODEL_DIR)
@@ -119,18 +184,62 @@ def finetune(config: FinetuneConfig | None = None, *, callbacks=None, **kwargs) 
         task=task,
         data_format=data.data_format,
         global_step=trainer.state.global_step,
-        train_loss=float(outcome.training_loss),
+        train_loss=global_training_loss(trainer, outcome.training_loss),
         final_loss=losses[-1] if losses else None,
         eval_loss=eval_losses[-1] if eval_losses else None,
         world_size=trainer.args.world_size,
         resumed_from=resumed_from,
+        bnb_cpu_path=bnb_cpu_path(trainer.model),
         log_history=history,
         model=trainer.model,
         tokenizer=tokenizer,
+        main_process=trainer.is_world_process_zero(),
     )
     if trainer.is_world_process_zero():
         _write_json(output / RESULTS_FILE, result.to_dict())
     return result
+
+
+def global_training_loss(trainer, local_loss: float) -> float:
+    """Trainer's ``training_loss`` averaged over every process.
+
+    Trainer adds the losses it logged (already gathered from all processes) to the loss of the
+    steps since the last log, which each process only knows for its own batches. The mean of the
+    per-process values is therefore the all-process mean; on one process it is the value itself.
+    """
+    if trainer.args.world_size <= 1:
+        return float(local_loss)
+    value = torch.tensor([float(local_loss)], device=trainer.args.device)
+    return float(trainer.accelerator.reduce(value, reduction="mean").item())
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _load_config_and_tokenizer(config: FinetuneConfig):
+    """The model's config and tokenizer, after checking the checkpoint's files; one-line errors otherwise."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    check_model_dir(config.model, "--model")
+    try:
+        model_config = AutoConfig.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"--model {config.model}: cannot read its config: {_one_line(exc)}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"--model {config.model}: cannot load its tokenizer (save one next to the weights with "
+            f"tokenizer.save_pretrained): {_one_line(exc)}"
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model_config, tokenizer
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def build_trainer(config, model, tokenizer, data, task, gradient_checkpointing, callbacks):
@@ -146,6 +255,8 @@ def build_trainer(config, model, tokenizer, data, task, gradient_checkpointing, 
         gradient_accumulation_steps=config.grad_accum,
         learning_rate=config.resolved_learning_rate,
         lr_scheduler_type=config.lr_scheduler,
+        # transformers 5 has one field for both: a value below 1 is a fraction of the training steps, a
+        # value of 1 or more a step count. FinetuneConfig keeps warmup_ratio in [0, 1), so it stays a ratio.
         warmup_steps=config.warmup_ratio,
         weight_decay=config.weight_decay,
         num_train_epochs=config.epochs,
@@ -193,35 +304,171 @@ def _use_bf16(config: FinetuneConfig) -> bool:
     return config.bf16 == "yes"
 
 
-def prepare_output_dir(config: FinetuneConfig) -> None:
-    """Refuse a folder that holds another run, unless asked to overwrite it or resume the same run."""
+def is_run_output(name: str) -> bool:
+    """Whether an entry of an output folder is one :data:`RUN_OUTPUTS` names (with an atomic-write suffix or not)."""
+    return any(fnmatch.fnmatchcase(name, pattern + suffix) for pattern in RUN_OUTPUTS for suffix in ATOMIC_SUFFIXES)
+
+
+def _shown(names: list[str], limit: int = 8) -> str:
+    names = sorted(names)
+    return str(names if len(names) <= limit else names[:limit] + [f"... {len(names) - limit} more"])
+
+
+def _check_writable_parent(output: Path) -> None:
+    parent = output.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputDirError(f"output folder {output} cannot be created: {parent} is not a writable folder.")
+
+
+def check_output_dir(config: FinetuneConfig) -> OutputPlan:
+    """Decide what may happen to the output folder; touches nothing (the removal comes after every other check).
+
+    - a missing or empty folder is used as is;
+    - ``overwrite``: only a folder holding an hfx run (its ``hfx_finetune.json``) and nothing but
+      what a run writes (:data:`RUN_OUTPUTS`) is cleared; anything else stops the run, named;
+    - ``resume``: the saved run's settings must match the requested ones (:data:`RUN_IDENTITY`);
+    - neither: a non-empty folder is refused.
+    """
     output = Path(config.output)
-    if not output.exists() or not any(output.iterdir()):
-        return
-    if config.overwrite:
-        shutil.rmtree(output)
-        return
+    if output.exists() and not output.is_dir():
+        raise OutputDirError(f"output {output} is a file, not a folder; choose a folder for the run.")
+    if not output.exists():
+        _check_writable_parent(output)
+        return OutputPlan()
+    if not os.access(output, os.W_OK | os.X_OK):
+        raise OutputDirError(f"output folder {output} is not writable.")
+    entries = sorted(entry.name for entry in output.iterdir())
+    if not entries:
+        return OutputPlan()
     run_file = output / RUN_FILE
+    is_run = run_file.is_file()
+    if config.overwrite:
+        if not is_run:
+            raise OutputDirError(
+                f"--overwrite: {output} is not an hfx fine-tuning run (it has no {RUN_FILE}) and holds "
+                f"{_shown(entries)}; nothing was deleted. Choose another --output or empty the folder yourself."
+            )
+        foreign = [name for name in entries if not is_run_output(name)]
+        if foreign:
+            raise OutputDirError(
+                f"--overwrite: {output} holds {_shown(foreign)}, which a fine-tuning run does not write; nothing was "
+                "deleted. Move them elsewhere or choose another --output."
+            )
+        return OutputPlan(remove=entries)
     if not config.resume:
-        what = "another fine-tuning run" if run_file.exists() else "files"
+        if is_run:
+            raise OutputDirError(
+                f"output folder {output} already holds another fine-tuning run; pass --overwrite to replace it "
+                "or --resume to continue it."
+            )
         raise OutputDirError(
-            f"output folder {output} already holds {what}; pass --overwrite to replace it or --resume to continue it."
+            f"output folder {output} already holds files {_shown(entries)} and is not an hfx run; choose another "
+            "--output (--overwrite only replaces a folder an hfx run wrote)."
         )
-    if not run_file.exists():
+    if not is_run:
         raise OutputDirError(f"--resume: {output} holds no hfx fine-tuning run ({RUN_FILE} is missing).")
-    if (output / RESULTS_FILE).exists():
-        raise OutputDirError(f"--resume: the run in {output} already finished; pass --overwrite to train it again.")
-    previous = json.loads(run_file.read_text())
-    current = json.loads(config.to_json())
-    changed = {k: (previous.get(k), current[k]) for k in RUN_IDENTITY if previous.get(k) != current[k]}
+    try:
+        previous = json.loads(run_file.read_text(encoding="utf-8"))
+        if not isinstance(previous, dict):
+            raise ValueError("not a JSON object")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise OutputDirError(f"--resume: {run_file} is damaged ({exc}); pass --overwrite to start again.") from None
+    changed = resume_differences(previous, config)
     if changed:
-        raise OutputDirError(f"--resume: {output} holds a different run; differing settings (saved, requested): {changed}.")
+        raise OutputDirError(
+            f"--resume: {output} holds a different run; settings that differ: {'; '.join(changed)}. Repeat the "
+            "saved values, or pass --overwrite to start a new run."
+        )
+    if (output / RESULTS_FILE).exists() and not _extends(previous, config):
+        raise OutputDirError(
+            f"--resume: the run in {output} already finished; raise --max-steps / --epochs to extend it, or pass "
+            "--overwrite to train it again."
+        )
+    world_size = previous.get("world_size")
+    return OutputPlan(previous_world_size=world_size if isinstance(world_size, int) else None)
 
 
-def last_checkpoint(output: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def _comparable(name: str, values: dict):
+    value = values.get(name)
+    if name == "learning_rate" and value is None and values.get("method") is not None:
+        return 2e-5 if values.get("method") == "full" else 2e-4  # FinetuneConfig.resolved_learning_rate
+    if name in ("model", "data") and isinstance(value, str) and Path(value).expanduser().exists():
+        return str(Path(value).expanduser().resolve())
+    if name == "target_modules" and isinstance(value, list):
+        return sorted(value)
+    return value
 
-    return get_last_checkpoint(str(output)) if output.is_dir() else None
+
+def resume_differences(previous: dict, config: FinetuneConfig) -> list[str]:
+    """``"name: saved -> requested"`` for every :data:`RUN_IDENTITY` setting that differs."""
+    current = json.loads(config.to_json())
+    changed = []
+    for name in RUN_IDENTITY:
+        saved, requested = _comparable(name, previous), _comparable(name, current)
+        if saved != requested:
+            changed.append(f"{name}: saved {previous.get(name)!r}, requested {current.get(name)!r}")
+    return changed
+
+
+def _extends(previous: dict, config: FinetuneConfig) -> bool:
+    return previous.get("max_steps") != config.max_steps or previous.get("epochs") != config.epochs
+
+
+def clear_run_outputs(output: Path, names: list[str]) -> None:
+    """Remove the run outputs ``names`` from ``output`` (a link is unlinked, never followed)."""
+    for name in names:
+        if not is_run_output(name):  # check_output_dir refused these already; never remove one
+            raise OutputDirError(f"refusing to remove {output / name}: a fine-tuning run does not write it.")
+        path = output / name
+        if path.is_symlink() or not path.is_dir():
+            path.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(path)
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why a Trainer checkpoint folder cannot be resumed from (a kill while it was written), or None.
+
+    Trainer writes the weights first, then optimizer, scheduler and RNG states, and
+    ``trainer_state.json`` last; a complete checkpoint has readable weights and a valid state file,
+    and every optimizer / scheduler / RNG file present opens as an archive.
+    """
+    state = checkpoint / "trainer_state.json"
+    if not state.is_file():
+        return "trainer_state.json is missing"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return "trainer_state.json is not valid JSON"
+    problem = weights_problem(checkpoint)
+    if problem:
+        return problem
+    for extra in sorted(checkpoint.iterdir()):
+        if extra.suffix in (".pt", ".pth") or extra.name == "training_args.bin":
+            problem = file_problem(extra)
+            if problem:
+                return problem
+    return None
+
+
+def newest_complete_checkpoint(output: Path, warn: bool = True) -> str | None:
+    """The newest ``checkpoint-N`` of ``output`` that is complete; newer half-written ones are skipped with a warning."""
+    if not output.is_dir():
+        return None
+    numbered = []
+    for entry in output.iterdir():
+        name = entry.name
+        if entry.is_dir() and name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit():
+            numbered.append((int(name[len("checkpoint-"):]), entry))
+    for _, checkpoint in sorted(numbered, reverse=True):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return str(checkpoint)
+        if warn:
+            logger.warning("--resume: skipping %s, which was not completely written (%s).", checkpoint, problem)
+    return None
 
 
 def _existing_label_names(model_config) -> list[str] | None:
@@ -248,10 +495,17 @@ def _write_json(path: Path, payload: dict) -> None:
 
 
 def _save_atomically(target: Path, save) -> None:
-    """Write into a sibling temp folder and rename, so a crash never leaves a half-written model."""
+    """Write into a sibling temp folder and rename, so a crash never leaves a half-written model.
+
+    The previous folder is moved aside (``.old``) before the rename and removed after it: at every
+    moment ``target`` is either the complete old folder, the complete new one, or absent.
+    """
     tmp = target.with_name(target.name + ".tmp")
+    old = target.with_name(target.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     save(str(tmp))
+    shutil.rmtree(old, ignore_errors=True)
     if target.exists():
-        shutil.rmtree(target)
+        os.replace(target, old)
     os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
