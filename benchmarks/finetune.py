@@ -10,9 +10,12 @@ Each (model, method) pair runs ``--repeats`` times per pipeline, alternating whi
 first, and the step time reported is the median over all timed steps of all repeats: on a shared
 CPU a single run drifts by tens of percent, which would swamp a 5 % overhead target.
 
-    python benchmarks/finetune.py --quick                     # a few steps, for development
+    python benchmarks/finetune.py --quick                     # a few steps -> results/finetune_quick.json
     python benchmarks/finetune.py --methods full,lora         # the CPU rows in docs/finetuning.md
     python benchmarks/finetune.py --json results/other.json   # rows go to benchmarks/results/finetune.json by default
+
+A --quick run never replaces the recorded results: it writes ``finetune_quick.json`` (not tracked
+by git), as ``benchmarks/attention.py --quick`` does.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ class StepTimer(TrainerCallback):
 
 def build_models(root: Path) -> dict[str, str]:
     texts = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(40)) for i in range(200)]
-    tokenizer = train_tokenizer(texts, vocab_size=400)
+    tokenizer = train_tokenizer(texts, vocab_size=400, style="causal")
     common = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                   bos_token_id=tokenizer.bos_token_id)
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -150,6 +153,14 @@ def run_plain(model: str, data: str, method: str, steps: int, batch: int, length
     return timer
 
 
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def default_json_path(quick: bool) -> Path:
+    """The recorded rows, or for a ``--quick`` run its own untracked file next to them."""
+    return RESULTS_DIR / ("finetune_quick.json" if quick else "finetune.json")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="4 steps per run (2 timed), for development")
@@ -160,9 +171,11 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--repeats", type=int, default=3, help="runs per pipeline, alternating which goes first")
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--json", default=str(Path(__file__).parent / "results" / "finetune.json"),
-                        help="where the rows are written (default: %(default)s)")
+    parser.add_argument("--json", default=None,
+                        help="where the rows are written (default: benchmarks/results/finetune.json, "
+                        "finetune_quick.json with --quick)")
     args = parser.parse_args(argv)
+    args.json = args.json or str(default_json_path(args.quick))
     steps = 4 if args.quick else args.steps
     repeats = 1 if args.quick else args.repeats
     unknown = sorted(set(args.methods.split(",")) - set(METHODS))

@@ -22,6 +22,7 @@ from transformers import AutoTokenizer, Trainer
 from hfx.data import load_documents
 from hfx.pretraining import (
     OBJECTIVES,
+    TOKENIZER_STYLES,
     loss_history,
     model_config,
     plot_loss_curves,
@@ -75,8 +76,9 @@ def main(argv=None) -> dict[str, dict]:
     validation_docs = load_documents(args.data, split="validation") if args.data == "embedded" else train_docs
     tokenizer_dir = output_dir / "tokenizer"
     if not tokenizer_dir.is_dir():
-        save_pretrained_atomic(tokenizer_dir, train_tokenizer(train_docs["text"], vocab_size=1000))
-    # One saved tokenizer for every run: BPE training may break ties differently each time.
+        tokenizer = train_tokenizer(train_docs["text"], vocab_size=1000, style=TOKENIZER_STYLES[args.objective])
+        save_pretrained_atomic(tokenizer_dir, tokenizer)
+    # One saved tokenizer for every run, reloaded the way a user would.
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     train_set, collator = prepare_dataset(train_docs, tokenizer, args.objective, args.max_length, seed=args.seed)
     validation_set, _ = prepare_dataset(validation_docs, tokenizer, args.objective, args.max_length, seed=args.seed)

@@ -3,11 +3,14 @@
     python examples/pretrain_gpt_style.py --output-dir runs/gpt                   # embedded corpus
     python examples/pretrain_gpt_style.py --data corpus.txt --output-dir runs/gpt --position-embedding-type rotary
     python examples/pretrain_gpt_style.py --output-dir runs/gpt --resume           # continue after a stop
+    python examples/pretrain_gpt_style.py --output-dir runs/gpt --resume --max-steps 600   # train longer
 
 --data takes a .txt file or folder (one sentence per line, a blank line between documents), a
 .json/.jsonl/.csv/.parquet file with --text-column, 'embedded', or a datasets name. The model,
 with its tokenizer, is saved to OUTPUT_DIR/model and loads with AutoModelForCausalLM after
-`import hfx`; OUTPUT_DIR/loss_curve.png shows training.
+`import hfx`; OUTPUT_DIR/loss_curve.png shows training. The tokenizer trained here is GPT-style:
+it adds no special tokens around a text, and documents are separated by its EOS token `</s>`.
+With --resume the model is rebuilt from the checkpoint's config.json: model flags may be left out.
 """
 
 import argparse
@@ -23,4 +26,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (FileNotFoundError, ValueError) as exc:  # bad input: one line, argparse's exit code
+        print(f"pretrain_gpt_style.py: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        sys.exit(2)

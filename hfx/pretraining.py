@@ -45,6 +45,8 @@ from .modeling_hfx import HfxForCausalLM, HfxForMaskedLM, HfxForPreTraining
 from .tokenizer import train_tokenizer
 
 OBJECTIVES = {"mlm_nsp": HfxForPreTraining, "mlm": HfxForMaskedLM, "clm": HfxForCausalLM}
+# clm gets a tokenizer that adds nothing around a text; the BERT objectives need [CLS]/[SEP]/[MASK].
+TOKENIZER_STYLES = {"mlm_nsp": "bert", "mlm": "bert", "clm": "causal"}
 COMPONENT_FLAGS = ("norm_type", "norm_position", "position_embedding_type", "attention_type")
 
 
@@ -96,8 +98,9 @@ def prepare_dataset(documents, tokenizer, objective: str, max_length: int, seed:
 
 def training_arguments(
     output_dir, max_steps: int, batch_size: int, learning_rate: float, seed: int, save_steps: int | None = None,
-    logging_steps: int = 10,
+    logging_steps: int = 10, progress: bool = True,
 ) -> TrainingArguments:
+    """CPU pre-training arguments; ``progress`` shows Trainer's own progress bar (steps done, rate, time left)."""
     return TrainingArguments(
         output_dir=str(output_dir),
         max_steps=max_steps,
@@ -115,7 +118,7 @@ def training_arguments(
         report_to="none",
         use_cpu=True,
         dataloader_num_workers=0,
-        disable_tqdm=True,
+        disable_tqdm=not progress,
     )
 
 
@@ -127,6 +130,59 @@ def last_checkpoint_or_error(output_dir) -> str:
             "(with --save-steps so checkpoints are written)."
         )
     return checkpoint
+
+
+# --flag -> HfxConfig field of the model flags; on --resume they come from the checkpoint's config.json.
+MODEL_FLAGS = {
+    "norm_type": "norm_type",
+    "norm_position": "norm_position",
+    "position_embedding_type": "position_embedding_type",
+    "attention_type": "attention_type",
+    "hidden_size": "hidden_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+}
+MODEL_DEFAULTS = {
+    "norm_type": "layernorm",
+    "norm_position": "pre",
+    "position_embedding_type": "learned",
+    "attention_type": "sdpa",
+    "hidden_size": 64,
+    "num_layers": 2,
+    "num_heads": 4,
+}
+
+
+def resumed_config(checkpoint, args: argparse.Namespace) -> HfxConfig:
+    """The model config saved with ``checkpoint``; a model flag given now must agree with it.
+
+    A flag left out takes the checkpoint's value, not the command-line default, so ``--resume``
+    alone continues any run. A flag given with another value is refused, naming each difference.
+    """
+    config = HfxConfig.from_pretrained(str(checkpoint))
+    expected = OBJECTIVES[args.objective].__name__
+    saved_architectures = list(getattr(config, "architectures", None) or [])
+    if saved_architectures and expected not in saved_architectures:
+        raise ValueError(
+            f"--resume: {checkpoint} holds a {saved_architectures[0]}, not a {expected} (objective "
+            f"{args.objective!r}); resume it with the example that started it"
+        )
+    differences = []
+    for flag, field_name in MODEL_FLAGS.items():
+        given = getattr(args, flag, None)
+        if given is not None and given != getattr(config, field_name):
+            differences.append(f"--{flag.replace('_', '-')} {given} (saved: {getattr(config, field_name)})")
+    if differences:
+        raise ValueError(
+            f"--resume: the model in {checkpoint} was built with other settings: {'; '.join(differences)}. "
+            "Leave these flags out to continue it, or start a new --output-dir"
+        )
+    return config
+
+
+def model_flag(args: argparse.Namespace, flag: str):
+    value = getattr(args, flag, None)
+    return MODEL_DEFAULTS[flag] if value is None else value
 
 
 def loss_history(trainer: Trainer) -> list[tuple[int, float]]:
@@ -211,16 +267,18 @@ def add_arguments(parser: argparse.ArgumentParser, objective_default: str) -> ar
     data.add_argument("--vocab-size", type=int, default=1000, help="vocabulary of a trained tokenizer (default 1000)")
     data.add_argument("--max-length", type=int, default=64, help="tokens per example / block (default 64)")
 
-    model = parser.add_argument_group("model")
+    # Model flags default to None so that --resume can tell a flag given from one left out; the
+    # defaults (MODEL_DEFAULTS) apply to a new run, the checkpoint's config.json to a resumed one.
+    model = parser.add_argument_group("model", "with --resume, a flag left out takes the checkpoint's value")
     model.add_argument("--objective", default=objective_default, choices=list(OBJECTIVES), help=argparse.SUPPRESS)
-    model.add_argument("--norm-type", default="layernorm", choices=registry.names("norm"))
-    model.add_argument("--norm-position", default="pre", choices=["pre", "post"])
-    model.add_argument("--position-embedding-type", default="learned", choices=registry.names("position"))
-    model.add_argument("--attention-type", default="sdpa",
-                       help="sdpa, eager, or an installed attention plugin (see `hfx plugins`)")
-    model.add_argument("--hidden-size", type=int, default=64)
-    model.add_argument("--num-layers", type=int, default=2)
-    model.add_argument("--num-heads", type=int, default=4)
+    model.add_argument("--norm-type", choices=registry.names("norm"), help="default: layernorm")
+    model.add_argument("--norm-position", choices=["pre", "post"], help="default: pre")
+    model.add_argument("--position-embedding-type", choices=registry.names("position"), help="default: learned")
+    model.add_argument("--attention-type",
+                       help="sdpa (default), eager, or an installed attention plugin (see `hfx plugins`)")
+    model.add_argument("--hidden-size", type=int, help="default: 64")
+    model.add_argument("--num-layers", type=int, help="default: 2")
+    model.add_argument("--num-heads", type=int, help="default: 4")
     model.add_argument("--whole-word-mask", action="store_true", help="MLM: mask whole words (BERT's WWM)")
 
     train = parser.add_argument_group("training")
@@ -239,6 +297,7 @@ def run_from_args(args: argparse.Namespace, callbacks=None) -> Trainer:
     """Load data, get a tokenizer, build the model and train it; saves model and tokenizer to ``--output-dir``."""
     output_dir = Path(args.output_dir)
     checkpoint = last_checkpoint_or_error(output_dir) if args.resume else None
+    resumed = resumed_config(checkpoint, args) if checkpoint is not None else None  # before any data is read
     documents = load_documents(args.data, text_column=args.text_column, dataset_config=args.dataset_config)
     tokenizer_dir = output_dir / "tokenizer"
     if args.tokenizer:
@@ -246,19 +305,23 @@ def run_from_args(args: argparse.Namespace, callbacks=None) -> Trainer:
     elif args.resume and tokenizer_dir.is_dir():
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     else:
-        tokenizer = train_tokenizer(documents["text"], vocab_size=args.vocab_size)
+        tokenizer = train_tokenizer(documents["text"], vocab_size=args.vocab_size,
+                                    style=TOKENIZER_STYLES[args.objective])
         save_pretrained_atomic(tokenizer_dir, tokenizer)
     dataset, collator = prepare_dataset(
         documents, tokenizer, args.objective, args.max_length, seed=args.seed, whole_word_mask=args.whole_word_mask
     )
-    config = model_config(
-        tokenizer,
-        args.max_length,
-        hidden_size=args.hidden_size,
-        num_hidden_layers=args.num_layers,
-        num_attention_heads=args.num_heads,
-        **{name: getattr(args, name) for name in COMPONENT_FLAGS},
-    )
+    if resumed is not None:
+        config = resumed
+    else:
+        config = model_config(
+            tokenizer,
+            args.max_length,
+            hidden_size=model_flag(args, "hidden_size"),
+            num_hidden_layers=model_flag(args, "num_layers"),
+            num_attention_heads=model_flag(args, "num_heads"),
+            **{name: model_flag(args, name) for name in COMPONENT_FLAGS},
+        )
     training_args = training_arguments(
         output_dir, args.max_steps, args.batch_size, args.learning_rate, args.seed, args.save_steps or None,
         args.logging_steps,
@@ -279,12 +342,15 @@ def run_from_args(args: argparse.Namespace, callbacks=None) -> Trainer:
 
 
 __all__ = [
+    "MODEL_DEFAULTS",
     "OBJECTIVES",
+    "TOKENIZER_STYLES",
     "add_arguments",
     "loss_history",
     "model_config",
     "plot_loss_curves",
     "prepare_dataset",
+    "resumed_config",
     "run_from_args",
     "save_pretrained_atomic",
     "training_arguments",

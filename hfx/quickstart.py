@@ -116,14 +116,16 @@ def write_data_step(ctx: QuickstartContext) -> None:
 
 def train_tokenizer_step(ctx: QuickstartContext) -> None:
     from .data import load_documents
-    from .pretraining import save_pretrained_atomic
+    from .pretraining import TOKENIZER_STYLES, save_pretrained_atomic
     from .tokenizer import train_tokenizer
 
     documents = load_documents(str(ctx.data_paths["corpus_text"]))
-    tokenizer = train_tokenizer(documents["text"], vocab_size=ctx.flags.vocab_size)
+    style = TOKENIZER_STYLES[ctx.flags.objective]
+    tokenizer = train_tokenizer(documents["text"], vocab_size=ctx.flags.vocab_size, style=style)
     ctx.tokenizer_dir = save_pretrained_atomic(ctx.work_dir / "tokenizer", tokenizer)
     ctx.files["tokenizer"] = ctx.tokenizer_dir
-    ctx.report("tokenizer", f"trained a BPE tokenizer with {len(tokenizer)} tokens on {len(documents)} documents")
+    ctx.report("tokenizer", f"trained a {style}-style BPE tokenizer with {len(tokenizer)} tokens on "
+                            f"{len(documents)} documents")
 
 
 def pretrain_step(ctx: QuickstartContext) -> None:

@@ -32,6 +32,9 @@ SPECIAL_TOKENS = {
     "bos_token": "<s>",
 }
 CONTINUING_PREFIX = "##"
+# A causal (GPT-style) tokenizer has no [CLS]/[SEP]/[MASK]: nothing to wrap inputs in.
+CAUSAL_SPECIAL_TOKENS = {key: SPECIAL_TOKENS[key] for key in ("pad_token", "unk_token", "eos_token", "bos_token")}
+STYLES = ("bert", "causal")
 
 
 def train_tokenizer(
@@ -39,15 +42,24 @@ def train_tokenizer(
     vocab_size: int = 1000,
     save_dir: str | Path | None = None,
     lowercase: bool = True,
+    style: str = "bert",
 ) -> PreTrainedTokenizerFast:
-    """A WordPiece-style BPE tokenizer (``##`` marks word-internal pieces) with BERT-style specials.
+    """A WordPiece-style BPE tokenizer (``##`` marks word-internal pieces) for ``style``.
 
-    Single sequences encode as ``[CLS] A [SEP]`` and pairs as ``[CLS] A [SEP] B [SEP]`` with
-    token_type_ids 0/1, so the same tokenizer serves MLM/NSP and (with ``add_special_tokens=False``)
-    causal LM training, where documents are separated by ``</s>``. Deterministic: the same texts
-    and arguments give the same vocabulary, merges and ids.
+    - ``"bert"`` (MLM / NSP): specials ``[PAD] [UNK] [CLS] [SEP] [MASK] </s> <s>``; single sequences
+      encode as ``[CLS] A [SEP]`` and pairs as ``[CLS] A [SEP] B [SEP]`` with token_type_ids 0/1.
+    - ``"causal"`` (GPT-style next-token prediction): specials ``[PAD] [UNK] </s> <s>``; nothing is
+      added around the text (as GPT-2's tokenizer does), so ``tok(context + continuation)`` starts
+      with ``tok(context)``, which log-likelihood scoring and ``pipeline("text-generation")``
+      rely on. ``eos_token`` is ``</s>`` (documents are separated by it in packed training data,
+      and generation stops on it), ``pad_token`` is ``[PAD]``, ``bos_token`` is ``<s>``.
+
+    Deterministic: the same texts and arguments give the same vocabulary, merges and ids.
     """
-    specials = list(SPECIAL_TOKENS.values())
+    if style not in STYLES:
+        raise ValueError(f"style={style!r} is not a tokenizer style; valid styles: {list(STYLES)}")
+    special_tokens = SPECIAL_TOKENS if style == "bert" else CAUSAL_SPECIAL_TOKENS
+    specials = list(special_tokens.values())
     if vocab_size < len(specials):
         raise ValueError(f"vocab_size={vocab_size} is smaller than the {len(specials)} special tokens {specials}")
     normalizer = normalizers.Sequence([normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else []))
@@ -68,17 +80,21 @@ def train_tokenizer(
     tokenizer.pre_tokenizer = pre_tokenizer
     tokenizer.decoder = decoders.WordPiece(prefix=CONTINUING_PREFIX)
     tokenizer.add_special_tokens(specials)
-    cls_id, sep_id = vocab["[CLS]"], vocab["[SEP]"]
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
-    )
+    if style == "bert":
+        cls_id, sep_id = vocab["[CLS]"], vocab["[SEP]"]
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+        )
+        input_names = ["input_ids", "token_type_ids", "attention_mask"]
+    else:
+        input_names = ["input_ids", "attention_mask"]
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         model_max_length=512,
-        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
-        **SPECIAL_TOKENS,
+        model_input_names=input_names,
+        **special_tokens,
     )
     if save_dir is not None:
         fast.save_pretrained(str(save_dir))
