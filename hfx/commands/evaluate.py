@@ -29,18 +29,54 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--allow-code", action="store_true", help="allow `!function` in task files (runs Python from the task directory)")
     parser.add_argument("--cache-dir", default=None, help="result cache directory (default $HFX_EVAL_CACHE or ~/.cache/hfx/eval)")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the result cache")
+    parser.add_argument("--add-bos-token", action=argparse.BooleanOptionalAction, default=None,
+                        help="lm-eval's add_bos_token: encode with (or, --no-add-bos-token, without) the tokenizer's "
+                        "special tokens; default: the tokenizer's own behaviour")
     parser.set_defaults(func=run)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Every argument checked before a task file is read or the model is touched."""
+    from hfx.commands import usage_error
+
+    for flag, value, minimum in (("--num-fewshot", args.num_fewshot, 0), ("--limit", args.limit, 1),
+                                 ("--batch-size", args.batch_size, 1), ("--max-batch-tokens", args.max_batch_tokens, 1)):
+        if value is not None and value < minimum:
+            usage_error("eval", f"{flag} must be at least {minimum}, got {value}")
+    if not 0 <= args.seed < 2**63:
+        usage_error("eval", f"--seed must be in [0, 2**63), got {args.seed}")
+    if not [t for t in args.tasks.split(",") if t.strip()]:
+        usage_error("eval", f"--tasks {args.tasks!r} names no task; give comma-separated task or tag names, "
+                    "e.g. --tasks embedded_facts,embedded_arithmetic (hfx plugins lists the task plugins)")
+    if not args.model.strip():
+        usage_error("eval", "--model is empty; give a model folder or hub id")
+    if args.log_samples and not args.output:
+        usage_error("eval", "--log-samples needs --output (the sample files are written next to it)")
+    if args.no_cache and args.cache_dir:
+        usage_error("eval", "--no-cache and --cache-dir contradict each other; give one")
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from hfx.evaluation import TaskError, evaluate, markdown_table, write_results, write_samples
-    from hfx.evaluation.results import samples_path
+    from hfx.commands import usage_error
 
-    if args.log_samples and not args.output:
-        raise SystemExit("hfx eval: --log-samples needs --output (the sample files are written next to it).")
+    _check_args(args)
+    from hfx.checkpoint_check import CheckpointError
+    from hfx.evaluation import (
+        EvaluationInputError,
+        TaskError,
+        check_output_path,
+        evaluate,
+        markdown_table,
+        write_results,
+        write_samples,
+    )
+    from hfx.evaluation.results import OutputPathError, samples_path
+
     try:
+        if args.output:
+            check_output_path(args.output)
         results, records = evaluate(
             args.model,
             args.tasks,
@@ -53,9 +89,10 @@ def run(args: argparse.Namespace) -> int:
             allow_code=args.allow_code,
             cache_dir=False if args.no_cache else args.cache_dir,
             return_records=True,
+            add_bos_token=args.add_bos_token,
         )
-    except TaskError as exc:
-        raise SystemExit(f"hfx eval: {exc}") from None
+    except (TaskError, CheckpointError, EvaluationInputError, OutputPathError) as exc:
+        usage_error("eval", str(exc))
     if args.output:
         path = write_results(args.output, results)
         print(f"results: {path}")

@@ -14,18 +14,28 @@ scorer), ``metrics``, ``filters`` (lm-eval's ``filter_list`` pipelines for gener
 ``evaluate``). See ``docs/evaluation.md``.
 """
 
-from .evaluator import OUTPUT_TYPES, OutputType, evaluate, evaluate_tasks, load_model, register_output_type
-from .results import markdown_table, write_results, write_samples
+from .evaluator import (
+    OUTPUT_TYPES,
+    EvaluationInputError,
+    OutputType,
+    evaluate,
+    evaluate_tasks,
+    load_model,
+    register_output_type,
+)
+from .results import check_output_path, markdown_table, write_results, write_samples
 from .tasks import Task, TaskConfig, TaskIndex, find_tasks
 from .templates import TaskError
 
 __all__ = [
     "OUTPUT_TYPES",
+    "EvaluationInputError",
     "OutputType",
     "Task",
     "TaskConfig",
     "TaskError",
     "TaskIndex",
+    "check_output_path",
     "evaluate",
     "evaluate_tasks",
     "find_tasks",

@@ -1,10 +1,20 @@
 """Result cache keyed by model identity and request, so a killed run resumes and a changed model never reuses results.
 
-The identity of a model is a hash of either its weights (a model object) or of its directory
-(absolute path, name/size/mtime of every weight file, and ``config.json``), plus the tokenizer's
-serialised form and the dtype. Each identity has its own append-only JSON-lines file; a line is
-written and flushed after every batch, so a run killed mid-way loses at most one batch, and a
-half-written last line is ignored on reload.
+The identity of a model loaded from a folder is a hash of the *content* of every file that can
+change a number: the weights (``*.safetensors``, ``*.bin``, ... and their shard index), ``config.json``,
+``generation_config.json`` and the tokenizer files; plus the loaded config, generation config,
+dtype, attention implementation, the tokenizer's serialised form and the BOS setting. A model
+object without a folder is hashed by its state dict. Size and mtime are never trusted: ``cp -p``
+and ``rsync -a`` keep them.
+
+Hashing a 7B checkpoint takes a while, so content hashes are memoised in a small JSON file next to
+the results (:data:`MEMO_NAME`, written atomically), keyed by path and by the file's ``st_dev``,
+``st_ino``, size, ``st_mtime_ns`` and ``st_ctime_ns``. Any write to a file (``cp -p`` over it
+included) moves its ctime, which no user tool can set back, so an unchanged file is hashed once.
+
+Each identity has its own append-only JSON-lines file; a line is written and flushed after every
+batch, so a run killed mid-way loses at most one batch. A line that is not a record (cut short by
+a kill, or valid JSON of another shape) is skipped on reload.
 """
 
 from __future__ import annotations
@@ -12,42 +22,152 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+# Small files of a saved model that change what it computes or how text is tokenised.
+IDENTITY_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
+# What Trainer saves next to a checkpoint's weights: never part of what the model computes.
+TRAINER_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "training_args.bin", "trainer_state.json")
+MEMO_NAME = "content-hashes.json"
+HASH_CHUNK = 8 << 20
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("HFX_EVAL_CACHE", Path.home() / ".cache" / "hfx" / "eval"))
 
 
-def _hash_directory(path: Path, digest) -> None:
-    digest.update(str(path.resolve()).encode())
+def file_digest(path: str | os.PathLike) -> str:
+    """blake2b-128 of a file's bytes, read in chunks."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _stat_key(stat: os.stat_result) -> list[int]:
+    return [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+
+
+class ContentHashMemo:
+    """``path -> content hash``, reused while the file's (dev, inode, size, mtime, ctime) are unchanged.
+
+    ``directory=None`` keeps the memo in memory only. The file is rewritten (temp file, then
+    ``os.replace``) by :meth:`save` when something new was hashed; a memo that cannot be read or
+    written is ignored: it only saves time.
+    """
+
+    def __init__(self, directory: str | os.PathLike | None = None, digest: Callable[[str], str] = file_digest):
+        self.path = Path(directory) / MEMO_NAME if directory is not None else None
+        self.digest = digest
+        self.entries: dict[str, dict] = {}
+        self.changed = False
+        if self.path is not None and self.path.is_file():
+            try:
+                loaded = json.loads(self.path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                loaded = {}
+            if isinstance(loaded, dict):
+                self.entries = {k: v for k, v in loaded.items()
+                                if isinstance(v, dict) and isinstance(v.get("hash"), str) and isinstance(v.get("stat"), list)}
+
+    def hash(self, path: str | os.PathLike) -> str:
+        path = Path(path).resolve()
+        stat = path.stat()
+        entry = self.entries.get(str(path))
+        if entry is not None and entry["stat"] == _stat_key(stat):
+            return entry["hash"]
+        value = self.digest(str(path))
+        after = path.stat()
+        if _stat_key(after) == _stat_key(stat):  # not written to while it was read
+            self.entries[str(path)] = {"stat": _stat_key(stat), "hash": value}
+            self.changed = True
+        return value
+
+    def save(self) -> None:
+        if self.path is None or not self.changed:
+            return
+        live = {k: v for k, v in self.entries.items() if Path(k).exists()}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{MEMO_NAME}.", suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(live, handle, sort_keys=True)
+            os.replace(tmp, self.path)
+        except OSError:
+            return
+        self.changed = False
+
+
+def identity_files(path: Path) -> list[Path]:
+    """The files of a model folder whose content is part of its identity (sorted by name)."""
+    files = []
     for file in sorted(path.iterdir()):
-        if file.suffix in WEIGHT_SUFFIXES or file.name.endswith(".index.json"):
-            stat = file.stat()
-            digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    config = path / "config.json"
-    if config.exists():
-        digest.update(config.read_bytes())
+        if not file.is_file() or file.name in TRAINER_STATE_FILES or file.name.startswith("rng_state"):
+            continue
+        if file.suffix in WEIGHT_SUFFIXES or file.suffix in IDENTITY_SUFFIXES:
+            files.append(file)
+    return files
 
 
-def model_identity(model, tokenizer=None, source: str | os.PathLike | None = None) -> str:
-    """A hex digest that changes whenever the weights, the config or the tokenizer change."""
+def _hash_directory(path: Path, digest, memo: ContentHashMemo) -> None:
+    for file in identity_files(path):
+        digest.update(f"{file.name}:{memo.hash(file)}\n".encode())
+    adapter = path / "adapter_config.json"
+    if adapter.is_file():  # a PEFT adapter: its base model's files are part of what it computes
+        try:
+            base = json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            base = None
+        if isinstance(base, str) and base and Path(base).is_dir() and Path(base).resolve() != path.resolve():
+            digest.update(b"base:")
+            _hash_directory(Path(base), digest, memo)
+
+
+def _config_dict(config) -> dict:
+    data = config.to_dict()
+    data.pop("_name_or_path", None)  # where it was loaded from is not what it computes
+    return data
+
+
+def model_identity(
+    model,
+    tokenizer=None,
+    source: str | os.PathLike | None = None,
+    *,
+    memo: ContentHashMemo | None = None,
+    add_bos_token: bool | None = None,
+) -> str:
+    """A hex digest that changes whenever anything that can change a score changes.
+
+    ``source``: the folder the model was loaded from (its files are hashed by content, through
+    ``memo``); without one, the model's state dict is hashed. ``add_bos_token`` is the BOS
+    setting the scorer tokenises with.
+    """
     digest = hashlib.blake2b(digest_size=16)
     if source is not None and Path(source).is_dir():
-        _hash_directory(Path(source), digest)
+        _hash_directory(Path(source), digest, memo if memo is not None else ContentHashMemo())
     else:
         for name, tensor in sorted(model.state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().to("cpu").contiguous().view(-1).view(dtype=_byte_dtype()).numpy().tobytes())
-    digest.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    digest.update(json.dumps(_config_dict(model.config), sort_keys=True, default=str).encode())
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        digest.update(json.dumps(generation_config.to_dict(), sort_keys=True, default=str).encode())
     digest.update(str(next(model.parameters()).dtype).encode())
+    digest.update(str(getattr(model.config, "_attn_implementation", None)).encode())
+    digest.update(f"add_bos_token={add_bos_token}".encode())
     if tokenizer is not None:
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        digest.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
+        digest.update((backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))).encode())
         digest.update(repr(tokenizer.all_special_tokens).encode())
+        digest.update(repr((getattr(tokenizer, "model_max_length", None), getattr(tokenizer, "add_bos_token", None),
+                            getattr(tokenizer, "add_eos_token", None))).encode())
     return digest.hexdigest()
 
 
@@ -69,13 +189,14 @@ class ResultCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.values: dict[str, Any] = {}
         if self.path.exists():
-            with open(self.path, encoding="utf-8") as handle:
+            with open(self.path, encoding="utf-8", errors="replace") as handle:
                 for line in handle:
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError:
                         continue  # a line cut short by a killed run
-                    self.values[record["k"]] = record["v"]
+                    if isinstance(record, dict) and isinstance(record.get("k"), str) and "v" in record:
+                        self.values[record["k"]] = record["v"]  # anything else is not a record: skipped
         self.hits = 0
 
     def get(self, key: str) -> Any:

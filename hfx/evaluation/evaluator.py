@@ -22,13 +22,71 @@ from typing import Any
 
 import torch
 
-from .cache import ResultCache, default_cache_dir, model_identity
+from ..checkpoint_check import CheckpointError, check_model_dir
+from .cache import ContentHashMemo, ResultCache, default_cache_dir, model_identity
 from .metrics import METRICS, aggregate, exact_match, get_metric, multiple_choice_scores
 from .results import build_results
 from .scorer import CausalLMScorer, is_causal_lm
 from .tasks import Task, TaskError, find_tasks
 
 DEFAULT_FEWSHOT_SEED = 1234
+
+
+class EvaluationInputError(ValueError):
+    """An argument of :func:`evaluate` (or ``hfx eval``) that cannot be used; raised before any model work."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_arguments(
+    *,
+    num_fewshot: int | None = None,
+    limit: int | None = None,
+    batch_size: int | None = None,
+    max_batch_tokens: int = 4096,
+    seed: int = DEFAULT_FEWSHOT_SEED,
+) -> None:
+    """Raise :class:`EvaluationInputError` naming the first bad value (and what is valid)."""
+    minimum = {"num_fewshot": 0, "limit": 1, "batch_size": 1, "max_batch_tokens": 1}
+    values = {"num_fewshot": num_fewshot, "limit": limit, "batch_size": batch_size, "max_batch_tokens": max_batch_tokens}
+    for name, value in values.items():
+        if value is None and name != "max_batch_tokens":
+            continue
+        if not _is_int(value) or value < minimum[name]:
+            optional = "" if name == "max_batch_tokens" else " (or None)"
+            raise EvaluationInputError(f"{name} must be an integer >= {minimum[name]}{optional}, got {value!r}.")
+    if not _is_int(seed) or not 0 <= seed < 2**63:
+        raise EvaluationInputError(f"seed must be an integer in [0, 2**63), got {seed!r}.")
+
+
+def task_names(tasks: str | Iterable[str | Task]) -> list[str | Task]:
+    """The task names (and :class:`Task` objects) asked for; an empty list is an error."""
+    given = tasks
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    else:
+        tasks = [t.strip() if isinstance(t, str) else t for t in tasks]
+        tasks = [t for t in tasks if not isinstance(t, str) or t]
+    if not tasks:
+        raise EvaluationInputError(
+            f"no task names in {given!r}: give one or more comma-separated task or tag names (e.g. embedded_facts)."
+        )
+    return tasks
+
+
+def _check_cache_dir(cache_dir) -> None:
+    if cache_dir is False:
+        return
+    directory = Path(cache_dir or default_cache_dir()).expanduser()
+    for parent in (directory, *directory.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise EvaluationInputError(f"cache directory {str(directory)!r}: {str(parent)!r} is not a directory.")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise EvaluationInputError(f"cache directory {str(directory)!r}: {str(parent)!r} is not writable.")
+            return
 
 
 @dataclass(frozen=True)
@@ -70,7 +128,7 @@ def _run_multiple_choice(task: Task, docs, contexts, scorer: CausalLMScorer):
     delimiter = task.config.target_delimiter
     choices = [task.doc_to_choice(doc) for doc in docs]
     requests = [(ctx, f"{delimiter}{c}") for ctx, cs in zip(contexts, choices) for c in cs]
-    answers = iter(scorer.loglikelihood(requests))
+    answers = iter(scorer.loglikelihood(requests, task.name))
     wanted = _metric_names(task)
     records = []
     for i, (doc, ctx, cs) in enumerate(zip(docs, contexts, choices)):
@@ -84,7 +142,7 @@ def _run_multiple_choice(task: Task, docs, contexts, scorer: CausalLMScorer):
 
 def _run_loglikelihood(task: Task, docs, contexts, scorer: CausalLMScorer):
     targets = [task.doc_to_target(doc) for doc in docs]
-    answers = scorer.loglikelihood(list(zip(contexts, targets)))
+    answers = scorer.loglikelihood(list(zip(contexts, targets)), task.name)
     wanted = _metric_names(task)
     records = []
     for i, (doc, ctx, target, (ll, greedy)) in enumerate(zip(docs, contexts, targets, answers)):
@@ -195,12 +253,39 @@ for _ot in (
 
 
 # -- model ------------------------------------------------------------------------------------
-def _check_causal_config(path: str) -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _load_config(path: str):
+    """The model's config, every failure as one :class:`CheckpointError` line."""
+    from transformers import AutoConfig
 
     import hfx  # noqa: F401  (registers the hfx model type)
 
-    config = AutoConfig.from_pretrained(path)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"--model {path}: its config cannot be used: {_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def _check_tokenizer(tokenizer, where: str) -> None:
+    if not tokenizer.encode("the cat", add_special_tokens=False):
+        raise CheckpointError(f"{where}: the tokenizer encodes text to no tokens (an empty vocabulary: was the "
+                              "tokenizer saved with the model? tokenizer.save_pretrained(folder))")
+
+
+def check_model_path(path: str | os.PathLike) -> None:
+    """Cheap checks of a model folder (config.json, weight headers, config values); hub ids pass to transformers."""
+    check_model_dir(path, what="--model")
+    _load_config(str(path))
+
+
+def _check_causal_config(path: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    config = _load_config(path)
     architectures = getattr(config, "architectures", None) or []
     causal_arch = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
     # The Auto mapping also holds model types registered at run time (hfx, third parties).
@@ -211,14 +296,38 @@ def _check_causal_config(path: str) -> None:
         )
 
 
-def load_model(model: str | os.PathLike, *, dtype: torch.dtype | None = None):
-    """``(model, tokenizer, source_path)`` from a local directory or hub id, checked to be a causal LM first."""
+def load_model(
+    model: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    add_bos_token: bool | None = None,
+    causal: bool = True,
+):
+    """``(model, tokenizer, source_path)`` from a local directory or hub id, checked first.
+
+    The folder, its config and the headers of its weight files are checked (one-line
+    :class:`~hfx.checkpoint_check.CheckpointError`), then that it is a causal LM (``causal=False``:
+    an encoder with the head it was saved with). ``add_bos_token`` is passed to the tokenizer as
+    lm-eval's ``HFLM`` does (a fast tokenizer then rebuilds its post-processor: BOS or nothing
+    before the text, nothing after it).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = str(model)
+    check_model_path(path)
+    if not causal:
+        return load_encoder(path)
     _check_causal_config(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    kwargs = {} if add_bos_token is None else {"add_bos_token": add_bos_token}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"--model {path}: its tokenizer cannot be loaded: {_one_line(exc)}") from None
+    _check_tokenizer(tokenizer, f"--model {path}")
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"--model {path}: the model cannot be loaded: {_one_line(exc)}") from None
     return loaded, tokenizer, path if Path(path).is_dir() else None
 
 
@@ -233,6 +342,7 @@ def evaluate_tasks(
     config: dict | None = None,
 ) -> tuple[dict, dict[str, list[dict]]]:
     """Validate every task, then run them on ``backend``; returns (lm-eval-shaped results, per-task records)."""
+    check_arguments(num_fewshot=num_fewshot, limit=limit, seed=seed)
     started = time.time()
     prepared = []
     for task in tasks:  # all checks first: a bad task fails before any model work
@@ -291,34 +401,49 @@ def evaluate(
     cache_dir: str | os.PathLike | None | bool = None,
     progress: bool = True,
     return_records: bool = False,
+    add_bos_token: bool | None = None,
     add_special_tokens: bool | None = None,
 ):
     """Evaluate a causal LM (object or path/id) on tasks (names, tag names or :class:`Task` objects).
 
-    Task files are resolved and every task is checked (unknown names, template fields, few-shot
-    pool size, causal model) before the model is loaded or run. ``cache_dir=False`` disables the
-    result cache; ``None`` uses ``$HFX_EVAL_CACHE`` or ``~/.cache/hfx/eval``. ``add_special_tokens``
-    is lm-eval's ``add_bos_token``: ``None`` keeps the tokenizer's default (lm-eval's default too);
-    ``False`` suits models trained without special tokens around documents (hfx quickstart).
+    Arguments, the model folder (config, weight headers), task files and every task (unknown
+    names, template fields, few-shot pool size, causal model) are checked before the model is
+    loaded or run. ``cache_dir=False`` disables the result cache; ``None`` uses
+    ``$HFX_EVAL_CACHE`` or ``~/.cache/hfx/eval``. ``add_bos_token`` is lm-eval's switch: ``None``
+    keeps the tokenizer's default special tokens (lm-eval's default too); ``False`` suits models
+    trained without special tokens around documents (hfx quickstart); ``add_special_tokens`` is
+    the older name of the same switch. ``seed`` seeds the few-shot draws and, per request, sampling.
     Returns the lm-eval-shaped results dict (and the per-task records with ``return_records``).
     """
+    if add_special_tokens is not None and add_bos_token is not None and add_special_tokens != add_bos_token:
+        raise EvaluationInputError(
+            f"add_bos_token={add_bos_token!r} and add_special_tokens={add_special_tokens!r} disagree; "
+            "they are the same switch, give one."
+        )
+    add_bos = add_bos_token if add_bos_token is not None else add_special_tokens
+    if add_bos is not None and not isinstance(add_bos, bool):
+        raise EvaluationInputError(f"add_bos_token must be True, False or None, got {add_bos!r}.")
+    check_arguments(num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                    seed=seed)
+    tasks = task_names(tasks)
+    _check_cache_dir(cache_dir)
+    is_path = isinstance(model, (str, os.PathLike))
+    if is_path:
+        check_model_path(model)  # a missing or damaged model fails before the task files are read
     includes = [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path)
-    if isinstance(tasks, str):
-        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     names = [t for t in tasks if isinstance(t, str)]
     loaded = {t.name: t for t in find_tasks(names, includes, allow_code=allow_code)} if names else {}
-    task_objs = [t if isinstance(t, Task) else None for t in tasks]
-    resolved = [t for t in task_objs if t is not None] + list(loaded.values())
+    resolved = [t for t in tasks if isinstance(t, Task)] + list(loaded.values())
     for task in resolved:
         task.validate(task.effective_num_fewshot(num_fewshot))
     needs_lm = any(OUTPUT_TYPES[t.output_type].needs_causal_lm for t in resolved if t.output_type in OUTPUT_TYPES)
     source = None
     model_name = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
-    if isinstance(model, (str, os.PathLike)):
+    if is_path:
         model_name = str(model)
         if needs_lm:
             _check_causal_config(str(model))
-        model, loaded_tokenizer, source = load_model(model) if needs_lm else load_encoder(model_name)
+        model, loaded_tokenizer, source = load_model(model, add_bos_token=add_bos, causal=needs_lm)
         tokenizer = tokenizer or loaded_tokenizer
     elif needs_lm and not is_causal_lm(model):
         raise TaskError(
@@ -326,24 +451,29 @@ def evaluate(
         )
     if tokenizer is None:
         raise ValueError("A tokenizer is required when `model` is a model object.")
+    if not is_path:
+        _check_tokenizer(tokenizer, "tokenizer")
     torch.manual_seed(seed)
     cache = None
-    identity = model_identity(model, tokenizer, source)
+    memo = ContentHashMemo(default_cache_dir() if cache_dir in (None, False) else cache_dir)
+    identity = model_identity(model, tokenizer, source, memo=memo, add_bos_token=add_bos)
+    memo.save()
     if cache_dir is not False:
         cache = ResultCache(cache_dir or default_cache_dir(), identity)
     scorer = CausalLMScorer(
         model, tokenizer, batch_size=batch_size, max_batch_tokens=max_batch_tokens, cache=cache, progress=progress,
-        add_special_tokens=add_special_tokens,
+        add_bos_token=add_bos, seed=seed,
     )
     config = {
         "model": model_name,
         "model_identity": identity,
         "batch_size": batch_size,
         "max_batch_tokens": max_batch_tokens,
-        "add_special_tokens": add_special_tokens,
+        "add_bos_token": add_bos,
     }
     results, records = evaluate_tasks(resolved, scorer, num_fewshot=num_fewshot, limit=limit, seed=seed, config=config)
     results["config"]["cache_hits"] = cache.hits if cache is not None else 0
+    results["config"]["warnings"] = list(getattr(scorer, "warnings", []))
     return (results, records) if return_records else results
 
 

@@ -129,6 +129,29 @@ def write_atomic(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+class OutputPathError(ValueError):
+    """A results path that cannot be written (a directory, or under a file or an unwritable folder)."""
+
+
+def check_output_path(path: str | os.PathLike, what: str = "--output") -> Path:
+    """Raise :class:`OutputPathError` (one line) unless a results file can be written at ``path``; return it.
+
+    ``path`` must not be a directory, and its nearest existing parent must be a writable
+    directory (missing folders below it are created when the file is written).
+    """
+    path = Path(path).expanduser()
+    if str(path) in ("", ".") or path.is_dir():
+        raise OutputPathError(f"{what} {str(path)!r} is a directory; give a file name, e.g. {str(path / 'results.json')!r}.")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputPathError(f"{what} {str(path)!r}: {str(parent)!r} is a file, not a directory.")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise OutputPathError(f"{what} {str(path)!r}: the directory {str(parent)!r} is not writable.")
+            break
+    return path
+
+
 def write_results(path: str | os.PathLike, results: dict[str, Any]) -> Path:
     return write_atomic(path, json.dumps(results, indent=2, default=_json_default, ensure_ascii=False) + "\n")
 

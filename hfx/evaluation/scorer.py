@@ -2,8 +2,14 @@
 
 Tokenisation is lm-eval's (``HFLM`` 0.4.13): trailing spaces of a context move to the
 continuation; context tokens are ``tok(context)`` and continuation tokens are
-``tok(context + continuation)[len(tok(context)):]``, with the tokenizer's default special tokens.
-An empty context is replaced by the BOS (else EOS) token.
+``tok(context + continuation)[len(tok(context)):]``. ``add_bos_token`` is lm-eval's switch:
+``None`` keeps the tokenizer's default special tokens, ``True`` / ``False`` encode with
+``add_special_tokens=True`` / ``False``; a text that already starts with the BOS string gets no
+special tokens. An empty context is replaced by the BOS (else EOS) token.
+
+A tokenizer that appends a special token (``[SEP]``, EOS) to every input makes every
+continuation end in it, so every choice is scored on the same last token; :meth:`loglikelihood`
+then logs one warning (and keeps it in ``warnings``).
 
 Scoring differs from lm-eval only in how the work is laid out, not in what is computed:
 
@@ -20,6 +26,7 @@ Scoring differs from lm-eval only in how the work is laid out, not in what is co
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,6 +36,7 @@ from tqdm.auto import tqdm
 from .cache import ResultCache, request_key
 
 TOKENIZER_INFINITY = 1000000000000000019884624838656
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,7 +79,8 @@ class CausalLMScorer:
         cache: ResultCache | None = None,
         progress: bool = True,
         max_length: int | None = None,
-        add_special_tokens: bool | None = None,
+        add_bos_token: bool | None = None,
+        seed: int = 1234,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -84,12 +93,25 @@ class CausalLMScorer:
         bos = tokenizer.bos_token_id
         self.prefix_token_id = bos if bos is not None else tokenizer.eos_token_id
         self.forward_calls = 0
+        self.seed = seed
+        self.warnings: list[str] = []
         # lm-eval's HFLM(add_bos_token=...): None keeps the tokenizer's default special tokens
-        self.special = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+        self.add_bos_token = add_bos_token
+        self.special = {} if add_bos_token is None else {"add_special_tokens": add_bos_token}
+        self.prefix_text = tokenizer.decode(self.prefix_token_id) if self.prefix_token_id is not None else None
 
     # -- tokenisation (lm-eval's) -----------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
+        """lm-eval's ``tok_encode``: the BOS setting, except for a text that already starts with the BOS string."""
+        if self.prefix_text and text.startswith(self.prefix_text):
+            return self.tokenizer.encode(text, add_special_tokens=False)
         return self.tokenizer.encode(text, **self.special)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """lm-eval's ``tok_batch_encode`` for generation: checks the tokenizer's ``bos_token`` string."""
+        bos = getattr(self.tokenizer, "bos_token", None)
+        special = {"add_special_tokens": False} if bos and text.startswith(bos) else self.special
+        return self.tokenizer(text, **special)["input_ids"]
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         if context == "":
@@ -105,10 +127,31 @@ class CausalLMScorer:
         return context_ids, whole[len(context_ids) :]
 
     # -- request types ----------------------------------------------------------------------------
-    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
-        """``(log P(continuation | context), continuation is the greedy decoding)`` per request."""
+    def loglikelihood(self, requests: Sequence[tuple[str, str]], name: str | None = None) -> list[tuple[float, bool]]:
+        """``(log P(continuation | context), continuation is the greedy decoding)`` per request.
+
+        ``name`` (the task) is only used in the warning about a shared special last token.
+        """
         pairs = [self.encode_pair(ctx, cont) for ctx, cont in requests]
+        self._check_shared_special_suffix(pairs, name)
         return self.score_token_pairs(pairs, desc="loglikelihood")
+
+    def _check_shared_special_suffix(self, pairs, name: str | None) -> None:
+        last = {cont[-1] for _, cont in pairs if cont}
+        if len(pairs) < 2 or len(last) != 1:
+            return
+        (token_id,) = last
+        if token_id not in set(self.tokenizer.all_special_ids):
+            return
+        what = f"task {name!r}" if name else "these requests"
+        message = (
+            f"every continuation of {what} ends in the special token {self.tokenizer.convert_ids_to_tokens(token_id)!r} "
+            f"(id {token_id}): the tokenizer appends it to every input, so every choice is scored on it alike; "
+            "evaluate with add_bos_token=False (hfx eval --no-add-bos-token) or give the tokenizer a post-processor "
+            "that does not append it"
+        )
+        self.warnings.append(message)
+        logger.warning("hfx eval: warning: %s", message)
 
     def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
         """Log-likelihood of each whole text, in disjoint windows of the model's context length (as lm-eval)."""
@@ -154,14 +197,21 @@ class CausalLMScorer:
             if eos is not None and eos not in until:
                 until.append(eos)
             max_new = int(kwargs.pop("max_gen_toks", kwargs.pop("max_new_tokens", 256)))
-            key = request_key("generate_until", context, until, max_new, sorted(kwargs.items()))
+            prompt = self.encode_prompt(context)[-(self.max_length - max_new) :]
+            options = generation_options(kwargs)
+            # the key holds the prompt's token ids (so the BOS setting) and, when sampling, the seed
+            key = request_key("generate_until", prompt, until, max_new, sorted(options.items()),
+                              self.seed if options["do_sample"] else None)
             cached = self.cache.get(key) if self.cache is not None else None
-            if cached is not None:
+            if isinstance(cached, str):
                 out.append(cached)
                 continue
-            ids = self.tokenizer(context, return_tensors="pt", **self.special)["input_ids"][:, -(self.max_length - max_new) :]
-            ids = ids.to(self.device)
-            generated = self._generate(ids, max_new, until, generation_options(kwargs))
+            if options["do_sample"]:
+                # each request draws from its own seeded stream: a run resumed from the cache samples
+                # exactly what an uninterrupted run would
+                torch.manual_seed(int(request_key(self.seed, key)[:15], 16))
+            ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
+            generated = self._generate(ids, max_new, until, options)
             text = self.tokenizer.decode(generated, skip_special_tokens=True)  # as lm-eval's tok_decode
             for stop in until:
                 if stop:
@@ -202,8 +252,8 @@ class CausalLMScorer:
         rows: dict[tuple[int, ...], _Row] = {}
         for slot, ((ctx, cont), key) in enumerate(zip(pairs, keys)):
             cached = self.cache.get(key) if self.cache is not None else None
-            if cached is not None:
-                results[slot] = (cached[0], bool(cached[1]))
+            if isinstance(cached, list) and len(cached) == 2 and isinstance(cached[0], (int, float)):
+                results[slot] = (float(cached[0]), bool(cached[1]))
                 continue
             if not cont:
                 raise ValueError("A continuation encodes to zero tokens; nothing to score.")
