@@ -159,8 +159,17 @@ def _estimate_replace(s: str, old: str, new: str, count: int | None = None) -> i
 
 
 def _estimate_join(budget: _Budget, sep: str, items: Any) -> int:
-    seq = list(items) if not isinstance(items, (str, list, tuple)) else items
-    return _weight(seq, budget.max_size) + len(sep) * max(len(seq) - 1, 0)
+    return _weight(items, budget.max_size) + len(sep) * max(_shallow(items) - 1, 0)
+
+
+_MATERIALISED = (str, bytes, list, tuple, dict, set, frozenset)
+
+
+def _materialise(value: Any) -> Any:
+    """A generator (``map``, ``select``, ...) as a list, so that its size can be estimated and it is read once."""
+    if isinstance(value, _MATERIALISED) or not hasattr(value, "__iter__"):
+        return value
+    return list(_bounded_steps(value))
 
 
 # per-filter size estimates of the result, from the arguments (after any Jinja pass-arg)
@@ -198,6 +207,9 @@ def _guard_filter(name: str, func):
         budget = _budget()
         budget.tick()
         values = args[1:] if pass_arg is not None else args
+        if name in ("join", "sum") and values:
+            values = (_materialise(values[0]), *values[1:])
+            args = (*args[:len(args) - len(values)], *values)
         _check_ints(budget, values, kwargs, f"the {name} filter")
         estimate = _filter_estimate(budget, name, values, kwargs)
         if estimate is not None:
@@ -343,6 +355,7 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
             if method in ("format", "format_map"):
                 _check_format(budget, owner, args, kwargs, what)
             elif method == "join" and args:
+                args = (_materialise(args[0]), *args[1:])
                 budget.size(_estimate_join(budget, owner, args[0]), what)
             elif method == "replace" and len(args) >= 2:
                 budget.size(_estimate_replace(owner, str(args[0]), str(args[1]), args[2] if len(args) > 2 else None),
@@ -450,6 +463,7 @@ def _import_function(name: str, yaml_path: Path, code_root: Path):
 # lm-eval 0.4.13's largest task file has under 800 YAML nodes and 63 KB.
 MAX_YAML_BYTES = 8 * 2**20
 MAX_YAML_NODES = 100_000  # counted with every alias expanded
+MAX_YAML_DEPTH = 64  # nesting of sequences and mappings (lm-eval's files: under 10)
 
 
 def _check_node_graph(root: yaml.Node, limit: int) -> None:
@@ -517,6 +531,25 @@ def load_yaml(path: str | Path, *, allow_code: bool = False, code_root: str | Pa
         raise TaskError(f"{path}: not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}).") from None
 
     class Loader(yaml.SafeLoader):
+        depth = 0
+
+        def fetch_flow_collection_start(self, token_class):
+            # PyYAML's scanner costs O(flow depth) per token inside '[' / '{': '[' * 10**6 would take hours
+            if self.flow_level >= MAX_YAML_DEPTH:
+                raise TaskError(f"nested more than {MAX_YAML_DEPTH} levels deep (line {self.line + 1}); refused")
+            super().fetch_flow_collection_start(token_class)
+
+        def compose_node(self, parent, index):
+            # PyYAML composes recursively: a deep '[[[[...' would hit Python's recursion limit (slowly)
+            self.depth += 1
+            try:
+                if self.depth > MAX_YAML_DEPTH:
+                    raise TaskError(f"nested more than {MAX_YAML_DEPTH} levels deep (line "
+                                    f"{self.peek_event().start_mark.line + 1}); refused")
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
         def get_single_data(self):
             node = self.get_single_node()
             if node is None:
