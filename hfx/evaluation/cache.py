@@ -61,9 +61,10 @@ class ContentHashMemo:
     written is ignored: it only saves time.
     """
 
-    def __init__(self, directory: str | os.PathLike | None = None, digest: Callable[[str], str] = file_digest):
+    def __init__(self, directory: str | os.PathLike | None = None, digest: Callable[[str], str] | None = None):
         self.path = Path(directory) / MEMO_NAME if directory is not None else None
         self.digest = digest
+        self.hashed = 0  # files read in full by this memo (the rest came from the memo)
         self.entries: dict[str, dict] = {}
         self.changed = False
         if self.path is not None and self.path.is_file():
@@ -81,7 +82,8 @@ class ContentHashMemo:
         entry = self.entries.get(str(path))
         if entry is not None and entry["stat"] == _stat_key(stat):
             return entry["hash"]
-        value = self.digest(str(path))
+        value = (self.digest or file_digest)(str(path))
+        self.hashed += 1
         after = path.stat()
         if _stat_key(after) == _stat_key(stat):  # not written to while it was read
             self.entries[str(path)] = {"stat": _stat_key(stat), "hash": value}

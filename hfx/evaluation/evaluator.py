@@ -456,8 +456,10 @@ def evaluate(
     torch.manual_seed(seed)
     cache = None
     memo = ContentHashMemo(default_cache_dir() if cache_dir in (None, False) else cache_dir)
+    hashing_started = time.perf_counter()
     identity = model_identity(model, tokenizer, source, memo=memo, add_bos_token=add_bos)
     memo.save()
+    identity_cost = {"files_hashed": memo.hashed, "seconds": round(time.perf_counter() - hashing_started, 3)}
     if cache_dir is not False:
         cache = ResultCache(cache_dir or default_cache_dir(), identity)
     scorer = CausalLMScorer(
@@ -470,6 +472,7 @@ def evaluate(
         "batch_size": batch_size,
         "max_batch_tokens": max_batch_tokens,
         "add_bos_token": add_bos,
+        "model_identity_cost": identity_cost,
     }
     results, records = evaluate_tasks(resolved, scorer, num_fewshot=num_fewshot, limit=limit, seed=seed, config=config)
     results["config"]["cache_hits"] = cache.hits if cache is not None else 0
