@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForPreTraining, TrainerCallback
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForPreTraining,
+    AutoTokenizer,
+    TrainerCallback,
+)
 
 from hfx.data import load_documents
 from hfx.pretraining import add_arguments, run_from_args
@@ -81,6 +87,45 @@ def test_resumed_run_reaches_the_same_final_loss(tmp_path, objective, tokenizer_
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+MODEL = ("--hidden-size", "32", "--num-layers", "1", "--num-heads", "2", "--norm-type", "rmsnorm",
+         "--position-embedding-type", "rotary")
+RUN = ("--max-steps", "12", "--save-steps", "6", "--logging-steps", "3", "--max-length", "32", "--batch-size", "8")
+
+
+@pytest.mark.slow
+def test_resume_rebuilds_the_model_from_the_checkpoint_not_from_the_flag_defaults(tmp_path, tokenizer_dir):
+    out = str(tmp_path / "gpt")
+    with pytest.raises(Crash):
+        run_from_args(parse("clm", "--output-dir", out, "--tokenizer", tokenizer_dir, *MODEL, *RUN),
+                      callbacks=[CrashAfter(6)])
+    # only what the run needs to continue: no model flags (their defaults are hidden 64, 2 layers, layernorm)
+    resumed = run_from_args(parse("clm", "--output-dir", out, "--tokenizer", tokenizer_dir, "--resume", *RUN))
+    assert resumed.state.global_step == 12
+    config = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt" / "model").config
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (32, 1, 2)
+    assert (config.norm_type, config.position_embedding_type) == ("rmsnorm", "rotary")
+
+    # a model flag given again with its saved value is fine; another value is refused, naming each difference
+    extended = run_from_args(parse("clm", "--output-dir", out, "--tokenizer", tokenizer_dir, "--resume", *RUN,
+                                   "--hidden-size", "32", "--max-steps", "15"))
+    assert extended.state.global_step == 15
+    with pytest.raises(ValueError) as error:
+        run_from_args(parse("clm", "--output-dir", out, "--resume", "--data", str(tmp_path / "not-read.txt"),
+                            "--hidden-size", "48", "--norm-type", "layernorm", *RUN))
+    assert "--norm-type layernorm (saved: rmsnorm); --hidden-size 48 (saved: 32)" in str(error.value)
+    assert "Leave these flags out" in str(error.value)  # and it came before the missing --data was read
+
+
+@pytest.mark.slow
+def test_resume_with_the_other_objective_is_refused(tmp_path, tokenizer_dir):
+    out = str(tmp_path / "run")
+    with pytest.raises(Crash):
+        run_from_args(parse("clm", "--output-dir", out, "--tokenizer", tokenizer_dir, *MODEL, *RUN),
+                      callbacks=[CrashAfter(6)])
+    with pytest.raises(ValueError, match="holds a HfxForCausalLM, not a HfxForPreTraining"):
+        run_from_args(parse("mlm_nsp", "--output-dir", out, "--tokenizer", tokenizer_dir, "--resume", *RUN))
+
+
 def test_resume_without_checkpoint_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         run_from_args(parse("clm", "--output-dir", str(tmp_path), "--resume", *TINY))
@@ -116,17 +161,33 @@ def test_gpt_style_example_rejects_missing_data_before_training(tmp_path):
     assert not (tmp_path / "gpt").exists()
 
 
+def test_example_scripts_report_bad_input_in_one_line_with_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    for name in ("pretrain_gpt_style", "pretrain_bert_style"):
+        done = subprocess.run([sys.executable, str(ROOT / "examples" / f"{name}.py"), "--output-dir", str(tmp_path / name),
+                               "--resume"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert done.stderr.startswith(f"{name}.py: error: --resume: no checkpoint-* folder in ")
+        assert "Traceback" not in done.stderr
+
+
 def test_examples_reject_a_bad_norm_name(tmp_path, capsys):
     with pytest.raises(SystemExit):
         example("pretrain_gpt_style").main(["--output-dir", str(tmp_path), "--norm-type", "groupnorm"])
     assert "invalid choice: 'groupnorm'" in capsys.readouterr().err
 
 
-def test_gpt_style_run_trains_and_reloads_as_causal_lm(tmp_path):
+def test_gpt_style_run_trains_and_reloads_as_causal_lm(tmp_path, capsys):
     text = tmp_path / "corpus.txt"
     text.write_text("\n\n".join(f"doc {i} starts here.\nit ends with {i % 7}." for i in range(200)))
     trainer = run_from_args(parse("clm", "--data", str(text), "--output-dir", str(tmp_path / "gpt"),
                                   *TINY, "--save-steps", "0"))
+    assert "12/12" in capsys.readouterr().err  # Trainer's progress bar, run to the end
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "gpt" / "model")
+    assert tokenizer("doc 3 starts").input_ids == tokenizer("doc 3 starts", add_special_tokens=False).input_ids
+    assert tokenizer.sep_token is None and tokenizer.eos_token == "</s>"  # GPT-style: nothing wraps the text
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert losses[-1] < losses[0]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt" / "model")

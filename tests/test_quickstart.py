@@ -85,14 +85,51 @@ def test_quickstart_bert_style_with_batchnorm_and_a_plugin_step(tmp_path, monkey
 
 
 def test_skip_names_must_exist(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown step\(s\) \['pretrian'\]"):
-        run_quickstart(flags("--work-dir", str(tmp_path), "--skip", "pretrian"), steps=OWN_STEPS)
-
-
-def test_bad_component_name_fails_before_any_work(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="norm_type|groupnorm"):
-        main(["quickstart", "--work-dir", str(tmp_path / "qs"), "--norm-type", "groupnorm"])
+    with pytest.raises(ValueError, match=r"--skip: unknown step 'pretrian'; valid steps: data, tokenizer, pretrain"):
+        run_quickstart(flags("--work-dir", str(tmp_path / "qs"), "--skip", "pretrian"), steps=OWN_STEPS)
     assert not (tmp_path / "qs").exists()
+
+
+CLI_ERRORS = [
+    (["--skip", "pretrian"],
+     "hfx quickstart: error: --skip: unknown step 'pretrian'; valid steps: data, tokenizer, pretrain, reload, finetune, "
+     "encoder-eval, eval"),
+    (["--skip", "tokenizer"], "--skip tokenizer: step 'pretrain' needs what it makes; skip it too or keep 'tokenizer'"),
+    (["--skip", "pretrain"], "--skip pretrain: steps 'reload', 'finetune', 'encoder-eval', 'eval' need what it makes"),
+    (["--norm-type", "groupnorm"], "Unknown norm 'groupnorm'. Installed norm components: ['batchnorm', 'layernorm'"),
+    (["--hidden-size", "30"], "hidden_size=30 is not divisible by num_attention_heads=4"),
+    (["--steps", "0"], "hfx quickstart: error: --steps must be at least 1, got 0"),
+    (["--batch-size", "-2"], "--batch-size must be at least 1, got -2"),
+    (["--threads", "0"], "--threads must be at least 1, got 0"),
+    (["--learning-rate", "0"], "--learning-rate must be positive, got 0.0"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), CLI_ERRORS, ids=[" ".join(argv) for argv, _ in CLI_ERRORS])
+def test_bad_flags_are_one_line_exit_2_before_any_work(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["quickstart", "--work-dir", str(tmp_path / "qs"), *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "qs").exists()
+
+
+def test_a_file_as_work_dir_is_refused(tmp_path, capsys):
+    (tmp_path / "qs").write_text("mine")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["quickstart", "--work-dir", str(tmp_path / "qs")])
+    assert exit_info.value.code == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+    assert (tmp_path / "qs").read_text() == "mine"
+
+
+def test_skipping_every_step_that_needs_the_model_is_allowed(tmp_path):
+    ctx = run_quickstart(flags("--work-dir", str(tmp_path), "--skip", "pretrain", "--skip", "reload"),
+                         steps=OWN_STEPS)
+    assert set(ctx.timings) == {"data", "tokenizer", "total"}
+    tokenizer = AutoTokenizer.from_pretrained(ctx.tokenizer_dir)
+    assert tokenizer.sep_token is None and tokenizer.eos_token == "</s>"  # clm: a causal tokenizer
 
 
 @pytest.mark.slow

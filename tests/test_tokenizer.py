@@ -89,3 +89,68 @@ def test_rejects_empty_text_and_a_vocabulary_smaller_than_the_specials():
         train_tokenizer(["", "   "])
     with pytest.raises(ValueError, match="vocab_size=3"):
         train_tokenizer(["abc"], vocab_size=3)
+
+
+CORPUS = ["the sky is blue and the sea is green", "the grass is green", "a frog is green", "the sky is grey"] * 5
+
+
+def test_causal_style_adds_nothing_and_keeps_eos_pad_bos(tmp_path):
+    train_tokenizer(CORPUS, vocab_size=80, save_dir=tmp_path, style="causal")
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    ids = tok("the sky is blue").input_ids
+    assert ids == tok("the sky is blue", add_special_tokens=False).input_ids
+    assert tok.convert_ids_to_tokens(ids) == ["the", "sky", "is", "blue"]
+    assert (tok.eos_token, tok.pad_token, tok.bos_token) == ("</s>", "[PAD]", "<s>")
+    assert tok.cls_token is None and tok.sep_token is None and tok.mask_token is None
+    assert "[SEP]" not in tok.get_vocab() and "token_type_ids" not in tok("the sky")
+    # the prefix property log-likelihood scoring needs: tok(context + continuation) starts with tok(context)
+    assert tok("the sky is blue").input_ids[: len(tok("the sky is").input_ids)] == tok("the sky is").input_ids
+
+
+def test_unknown_style_is_refused():
+    with pytest.raises(ValueError, match=r"style='gpt' is not a tokenizer style; valid styles: \['bert', 'causal'\]"):
+        train_tokenizer(CORPUS, style="gpt")
+
+
+def tiny_causal_lm(tok):
+    import torch
+
+    import hfx
+
+    torch.manual_seed(0)
+    config = hfx.HfxConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                           intermediate_size=64, is_decoder=True, pad_token_id=tok.pad_token_id,
+                           eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0)
+    return hfx.HfxForCausalLM(config).eval()
+
+
+def test_text_generation_pipeline_on_a_causal_tokenizer_sees_and_emits_no_sep():
+    from transformers import pipeline
+
+    tok = train_tokenizer(CORPUS, vocab_size=80, style="causal")
+    generator = pipeline("text-generation", model=tiny_causal_lm(tok), tokenizer=tok)
+    prompt = "the sky is"
+    assert generator.preprocess(prompt)["input_ids"].tolist() == [tok(prompt, add_special_tokens=False).input_ids]
+    out = generator(prompt, max_new_tokens=6, do_sample=False)[0]["generated_text"]
+    assert out.startswith(prompt) and "[SEP]" not in out and "[CLS]" not in out
+
+    bert = train_tokenizer(CORPUS, vocab_size=80, style="bert")  # what the quickstart used to give a causal LM
+    wrapped = pipeline("text-generation", model=tiny_causal_lm(bert), tokenizer=bert).preprocess(prompt)["input_ids"]
+    assert bert.convert_ids_to_tokens(wrapped[0].tolist())[-1] == "[SEP]"
+
+
+def test_loglikelihoods_of_different_choices_differ_with_a_causal_tokenizer():
+    from hfx.evaluation.scorer import CausalLMScorer
+
+    context, choices = "the sky is", [" blue", " green", " grey"]
+    causal = train_tokenizer(CORPUS, vocab_size=80, style="causal")
+    scorer = CausalLMScorer(tiny_causal_lm(causal), causal, progress=False)
+    for choice in choices:
+        assert scorer.encode_pair(context, choice)[1] == causal(choice, add_special_tokens=False).input_ids
+    scores = [logprob for logprob, _ in scorer.loglikelihood([(context, c) for c in choices])]
+    assert len(set(scores)) == 3, scores
+
+    bert = train_tokenizer(CORPUS, vocab_size=80, style="bert")  # every continuation is scored as "[SEP]"
+    bert_scorer = CausalLMScorer(tiny_causal_lm(bert), bert, progress=False)
+    assert {tuple(bert_scorer.encode_pair(context, c)[1]) for c in choices} == {(bert.sep_token_id,)}

@@ -12,13 +12,23 @@ Importing this package registers the hfx model type in PEFT's LoRA target-module
 See ``docs/finetuning.md``.
 """
 
-from .config import METHODS, FinetuneConfig
-from .data import DataError
-from .model import HFX_LORA_TARGET_MODULES, BackendError, TargetModulesError, register_peft_mappings
-from .quickstart import quickstart_step
-from .train import FinetuneResult, OutputDirError, finetune
+import importlib
 
-register_peft_mappings()
+# Loaded on first access, so that `hfx finetune --help` (which reads only .config) does not import
+# torch, Trainer and PEFT. PEFT's mapping is extended by `import hfx` itself (hfx.peft_integration).
+_LAZY = {
+    "METHODS": ".config", "FinetuneConfig": ".config", "DataError": ".data", "HFX_LORA_TARGET_MODULES": ".model",
+    "BackendError": ".model", "TargetModulesError": ".model", "register_peft_mappings": ".model",
+    "quickstart_step": ".quickstart", "FinetuneResult": ".train", "OutputDirError": ".train", "finetune": ".train",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "HFX_LORA_TARGET_MODULES",
