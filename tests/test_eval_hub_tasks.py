@@ -135,7 +135,7 @@ class RecordingBackend:
     def __init__(self, lls):
         self.lls, self.requests = lls, None
 
-    def loglikelihood(self, requests):
+    def loglikelihood(self, requests, name=None):
         self.requests = [tuple(r) for r in requests]
         assert len(requests) == len(self.lls)
         return [(ll, i % 3 == 0) for i, ll in enumerate(self.lls)]
