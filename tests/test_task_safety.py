@@ -16,7 +16,7 @@ import pytest
 from jinja2 import StrictUndefined
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from hfx.evaluation import Task, TaskConfig, TaskError, TaskIndex, find_tasks
+from hfx.evaluation import Task, TaskConfig, TaskError, TaskIndex
 from hfx.evaluation import templates
 from hfx.evaluation.templates import TemplateLimitError, load_yaml, render
 
@@ -204,22 +204,26 @@ def code_world(tmp_path, data_file):
     return tasks, marker
 
 
+def load_task(name, include_path):
+    return TaskIndex([include_path], allow_code=True, plugins=False).load(name)
+
+
 @pytest.mark.parametrize("name", ["parent", "absolute", "symlink"])
 def test_function_outside_the_task_folder_is_refused(code_world, name):
     tasks, marker = code_world
     with pytest.raises(TaskError, match=rf"{name}\.yaml: !function .* resolves to .*evil\.py, outside the task folder"):
-        find_tasks(name, [tasks], allow_code=True)
+        load_task(name, tasks)
     assert not marker.exists()
 
 
 def test_function_inside_the_task_folder_runs(code_world):
     tasks, marker = code_world
-    (task,) = find_tasks("inside", [tasks], allow_code=True)
+    task = load_task("inside", tasks)
     assert [task.doc_to_text(d) for d in task.eval_docs()] == ["Q: one", "Q: two"]
     with pytest.raises(TaskError, match=r"missing\.yaml: !function sub/nothing\.text: .*nothing\.py does not exist"):
-        find_tasks("missing", [tasks], allow_code=True)
+        load_task("missing", tasks)
     with pytest.raises(TaskError, match=r"helpers\.py has no function 'other'"):
-        find_tasks("no_function", [tasks], allow_code=True)
+        load_task("no_function", tasks)
     assert not marker.exists()
 
 
@@ -232,8 +236,8 @@ def test_function_from_an_included_file_follows_the_include_path_root(tmp_path, 
     body = TASK.format(name="t", data=data_file, text="q").replace("doc_to_text: q\n", "")
     (tasks / "t.yaml").write_text(body + "include: ../shared/base.inc\n")
     with pytest.raises(TaskError, match=r"base\.inc: !function utils\.text resolves to .*outside the task folder"):
-        find_tasks("t", [tasks], allow_code=True)
-    (task,) = find_tasks("t", [tmp_path], allow_code=True)  # the folder holding both is trusted
+        load_task("t", tasks)
+    task = load_task("t", tmp_path)  # the folder holding both is trusted
     assert task.doc_to_text({"q": "one"}) == "ONE"
 
 
