@@ -317,6 +317,9 @@ CLI_ERRORS = [
     (None, None, ["--overwrite", "--resume"], "overwrite and resume exclude each other"),
     (None, None, ["--target-modules", "gate_proj"], "target module(s) ['gate_proj'] match no linear layer"),
     (None, None, ["--eval-fraction", "1"], "eval_fraction must be in [0, 1), got 1.0"),
+    (None, None, ["--eval-fraction", "0.99"], "eval_fraction=0.99 of the 48 examples of"),
+    (None, None, ["--packing", "--max-length", "100000"], "--packing needs at least max_length=100000 tokens in all"),
+    (None, None, ["--eval-data", "{tmp}/held-out.jsonl"], "data file {tmp}/held-out.jsonl does not exist"),
 ]
 
 
@@ -330,10 +333,13 @@ def test_cli_mistakes_are_one_line_exit_2_before_the_model_loads(tmp_path, capsy
             else data_maker(tmp_path) if data_maker else task_file)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        main(["finetune", "--model", model, "--data", data, "--output", str(tmp_path / "out"), *extra])
+        main(["finetune", "--model", model, "--data", data, "--output", str(tmp_path / "out"),
+              *(arg.format(tmp=tmp_path) for arg in extra)])
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("hfx finetune: "), err
+    lines = [line for line in capsys.readouterr().err.splitlines()
+             if line.strip() and not line.rstrip().endswith(("/s]", "?it/s]"))]  # datasets' progress bars
+    assert len(lines) == 1 and lines[0].startswith("hfx finetune: "), lines
+    err = lines[0]
     assert fragment.format(tmp=tmp_path) in err, err
     assert not (tmp_path / "out").exists()  # nothing written
 

@@ -17,6 +17,7 @@ Every check here runs before the model is loaded, so a misspelt field costs seco
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,6 +240,10 @@ def prepare_data(config: FinetuneConfig, task: str, tokenizer, label_names: list
     if config.max_train_samples is not None:
         train = train.select(range(min(config.max_train_samples, len(train))))
     if evaluation is None and config.eval_fraction > 0:
+        held_out = math.ceil(config.eval_fraction * len(train))
+        if held_out >= len(train):
+            raise DataError(f"eval_fraction={config.eval_fraction} of the {len(train)} examples of {config.data} "
+                            "leaves none to train on; lower it or give --eval-data.")
         parts = train.train_test_split(test_size=config.eval_fraction, seed=config.seed)
         train, evaluation = parts["train"], parts["test"]
     if task == "seq-cls":

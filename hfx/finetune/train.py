@@ -135,7 +135,9 @@ def finetune(config: FinetuneConfig | None = None, *, callbacks=None, **kwargs) 
     label_names = _existing_label_names(model_config) if task == "seq-cls" else None
     data = prepare_data(config, task, tokenizer, label_names)
     if len(data.train) == 0:
-        raise DataError(f"no training example left after tokenising {config.data} (max_length={config.max_length}).")
+        why = (f"--packing needs at least max_length={config.max_length} tokens in all" if config.packing
+               else f"max_length={config.max_length}")
+        raise DataError(f"no training example left after tokenising {config.data} ({why}).")
     if task == "seq-cls":
         _set_labels(model_config, data)
     resumed_from = newest_complete_checkpoint(output, warn=main_process) if config.resume else None
