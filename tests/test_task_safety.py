@@ -385,7 +385,9 @@ def test_bad_data_files_are_one_error_naming_the_file(tmp_path, name, content, m
 def test_good_data_files_load(tmp_path, data_file):
     array = tmp_path / "docs.json"
     array.write_text('[{"q": "one", "choices": ["a"], "label": 0}]')
-    for path in (data_file, array):
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + data_file.read_bytes())
+    for path in (data_file, array, bom):
         config = TaskConfig(task="ok", dataset_path="json", dataset_kwargs={"data_files": {"test": str(path)}},
                             test_split="test", output_type="multiple_choice", doc_to_text="q", doc_to_target="label",
                             doc_to_choice="choices")

@@ -194,7 +194,7 @@ def _check_utf8(task: str, path: Path) -> None:
 
 
 def _check_json_records(task: str, path: Path, field_name: str | None) -> None:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is allowed, as datasets allows it
     stripped = text.lstrip()
     if not stripped:
         raise TaskError(f"Task {task!r}: data file {path} has no records (only whitespace).")

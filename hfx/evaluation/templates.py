@@ -401,7 +401,7 @@ def render(template: str, doc: dict[str, Any], *, where: str = "template") -> st
         compiled = _compile(template)
     except TemplateError as exc:
         raise TaskError(f"{where} {template[:200]!r} is not a valid Jinja template: {exc}") from None
-    budget = _Budget(where, extra_size=_weight(doc, 2**62))
+    budget = _Budget(where, extra_size=_weight(doc, 2**26))  # a document's own text never counts against it
     token = _BUDGET.set(budget)
     try:
         return compiled.render(**doc)
