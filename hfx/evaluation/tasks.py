@@ -15,6 +15,11 @@ loaded, never silently ignored; keys that leave the numbers unchanged are kept. 
   items are task mappings (dicts, as a parsed YAML), :class:`TaskConfig` objects, or paths to YAML
   files or directories. A plugin that fails to load is skipped with a warning naming it.
 
+A task file that cannot be read (bad YAML, an alias bomb, not UTF-8, ...) is skipped with a
+warning naming it, so the other tasks of its folder still load; asking for a task defined in it
+raises that error. ``include:`` chains are bounded and cycle-checked; local data files are
+checked (present, non-empty, UTF-8, JSON records) before ``datasets`` reads them.
+
 Public API (also used by the encoder evaluators): :class:`TaskConfig`, :class:`Task`,
 :func:`find_tasks` / :class:`TaskIndex`, :class:`TaskError`.
 """
