@@ -50,6 +50,16 @@ def check_model_dir(path: str | os.PathLike, what: str = "--model", need_weights
         raise CheckpointError(f"{what} {name} is a file; give the folder a model was saved to (config.json + weights).")
     config = folder / "config.json"
     if not config.is_file():
+        adapter = folder / "adapter_config.json"
+        if adapter.is_file():
+            try:
+                base = json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path")
+            except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                base = None
+            raise CheckpointError(
+                f"{what} {name} is a PEFT adapter, not a model (it has adapter_config.json and no config.json); "
+                f"give its base model{f' ({base})' if base else ''}, or a merged checkpoint."
+            )
         raise CheckpointError(f"{what} {name} holds no config.json, so it is not a saved model folder.")
     try:
         json.loads(config.read_text(encoding="utf-8"))

@@ -269,6 +269,17 @@ def _no_weights_model(tmp_path, hfx_causal):
     return str(folder)
 
 
+def _adapter_as_model(tmp_path, hfx_causal):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/models/base"}))
+    return str(folder)
+
+
+def _hub_id(tmp_path, hfx_causal):
+    return "some-org/some-model"  # conftest sets HF_HUB_OFFLINE=1
+
+
 def _data(name, content: bytes):
     def make(tmp_path):
         path = tmp_path / name
@@ -285,6 +296,9 @@ CLI_ERRORS = [
     (_truncated_model, None, [], "model.safetensors is damaged or truncated"),
     (_no_config_model, None, [], "holds no config.json, so it is not a saved model folder"),
     (_no_weights_model, None, [], "no weights file"),
+    (_adapter_as_model, None, [], "is a PEFT adapter, not a model (it has adapter_config.json and no config.json); "
+                                  "give its base model (/models/base)"),
+    (_hub_id, None, [], "--model some-org/some-model: no such folder (hub access is off: HF_HUB_OFFLINE is set)"),
     (None, _data("empty.jsonl", b""), [], "empty.jsonl is empty: no records"),
     (None, _data("blank.jsonl", b"\n\n"), [], "blank.jsonl holds no records"),
     (None, _data("broken.jsonl", GOOD_ROW + b'{"prompt": "say 2", \n'), [], "broken.jsonl line 2: invalid JSON"),
