@@ -58,6 +58,8 @@ def test_quickstart_pretrains_a_causal_lm_that_learns_the_facts(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(ctx.model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(ctx.model_dir)
     assert (model.config.norm_type, model.config.position_embedding_type) == ("layernorm", "rotary")
+    assert tokenizer("3 plus 4 is").input_ids == tokenizer("3 plus 4 is", add_special_tokens=False).input_ids
+    assert "[SEP]" not in report["results"]["reload"]["sample"] and tokenizer.sep_token is None
     untrained = AutoModelForCausalLM.from_config(model.config).eval()
     chance = facts_accuracy(untrained, tokenizer)
     learned = facts_accuracy(model, tokenizer)
@@ -65,7 +67,7 @@ def test_quickstart_pretrains_a_causal_lm_that_learns_the_facts(tmp_path):
 
 
 @pytest.mark.slow
-def test_quickstart_bert_style_with_batchnorm_and_a_plugin_step(tmp_path, monkeypatch):
+def test_quickstart_bert_style_with_batchnorm_and_a_plugin_step(tmp_path, monkeypatch, capsys):
     seen = {}
 
     def extra_step(ctx):
@@ -82,6 +84,10 @@ def test_quickstart_bert_style_with_batchnorm_and_a_plugin_step(tmp_path, monkey
     assert ("extra", "ran after reload") in ctx.lines
     model = AutoModelForPreTraining.from_pretrained(ctx.model_dir)
     assert type(model).__name__ == "HfxForPreTraining" and model.config.norm_type == "batchnorm"
+    assert "20/20" in capsys.readouterr().err  # pre-training shows Trainer's progress bar
+    tokenizer = AutoTokenizer.from_pretrained(ctx.model_dir)
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer("the sky", "is blue").input_ids)
+    assert tokens[0] == "[CLS]" and tokens.count("[SEP]") == 2 and tokenizer.mask_token == "[MASK]"
 
 
 def test_skip_names_must_exist(tmp_path):
