@@ -162,3 +162,17 @@ def test_convert_long_output_rules(tmp_path, capsys):
     assert main(["convert-long", source, str(empty), "--max-position-embeddings", "32", "--attention-window", "8",
                  "--global-token-id", "2"]) == 0
     assert (empty / "model.safetensors").is_file()
+
+
+def test_convert_long_takes_the_global_token_from_the_saved_tokenizer(tmp_path, tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    first = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
+    source = bert_dir(tmp_path / "short", vocab_size=len(tok))
+    tok.save_pretrained(source)
+    assert main(["convert-long", source, str(tmp_path / "long"), "--max-position-embeddings", "32",
+                 "--attention-window", "8"]) == 0
+    saved = json.loads((tmp_path / "long" / "config.json").read_text())
+    assert first is not None and saved["global_attention_token_ids"] == [first]
+    assert AutoTokenizer.from_pretrained(tmp_path / "long").model_max_length == 32
