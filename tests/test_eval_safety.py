@@ -488,3 +488,5 @@ def test_python_api_refuses_an_empty_task_list(world):
             evaluate(model, tasks, tokenizer=_tokenizer(), cache_dir=False)
     with pytest.raises(TaskError, match="Unknown task"):
         evaluate(model, "safety_mcq", tokenizer=_tokenizer(), include_path=world["tasks"], cache_dir=False)
+    with pytest.raises(EvaluationInputError, match="A tokenizer is required"):
+        evaluate(model, "safety_mc", include_path=world["tasks"], cache_dir=False)

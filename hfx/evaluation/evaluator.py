@@ -430,6 +430,8 @@ def evaluate(
     is_path = isinstance(model, (str, os.PathLike))
     if is_path:
         check_model_path(model)  # a missing or damaged model fails before the task files are read
+    elif tokenizer is None:
+        raise EvaluationInputError("A tokenizer is required when `model` is a model object (tokenizer=...).")
     includes = [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path)
     names = [t for t in tasks if isinstance(t, str)]
     loaded = {t.name: t for t in find_tasks(names, includes, allow_code=allow_code)} if names else {}
@@ -441,16 +443,12 @@ def evaluate(
     model_name = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
     if is_path:
         model_name = str(model)
-        if needs_lm:
-            _check_causal_config(str(model))
         model, loaded_tokenizer, source = load_model(model, add_bos_token=add_bos, causal=needs_lm)
         tokenizer = tokenizer or loaded_tokenizer
     elif needs_lm and not is_causal_lm(model):
         raise TaskError(
             f"{type(model).__name__} is not a causal LM; loglikelihood / generate_until tasks need one (e.g. *ForCausalLM)."
         )
-    if tokenizer is None:
-        raise ValueError("A tokenizer is required when `model` is a model object.")
     if not is_path:
         _check_tokenizer(tokenizer, "tokenizer")
     torch.manual_seed(seed)
