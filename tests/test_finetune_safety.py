@@ -191,6 +191,17 @@ def test_resume_allows_longer_training_and_other_eval_save_logging_steps(tmp_pat
     check_output_dir(run_config(hfx_causal, Path(task_file).name, tmp_path / "run", resume=True, learning_rate=2e-4))
 
 
+def test_resume_of_a_run_file_from_before_a_setting_existed_uses_its_default(tmp_path, hfx_causal, task_file):
+    base = run_config(hfx_causal, task_file, tmp_path / "run")
+    saved = json.loads(base.to_json())
+    del saved["assistant_only_loss"], saved["lr_scheduler"]  # written by an hfx without these settings
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / RUN_FILE).write_text(json.dumps(saved))
+    check_output_dir(run_config(hfx_causal, task_file, tmp_path / "run", resume=True))
+    with pytest.raises(OutputDirError, match="lr_scheduler: saved 'cosine', requested 'linear'"):
+        check_output_dir(run_config(hfx_causal, task_file, tmp_path / "run", resume=True, lr_scheduler="linear"))
+
+
 def test_resume_of_a_finished_run_needs_more_steps(tmp_path, hfx_causal, task_file):
     base = run_config(hfx_causal, task_file, tmp_path / "run")
     (saved_run(tmp_path, base) / "hfx_finetune_results.json").write_text("{}")

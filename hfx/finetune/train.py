@@ -405,7 +405,12 @@ def _comparable(name: str, values: dict):
 
 def resume_differences(previous: dict, config: FinetuneConfig) -> list[str]:
     """``"name: saved -> requested"`` for every :data:`RUN_IDENTITY` setting that differs."""
+    from dataclasses import MISSING, fields
+
     current = json.loads(config.to_json())
+    # a setting an older run file lacks did not exist then: that run used what is now its default
+    defaults = {f.name: f.default for f in fields(FinetuneConfig) if f.default is not MISSING}
+    previous = {**{k: v for k, v in defaults.items() if k not in previous}, **previous}
     changed = []
     for name in RUN_IDENTITY:
         saved, requested = _comparable(name, previous), _comparable(name, current)
