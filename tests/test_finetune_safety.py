@@ -31,7 +31,7 @@ from hfx.finetune.train import (
     is_run_output,
     newest_complete_checkpoint,
 )
-from test_finetune import QUIET, hfx_causal, run_config, task_file, task_rows, tokenizer_dir, write_jsonl  # noqa: F401
+from test_finetune import hfx_causal, run_config, task_file, task_rows, tokenizer_dir, write_jsonl  # noqa: F401
 
 
 @pytest.fixture
