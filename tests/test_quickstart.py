@@ -108,6 +108,8 @@ CLI_ERRORS = [
     (["--batch-size", "-2"], "--batch-size must be at least 1, got -2"),
     (["--threads", "0"], "--threads must be at least 1, got 0"),
     (["--learning-rate", "0"], "--learning-rate must be positive, got 0.0"),
+    (["--vocab-size", "3"], "--vocab-size 3 is smaller than the 4 special tokens ['[PAD]', '[UNK]', '</s>', '<s>']"),
+    (["--objective", "mlm_nsp", "--vocab-size", "6"], "--vocab-size 6 is smaller than the 7 special tokens"),
 ]
 
 

@@ -58,6 +58,13 @@ def check_args(args: argparse.Namespace) -> None:
     for name in POSITIVE_INTS:
         if getattr(args, name) < 1:
             usage_error("quickstart", f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    from hfx.pretraining import TOKENIZER_STYLES
+    from hfx.tokenizer import CAUSAL_SPECIAL_TOKENS, SPECIAL_TOKENS
+
+    specials = CAUSAL_SPECIAL_TOKENS if TOKENIZER_STYLES[args.objective] == "causal" else SPECIAL_TOKENS
+    if args.vocab_size < len(specials):
+        usage_error("quickstart", f"--vocab-size {args.vocab_size} is smaller than the {len(specials)} special "
+                                  f"tokens {list(specials.values())}")
     if not args.learning_rate > 0:
         usage_error("quickstart", f"--learning-rate must be positive, got {args.learning_rate}")
     work_dir = Path(args.work_dir)
