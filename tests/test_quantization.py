@@ -136,3 +136,47 @@ def test_only_the_kernels_community_notice_is_dropped(caplog):
         logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: no module named kernels")
         logger.warning("another bitsandbytes warning")
     assert [r.getMessage() for r in caplog.records] == ["another bitsandbytes warning"]
+
+
+@pytest.fixture(scope="module")
+def llama_4bit_dirs(tmp_path_factory):
+    """A tiny Llama saved in fp32, and the same model saved 4-bit (NF4, double quant, fp32 compute)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    from hfx.tokenizer import train_tokenizer
+
+    dense_dir, quant_dir = tmp_path_factory.mktemp("llama_fp32"), tmp_path_factory.mktemp("llama_nf4")
+    train_tokenizer(["the cat sat on the mat", "a dog ran in the park"] * 5, vocab_size=100, save_dir=dense_dir,
+                    style="causal")
+    tokenizer = AutoTokenizer.from_pretrained(dense_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(dense_dir)
+    quantized = AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32))
+    quantized.save_pretrained(quant_dir)
+    tokenizer.save_pretrained(quant_dir)
+    return dense_dir, quant_dir
+
+
+def test_eval_of_a_4bit_checkpoint_computes_in_fp32_and_records_the_path(llama_4bit_dirs, bnb_cpu_bf16):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hfx.evaluation import evaluate
+
+    _, quant_dir = llama_4bit_dirs
+    results, records = evaluate(quant_dir, "embedded_facts", limit=4, cache_dir=False, progress=False,
+                                return_records=True)
+    assert results["config"]["bnb_cpu_path"] == "dequantize (float32)"
+    # Reference: the same 4-bit weights dequantised to a plain fp32 model, scored as an object.
+    reference_model = AutoModelForCausalLM.from_pretrained(quant_dir).dequantize(dtype=torch.float32)
+    reference, expected = evaluate(reference_model, "embedded_facts", tokenizer=AutoTokenizer.from_pretrained(quant_dir),
+                                   limit=4, cache_dir=False, progress=False, return_records=True)
+    assert reference["config"]["bnb_cpu_path"] is None
+    ours = [ll for record in records["embedded_facts"] for ll, _ in record["resps"]]
+    theirs = [ll for record in expected["embedded_facts"] for ll, _ in record["resps"]]
+    # Sums of ~20 fp32 log-probabilities of magnitude ~1 through a 2-layer model: ~1e-5 apart at most
+    # in fp32, where bf16 inputs and scales move each one by ~1e-2.
+    assert ours == pytest.approx(theirs, abs=1e-4)

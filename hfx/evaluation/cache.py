@@ -143,12 +143,14 @@ def model_identity(
     *,
     memo: ContentHashMemo | None = None,
     add_bos_token: bool | None = None,
+    bnb_cpu_path: str | None = None,
 ) -> str:
     """A hex digest that changes whenever anything that can change a score changes.
 
     ``source``: the folder the model was loaded from (its files are hashed by content, through
     ``memo``); without one, the model's state dict is hashed. ``add_bos_token`` is the BOS
-    setting the scorer tokenises with.
+    setting the scorer tokenises with; ``bnb_cpu_path`` the bitsandbytes 4-bit CPU kernel
+    (``hfx.quantization``: the fused bf16 and the dequantising kernels give different numbers).
     """
     digest = hashlib.blake2b(digest_size=16)
     if source is not None and Path(source).is_dir():
@@ -164,6 +166,7 @@ def model_identity(
     digest.update(str(next(model.parameters()).dtype).encode())
     digest.update(str(getattr(model.config, "_attn_implementation", None)).encode())
     digest.update(f"add_bos_token={add_bos_token}".encode())
+    digest.update(f"bnb_cpu_path={bnb_cpu_path}".encode())
     if tokenizer is not None:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         digest.update((backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))).encode())

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..checkpoint_check import CheckpointError, check_model_dir
+from ..quantization import pin_bnb_cpu_path
 from .cache import ContentHashMemo, ResultCache, default_cache_dir, model_identity
 from .metrics import METRICS, aggregate, exact_match, get_metric, multiple_choice_scores
 from .results import build_results
@@ -451,11 +452,13 @@ def evaluate(
         )
     if not is_path:
         _check_tokenizer(tokenizer, "tokenizer")
+    # A 4-bit model computes in its compute dtype on every CPU (bitsandbytes' fused CPU kernel is bf16).
+    bnb_path = pin_bnb_cpu_path(model)
     torch.manual_seed(seed)
     cache = None
     memo = ContentHashMemo(default_cache_dir() if cache_dir in (None, False) else cache_dir)
     hashing_started = time.perf_counter()
-    identity = model_identity(model, tokenizer, source, memo=memo, add_bos_token=add_bos)
+    identity = model_identity(model, tokenizer, source, memo=memo, add_bos_token=add_bos, bnb_cpu_path=bnb_path)
     memo.save()
     identity_cost = {"files_hashed": memo.hashed, "seconds": round(time.perf_counter() - hashing_started, 3)}
     if cache_dir is not False:
@@ -470,6 +473,7 @@ def evaluate(
         "batch_size": batch_size,
         "max_batch_tokens": max_batch_tokens,
         "add_bos_token": add_bos,
+        "bnb_cpu_path": bnb_path,
         "model_identity_cost": identity_cost,
     }
     results, records = evaluate_tasks(resolved, scorer, num_fewshot=num_fewshot, limit=limit, seed=seed, config=config)
