@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 from transformers import (
@@ -30,7 +31,6 @@ from transformers import (
     Trainer,
     TrainingArguments,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from .configuration_hfx import HfxConfig
 from .data import (
@@ -122,14 +122,50 @@ def training_arguments(
     )
 
 
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a ``checkpoint-N`` folder cannot be resumed from, or ``None`` when its write finished.
+
+    Trainer writes ``trainer_state.json`` after the weights, optimizer and RNG states, so a
+    folder without a readable one (or with damaged weights) is a write that was cut short.
+    """
+    from .checkpoint_check import weights_problem
+
+    state = folder / "trainer_state.json"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "no trainer_state.json (Trainer writes it last)"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"trainer_state.json is unreadable ({type(exc).__name__})"
+    if not (folder / "config.json").is_file():
+        return "no config.json"
+    return weights_problem(folder)
+
+
 def last_checkpoint_or_error(output_dir) -> str:
-    checkpoint = get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
-    if checkpoint is None:
+    """The newest complete ``checkpoint-N`` in ``output_dir``; half-written ones are skipped with a warning."""
+    folder = Path(output_dir)
+    numbered = []
+    if folder.is_dir():
+        for path in folder.glob("checkpoint-*"):
+            suffix = path.name[len("checkpoint-"):]
+            if path.is_dir() and suffix.isdigit():
+                numbered.append((int(suffix), path))
+    for _, path in sorted(numbered, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path)
+        warnings.warn(f"--resume: skipping {path}, a checkpoint whose write did not finish: {problem}",
+                      RuntimeWarning, stacklevel=2)
+    if numbered:
         raise FileNotFoundError(
-            f"--resume: no checkpoint-* folder in {str(output_dir)!r}; run without --resume first "
-            "(with --save-steps so checkpoints are written)."
+            f"--resume: no complete checkpoint in {str(output_dir)!r} ({len(numbered)} checkpoint-* folder(s), "
+            "none finished); start again without --resume"
         )
-    return checkpoint
+    raise FileNotFoundError(
+        f"--resume: no checkpoint-* folder in {str(output_dir)!r}; run without --resume first "
+        "(with --save-steps so checkpoints are written)."
+    )
 
 
 # --flag -> HfxConfig field of the model flags; on --resume they come from the checkpoint's config.json.

@@ -126,6 +126,32 @@ def test_resume_with_the_other_objective_is_refused(tmp_path, tokenizer_dir):
         run_from_args(parse("mlm_nsp", "--output-dir", out, "--tokenizer", tokenizer_dir, "--resume", *RUN))
 
 
+@pytest.mark.slow
+def test_resume_skips_a_half_written_checkpoint_with_a_warning(tmp_path, tokenizer_dir):
+    out = tmp_path / "gpt"
+    run = ("--output-dir", str(out), "--tokenizer", tokenizer_dir, *MODEL, *RUN, "--save-steps", "3")
+    with pytest.raises(Crash):
+        run_from_args(parse("clm", *run), callbacks=[CrashAfter(6)])
+    assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-3", "checkpoint-6"}
+    # killed while writing checkpoint-6: the weights are cut short and trainer_state.json never came
+    weights = out / "checkpoint-6" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    (out / "checkpoint-6" / "trainer_state.json").unlink()
+    with pytest.warns(RuntimeWarning, match=r"skipping .*checkpoint-6, a checkpoint whose write did not finish: no "
+                                            r"trainer_state\.json"):
+        resumed = run_from_args(parse("clm", *run, "--resume"))
+    assert resumed.state.global_step == 12  # from checkpoint-3: the damaged weights of checkpoint-6 were never read
+    assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_resume_with_only_half_written_checkpoints_is_an_error(tmp_path):
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"no complete checkpoint .*1 checkpoint-\* folder\(s\), none finished"):
+        with pytest.warns(RuntimeWarning, match="no trainer_state.json"):
+            run_from_args(parse("clm", "--output-dir", str(tmp_path), "--resume", *TINY))
+
+
 def test_resume_without_checkpoint_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         run_from_args(parse("clm", "--output-dir", str(tmp_path), "--resume", *TINY))
