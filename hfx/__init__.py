@@ -11,7 +11,7 @@ classes load on first use (see ``hfx.auto_registration``).
 
 import importlib
 
-from . import auto_registration, peft_integration
+from . import auto_registration, peft_integration, quantization
 from .registry import Component, PluginLoadError, registry
 
 __version__ = "0.1.0"
@@ -50,6 +50,7 @@ def __dir__() -> list[str]:
 
 auto_registration.install()
 peft_integration.install()
+quantization.quiet_bitsandbytes_notices()
 
 __all__ = [
     "Component",

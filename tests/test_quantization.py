@@ -128,9 +128,11 @@ def test_models_without_4bit_layers_have_no_path():
 
 
 def test_only_the_kernels_community_notice_is_dropped(caplog):
-    quiet_bitsandbytes_notices()
-    quiet_bitsandbytes_notices()  # idempotent
+    import hfx  # noqa: F401  (installs the filter, without importing bitsandbytes)
+
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    assert len(logger.filters) == 1
+    quiet_bitsandbytes_notices()  # idempotent
     assert len(logger.filters) == 1
     with caplog.at_level(logging.WARNING, logger="bitsandbytes.backends.cpu.ops"):
         logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: no module named kernels")
