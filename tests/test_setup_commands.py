@@ -39,3 +39,16 @@ def test_the_torch_pin_of_the_commands_is_inside_the_tested_range():
 def test_the_console_script_is_the_one_the_first_command_runs():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     assert "hfx" in pyproject["project"]["scripts"]
+
+
+def test_docs_speak_to_users_without_pointing_outside_the_repository():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        for needle in ("../shared", "SEEDS.md", "FACTS.md", "the issue", "this issue"):
+            assert needle not in text, f"{page.name} mentions {needle!r}"
+        for target in re.findall(r"\]\(([^)#]+)", text):  # relative links must resolve inside the repository
+            if "://" in target:
+                continue
+            resolved = (page.parent / target).resolve()
+            assert resolved.exists() and ROOT in resolved.parents, f"{page.name} links to {target}"
