@@ -52,6 +52,18 @@ def tiny_tokenizer_dir(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_eval_cache(tmp_path_factory):
+    """hfx eval's default cache (and its content-hash memo) in a tmp folder, never in the home directory."""
+    old = os.environ.get("HFX_EVAL_CACHE")
+    os.environ["HFX_EVAL_CACHE"] = str(tmp_path_factory.mktemp("default-eval-cache"))
+    yield os.environ["HFX_EVAL_CACHE"]
+    if old is None:
+        os.environ.pop("HFX_EVAL_CACHE")
+    else:
+        os.environ["HFX_EVAL_CACHE"] = old
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -106,20 +106,6 @@ def _hfx_causal():
     return hfx.HfxForCausalLM(config).eval(), tok
 
 
-@pytest.fixture(scope="module", autouse=True)
-def private_cache(tmp_path_factory):
-    """The default cache (and its content-hash memo) in a tmp folder, not in the home directory."""
-    import os
-
-    old = os.environ.get("HFX_EVAL_CACHE")
-    os.environ["HFX_EVAL_CACHE"] = str(tmp_path_factory.mktemp("default-cache"))
-    yield
-    if old is None:
-        os.environ.pop("HFX_EVAL_CACHE")
-    else:
-        os.environ["HFX_EVAL_CACHE"] = old
-
-
 PARITY_TASKS = ["tiny_mc0", "tiny_mc3", "tiny_mc_self", "tiny_mc_first", "tiny_ppl", "tiny_ll", "tiny_gen"]
 
 

@@ -76,20 +76,8 @@ generation_kwargs:
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def private_cache(tmp_path_factory):
-    """The default cache (and its content-hash memo) in a tmp folder, not in the home directory."""
-    old = os.environ.get("HFX_EVAL_CACHE")
-    os.environ["HFX_EVAL_CACHE"] = str(tmp_path_factory.mktemp("default-cache"))
-    yield
-    if old is None:
-        os.environ.pop("HFX_EVAL_CACHE")
-    else:
-        os.environ["HFX_EVAL_CACHE"] = old
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, private_cache):
+def world(tmp_path_factory, private_eval_cache):
     import random
 
     root = tmp_path_factory.mktemp("safety")

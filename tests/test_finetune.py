@@ -104,6 +104,22 @@ def run_config(model, data, output, **overrides):
     return FinetuneConfig(**base)
 
 
+def run_ddp_and_single(common, tmp_path):
+    """``hfx finetune`` twice: 2 torchrun processes at batch 4 into ``ddp/``, one process at batch 8 into ``one/``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}  # as in test_distributed.py
+    env["OMP_NUM_THREADS"] = "1"
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "hfx.cli", *common, "--batch-size", "4", "--output", str(tmp_path / "ddp")],
+        capture_output=True, text=True, env=env, timeout=400,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = subprocess.run([sys.executable, "-m", "hfx.cli", *common, "--batch-size", "8", "--output",
+                             str(tmp_path / "one")], capture_output=True, text=True, env=env, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    return ddp, single
+
+
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Fail loudly if a check under test lets the run reach the model's weights."""

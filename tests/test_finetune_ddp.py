@@ -1,15 +1,12 @@
 """``hfx finetune`` under DDP: 2 CPU processes (torchrun, gloo) train like one process on the joint batch."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_finetune import hfx_causal, task_file, tokenizer_dir  # noqa: F401  (module fixtures)
+from test_finetune import hfx_causal, run_ddp_and_single, task_file, tokenizer_dir  # noqa: F401  (module fixtures)
 
 
 @pytest.mark.slow
@@ -20,17 +17,7 @@ def test_two_process_ddp_matches_single_process_on_the_joint_batch(tmp_path, hfx
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = ["finetune", "--model", hfx_causal, "--data", str(data), "--max-steps", "3", "--lora-r", "4",
               "--lora-alpha", "8", "--lora-dropout", "0", "--learning-rate", "1e-2", "--logging-steps", "1"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}  # as in test_distributed.py
-    env["OMP_NUM_THREADS"] = "1"
-    ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "hfx.cli", *common, "--batch-size", "4", "--output", str(tmp_path / "ddp")],
-        capture_output=True, text=True, env=env, timeout=400,
-    )
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    single = subprocess.run([sys.executable, "-m", "hfx.cli", *common, "--batch-size", "8", "--output", str(tmp_path / "one")],
-                            capture_output=True, text=True, env=env, timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
+    run_ddp_and_single(common, tmp_path)
 
     ddp_result = json.loads((tmp_path / "ddp" / "hfx_finetune_results.json").read_text())
     one_result = json.loads((tmp_path / "one" / "hfx_finetune_results.json").read_text())

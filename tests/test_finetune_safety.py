@@ -12,8 +12,6 @@ import logging
 import math
 import os
 import shutil
-import subprocess
-import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -31,7 +29,7 @@ from hfx.finetune.train import (
     is_run_output,
     newest_complete_checkpoint,
 )
-from test_finetune import hfx_causal, run_config, task_file, task_rows, tokenizer_dir, write_jsonl  # noqa: F401
+from test_finetune import hfx_causal, run_config, run_ddp_and_single, task_file, task_rows, tokenizer_dir, write_jsonl  # noqa: F401
 
 
 @pytest.fixture
@@ -437,18 +435,8 @@ def test_ddp_prints_one_summary_with_the_all_process_loss(tmp_path, peaked_causa
     data = write_jsonl(tmp_path / "eight.jsonl", task_rows(8))
     common = ["finetune", "--model", peaked_causal, "--data", str(data), "--max-steps", "2", "--lora-r", "4",
               "--lora-alpha", "8", "--lora-dropout", "0", "--learning-rate", "1e-2", "--logging-steps", "50"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    env["OMP_NUM_THREADS"] = "1"
-    ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "hfx.cli", *common, "--batch-size", "4", "--output", str(tmp_path / "ddp")],
-        capture_output=True, text=True, env=env, timeout=400,
-    )
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    ddp, single = run_ddp_and_single(common, tmp_path)
     assert ddp.stdout.count('"train_loss"') == 1, ddp.stdout
-    single = subprocess.run([sys.executable, "-m", "hfx.cli", *common, "--batch-size", "8", "--output",
-                             str(tmp_path / "one")], capture_output=True, text=True, env=env, timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
     summary, one = printed_summary(ddp.stdout), printed_summary(single.stdout)
     assert summary["world_size"] == 2 and summary["global_step"] == 2
     assert summary["train_loss"] == pytest.approx(one["train_loss"], abs=1e-3)

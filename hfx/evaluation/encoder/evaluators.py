@@ -8,7 +8,7 @@ checked against the data (and, for cloze, the tokenizer) before the model encode
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
