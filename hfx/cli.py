@@ -83,13 +83,16 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    warnings.formatwarning = _one_line_warning
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
-    if getattr(args, "func", None) is None:
-        parser.print_help()
-        return 2
-    return int(args.func(args) or 0)
+    previous, warnings.formatwarning = warnings.formatwarning, _one_line_warning
+    try:
+        parser = build_parser(argv)
+        args = parser.parse_args(argv)
+        if getattr(args, "func", None) is None:
+            parser.print_help()
+            return 2
+        return int(args.func(args) or 0)
+    finally:
+        warnings.formatwarning = previous  # ``main`` called in-process leaves the caller's format alone
 
 
 if __name__ == "__main__":

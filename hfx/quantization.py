@@ -9,7 +9,8 @@ same fp32 QLoRA model gives bf16-rounded numbers on one machine and fp32 numbers
 hfx pins the choice on every ``Linear4bit`` right after loading: the fused kernel only where the
 compute dtype is bf16 *and* the CPU really has the instructions *and* the model is used for
 inference; the dequantising path otherwise. The path taken is returned so that it can be recorded
-in results (``hfx eval`` results' ``config.bnb_cpu_path``, ``hfx finetune``'s ``hfx_finetune.json``).
+in results (``hfx eval`` results' ``config.bnb_cpu_path``; ``hfx finetune``'s
+``FinetuneResult.bnb_cpu_path`` and ``hfx_finetune_results.json``).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def pin_bnb_cpu_path(model, *, for_training: bool = False) -> str | None:
 
     The fused kernel is kept only for inference with a bf16 compute dtype on a CPU that has it
     (once a layer is repacked for it, bitsandbytes routes training forwards there too). A layer
-    already repacked is unpacked again when the dequantising path is chosen.
+    already repacked is unpacked again.
     """
     import torch
 
@@ -83,8 +84,10 @@ def pin_bnb_cpu_path(model, *, for_training: bool = False) -> str | None:
             and bool(getattr(layer, "support_avx512bf16_for_cpu", False))
         )
         layer.support_avx512bf16_for_cpu = fused
-        if not fused:
-            _unpack_if_packed(layer)
+        # Unpacked in any case: a fused layer repacks itself on its next forward, and until then
+        # its state dict (hashed for the eval cache identity) never goes through bitsandbytes'
+        # own inverse, which scrambles the scales of weights without double quantisation.
+        _unpack_if_packed(layer)
     return bnb_cpu_path(model)
 
 

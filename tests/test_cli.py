@@ -212,3 +212,13 @@ def test_a_skipped_task_file_is_one_warning_line(world):
     assert len(warnings) == 1 and "broken.yaml" in warnings[0] and "not valid YAML" in warnings[0], proc.stderr
     assert "UserWarning" not in proc.stderr and "Traceback" not in proc.stderr
     assert json.loads(out.read_text())["results"]["good"]["acc,none"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def test_main_in_process_leaves_the_callers_warning_format_alone(capsys):
+    import warnings
+
+    from hfx.cli import main
+
+    before = warnings.formatwarning
+    assert main(["plugins"]) == 0
+    assert warnings.formatwarning is before

@@ -478,3 +478,28 @@ def test_python_api_refuses_an_empty_task_list(world):
         evaluate(model, "safety_mcq", tokenizer=_tokenizer(), include_path=world["tasks"], cache_dir=False)
     with pytest.raises(EvaluationInputError, match="A tokenizer is required"):
         evaluate(model, "safety_mc", include_path=world["tasks"], cache_dir=False)
+
+
+def test_files_saved_next_to_the_weights_do_not_change_the_identity(world, tmp_path):
+    from hfx.evaluation.cache import identity_files
+
+    folder = tmp_path / "model"
+    shutil.copytree(world["models"]["a"][1], folder)
+    model, tok = world["models"]["a"][0], _tokenizer()
+    before = model_identity(model, tok, folder, memo=ContentHashMemo())
+    (folder / "results.json").write_text('{"acc": 0.5}')  # hfx eval --output model/results.json
+    (folder / "notes.txt").write_text("tried lr 1e-3")
+    (folder / "hfx_finetune_results.json").write_text("{}")
+    assert model_identity(model, tok, folder, memo=ContentHashMemo()) == before
+    names = {f.name for f in identity_files(folder)}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
+    assert not names & {"results.json", "notes.txt", "hfx_finetune_results.json"}
+    (folder / "modeling_custom.py").write_text("# remote code changes what the model computes\n")
+    assert model_identity(model, tok, folder, memo=ContentHashMemo()) != before
+
+
+def test_no_cache_writes_no_memo(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("HFX_EVAL_CACHE", str(tmp_path / "default"))
+    evaluate(world["models"]["a"][1], "safety_mc", include_path=world["tasks"], cache_dir=False, progress=False,
+             limit=2)
+    assert not (tmp_path / "default" / MEMO_NAME).exists()

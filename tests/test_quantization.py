@@ -112,6 +112,7 @@ def test_a_layer_already_repacked_is_unpacked_when_pinned_to_dequantize(bnb_cpu_
     layer.support_avx512bf16_for_cpu = True
     assert bnb_cpu_path(layer) == FUSED_BF16
     assert pin_bnb_cpu_path(layer) == "dequantize (float32)"
+    assert layer.weight.quant_state.absmax.dim() == 1  # the scales' own layout again
     assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
     # Repacking stores the block scales in bf16: each weight (a code in [-1, 1] times its scale)
     # moves by at most one bf16 rounding of the scale.

@@ -28,8 +28,15 @@ from pathlib import Path
 from typing import Any
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-# Small files of a saved model that change what it computes or how text is tokenised.
-IDENTITY_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
+# Small files of a saved model that change what it computes or how text is tokenised. Named, not
+# matched by suffix: a results file or a note saved into the model folder must not change its identity.
+IDENTITY_NAMES = frozenset({
+    "config.json", "generation_config.json", "adapter_config.json", "preprocessor_config.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json",
+})
+# Sentencepiece / tiktoken vocabularies, and remote code (``trust_remote_code`` runs it).
+IDENTITY_SUFFIXES = (".model", ".tiktoken", ".py")
 # What Trainer saves next to a checkpoint's weights: never part of what the model computes.
 TRAINER_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "training_args.bin", "trainer_state.json")
 MEMO_NAME = "content-hashes.json"
@@ -111,7 +118,8 @@ def identity_files(path: Path) -> list[Path]:
     for file in sorted(path.iterdir()):
         if not file.is_file() or file.name in TRAINER_STATE_FILES or file.name.startswith("rng_state"):
             continue
-        if file.suffix in WEIGHT_SUFFIXES or file.suffix in IDENTITY_SUFFIXES:
+        if (file.suffix in WEIGHT_SUFFIXES or file.name.endswith(".index.json") or file.name in IDENTITY_NAMES
+                or file.suffix in IDENTITY_SUFFIXES):
             files.append(file)
     return files
 

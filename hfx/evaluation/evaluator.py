@@ -456,7 +456,8 @@ def evaluate(
     bnb_path = pin_bnb_cpu_path(model)
     torch.manual_seed(seed)
     cache = None
-    memo = ContentHashMemo(default_cache_dir() if cache_dir in (None, False) else cache_dir)
+    # With the cache off nothing is written anywhere: the memo then lives for this call only.
+    memo = ContentHashMemo(None if cache_dir is False else (cache_dir or default_cache_dir()))
     hashing_started = time.perf_counter()
     identity = model_identity(model, tokenizer, source, memo=memo, add_bos_token=add_bos, bnb_cpu_path=bnb_path)
     memo.save()
