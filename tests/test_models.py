@@ -296,9 +296,11 @@ def test_device_map_auto(tmp_path):
         assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, expected)
 
 
-def test_4bit_quantisation_of_block_linears_on_cpu(tmp_path):
+def test_4bit_quantisation_of_block_linears_on_cpu(tmp_path, bnb_cpu_bf16):
     bnb = pytest.importorskip("bitsandbytes")
     from transformers import BitsAndBytesConfig
+
+    from hfx.quantization import pin_bnb_cpu_path
 
     config = tiny_config(hidden_size=64, intermediate_size=128, num_attention_heads=4)
     model = AutoModelForCausalLM.from_config(config).eval()
@@ -313,12 +315,19 @@ def test_4bit_quantisation_of_block_linears_on_cpu(tmp_path):
     assert len(block) == config.num_hidden_layers * 6  # q, k, v, o, up, down
     assert all(t is bnb.nn.Linear4bit for t in block.values()), block
     assert linears["lm_head"] is nn.Linear  # the output projection stays in full precision
+    assert pin_bnb_cpu_path(loaded) == "dequantize (float32)"
     with torch.no_grad():
         actual = loaded(input_ids=ids, attention_mask=mask).logits
     assert actual.shape == expected.shape and torch.isfinite(actual).all()
     cos = nn.functional.cosine_similarity(actual.flatten(), expected.flatten(), dim=0)
-    assert cos > 0.95, cos
+    assert cos > 0.95, cos  # NF4 rounding of the weights: close to the fp32 model, not equal
     assert not torch.equal(actual, expected)
+    # ... and exactly the model of the dequantised weights, in fp32 (bf16 compute would be ~1e-2 off).
+    dequantised = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map="cpu")
+    dequantised = dequantised.dequantize(dtype=torch.float32).eval()
+    with torch.no_grad():
+        reference = dequantised(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(actual, reference, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("position,norm", list(zip(POSITIONS, ("batchnorm", "layernorm", "rmsnorm"))))
