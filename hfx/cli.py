@@ -62,7 +62,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     Without ``argv`` every command's parser is built (tests and documentation use that).
     """
-    parser = argparse.ArgumentParser(prog="hfx", description=DESCRIPTION)
+    from hfx import __version__
+
+    parser = argparse.ArgumentParser(prog="hfx", description=DESCRIPTION, allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"hfx {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     selected = None if argv is None else _selected_command(argv)
     for name, module_name in COMMANDS.items():
@@ -73,7 +76,16 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             module.add_parser(sub)
         else:
             sub.add_parser(name, help=command_summary(module), add_help=False)
+    for command_parser in sub.choices.values():
+        command_parser.allow_abbrev = False  # `--max-step` must not silently mean `--max-steps`
     return parser
+
+
+#: What each command says when it is interrupted (Ctrl-C), instead of a traceback.
+INTERRUPTED = {
+    "finetune": "the newest complete checkpoint is kept; the same command with --resume continues from it",
+    "eval": "results computed so far are cached; the same command continues where it stopped",
+}
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -90,7 +102,12 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "func", None) is None:
             parser.print_help()
             return 2
-        return int(args.func(args) or 0)
+        try:
+            return int(args.func(args) or 0)
+        except KeyboardInterrupt:
+            hint = INTERRUPTED.get(args.command)
+            print(f"hfx {args.command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
+            return 130  # the shell's code for SIGINT
     finally:
         warnings.formatwarning = previous  # ``main`` called in-process leaves the caller's format alone
 

@@ -97,6 +97,9 @@ ROWS = {
                                 "argument --limit: invalid int value: 'ten'"),
     "eval-unknown-flag": (["eval", "--model", "{model}", "--tasks", "good", "--shots", "3"],
                           "unrecognized arguments: --shots 3"),
+    "abbreviated-flag-is-not-a-flag": (["eval", "--model", "{model}", "--task", "good"],
+                                       "the following arguments are required: --tasks"),
+    "quickstart-abbreviated-flag": (["quickstart", "--step", "3"], "unrecognized arguments: --step 3"),
     "finetune-needs-arguments": (["finetune"], "the following arguments are required"),
     "finetune-unknown-method": (["finetune", "--model", "{model}", "--data", "{tasks}/docs.jsonl", "--output",
                                  "{root}/out", "--method", "qlorra"], "invalid choice: 'qlorra'"),
@@ -222,3 +225,38 @@ def test_main_in_process_leaves_the_callers_warning_format_alone(capsys):
     before = warnings.formatwarning
     assert main(["plugins"]) == 0
     assert warnings.formatwarning is before
+
+
+def test_version_prints_and_exits_0(capsys):
+    from hfx import __version__
+    from hfx.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"hfx {__version__}"
+
+
+@pytest.mark.parametrize("command, hint", [("finetune", "--resume"), ("eval", "cached"), ("plugins", None)])
+def test_ctrl_c_is_one_line_and_exit_130(command, hint, monkeypatch, capsys):
+    import argparse
+
+    from hfx import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    real = argparse.ArgumentParser.parse_args
+
+    def parse_then_interrupt(self, *args, **kwargs):
+        namespace = real(self, *args, **kwargs)
+        if getattr(namespace, "func", None) is not None:
+            namespace.func = interrupted
+        return namespace
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_interrupt)
+    argv = {"finetune": ["finetune", "--model", "m", "--data", "d.jsonl", "--output", "o"],
+            "eval": ["eval", "--model", "m", "--tasks", "t"], "plugins": ["plugins"]}[command]
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"hfx {command}: interrupted"), err
+    assert hint is None or hint in err[0]

@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import NoReturn
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Adds "(default: ...)" to an option's help unless it has no default or its help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.required or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def usage_error(command: str, message: str) -> NoReturn:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from hfx.commands import DefaultsHelpFormatter
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -14,7 +16,7 @@ def add_parser(subparsers) -> None:
         "arc_easy, arc_challenge, hellaswag, piqa, boolq, sst2, copa when the hub is reachable). Prompts, few-shot "
         "demonstrations (seed 1234), tokenisation and metrics follow lm-eval 0.4.13. Results are cached per model "
         "identity, so an interrupted run resumes where it stopped.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--model", required=True, help="local directory or hub id of a causal LM (with its tokenizer)")
     parser.add_argument("--tasks", required=True, help="comma-separated task or tag names, e.g. embedded_facts,embedded")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hfx.commands import usage_error
+from hfx.commands import DefaultsHelpFormatter, usage_error
 
 HELP = "end to end on the embedded corpus: tokenizer, pre-training, LoRA fine-tune, evaluation (no download)"
 
@@ -20,7 +20,7 @@ def add_parser(subparsers) -> None:
         "with Trainer, save it, reload it with AutoModel*.from_pretrained and report what happened: timings, "
         "validation loss before and after, a loss-curve PNG and where every file is (report.json). "
         "With no arguments it finishes in under 5 minutes on 2 CPU cores.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--work-dir", default="hfx-quickstart", help="where data, tokenizer, model and report go")
     parser.add_argument("--objective", default="clm", choices=["clm", "mlm_nsp"],
