@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 BACKEND = "hfx_sliding_window"
@@ -47,7 +48,14 @@ def _position_offset(config) -> int:
 
 
 def check_output(output: Path, overwrite: bool) -> list[str]:
-    """The entries an overwrite replaces (empty for a new or empty folder); refuses anything else, naming it."""
+    """The entries an overwrite replaces (empty for a new or empty folder); refuses anything else, naming it.
+
+    A symbolic link as ``output`` is refused, whatever it points to: the conversion is renamed into
+    place, which would replace the link rather than write into the folder it names.
+    """
+    if output.is_symlink():
+        raise ConvertLongError(f"output {output} is a symbolic link (to {os.readlink(output)}); give the folder itself "
+                               f"({output.resolve()}) or another folder. Nothing was written.")
     if output.exists() and not output.is_dir():
         raise ConvertLongError(f"output {output} is a file; give a folder to write the long model to.")
     if not output.exists():
@@ -202,6 +210,8 @@ def convert_to_long(
         marker = {"source": str(source), "max_position_embeddings": max_position_embeddings,
                   "attention_window": attention_window, "global_token_ids": list(global_token_ids), "files": written}
         (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2), encoding="utf-8")
+        # again: the conversion took a while, and files may have been put into the output folder meanwhile
+        replaced = check_output(output, overwrite)
         _replace_folder(tmp, output, replaced)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -209,13 +219,22 @@ def convert_to_long(
 
 
 def _replace_folder(new: Path, output: Path, replaced: list[str]) -> None:
-    """Put ``new`` at ``output``; an earlier conversion there is moved aside first and removed after."""
+    """Put ``new`` at ``output``; an earlier conversion there is moved aside first.
+
+    Afterwards only ``replaced`` (the marker and the files it lists, as :func:`check_output` found
+    them) is removed from the moved-aside folder, and then the folder once empty. Anything else (put
+    there after the check) is not deleted: the folder stays aside, and a warning names it.
+    """
     if not output.exists():
         os.replace(new, output)
         return
     aside = output.with_name(f".{output.name}.old-{os.getpid()}")
     if not replaced:  # an empty folder
-        output.rmdir()
+        try:
+            output.rmdir()
+        except OSError:
+            raise ConvertLongError(f"output folder {output} is no longer empty; nothing was deleted. Choose another "
+                                   "folder.") from None
         os.replace(new, output)
         return
     os.replace(output, aside)
@@ -224,7 +243,18 @@ def _replace_folder(new: Path, output: Path, replaced: list[str]) -> None:
     except OSError:
         os.replace(aside, output)  # put the earlier conversion back
         raise
-    shutil.rmtree(aside)
+    for name in replaced:
+        path = aside / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    left = sorted(entry.name for entry in aside.iterdir())
+    if left:
+        warnings.warn(f"the earlier conversion in {output} also held {_shown(left)}, which convert-long did not "
+                      f"write; they were not deleted and are in {aside}.", stacklevel=3)
+    else:
+        aside.rmdir()
 
 
 def load_long_model(path: str | Path, model_class=None, **kwargs):

@@ -176,3 +176,80 @@ def test_convert_long_takes_the_global_token_from_the_saved_tokenizer(tmp_path, 
     saved = json.loads((tmp_path / "long" / "config.json").read_text())
     assert first is not None and saved["global_attention_token_ids"] == [first]
     assert AutoTokenizer.from_pretrained(tmp_path / "long").model_max_length == 32
+
+
+CONVERT = ["--max-position-embeddings", "40", "--attention-window", "8", "--global-token-id", "2"]
+
+
+def test_convert_long_refuses_a_symlinked_output(tmp_path, capsys):
+    source = bert_dir(tmp_path / "short")
+    real = tmp_path / "real"
+    assert main(["convert-long", source, str(real), *CONVERT]) == 0
+    before = {p.name: p.read_bytes() for p in real.iterdir()}
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    for flags in ([], ["--overwrite"]):
+        err = cli_error(capsys, ["convert-long", source, str(link), *CONVERT, *flags])
+        assert err == (f"hfx convert-long: error: output {link} is a symbolic link (to {real}); give the folder itself "
+                       f"({real.resolve()}) or another folder. Nothing was written."), err
+    assert link.is_symlink() and {p.name: p.read_bytes() for p in real.iterdir()} == before
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".link", ".real"))]
+
+
+def test_convert_long_overwrite_checks_the_output_again_before_replacing(tmp_path, capsys, monkeypatch):
+    """A file put into the output folder while the weights were converted stops the overwrite; nothing is lost."""
+    from hfx import long_context
+
+    source = bert_dir(tmp_path / "short")
+    out = tmp_path / "long"
+    assert main(["convert-long", source, str(out), *CONVERT]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_check = long_context.check_output
+
+    def check_then_add_a_file(output, overwrite):
+        replaced = real_check(output, overwrite)
+        if not (out / "notes.txt").exists():
+            (out / "notes.txt").write_text("written during the conversion")
+        return replaced
+
+    monkeypatch.setattr(long_context, "check_output", check_then_add_a_file)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert-long", source, str(out), *CONVERT, "--overwrite"])
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    # the weights were loaded and converted by then: transformers' progress bars come first
+    [err] = [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("hfx convert-long")]
+    assert "Traceback" not in stderr and err == (f"hfx convert-long: error: --overwrite: {out} holds ['notes.txt'], which convert-long did not "
+                   "write; nothing was deleted. Move them elsewhere or choose another folder."), err
+    assert (out / "notes.txt").read_text() == "written during the conversion"
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "notes.txt"} == before
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".long")]
+
+
+def test_convert_long_replacement_deletes_only_the_listed_files(tmp_path):
+    """What appears after the last check is not deleted with the earlier conversion: it stays aside, named."""
+    from hfx.long_context import _replace_folder
+
+    out, new = tmp_path / "long", tmp_path / "new"
+    out.mkdir()
+    new.mkdir()
+    for name in ("config.json", "model.safetensors", "hfx_convert_long.json"):
+        (out / name).write_text("old")
+        (new / name).write_text("new")
+    (out / "late.txt").write_text("mine")
+    with pytest.warns(UserWarning) as caught:
+        _replace_folder(new, out, ["config.json", "hfx_convert_long.json", "model.safetensors"])
+    assert {p.name: p.read_text() for p in out.iterdir()} == {
+        "config.json": "new", "model.safetensors": "new", "hfx_convert_long.json": "new"}
+    [aside] = [p for p in tmp_path.iterdir() if p.name.startswith(".long.old-")]
+    assert {p.name: p.read_text() for p in aside.iterdir()} == {"late.txt": "mine"}
+    assert str(caught[0].message) == (f"the earlier conversion in {out} also held ['late.txt'], which convert-long did "
+                                      f"not write; they were not deleted and are in {aside}.")
+    # a replacement with nothing foreign leaves nothing aside
+    aside.rename(tmp_path / "kept")
+    new.mkdir()
+    (new / "config.json").write_text("newer")
+    _replace_folder(new, out, ["config.json", "hfx_convert_long.json", "model.safetensors"])
+    assert [p.name for p in out.iterdir()] == ["config.json"]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".long")]

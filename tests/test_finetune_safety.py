@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 from dataclasses import fields
 from pathlib import Path
@@ -66,9 +67,115 @@ def test_run_outputs_are_listed_in_one_place():
     for name in ("hfx_finetune.json", "hfx_finetune_results.json", "adapter", "model", "merged", "checkpoint-12",
                  "runs", "trainer_state.json", "adapter.tmp", "merged.old", "hfx_finetune.json.tmp"):
         assert is_run_output(name), name
-    for name in ("notes.txt", "data.jsonl", "checkpoint-final", "my-model", "adapter2", ".git"):
+    for name in ("checkpoint-7.tmp", "checkpoint-7.old", "tmp-checkpoint-3", "tmp-checkpoint-3.tmp"):
+        assert is_run_output(name), name
+    for name in ("notes.txt", "data.jsonl", "checkpoint-final", "my-model", "adapter2", ".git",
+                 # a user's backups next to the run: the whole name must be a run output's
+                 "checkpoint-500-best", "checkpoint-5 (copy)", "checkpoint-500.bak", "tmp-checkpoint-3-keep",
+                 "checkpoint-", "checkpoint-5.tmp.bak", "adapter.bak", "model (old)", "runs-2024", "checkpoint-1\n",
+                 "hfx_finetune.jsonX", "adapter.kept"):
         assert not is_run_output(name), name
-    assert "checkpoint-[0-9]*" in RUN_OUTPUTS and RUN_FILE in RUN_OUTPUTS
+    assert r"checkpoint-[0-9]+" in RUN_OUTPUTS and re.escape(RUN_FILE) in RUN_OUTPUTS
+
+
+def test_overwrite_keeps_a_users_checkpoint_backups(tmp_path, hfx_causal, task_file, no_model_load):
+    run = fake_run(tmp_path / "run")
+    for name in ("checkpoint-500-best", "checkpoint-5 (copy)", "checkpoint-500.bak", "tmp-checkpoint-3-keep"):
+        (run / name).mkdir()
+        (run / name / "trainer_state.json").write_text("mine")
+    before = snapshot(run)
+    with pytest.raises(OutputDirError) as err:
+        finetune(run_config(hfx_causal, task_file, run, overwrite=True))
+    assert "['checkpoint-5 (copy)', 'checkpoint-500-best', 'checkpoint-500.bak', 'tmp-checkpoint-3-keep']" in str(err.value)
+    assert snapshot(run) == before
+
+
+def _inside_run(tmp_path, hfx_causal, task_file, where):
+    """A run folder with the model or data a new run reads placed at ``where`` inside it (or reached by a link)."""
+    run = fake_run(tmp_path / "run")
+    for name in ("model", "merged", "checkpoint-3"):
+        if where.startswith(name):
+            shutil.copytree(hfx_causal, run / name)
+    if where.endswith(".jsonl"):
+        (run / where).parent.mkdir(exist_ok=True)
+        shutil.copy(task_file, run / where)
+    return run
+
+
+INSIDE = [
+    # (setting, place inside the run folder, what the message says)
+    ("model", "model", "is"),
+    ("model", "merged", "is"),
+    ("model", "checkpoint-3", "is"),
+    ("data", "checkpoint-2/task.jsonl", "lies inside"),
+    ("eval_data", "runs/held-out.jsonl", "lies inside"),
+    ("data", "hfx_finetune_results.json.tmp", "is"),
+    ("model", "link-to-model", "is"),  # a link outside the run folder that points at run/model
+]
+
+
+@pytest.mark.parametrize("setting,where,how", INSIDE)
+def test_overwrite_never_deletes_the_model_or_data_it_reads(tmp_path, hfx_causal, task_file, no_model_load,
+                                                             setting, where, how):
+    run = _inside_run(tmp_path, hfx_causal, task_file, "model" if where == "link-to-model" else where)
+    if where == "hfx_finetune_results.json.tmp":
+        shutil.copy(task_file, run / where)
+    source = run / where
+    if where == "link-to-model":
+        source = tmp_path / "alias"
+        source.symlink_to(run / "model", target_is_directory=True)
+    values = {"model": hfx_causal, "data": task_file, setting: str(source)}
+    before = snapshot(run)
+    with pytest.raises(OutputDirError) as err:
+        finetune(run_config(values.pop("model"), values.pop("data"), run, overwrite=True, **values))
+    entry = where.split("/")[0] if where != "link-to-model" else "model"
+    flag = "--" + setting.replace("_", "-")
+    assert f"--overwrite: {flag} {source} {how} {run / entry}, which the overwrite would delete; nothing was deleted" \
+        in str(err.value)
+    assert snapshot(run) == before
+
+
+def test_overwrite_refuses_the_output_folder_as_its_own_source(tmp_path, hfx_causal):
+    run = fake_run(tmp_path / "run")
+    with pytest.raises(OutputDirError, match=r"--data .* is the output folder .* itself"):
+        check_output_dir(run_config(hfx_causal, str(run), run, overwrite=True))
+
+
+def test_overwrite_refuses_its_own_model_on_the_command_line(tmp_path, capsys, hfx_causal, task_file, no_model_load):
+    run = _inside_run(tmp_path, hfx_causal, task_file, "model")
+    before = snapshot(run)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "--model", str(run / "model"), "--data", task_file, "--output", str(run), "--method", "full",
+              "--max-steps", "1", "--overwrite"])
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == [(f"hfx finetune: error: --overwrite: --model {run / 'model'} is {run / 'model'}, which the "
+                      f"overwrite would delete; nothing was deleted. Copy it out of {run} first, or choose another "
+                      "--output.")], lines
+    assert snapshot(run) == before
+
+
+def test_saving_over_a_folder_keeps_what_the_save_did_not_write(tmp_path, caplog):
+    target = tmp_path / "run" / "adapter"
+    target.mkdir(parents=True)
+    (target / "adapter_model.safetensors").write_text("old weights")
+    (target / "my-notes.txt").write_text("mine")
+
+    def save(folder):
+        Path(folder).mkdir()
+        (Path(folder) / "adapter_model.safetensors").write_text("new weights")
+
+    with caplog.at_level(logging.WARNING, logger="hfx.finetune"):
+        train_module._save_atomically(target, save)
+    assert (target / "adapter_model.safetensors").read_text() == "new weights"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["adapter", "adapter.kept"]
+    assert sorted(p.name for p in (target.parent / "adapter.kept").iterdir()) == ["my-notes.txt"]
+    assert f"the previous {target} held ['my-notes.txt'], which hfx did not write; they were not deleted and are " \
+           f"now in {target.parent / 'adapter.kept'}" in caplog.text
+    assert not is_run_output("adapter.kept")  # so a later --overwrite refuses, not deletes, it
+    train_module._save_atomically(target, save)  # a clean replacement leaves nothing aside
+    assert sorted(p.name for p in target.parent.iterdir()) == ["adapter", "adapter.kept"]
 
 
 def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tmp_path, hfx_causal, task_file, no_model_load):
@@ -175,6 +282,29 @@ def test_resume_refuses_each_differing_setting_by_name(tmp_path, hfx_causal, tas
     message = str(err.value)
     assert "lora_alpha: saved 8, requested 64" in message and "seed: saved 42, requested 7" in message
     assert "data: saved" in message and message.count("saved") == 4  # three differences + "saved values"
+
+
+SHADOWED = [("learning_rate", "learning_rate (--learning-rate)"), ("seed", "seed (--seed)"),
+            ("per_device_train_batch_size", "batch_size (--batch-size)"),
+            ("gradient_accumulation_steps", "grad_accum (--grad-accum)"),
+            ("lr_scheduler_type", "lr_scheduler (--lr-scheduler)"), ("warmup_steps", "warmup_ratio (--warmup-ratio)"),
+            ("output_dir", "output (--output)"), ("num_train_epochs", "epochs (--epochs)"),
+            ("eval_strategy", "eval_data / eval_fraction (--eval-data / --eval-fraction)")]
+
+
+@pytest.mark.parametrize("key,use", SHADOWED)
+def test_extra_training_args_cannot_override_a_setting_resume_compares(tmp_path, hfx_causal, task_file, key, use):
+    with pytest.raises(ValueError) as err:
+        run_config(hfx_causal, task_file, tmp_path / "run", extra_training_args={"disable_tqdm": True, key: 1})
+    assert str(err.value) == (f"extra_training_args[{key!r}] would override what hfx sets from FinetuneConfig.{use}; "
+                              "set that instead, so the run file records it and --resume compares it.")
+
+
+def test_extra_training_args_may_set_what_hfx_does_not(tmp_path, hfx_causal, task_file):
+    extra = {"disable_tqdm": True, "report_to": "none", "dataloader_num_workers": 0, "max_grad_norm": 0.5}
+    assert run_config(hfx_causal, task_file, tmp_path / "run", extra_training_args=extra).extra_training_args == extra
+    with pytest.raises(ValueError, match=r"extra_training_args names \['learning_rat'\], which are not TrainingArguments"):
+        run_config(hfx_causal, task_file, tmp_path / "run", extra_training_args={"learning_rat": 1e-3})
 
 
 def test_resume_allows_longer_training_and_other_eval_save_logging_steps(tmp_path, hfx_causal, task_file,

@@ -12,6 +12,39 @@ DATA_FORMATS = ("auto", "text", "prompt-completion", "chat")
 QUANT_TYPES = ("nf4", "fp4")
 DTYPES = ("float32", "bfloat16", "float16")
 BF16_CHOICES = ("auto", "yes", "no")
+#: TrainingArguments hfx sets itself, each from the FinetuneConfig field(s) named (the ``hfx finetune``
+#: flag of the same name). ``extra_training_args`` may not set them: every setting that defines a run
+#: stays a FinetuneConfig field, recorded in hfx_finetune.json and compared by ``--resume``.
+SHADOWED_TRAINING_ARGS = {
+    "output_dir": ("output",),
+    "per_device_train_batch_size": ("batch_size",),
+    "per_device_eval_batch_size": ("eval_batch_size",),
+    "gradient_accumulation_steps": ("grad_accum",),
+    "learning_rate": ("learning_rate",),
+    "lr_scheduler_type": ("lr_scheduler",),
+    "warmup_steps": ("warmup_ratio",),
+    "warmup_ratio": ("warmup_ratio",),
+    "weight_decay": ("weight_decay",),
+    "num_train_epochs": ("epochs",),
+    "max_steps": ("max_steps",),
+    "seed": ("seed",),
+    "optim": ("optim",),
+    "bf16": ("bf16",),
+    "activation_checkpointing": ("gradient_checkpointing",),
+    "activation_checkpointing_kwargs": ("gradient_checkpointing",),
+    "gradient_checkpointing": ("gradient_checkpointing",),
+    "gradient_checkpointing_kwargs": ("gradient_checkpointing",),
+    "logging_steps": ("logging_steps",),
+    "eval_strategy": ("eval_data", "eval_fraction"),
+    "eval_steps": ("eval_steps",),
+    "save_strategy": ("save_steps",),
+    "save_steps": ("save_steps",),
+    "save_total_limit": ("save_total_limit",),
+    "load_best_model_at_end": ("early_stopping_patience",),
+    "metric_for_best_model": ("early_stopping_patience",),
+    "greater_is_better": ("early_stopping_patience",),
+    "resume_from_checkpoint": ("resume",),
+}
 
 
 def scheduler_names() -> list[str]:
@@ -149,12 +182,34 @@ class FinetuneConfig:
             raise ValueError("overwrite and resume exclude each other: overwrite deletes the checkpoints resume needs.")
         if self.merge and self.method == "full":
             raise ValueError("merge applies to adapter methods (lora, qlora, int8); a full fine-tune is already plain.")
+        self._check_extra_training_args()
         if isinstance(self.target_modules, str):
             given = self.target_modules
             self.target_modules = [name.strip() for name in given.split(",") if name.strip()]
             if not self.target_modules:
                 raise ValueError(f"target_modules={given!r} names no module; give comma-separated names, e.g. "
                                  "'q_proj,v_proj', or leave it out for every linear layer except the head.")
+
+    def _check_extra_training_args(self) -> None:
+        """Extra TrainingArguments must be real ones and none that hfx sets from a field (:data:`SHADOWED_TRAINING_ARGS`)."""
+        if not isinstance(self.extra_training_args, dict) or not all(isinstance(k, str) for k in self.extra_training_args):
+            raise ValueError(f"extra_training_args must be a dict of TrainingArguments names to values, got "
+                             f"{self.extra_training_args!r}.")
+        if not self.extra_training_args:
+            return  # the CLI's case: no import of the training stack just to validate settings
+        for key in sorted(self.extra_training_args):
+            if key in SHADOWED_TRAINING_ARGS:
+                names = SHADOWED_TRAINING_ARGS[key]
+                use = " / ".join(names)
+                flags = " / ".join("--" + name.replace("_", "-") for name in names)
+                raise ValueError(f"extra_training_args[{key!r}] would override what hfx sets from FinetuneConfig.{use} "
+                                 f"({flags}); set that instead, so the run file records it and --resume compares it.")
+        from transformers import TrainingArguments
+
+        known = {f.name for f in fields(TrainingArguments)}
+        unknown = sorted(set(self.extra_training_args) - known)
+        if unknown:
+            raise ValueError(f"extra_training_args names {unknown}, which are not TrainingArguments fields.")
 
     @property
     def uses_adapter(self) -> bool:

@@ -6,10 +6,10 @@ folder) is checked before the model's weights are loaded.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,25 +34,30 @@ RESULTS_FILE = "hfx_finetune_results.json"
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
 MERGED_DIR = "merged"
-#: Everything a run writes into its output folder (fnmatch patterns), the ONLY names ``--overwrite``
-#: removes: the run file, the saved adapter / model / merged checkpoint, Trainer's checkpoints and
-#: its tensorboard ``runs/`` and result files. Each may also appear with the ``.tmp`` / ``.old``
-#: suffix of an interrupted atomic write. Anything else in the folder stops an overwrite.
+#: Everything a run writes into its output folder, the ONLY names ``--overwrite`` removes: the run
+#: file, the saved adapter / model / merged checkpoint, Trainer's checkpoints (``checkpoint-N``,
+#: ``tmp-checkpoint-N``: digits only) and its tensorboard ``runs/`` and result files. Each is a
+#: regular expression the WHOLE name must match, so ``checkpoint-500-best`` or ``checkpoint-5 (copy)``
+#: is not a run output. Each may also appear with the ``.tmp`` / ``.old`` suffix of an interrupted
+#: atomic write (:data:`ATOMIC_SUFFIXES`). Anything else in the folder stops an overwrite.
 RUN_OUTPUTS = (
-    RUN_FILE,
-    RESULTS_FILE,
-    ADAPTER_DIR,
-    MODEL_DIR,
-    MERGED_DIR,
-    "checkpoint-[0-9]*",
-    "tmp-checkpoint-[0-9]*",
-    "runs",
-    "trainer_state.json",
-    "all_results.json",
-    "train_results.json",
-    "eval_results.json",
+    re.escape(RUN_FILE),
+    re.escape(RESULTS_FILE),
+    re.escape(ADAPTER_DIR),
+    re.escape(MODEL_DIR),
+    re.escape(MERGED_DIR),
+    r"checkpoint-[0-9]+",
+    r"tmp-checkpoint-[0-9]+",
+    r"runs",
+    re.escape("trainer_state.json"),
+    re.escape("all_results.json"),
+    re.escape("train_results.json"),
+    re.escape("eval_results.json"),
 )
 ATOMIC_SUFFIXES = ("", ".tmp", ".old")
+_RUN_OUTPUT = re.compile(
+    "(?:" + "|".join(RUN_OUTPUTS) + ")(?:" + "|".join(re.escape(suffix) for suffix in ATOMIC_SUFFIXES) + ")"
+)
 
 # Settings that must agree for --resume to continue a run rather than start a different one.
 RUN_IDENTITY = (
@@ -307,8 +312,11 @@ def _use_bf16(config: FinetuneConfig) -> bool:
 
 
 def is_run_output(name: str) -> bool:
-    """Whether an entry of an output folder is one :data:`RUN_OUTPUTS` names (with an atomic-write suffix or not)."""
-    return any(fnmatch.fnmatchcase(name, pattern + suffix) for pattern in RUN_OUTPUTS for suffix in ATOMIC_SUFFIXES)
+    """Whether an entry of an output folder is one :data:`RUN_OUTPUTS` names (with an atomic-write suffix or not).
+
+    The whole name must match (``re.fullmatch``): a user's ``checkpoint-500-best`` or ``checkpoint-5.bak`` is not.
+    """
+    return _RUN_OUTPUT.fullmatch(name) is not None
 
 
 def _shown(names: list[str], limit: int = 8) -> str:
@@ -358,6 +366,7 @@ def check_output_dir(config: FinetuneConfig) -> OutputPlan:
                 f"--overwrite: {output} holds {_shown(foreign)}, which a fine-tuning run does not write; nothing was "
                 "deleted. Move them elsewhere or choose another --output."
             )
+        _check_sources_survive(config, output, entries)
         return OutputPlan(remove=entries)
     if not config.resume:
         if is_run:
@@ -390,6 +399,55 @@ def check_output_dir(config: FinetuneConfig) -> OutputPlan:
         )
     world_size = previous.get("world_size")
     return OutputPlan(previous_world_size=world_size if isinstance(world_size, int) else None)
+
+
+def _source_paths(config: FinetuneConfig) -> list[tuple[str, str]]:
+    """``(flag, path)`` for every local path the run reads: the model (its tokenizer comes from the same
+    folder; FinetuneConfig has no separate tokenizer path), the training data and the evaluation data."""
+    sources = [("--model", config.model), ("--data", config.data)]
+    if config.eval_data is not None:
+        sources.append(("--eval-data", config.eval_data))
+    return sources
+
+
+def _lies_in(source: Path, doomed: set[Path]) -> tuple[Path, bool] | None:
+    """``(entry, source is the entry itself)`` for the entry of ``doomed`` that ``source`` is or lies under, or None.
+
+    Checked at every level of the path with the folders above it resolved (an entry that is a link
+    is unlinked, so ``out/link/x`` is lost with it) and once fully resolved (``x`` a link into ``out/model``).
+    """
+    path = Path(os.path.abspath(source))
+    for level in (path, *path.parents):
+        if level.parent != level and level.parent.resolve() / level.name in doomed:
+            return level.parent.resolve() / level.name, level == path
+    resolved = path.resolve()
+    for entry in doomed:
+        if not entry.is_symlink() and (resolved == entry or entry in resolved.parents):
+            return entry, resolved == entry
+    return None
+
+
+def _check_sources_survive(config: FinetuneConfig, output: Path, entries: list[str]) -> None:
+    """Refuse an overwrite that would delete the model or data the run is about to read."""
+    real_output = output.resolve()
+    doomed = {real_output / name for name in entries}
+    for flag, value in _source_paths(config):
+        source = Path(value).expanduser()
+        if not (source.exists() or source.is_symlink()):
+            continue  # a hub id or dataset name, or a missing path reported later
+        if source.resolve() == real_output:
+            raise OutputDirError(
+                f"--overwrite: {flag} {value} is the output folder {output} itself, whose contents the overwrite "
+                "deletes; nothing was deleted. Choose another --output."
+            )
+        found = _lies_in(source, doomed)
+        if found is not None:
+            entry, itself = found
+            where = "is" if itself else "lies inside"
+            raise OutputDirError(
+                f"--overwrite: {flag} {value} {where} {output / entry.name}, which the overwrite would delete; "
+                f"nothing was deleted. Copy it out of {output} first, or choose another --output."
+            )
 
 
 def _comparable(name: str, values: dict):
@@ -504,15 +562,51 @@ def _write_json(path: Path, payload: dict) -> None:
 def _save_atomically(target: Path, save) -> None:
     """Write into a sibling temp folder and rename, so a crash never leaves a half-written model.
 
-    The previous folder is moved aside (``.old``) before the rename and removed after it: at every
-    moment ``target`` is either the complete old folder, the complete new one, or absent.
+    The previous folder is moved aside (``.old``) before the rename: at every moment ``target`` is
+    either the complete old folder, the complete new one, or absent. Afterwards only the names this
+    save wrote (the same ``save_pretrained`` calls write the same names) are removed from the
+    moved-aside folder, never the folder as a whole: anything else someone put there is kept (see
+    :func:`_discard_aside`).
     """
     tmp = target.with_name(target.name + ".tmp")
     old = target.with_name(target.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if tmp.is_symlink():
+        tmp.unlink()  # never save through a link
+    shutil.rmtree(tmp, ignore_errors=True)  # a half-written save of an interrupted run
     save(str(tmp))
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
+    written = {entry.name for entry in tmp.iterdir()}
+    _discard_aside(old, written, target)  # left by a save interrupted after moving the folder aside
+    if target.exists() or target.is_symlink():
         os.replace(target, old)
     os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+    _discard_aside(old, written, target)
+
+
+def _discard_aside(aside: Path, names: set[str], target: Path) -> None:
+    """Remove ``names`` from the moved-aside folder ``aside``, then the folder once empty (a link is unlinked).
+
+    Whatever else it holds was not written by hfx: it is kept, in ``TARGET.kept`` (``.kept-2``, ...;
+    a name ``--overwrite`` refuses to remove), with a warning naming it.
+    """
+    if aside.is_symlink() or aside.is_file():
+        aside.unlink()
+        return
+    if not aside.exists():
+        return
+    for entry in aside.iterdir():
+        if entry.name in names:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    left = sorted(entry.name for entry in aside.iterdir())
+    if not left:
+        aside.rmdir()
+        return
+    kept, number = target.with_name(target.name + ".kept"), 1
+    while kept.exists() or kept.is_symlink():
+        number += 1
+        kept = target.with_name(f"{target.name}.kept-{number}")
+    os.replace(aside, kept)
+    logger.warning("the previous %s held %s, which hfx did not write; they were not deleted and are now in %s.",
+                   target, _shown(left), kept)
