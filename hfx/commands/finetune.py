@@ -97,11 +97,22 @@ def add_parser(subparsers) -> None:
 def run_command(args: argparse.Namespace) -> int:
     import sys
 
-    from hfx.finetune import BackendError, DataError, FinetuneConfig, OutputDirError, TargetModulesError, finetune
+    from hfx.checkpoint_check import check_model_dir
+    from hfx.finetune.config import FinetuneConfig
 
     values = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
     try:
+        # The model folder first: checking it needs no torch, so the commonest mistake is reported
+        # in a fraction of a second instead of after the training stack has been imported.
+        check_model_dir(values["model"], "--model")
         config = FinetuneConfig.from_dict(values)
+    except ValueError as exc:
+        print(f"hfx finetune: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+    from hfx.finetune import BackendError, DataError, OutputDirError, TargetModulesError, finetune
+
+    try:
         result = finetune(config)
     except (ValueError, BackendError, OutputDirError) as exc:
         kind = "bad data" if isinstance(exc, DataError) else "bad target modules" if isinstance(exc, TargetModulesError) else "error"
