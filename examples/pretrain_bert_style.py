@@ -10,7 +10,9 @@
 with its tokenizer, is saved to OUTPUT_DIR/model and loads with AutoModelForPreTraining (or
 AutoModelForMaskedLM) after `import hfx`; OUTPUT_DIR/loss_curve.png shows training. The tokenizer trained here is BERT-style:
 `[CLS] A [SEP]`, pairs `[CLS] A [SEP] B [SEP]`, and a `[MASK]` token.
-With --resume the model is rebuilt from the checkpoint's config.json: model flags may be left out.
+With --resume the model is rebuilt from the checkpoint's config.json: model flags may be left out,
+and data and training flags left out take the saved run's values (OUTPUT_DIR/pretrain_args.json).
+An OUTPUT_DIR that holds a run needs --resume, or --overwrite (removes only what this script wrote).
 """
 
 import argparse

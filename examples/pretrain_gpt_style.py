@@ -10,7 +10,9 @@
 with its tokenizer, is saved to OUTPUT_DIR/model and loads with AutoModelForCausalLM after
 `import hfx`; OUTPUT_DIR/loss_curve.png shows training. The tokenizer trained here is GPT-style:
 it adds no special tokens around a text, and documents are separated by its EOS token `</s>`.
-With --resume the model is rebuilt from the checkpoint's config.json: model flags may be left out.
+With --resume the model is rebuilt from the checkpoint's config.json: model flags may be left out,
+and data and training flags left out take the saved run's values (OUTPUT_DIR/pretrain_args.json).
+An OUTPUT_DIR that holds a run needs --resume, or --overwrite (removes only what this script wrote).
 """
 
 import argparse

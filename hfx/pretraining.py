@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -168,6 +169,160 @@ def last_checkpoint_or_error(output_dir) -> str:
     )
 
 
+class OutputDirError(ValueError):
+    """An ``--output-dir`` the run may not use (the examples print it as one line, exit code 2)."""
+
+
+#: The run's settings, saved to OUTPUT_DIR/RUN_ARGS_FILE when training starts: on --resume a flag
+#: left out takes the saved value (not the default), so ``--resume`` alone continues the run it names.
+RUN_ARGS_FILE = "pretrain_args.json"
+RUN_DEFAULTS = {
+    "data": "embedded",
+    "dataset_config": None,
+    "text_column": None,  # load_documents: the 'text' column, else a 'sentences' column
+    "tokenizer": None,
+    "vocab_size": 1000,
+    "max_length": 64,
+    "whole_word_mask": False,
+    "max_steps": 300,
+    "batch_size": 16,
+    "learning_rate": 3e-3,
+    "save_steps": 100,
+    "logging_steps": 10,
+    "seed": 0,
+}
+# A run saved before RUN_ARGS_FILE existed: these come from the checkpoint's trainer_state.json.
+TRAINER_STATE_FIELDS = {"max_steps": "max_steps", "save_steps": "save_steps", "logging_steps": "logging_steps",
+                        "batch_size": "train_batch_size"}
+#: Everything the examples write into --output-dir, the ONLY names --overwrite removes (the whole name
+#: must match): the model, tokenizer, Trainer's checkpoints and runs/, the curve, the settings file,
+#: and the temporary names of an atomic write that was cut short.
+RUN_OUTPUTS = (
+    r"model", r"tokenizer", r"checkpoint-[0-9]+", r"tmp-checkpoint-[0-9]+", r"runs", r"loss_curve\.png",
+    re.escape(RUN_ARGS_FILE),
+    r"\.(?:model|tokenizer)\..+",  # save_pretrained_atomic's temporary folders
+    r"\.loss_curve\..+\.png", r"\." + re.escape(RUN_ARGS_FILE) + r"\..+\.tmp",
+)
+_RUN_OUTPUT = re.compile("|".join(f"(?:{pattern})" for pattern in RUN_OUTPUTS))
+# Entries that make a folder hold a run: without --resume or --overwrite it is not trained over.
+_RUN_MARKER = re.compile(r"model|(?:tmp-)?checkpoint-[0-9]+")
+
+
+def _shown(names, limit: int = 8) -> str:
+    names = sorted(names)
+    return str(names if len(names) <= limit else names[:limit] + [f"... {len(names) - limit} more"])
+
+
+def check_output_dir(args: argparse.Namespace) -> list[str]:
+    """Check ``--output-dir`` before any data or model work; the entries ``--overwrite`` is to remove.
+
+    Refused: a file, a path with a file among its parents, a folder that cannot be written or
+    created; a folder holding a run (``model/`` or ``checkpoint-N``) without ``--resume`` or
+    ``--overwrite``; ``--overwrite`` of a folder holding anything the examples do not write
+    (:data:`RUN_OUTPUTS`), or whose removal would delete the ``--data`` / ``--tokenizer`` it reads.
+    Nothing is removed here.
+    """
+    output = Path(args.output_dir)
+    overwrite = getattr(args, "overwrite", False)
+    if overwrite and args.resume:
+        raise OutputDirError("--resume and --overwrite exclude each other: --overwrite deletes the checkpoints "
+                             "--resume continues from")
+    if output.exists() and not output.is_dir():
+        raise OutputDirError(f"--output-dir {output} is a file, not a folder; choose a folder for the run")
+    if not output.exists():
+        for parent in output.parents:  # a relative path ends at '.', which exists
+            if not parent.exists():
+                continue
+            if not parent.is_dir():
+                raise OutputDirError(f"--output-dir {output} cannot be created: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise OutputDirError(f"--output-dir {output} cannot be created: {parent} is not writable")
+            break
+        return []
+    if not os.access(output, os.W_OK | os.X_OK):
+        raise OutputDirError(f"--output-dir {output} is not writable")
+    entries = sorted(entry.name for entry in output.iterdir())
+    if overwrite:
+        foreign = [name for name in entries if not _RUN_OUTPUT.fullmatch(name)]
+        if foreign:
+            raise OutputDirError(
+                f"--overwrite: {output} holds {_shown(foreign)}, which the pre-training examples do not write; "
+                "nothing was deleted. Move them elsewhere or choose another --output-dir"
+            )
+        doomed = {(output / name).resolve() for name in entries}
+        for flag in ("data", "tokenizer"):
+            value = getattr(args, flag, None)
+            if value is None or not Path(value).exists():
+                continue
+            source = Path(value).resolve()
+            if source == output.resolve() or any(entry == source or entry in source.parents for entry in doomed):
+                raise OutputDirError(f"--overwrite would delete --{flag} {value}, which lies in {output}; "
+                                     "nothing was deleted. Copy it out first or choose another --output-dir")
+        return entries
+    runs = [name for name in entries if _RUN_MARKER.fullmatch(name)]
+    if runs and not args.resume:
+        raise OutputDirError(f"--output-dir {output} already holds a run ({_shown(runs)}); pass --resume to "
+                             "continue it or --overwrite to replace it")
+    return []
+
+
+def clear_run_outputs(output: Path, names: list[str]) -> None:
+    """Remove the run outputs ``names`` (checked by :func:`check_output_dir`) from ``output``; links are unlinked."""
+    for name in names:
+        if not _RUN_OUTPUT.fullmatch(name):  # check_output_dir refused these already; never remove one
+            raise OutputDirError(f"refusing to remove {output / name}: the pre-training examples do not write it")
+        path = output / name
+        if path.is_symlink() or not path.is_dir():
+            path.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(path)
+
+
+def saved_settings(output_dir, checkpoint) -> dict:
+    """The settings of the run in ``output_dir``: its :data:`RUN_ARGS_FILE`, else ``checkpoint``'s trainer_state.json."""
+    run_file = Path(output_dir) / RUN_ARGS_FILE
+    if run_file.is_file():
+        try:
+            saved = json.loads(run_file.read_text(encoding="utf-8"))
+            problem = None if isinstance(saved, dict) else "not a JSON object"
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            problem = str(exc)
+        if problem is not None:
+            raise OutputDirError(f"--resume: {run_file} is damaged ({problem}); give the settings again as flags and "
+                                 f"delete it, or pass --overwrite to start again")
+        return {key: value for key, value in saved.items() if key in RUN_DEFAULTS}
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    return {flag: state[field] for flag, field in TRAINER_STATE_FIELDS.items() if state.get(field) is not None}
+
+
+def resolve_settings(args: argparse.Namespace, saved: dict) -> argparse.Namespace:
+    """A copy of ``args`` whose settings left out (None) take the saved run's value, else :data:`RUN_DEFAULTS`."""
+    resolved = argparse.Namespace(**vars(args))
+    for name, default in RUN_DEFAULTS.items():
+        if getattr(resolved, name, None) is None:
+            setattr(resolved, name, saved.get(name, default))
+    return resolved
+
+
+def check_steps_left(args: argparse.Namespace, given_max_steps, checkpoint) -> None:
+    """Refuse a resume with nothing to train: a --max-steps at or below the checkpoint's global step."""
+    step = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8")).get("global_step", 0)
+    if given_max_steps is not None and given_max_steps <= step:
+        raise OutputDirError(f"--resume: {checkpoint} is already at step {step}; raise --max-steps "
+                             f"(given: {given_max_steps}) above {step} to train on")
+    if given_max_steps is None and args.max_steps <= step and (Path(args.output_dir) / "model").exists():
+        raise OutputDirError(f"--resume: the run finished: {checkpoint} is already at step {step}; raise --max-steps "
+                             f"(saved: {args.max_steps}) above {step} to train on")
+
+
+def settings_to_save(args: argparse.Namespace) -> dict:
+    settings = {name: getattr(args, name) for name in RUN_DEFAULTS}
+    for name in ("data", "tokenizer"):  # a local path is saved absolute, so a resume from elsewhere finds it
+        if settings[name] is not None and Path(settings[name]).exists():
+            settings[name] = str(Path(settings[name]).resolve())
+    return settings
+
+
 # --flag -> HfxConfig field of the model flags; on --resume they come from the checkpoint's config.json.
 MODEL_FLAGS = {
     "norm_type": "norm_type",
@@ -293,15 +448,18 @@ def add_arguments(parser: argparse.ArgumentParser, objective_default: str) -> ar
     """Flags shared by the two pre-training examples."""
     from .registry import registry
 
-    data = parser.add_argument_group("data")
-    data.add_argument("--data", default="embedded", help="a .txt file or folder (one sentence per line, blank line "
+    # Data and training flags default to None too: RUN_DEFAULTS for a new run, the saved run's
+    # values (RUN_ARGS_FILE) for a resumed one; see resolve_settings.
+    data = parser.add_argument_group("data", "with --resume, a flag left out takes the saved run's value")
+    data.add_argument("--data", help="a .txt file or folder (one sentence per line, blank line "
                       "between documents), a .json/.jsonl/.csv/.parquet file, 'embedded' (default: the corpus hfx "
                       "generates itself), or a datasets name")
-    data.add_argument("--dataset-config", default=None, help="config name for a datasets name")
-    data.add_argument("--text-column", default="text", help="text column of a table or datasets name (default: text)")
-    data.add_argument("--tokenizer", default=None, help="a saved tokenizer folder; default: train one on --data")
-    data.add_argument("--vocab-size", type=int, default=1000, help="vocabulary of a trained tokenizer (default 1000)")
-    data.add_argument("--max-length", type=int, default=64, help="tokens per example / block (default 64)")
+    data.add_argument("--dataset-config", help="config name for a datasets name")
+    data.add_argument("--text-column", help="text column of a table or datasets name; it must exist and is used "
+                      "even when there is a 'sentences' column (default: 'text', else a 'sentences' column)")
+    data.add_argument("--tokenizer", help="a saved tokenizer folder; default: train one on --data")
+    data.add_argument("--vocab-size", type=int, help="vocabulary of a trained tokenizer (default 1000)")
+    data.add_argument("--max-length", type=int, help="tokens per example / block (default 64)")
 
     # Model flags default to None so that --resume can tell a flag given from one left out; the
     # defaults (MODEL_DEFAULTS) apply to a new run, the checkpoint's config.json to a resumed one.
@@ -315,27 +473,38 @@ def add_arguments(parser: argparse.ArgumentParser, objective_default: str) -> ar
     model.add_argument("--hidden-size", type=int, help="default: 64")
     model.add_argument("--num-layers", type=int, help="default: 2")
     model.add_argument("--num-heads", type=int, help="default: 4")
-    model.add_argument("--whole-word-mask", action="store_true", help="MLM: mask whole words (BERT's WWM)")
+    model.add_argument("--whole-word-mask", action="store_true", default=None,
+                       help="MLM: mask whole words (BERT's WWM)")
 
-    train = parser.add_argument_group("training")
-    train.add_argument("--output-dir", required=True, help="checkpoints, final model and tokenizer go here")
-    train.add_argument("--max-steps", type=int, default=300)
-    train.add_argument("--batch-size", type=int, default=16)
-    train.add_argument("--learning-rate", type=float, default=3e-3)
-    train.add_argument("--save-steps", type=int, default=100, help="checkpoint every N steps (0: never)")
-    train.add_argument("--logging-steps", type=int, default=10)
-    train.add_argument("--seed", type=int, default=0)
+    train = parser.add_argument_group("training", "with --resume, a flag left out takes the saved run's value")
+    train.add_argument("--output-dir", required=True, help="checkpoints, final model and tokenizer go here; a folder "
+                       "that holds a run needs --resume or --overwrite")
+    train.add_argument("--max-steps", type=int, help="default 300; on --resume it must exceed the checkpoint's step")
+    train.add_argument("--batch-size", type=int, help="default 16")
+    train.add_argument("--learning-rate", type=float, help="default 3e-3")
+    train.add_argument("--save-steps", type=int, help="checkpoint every N steps (0: never; default 100)")
+    train.add_argument("--logging-steps", type=int, help="default 10")
+    train.add_argument("--seed", type=int, help="default 0")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    train.add_argument("--overwrite", action="store_true", help="start again in an --output-dir that holds a run: "
+                       "removes only what these examples wrote there (model/, tokenizer/, checkpoint-*, runs/, "
+                       f"loss_curve.png, {RUN_ARGS_FILE}); any other file stops the run")
     return parser
 
 
 def run_from_args(args: argparse.Namespace, callbacks=None) -> Trainer:
     """Load data, get a tokenizer, build the model and train it; saves model and tokenizer to ``--output-dir``."""
     output_dir = Path(args.output_dir)
+    to_remove = check_output_dir(args)  # before any data or model work; removed once the inputs are checked
     checkpoint = last_checkpoint_or_error(output_dir) if args.resume else None
     resumed = resumed_config(checkpoint, args) if checkpoint is not None else None  # before any data is read
+    given_max_steps = getattr(args, "max_steps", None)
+    args = resolve_settings(args, saved_settings(output_dir, checkpoint) if checkpoint is not None else {})
+    if checkpoint is not None:
+        check_steps_left(args, given_max_steps, checkpoint)
     documents = load_documents(args.data, text_column=args.text_column, dataset_config=args.dataset_config)
     tokenizer_dir = output_dir / "tokenizer"
+    trained_tokenizer = False
     if args.tokenizer:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     elif args.resume and tokenizer_dir.is_dir():
@@ -343,7 +512,7 @@ def run_from_args(args: argparse.Namespace, callbacks=None) -> Trainer:
     else:
         tokenizer = train_tokenizer(documents["text"], vocab_size=args.vocab_size,
                                     style=TOKENIZER_STYLES[args.objective])
-        save_pretrained_atomic(tokenizer_dir, tokenizer)
+        trained_tokenizer = True
     dataset, collator = prepare_dataset(
         documents, tokenizer, args.objective, args.max_length, seed=args.seed, whole_word_mask=args.whole_word_mask
     )
@@ -362,6 +531,10 @@ def run_from_args(args: argparse.Namespace, callbacks=None) -> Trainer:
         output_dir, args.max_steps, args.batch_size, args.learning_rate, args.seed, args.save_steps or None,
         args.logging_steps,
     )
+    clear_run_outputs(output_dir, to_remove)  # --overwrite: every input is read and prepared, nothing left to fail
+    if trained_tokenizer:
+        save_pretrained_atomic(tokenizer_dir, tokenizer)
+    write_json_atomic(settings_to_save(args), output_dir / RUN_ARGS_FILE)
     # Trainer seeds before building the model when given model_init; the same seed gives the same weights.
     trainer = Trainer(
         model_init=lambda: OBJECTIVES[args.objective](config),
@@ -380,8 +553,12 @@ def run_from_args(args: argparse.Namespace, callbacks=None) -> Trainer:
 __all__ = [
     "MODEL_DEFAULTS",
     "OBJECTIVES",
+    "RUN_ARGS_FILE",
+    "RUN_DEFAULTS",
     "TOKENIZER_STYLES",
+    "OutputDirError",
     "add_arguments",
+    "check_output_dir",
     "loss_history",
     "model_config",
     "plot_loss_curves",

@@ -2,6 +2,7 @@
 
 import argparse
 import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
@@ -228,3 +229,138 @@ def test_compare_norms_writes_a_table_and_plot_with_every_norm(tmp_path):
     for norm in ("layernorm", "rmsnorm", "batchnorm"):
         assert f"| {norm} | 4 |" in table
     assert (tmp_path / "norms.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# --- output folder, --resume / --overwrite rules ---------------------------------------------------------------
+
+SMALL = ("--hidden-size", "32", "--num-layers", "1", "--num-heads", "2", "--max-length", "32", "--batch-size", "8",
+         "--logging-steps", "2")
+
+
+class StopAt(TrainerCallback):
+    """A guard: a run that goes past ``step`` (e.g. on to the default 300) stops the test at once."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        assert state.global_step < self.step, f"trained past step {self.step - 1}"
+
+
+@pytest.mark.slow
+def test_resume_without_max_steps_continues_the_saved_run_and_refuses_nothing_to_do(tmp_path, tokenizer_dir):
+    out = str(tmp_path / "gpt")
+    with pytest.raises(Crash):
+        run_from_args(parse("clm", "--output-dir", out, "--tokenizer", tokenizer_dir, *SMALL, "--max-steps", "6",
+                            "--save-steps", "2"), callbacks=[CrashAfter(2)])
+    # --resume alone: the saved run's --max-steps 6, --save-steps 2, --tokenizer, batch size..., not the defaults
+    resumed = run_from_args(parse("clm", "--output-dir", out, "--resume"), callbacks=[StopAt(7)])
+    assert resumed.state.global_step == 6
+    assert (resumed.args.save_steps, resumed.args.logging_steps, resumed.args.per_device_train_batch_size) == (2, 2, 8)
+    assert {p.name for p in (tmp_path / "gpt").glob("checkpoint-*")} == {"checkpoint-2", "checkpoint-4", "checkpoint-6"}
+    # tied weights stay tied after Trainer loads the checkpoint (its "missing keys ['lm_head.weight']" note is harmless)
+    assert resumed.model.lm_head.weight is resumed.model.model.embeddings.word_embeddings.weight
+
+    with pytest.raises(ValueError, match=r"the run finished: .*checkpoint-6 is already at step 6; raise --max-steps"):
+        run_from_args(parse("clm", "--output-dir", out, "--resume"))
+    with pytest.raises(ValueError, match=r"checkpoint-6 is already at step 6; raise --max-steps \(given: 5\)"):
+        run_from_args(parse("clm", "--output-dir", out, "--resume", "--max-steps", "5"))
+    extended = run_from_args(parse("clm", "--output-dir", out, "--resume", "--max-steps", "8"), callbacks=[StopAt(9)])
+    assert extended.state.global_step == 8 and (tmp_path / "gpt" / "checkpoint-8").is_dir()
+
+
+def test_saved_settings_of_a_run_without_a_settings_file_come_from_trainer_state(tmp_path):
+    from hfx.pretraining import resolve_settings, saved_settings
+
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text(
+        '{"global_step": 4, "max_steps": 60, "save_steps": 20, "logging_steps": 5, "train_batch_size": 4}')
+    saved = saved_settings(tmp_path, tmp_path / "checkpoint-4")
+    assert saved == {"max_steps": 60, "save_steps": 20, "logging_steps": 5, "batch_size": 4}
+    args = resolve_settings(parse("clm", "--output-dir", str(tmp_path), "--resume", "--save-steps", "10"), saved)
+    assert (args.max_steps, args.save_steps, args.batch_size, args.learning_rate) == (60, 10, 4, 3e-3)
+
+
+def fake_run(folder, *names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if "." in name:
+            (folder / name).write_text("x")
+        else:
+            (folder / name).mkdir()
+            (folder / name / "config.json").write_text("{}")
+
+
+def test_a_folder_holding_a_run_needs_resume_or_overwrite(tmp_path):
+    missing = str(tmp_path / "missing.txt")  # the output folder is checked before --data is read
+    for names in (("model",), ("checkpoint-20", "tokenizer")):
+        out = tmp_path / "-".join(names)
+        fake_run(out, *names)
+        with pytest.raises(ValueError) as error:
+            example("pretrain_gpt_style").main(["--output-dir", str(out), "--data", missing])
+        run_entries = [name for name in sorted(names) if name != "tokenizer"]
+        assert f"--output-dir {out} already holds a run ({run_entries}); " in str(error.value)
+        assert "pass --resume to continue it or --overwrite to replace it" in str(error.value)
+        assert sorted(p.name for p in out.iterdir()) == sorted(names)  # untouched
+    with pytest.raises(ValueError, match="--resume and --overwrite exclude each other"):
+        example("pretrain_gpt_style").main(["--output-dir", str(tmp_path / "model"), "--resume", "--overwrite"])
+
+
+def test_overwrite_refuses_files_it_did_not_write_and_sources_inside(tmp_path):
+    out = tmp_path / "run"
+    fake_run(out, "model", "checkpoint-3", "notes.txt", "checkpoint-3-best")
+    with pytest.raises(ValueError) as error:
+        example("pretrain_gpt_style").main(["--output-dir", str(out), "--overwrite"])
+    assert str(error.value) == (f"--overwrite: {out} holds ['checkpoint-3-best', 'notes.txt'], which the pre-training "
+                                "examples do not write; nothing was deleted. Move them elsewhere or choose another "
+                                "--output-dir")
+    assert len(list(out.iterdir())) == 4
+    (out / "notes.txt").unlink()
+    shutil.rmtree(out / "checkpoint-3-best")
+    with pytest.raises(ValueError, match=r"--overwrite would delete --tokenizer .*model, which lies in"):
+        example("pretrain_gpt_style").main(["--output-dir", str(out), "--overwrite", "--tokenizer", str(out / "model")])
+    assert (out / "model").is_dir()
+
+
+@pytest.mark.slow
+def test_overwrite_starts_again_removing_only_what_the_example_wrote(tmp_path, tokenizer_dir):
+    out = tmp_path / "run"
+    fake_run(out, "model", "checkpoint-9", "runs", "loss_curve.png", "pretrain_args.json", ".model.abc123")
+    trainer = run_from_args(parse("clm", "--output-dir", str(out), "--overwrite", "--tokenizer", tokenizer_dir, *SMALL,
+                                  "--max-steps", "2", "--save-steps", "0"))
+    assert trainer.state.global_step == 2
+    assert sorted(p.name for p in out.iterdir()) == ["loss_curve.png", "model", "pretrain_args.json"]
+    assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_output_dir_that_is_a_file_or_under_one_is_one_line_exit_2_before_any_work(tmp_path):
+    import subprocess
+    import sys
+
+    readme = tmp_path / "README.md"
+    readme.write_text("notes")
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "pretrain_gpt_style.py"), "--output-dir", "README.md",
+                           "--max-steps", "5"], capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr == ("pretrain_gpt_style.py: error: --output-dir README.md is a file, not a folder; choose a "
+                           "folder for the run\n")
+    assert readme.read_text() == "notes"
+    nested = tmp_path / "runs" / "x" / "model" / "config.json"
+    nested.parent.mkdir(parents=True)
+    nested.write_text("{}")
+    with pytest.raises(ValueError) as error:  # before the missing --data is read
+        example("pretrain_bert_style").main(["--output-dir", str(nested / "x"), "--data", str(tmp_path / "no.txt")])
+    assert str(error.value) == f"--output-dir {nested / 'x'} cannot be created: {nested} is a file, not a folder"
+
+
+def test_an_explicit_text_column_must_exist_and_wins_over_a_sentences_column(tmp_path):
+    path = tmp_path / "notes.jsonl"
+    path.write_text('{"sentences": ["old one.", "old two."], "body": "New one. New two!", "id": 1}\n')
+    docs = load_documents(str(path), text_column="body")
+    assert docs["sentences"] == [["New one.", "New two!"]] and docs["text"] == ["New one. New two!"]
+    assert load_documents(str(path))["sentences"] == [["old one.", "old two."]]  # left out: the sentences column
+    with pytest.raises(ValueError, match=r"text column 'content' not found in .*notes\.jsonl'; its columns are "
+                                         r"\['sentences', 'body', 'id'\]"):
+        example("pretrain_gpt_style").main(["--output-dir", str(tmp_path / "out"), "--data", str(path),
+                                            "--text-column", "content"])
+    assert not (tmp_path / "out").exists()

@@ -61,11 +61,16 @@ def _looks_like_path(source: str) -> bool:
 
 def load_documents(
     source: str,
-    text_column: str = "text",
+    text_column: str | None = None,
     split: str = "train",
     dataset_config: str | None = None,
 ) -> Dataset:
-    """A documents dataset (``sentences``, ``text``) from a path, ``"embedded"`` or a datasets name."""
+    """A documents dataset (``sentences``, ``text``) from a path, ``"embedded"`` or a datasets name.
+
+    For a table or datasets name, ``text_column`` given is the column read (split into sentences):
+    it must exist, and it is used even when the data has a ``sentences`` column. Left out (None),
+    the ``text`` column is read, or else a ``sentences`` column as it is.
+    """
     if source == EMBEDDED:
         from .embedded import embedded_corpus
 
@@ -84,7 +89,7 @@ def load_documents(
     return _with_sentences(dataset, text_column, source)
 
 
-def _load_path(path: Path, text_column: str) -> Dataset:
+def _load_path(path: Path, text_column: str | None) -> Dataset:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in TEXT_SUFFIXES)
         if not files:
@@ -105,10 +110,12 @@ def _load_path(path: Path, text_column: str) -> Dataset:
     return _from_sentences(documents)
 
 
-def _with_sentences(dataset: Dataset, text_column: str, source: str) -> Dataset:
+def _with_sentences(dataset: Dataset, text_column: str | None, source: str) -> Dataset:
     columns = dataset.column_names
-    if "sentences" in columns and text_column not in columns:
-        return dataset.map(lambda row: {"text": " ".join(row["sentences"])})
+    if text_column is None:  # left out: 'text', else a 'sentences' column; a text column given must exist
+        if "sentences" in columns and "text" not in columns:
+            return dataset.map(lambda row: {"text": " ".join(row["sentences"])})
+        text_column = "text"
     if text_column not in columns:
         raise ValueError(f"text column {text_column!r} not found in {source!r}; its columns are {columns}.")
     keep = [c for c in columns if c != text_column]
