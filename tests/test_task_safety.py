@@ -8,6 +8,7 @@ allocations, which is where an alias bomb or ``'a' * 10**9`` would land).
 """
 
 import re
+import time
 import tracemalloc
 import warnings
 from pathlib import Path
@@ -106,7 +107,7 @@ def test_self_referencing_alias_is_refused(tmp_path, body):
     (b"task: caf\xe9\n", r"not UTF-8 text \(byte 9: b'\\xe9'\)"),
     (b"- a\n- b\n", r"a task file must be a YAML mapping, got list"),
     (b"", r"a task file must be a YAML mapping, got NoneType"),
-    (b"task: x\nd: " + b"[" * 10**6 + b"]" * 10**6, r"nested more than 64 levels deep \(line 2\)"),
+    (b"task: x\nd: " + b"[" * 500_000 + b"]" * 500_000, r"nested more than 64 levels deep \(line 2\)"),
     (b"task: x\nd: " + b"[ {a: " * 40 + b"}]" * 40, r"nested more than 64 levels deep \(line 2\)"),
     (b"task: x\nd:\n" + b"".join(b" " * i + b"- \n" for i in range(1, 300)), r"nested more than 64 levels deep"),
 ])
@@ -126,6 +127,37 @@ def test_oversized_yaml_and_directories_are_refused(tmp_path, monkeypatch):
         load_yaml(path)
     with pytest.raises(TaskError, match="is a directory, not a task file"):
         load_yaml(tmp_path)
+
+
+def test_large_flat_yaml_is_refused_while_it_is_read(tmp_path, monkeypatch):
+    # no aliases: a long flat list. 2 MB of it is over the size limit (1 MiB: lm-eval's largest task
+    # file has 63 KB); under it, reading stops at the node limit, with a message that blames no alias
+    two_mb = tmp_path / "flat2mb.yaml"
+    two_mb.write_text("task: x\na: [" + "1," * 10**6 + "1]\n")
+    started = time.monotonic()
+    with pytest.raises(TaskError, match=r"flat2mb\.yaml: 2000015 bytes, more than the 1048576 a task file may have"):
+        load_yaml(two_mb)
+    assert time.monotonic() - started < 1
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("task: x\na: [" + "1," * 300_000 + "1]\n")  # 600 KB, 300 000 nodes
+    monkeypatch.setattr(templates, "MAX_YAML_NODES", 5_000)  # keeps the test short: PyYAML reads ~20 000 nodes/s
+    started = time.monotonic()
+    raised, peak = peak_of(lambda: load_yaml(flat))
+    assert isinstance(raised, TaskError), raised
+    assert re.fullmatch(rf"{re.escape(str(flat))}: has more than 5000 YAML nodes \(keys, values, lists and mappings; "
+                        r"stopped at line 2\); refused\.", str(raised)), str(raised)
+    assert time.monotonic() - started < 5 and peak < 20 * MB  # was: all 300 000 composed (70 s, 190 MB)
+
+
+def test_alias_expansion_is_counted_while_the_file_is_read(tmp_path):
+    # the bomb is refused as soon as it is composed: the broken YAML after it is never reached
+    path = tmp_path / "laughs_then_broken.yaml"
+    path.write_text(billion_laughs() + "broken: [unclosed\n")
+    with pytest.raises(TaskError, match=r"expands to more than 100000 YAML nodes \(aliases repeat"):
+        load_yaml(path)
+    # under the limit, aliases of aliases load; the count is of the expansion, not of the text
+    path.write_text(billion_laughs(4))  # 9**4 = 6561 strings
+    assert len(load_yaml(path)["a3"]) == 9
 
 
 def _chain(tmp_path, n):
@@ -274,6 +306,18 @@ HOSTILE = [
      "{% set f = e ~ e %}{% set g = f ~ f %}{% set h = g ~ g %}{% set i = h ~ h %}{% set j = i ~ i %}"
      "{% set k = j ~ j %}{% set l = k ~ k %}{{ l }}", "a concatenated string"),
     ("{% set s %}{% for i in range(100000) %}{{ x }}{% endfor %}{% endset %}{{ s|length }}", "the text written"),
+    # widths from nested fields, resolved against the arguments before the call; their sum
+    ("{{ '{a:>{b}}'.format_map({'a': 1, 'b': 10**8}) }}", "format_map\\(\\) with a width of 100000000"),
+    ("{{ '{0[0]:>{1[0]}}'.format([1], [10**8]) }}", "format\\(\\) with a width of 100000000"),
+    ("{{ '{0:>{1.b}}'.format(1, {'b': 10**8}) }}", "format\\(\\) with a width of 100000000"),
+    ("{{ '{:>{}}'.format(1, '100000000') }}", "format\\(\\) with a width of 100000000"),
+    ("{{ '{:.{p[n]}f}'.format(1.0, p={'n': 10**8}) }}", "format\\(\\) with a width of 100000000"),
+    ("{{ ('{0:>4000000}' * 30).format(1) }}", "format\\(\\) would be about 1200000"),
+    ("{{ ('%4000000s' * 30) % ((1,) * 30) }}", "a %-formatted string would be about 120000"),
+    ("{{ ('%*d' * 30) % ((4000000, 1) * 30) }}", "a %-formatted string would be about 120000"),
+    ("{{ ('%(a)4000000s' * 30)|format(a=1) }}", "the format filter would be about 120000"),
+    ("{{ x|regex_replace('a', x) }}", "the result of the regex_replace filter"),
+    ("{{ x|regex_replace('(a)', '\\\\1' * 2000) }}", "the result of the regex_replace filter"),
 ]
 
 
@@ -314,6 +358,44 @@ def test_time_limit_stops_slow_templates(monkeypatch):
         render("{% for c in x %}{{ c }}{% endfor %}", {"x": "abc"})
 
 
+def test_lazy_filters_count_the_items_they_produce(monkeypatch):
+    monkeypatch.setattr(templates.TEMPLATE_LIMITS, "max_seconds", 120.0)  # the step limit must stop it
+    raised, peak = peak_of(lambda: render("{{ ('a' * 4000000)|batch(1)|list|length }}", {}))
+    assert isinstance(raised, TemplateLimitError) and "more than 100000 loop iterations" in str(raised), raised
+    assert peak < 64 * MB  # was: all 4 000 000 batches built (~400 MB), then refused for time
+    # a loop over a lazy filter counts each item once
+    assert render("{% for c in x|map('upper') %}{% endfor %}ok", {"x": "a" * 60_000}) == "ok"
+
+
+def test_filters_reading_a_long_input_stop_at_the_deadline(monkeypatch):
+    monkeypatch.setattr(templates.TEMPLATE_LIMITS, "max_seconds", 0.2)
+    started = time.monotonic()
+    with pytest.raises(TemplateLimitError, match=r"rendering took longer than 0\.2 s"):
+        render("{{ x|select('equalto', 'b')|list|length }}", {"x": "a" * 4_000_000})  # selects nothing: no step
+    assert time.monotonic() - started < 1.5
+
+
+def test_regex_replace_is_bounded_by_the_time_limit(monkeypatch):
+    monkeypatch.setattr(templates.TEMPLATE_LIMITS, "max_seconds", 0.5)
+    started = time.monotonic()
+    with pytest.raises(TemplateLimitError, match=r"rendering took longer than 0\.5 s \(in regex_replace\)"):
+        render("{{ ('a' * 28 + 'b')|regex_replace('(a|a)+c', '') }}", {})  # 2**28 paths for a backtracking engine
+    assert time.monotonic() - started < 5  # the regex module's timeout is CPU time: longer wall time on a busy machine
+    # the report's pattern: re backtracks for hours, the regex module not at all
+    assert render("{{ ('a' * 28 + 'b')|regex_replace('(a+)+c', '') }}", {}) == "a" * 28 + "b"
+
+
+@pytest.mark.parametrize("pattern, repl, count", [
+    ("[aeiou]", "*", 0), (r"(\w+) (\w+)", r"\2 \1", 0), ("x*", "-", 0), ("", "|", 0), (r"\s+", " ", 0),
+    (r"(?P<w>b\w)", r"<\g<w>>", 0), ("a", r"\g<0>\g<0>", 2), (r"(\d)", r"\n\1\t", 0), ("(?i)CAT", "dog", 0),
+    (r"^\s+|\s+$", "", 0), (r"(a)|b", r"[\1]", 0), (r"é|\bba", "§", 1), (r"(?m)^(\w)", r"\1\1", 0),
+])
+def test_regex_replace_gives_what_re_sub_gives(pattern, repl, count):
+    text = " Cat  bat\tbanana 42 caté ab\nbe\n"
+    expected = re.sub(pattern, repl, text, count=count)
+    assert render("{{ t|regex_replace(p, r, c) }}", {"t": text, "p": pattern, "r": repl, "c": count}) == expected
+
+
 def test_document_size_is_not_held_against_the_template():
     long_text = "word " * 2_000_000  # 10 M characters, over the 4 Mi limit on what a template builds
     assert render("Passage: {{ text }}\nAnswer:", {"text": long_text}) == f"Passage: {long_text}\nAnswer:"
@@ -343,6 +425,11 @@ ORDINARY = [
     "{% set head %}Q{{ label }}: {% endset %}{{ head }}{{ question|replace(' ', '_') }}{{ '{:>5}'.format(label) }}",
     "{{ question|regex_replace('[aeiou]', '*') }} {{ choices|map('length')|sum }} {{ 2 ** 10 }} {{ choices[label] }}\n",
     "{{ ['x', 'y'] + choices }} {{ (choices|first)|center(12) }}|{{ range(3)|list }} {{ question[:4] ~ '…' }}",
+    ("{{ choices|unique|list }} {{ choices|batch(2)|list }} {{ choices|sort|first }} {{ choices|map('upper')|join }}"
+     " {% for b in choices|slice(2) %}{{ b }}{% endfor %} {{ choices|select('ne', 'cat')|list|length }}"),
+    ("{{ choices|reverse|list }} {{ choices|reject('eq', 'cat')|map('title')|list }} {{ choices|map('length')|max }}"
+     " {{ '{:>{}}|{}'.format('ab', 9, 'c') }} {{ '{a:^{w}}|{0[1]:>{1}}'.format(choices, 7, a='x', w=label) }}"
+     " {{ '%*d|%-*s' % (4, label, 3, 'a') }}"),
 ]
 
 

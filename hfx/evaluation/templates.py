@@ -10,8 +10,9 @@ work:
   writes, integer sizes and wall time. A template over a limit fails with
   :class:`TemplateLimitError` (a :class:`TaskError`) naming the task and field.
 - YAML is parsed by a safe loader that refuses files over :data:`MAX_YAML_BYTES`, documents that
-  expand (aliases counted) to more than :data:`MAX_YAML_NODES` nodes, and aliases that contain
-  themselves, before any Python object is built.
+  hold or expand (aliases counted) to more than :data:`MAX_YAML_NODES` nodes (counted as they are
+  read, so reading stops at the limit), and aliases that contain themselves, before any Python
+  object is built.
 - The ``!function module.name`` tag imports a Python file. It is resolved only when the caller
   passes ``allow_code=True`` (``hfx eval --allow-code``), and only from a file inside the task's
   folder tree; otherwise loading the task fails and says why.
@@ -19,15 +20,19 @@ work:
 
 from __future__ import annotations
 
+import _string
 import contextvars
 import functools
 import importlib.util
 import re
+import string
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import regex
 import yaml
 from jinja2 import StrictUndefined, nodes
 from jinja2.exceptions import SecurityError, TemplateError, UndefinedError
@@ -142,13 +147,82 @@ def _check_ints(budget: _Budget, args: tuple, kwargs: dict, what: str) -> None:
             budget.size(value, f"{what} with argument {value}")
 
 
-def _check_format(budget: _Budget, fmt: str, args: tuple, kwargs: dict, what: str) -> None:
-    """``%``-, ``format``- and ``str.format`` strings: no width above the limit, arguments within it."""
-    for number in _NUMBER.findall(fmt):
-        if len(number) > 12 or int(number) > budget.max_size:
-            budget.size(int(number[:13]), f"{what} with a width of {number[:20]}")
-    _check_ints(budget, args, kwargs, what)
-    budget.size(len(fmt) + _weight((args, kwargs), budget.max_size), what)
+def _width(budget: _Budget, number: str | int, what: str) -> int:
+    """A width or precision (digits of a format spec, or a ``*`` argument) within the size limit."""
+    written = str(number)[:20]
+    if isinstance(number, str):
+        number = int(number[:13])
+    if abs(number) > budget.max_size:
+        budget.size(abs(number), f"{what} with a width of {written}")
+    return abs(number)
+
+
+# one %-conversion: (mapping key), flags, width, .precision, length modifier, type
+_PERCENT = re.compile(r"%(?:\(([^)]*)\))?[-#0 +]*?(\*|\d+)?(?:\.(\*|\d*))?[hlL]?(.)", re.DOTALL)
+_FORMATTER = string.Formatter()
+_CONVERSIONS = {"r": repr, "s": str, "a": ascii}
+
+
+def _check_percent(budget: _Budget, fmt: str, right: Any, what: str) -> None:
+    """``fmt % right`` (the operator and the ``format`` filter): every width and precision, ``*`` ones
+    taken from the arguments, within the limit, and their sum with the arguments' size too."""
+    args = right if isinstance(right, tuple) else (right,)
+    total, position = len(fmt), 0
+    for match in _PERCENT.finditer(fmt):
+        key, width, precision, kind = match.groups()
+        if kind == "%":
+            continue
+        for number in (width, precision):
+            if number == "*":
+                star = args[position] if position < len(args) else None
+                position += 1
+                if isinstance(star, int) and not isinstance(star, bool):  # anything else: the call raises
+                    total += _width(budget, star, what)
+            elif number:
+                total += _width(budget, number, what)
+        position += key is None
+    budget.size(total + _weight(right, budget.max_size), what)
+
+
+def _check_str_format(budget: _Budget, fmt: str, args: tuple, kwargs: Any, what: str) -> None:
+    """``fmt.format(*args, **kwargs)`` / ``fmt.format_map(kwargs)``, before it runs: every width and
+    precision within the limit, nested ``{...}`` ones resolved against the arguments (items and
+    attributes through the sandbox), and their sum with the arguments' size too."""
+    total, auto = 0, 0
+
+    def value_of(name: str):
+        nonlocal auto
+        first, rest = _string.formatter_field_name_split(name)
+        if first == "":
+            first, auto = auto, auto + 1
+        value = args[first] if isinstance(first, int) else kwargs[first]
+        for is_attr, key in rest:
+            value = _ENV.getattr(value, key) if is_attr else _ENV.getitem(value, key)
+        return value
+
+    try:
+        for literal, name, spec, _conversion in _FORMATTER.parse(fmt):
+            total += len(literal)
+            if name is None:
+                continue
+            if _string.formatter_field_name_split(name)[0] == "":
+                auto += 1  # the field's own value; only nested fields (widths) are resolved
+            if spec and "{" in spec:
+                pieces = []
+                for inner_literal, inner_name, inner_spec, conversion in _FORMATTER.parse(spec):
+                    pieces.append(inner_literal)
+                    if inner_name is not None:
+                        for number in _NUMBER.findall(inner_spec or ""):
+                            _width(budget, number, what)
+                        value = value_of(inner_name)
+                        pieces.append(format(_CONVERSIONS[conversion](value) if conversion else value, inner_spec))
+                spec = "".join(pieces)
+            total += sum(_width(budget, number, what) for number in _NUMBER.findall(spec or ""))
+    except TaskError:
+        raise
+    except (ValueError, LookupError, TypeError, AttributeError):
+        pass  # a malformed string or a missing argument: the call itself raises the same error
+    budget.size(total + _weight((args, kwargs), budget.max_size), what)
 
 
 def _estimate_replace(s: str, old: str, new: str, count: int | None = None) -> int:
@@ -169,7 +243,7 @@ def _materialise(value: Any) -> Any:
     """A generator (``map``, ``select``, ...) as a list, so that its size can be estimated and it is read once."""
     if isinstance(value, _MATERIALISED) or not hasattr(value, "__iter__"):
         return value
-    return list(_bounded_steps(value))
+    return list(_steps(value))
 
 
 # per-filter size estimates of the result, from the arguments (after any Jinja pass-arg)
@@ -177,7 +251,7 @@ def _filter_estimate(budget: _Budget, name: str, args: tuple, kwargs: dict) -> i
     value = args[0] if args else None
     rest = args[1:]
     if name == "format" and isinstance(value, str):
-        _check_format(budget, value, rest, kwargs, "the format filter")
+        _check_percent(budget, value, kwargs or tuple(rest), "the format filter")  # Jinja's format is '%'
         return None
     if name == "replace" and isinstance(value, str) and len(rest) >= 2:
         return _estimate_replace(value, str(rest[0]), str(rest[1]), rest[2] if len(rest) > 2 else kwargs.get("count"))
@@ -214,7 +288,11 @@ def _guard_filter(name: str, func):
         estimate = _filter_estimate(budget, name, values, kwargs)
         if estimate is not None:
             budget.size(estimate, f"the result of the {name} filter")
+        if name in _ITERATING_FILTERS and values and hasattr(values[0], "__iter__"):
+            args = (*args[:len(args) - len(values)], _timed(values[0]), *values[1:])
         result = func(*args, **kwargs)
+        if isinstance(result, Iterator):  # map, select, batch, ...: each item they produce is a step
+            return _steps(result)
         budget.size(_shallow(result), f"the result of the {name} filter")
         return result
 
@@ -222,12 +300,24 @@ def _guard_filter(name: str, func):
 
 
 def _regex_replace(string: str, pattern: str, repl: str, count: int = 0) -> str:
+    """lm-eval's ``re.sub`` filter, in one pass of the ``regex`` module: the result's size is checked at
+    every match and the search stops at the rendering's deadline (catastrophic backtracking included)."""
     budget = _budget()
-    matches = sum(1 for _ in zip(range(count or len(string) + 1), re.finditer(pattern, string)))
-    # a group reference in repl can copy up to the whole string per match
-    per_match = len(repl) + (len(string) * repl.count("\\") if "\\" in repl else 0)
-    budget.size(len(string) + matches * per_match, "the result of the regex_replace filter")
-    return re.sub(pattern, repl, string, count=count)
+    size = len(string)
+
+    def expand(match):
+        nonlocal size
+        piece = match.expand(repl)
+        size += len(piece) - (match.end() - match.start())
+        budget.size(size, "the result of the regex_replace filter")
+        budget.tick()
+        return piece
+
+    compiled = regex.compile(pattern)
+    try:
+        return compiled.sub(expand, string, count=count, timeout=max(budget.deadline - time.monotonic(), 1e-3))
+    except TimeoutError:
+        budget.fail(f"rendering took longer than {budget.limits.max_seconds:g} s (in regex_replace)")
 
 
 def _bounded_steps(iterable):
@@ -237,9 +327,30 @@ def _bounded_steps(iterable):
         yield item
 
 
+def _steps(iterable):
+    """``iterable`` with one step counted per item it produces (once, however often it is wrapped)."""
+    if getattr(iterable, "gi_code", None) is _bounded_steps.__code__:
+        return iterable
+    return _bounded_steps(iterable)
+
+
+def _timed(iterable):
+    """``iterable`` with the deadline checked at every item (a filter's own loop over its input)."""
+    budget = _budget()
+    for item in iterable:
+        budget.tick()
+        yield item
+
+
+# filters that only iterate over their input: they read it through _timed; filters whose result is
+# lazy: it is read through _steps, so that work done inside a generator is bounded too
+_ITERATING_FILTERS = frozenset({"batch", "slice", "map", "select", "reject", "selectattr", "rejectattr", "unique",
+                                "list", "sum", "join", "sort", "groupby", "min", "max"})
+
+
 @pass_context
 def _steps_filter(context, iterable):
-    return _bounded_steps(iterable)
+    return _steps(iterable)
 
 
 @pass_context
@@ -325,8 +436,8 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
         elif operator == "+" and isinstance(left, _SIZED) and isinstance(right, _SIZED):
             budget.size(_weight(left, budget.max_size) + _weight(right, budget.max_size), "a sum")
         elif operator == "%" and isinstance(left, str):
-            args = right if isinstance(right, tuple) else (right,)
-            _check_format(budget, left, args, right if isinstance(right, dict) else {}, "a %-formatted string")
+            _check_ints(budget, right if isinstance(right, tuple) else (right,), {}, "a %-formatted string")
+            _check_percent(budget, left, right, "a %-formatted string")
         return super().call_binop(context, operator, left, right)
 
     def getattr(self, obj, attribute):
@@ -352,8 +463,10 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
         what = f"{method or 'a call'}()"
         _check_ints(budget, args, kwargs, what)
         if isinstance(owner, str):
-            if method in ("format", "format_map"):
-                _check_format(budget, owner, args, kwargs, what)
+            if method == "format":
+                _check_str_format(budget, owner, args, kwargs, what)
+            elif method == "format_map" and len(args) == 1 and not kwargs:
+                _check_str_format(budget, owner, (), args[0], what)
             elif method == "join" and args:
                 args = (_materialise(args[0]), *args[1:])
                 budget.size(_estimate_join(budget, owner, args[0]), what)
@@ -371,7 +484,7 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
             most = args[3] if len(args) > 3 else kwargs.get("max", 100)
             budget.size(int(n) * int(most) * 12, what)
         if type(__obj).__name__ == "LoopContext" and args:  # a recursive loop's next level counts its steps too
-            args = (_bounded_steps(args[0]), *args[1:])
+            args = (_steps(args[0]), *args[1:])
         result = super().call(__context, __obj, *args, **kwargs)
         budget.size(_shallow(result), f"the result of {what}")
         return result
@@ -461,51 +574,9 @@ def _import_function(name: str, yaml_path: Path, code_root: Path):
 
 
 # lm-eval 0.4.13's largest task file has under 800 YAML nodes and 63 KB.
-MAX_YAML_BYTES = 8 * 2**20
-MAX_YAML_NODES = 100_000  # counted with every alias expanded
+MAX_YAML_BYTES = 2**20  # every *.yaml of an --include-path is read: a large one must not stall them all
+MAX_YAML_NODES = 100_000  # counted while composing, every alias as the nodes it repeats
 MAX_YAML_DEPTH = 64  # nesting of sequences and mappings (lm-eval's files: under 10)
-
-
-def _check_node_graph(root: yaml.Node, limit: int) -> None:
-    """Count the nodes of the composed document as construction would expand them, without expanding.
-
-    Aliases share nodes, so each node's expanded size is computed once (iteratively: no recursion
-    limit); a node reached again while it is still open is an alias that contains itself.
-    """
-    sizes: dict[int, int] = {}
-    open_nodes: set[int] = set()
-
-    def children(node):
-        if isinstance(node, yaml.SequenceNode):
-            return node.value
-        if isinstance(node, yaml.MappingNode):
-            return [item for pair in node.value for item in pair]
-        return ()
-
-    stack = [(root, False)]
-    while stack:
-        node, closing = stack.pop()
-        key = id(node)
-        if closing:
-            open_nodes.discard(key)
-            total = 1 + sum(sizes[id(c)] for c in children(node))
-            if total > limit:
-                raise TaskError(
-                    f"expands to more than {limit} YAML nodes (aliases repeat their anchor's contents: a "
-                    f"'billion laughs' file); refused before building it"
-                )
-            sizes[key] = total
-            continue
-        if key in sizes:
-            continue
-        open_nodes.add(key)
-        stack.append((node, True))
-        for child in children(node):
-            if id(child) in open_nodes:
-                mark = child.start_mark
-                raise TaskError(f"has an alias that contains itself (line {mark.line + 1}); refused")
-            if id(child) not in sizes:
-                stack.append((child, False))
 
 
 def load_yaml(path: str | Path, *, allow_code: bool = False, code_root: str | Path | None = None) -> dict[str, Any]:
@@ -543,19 +614,42 @@ def load_yaml(path: str | Path, *, allow_code: bool = False, code_root: str | Pa
             # PyYAML composes recursively: a deep '[[[[...' would hit Python's recursion limit (slowly)
             self.depth += 1
             try:
+                event = self.peek_event()
                 if self.depth > MAX_YAML_DEPTH:
                     raise TaskError(f"nested more than {MAX_YAML_DEPTH} levels deep (line "
-                                    f"{self.peek_event().start_mark.line + 1}); refused")
-                return super().compose_node(parent, index)
+                                    f"{event.start_mark.line + 1}); refused")
+                if isinstance(event, yaml.AliasEvent):
+                    target = self.anchors.get(event.anchor)  # an unknown anchor: PyYAML's own error
+                    if target is not None:
+                        if id(target) not in self.expanded:  # still being composed
+                            raise TaskError(f"has an alias that contains itself (line {event.start_mark.line + 1}); "
+                                            "refused")
+                        self.aliased += self.expanded[id(target)]
+                        self.count(self.expanded[id(target)], event)
+                    return super().compose_node(parent, index)
+                before = self.nodes
+                self.count(1, event)
+                node = super().compose_node(parent, index)
+                if event.anchor is not None:
+                    self.expanded[id(node)] = self.nodes - before
+                return node
             finally:
                 self.depth -= 1
 
-        def get_single_data(self):
-            node = self.get_single_node()
-            if node is None:
-                return None
-            _check_node_graph(node, MAX_YAML_NODES)
-            return self.construct_document(node)
+        def count(self, nodes, event):
+            # counted as the document is composed, each alias as the nodes it repeats: a file is refused
+            # as soon as it passes the limit, before the rest of it is read
+            self.nodes += nodes
+            if self.nodes > MAX_YAML_NODES:
+                if self.aliased:
+                    raise TaskError(f"expands to more than {MAX_YAML_NODES} YAML nodes (aliases repeat their "
+                                    "anchor's contents: a 'billion laughs' file); refused before building it")
+                raise TaskError(f"has more than {MAX_YAML_NODES} YAML nodes (keys, values, lists and mappings; "
+                                f"stopped at line {event.start_mark.line + 1}); refused")
+
+        def get_single_node(self):
+            self.nodes, self.aliased, self.expanded = 0, 0, {}  # sizes of anchored nodes, by id
+            return super().get_single_node()
 
     def function(loader, node):
         name = loader.construct_scalar(node)
