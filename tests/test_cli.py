@@ -123,7 +123,7 @@ ROWS = {
     "quickstart-heads-do-not-divide": (["quickstart", "--hidden-size", "30"],
                                        "hidden_size=30 is not divisible by num_attention_heads=4"),
     # task files hfx eval reads: refused quickly, before the model loads
-    "task-billion-laughs": eval_row("laughs", "expands to more than 100000 YAML nodes"),
+    "task-billion-laughs": eval_row("laughs", "expands to more than 20000 YAML nodes"),
     "task-broken-yaml": eval_row("broken", "not valid YAML"),
     "task-nested-loops": eval_row("loops", "more than 100000 loop iterations and calls"),
     "task-huge-string": eval_row("big", "a repeated value would be about 1000000000 characters"),

@@ -575,7 +575,7 @@ def _import_function(name: str, yaml_path: Path, code_root: Path):
 
 # lm-eval 0.4.13's largest task file has under 800 YAML nodes and 63 KB.
 MAX_YAML_BYTES = 2**20  # every *.yaml of an --include-path is read: a large one must not stall them all
-MAX_YAML_NODES = 100_000  # counted while composing, every alias as the nodes it repeats
+MAX_YAML_NODES = 20_000  # counted while composing, every alias as the nodes it repeats
 MAX_YAML_DEPTH = 64  # nesting of sequences and mappings (lm-eval's files: under 10)
 
 
