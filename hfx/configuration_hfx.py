@@ -13,7 +13,7 @@ import math
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-from .registry import registry, unknown_name_message
+from .registry import check_component_name, registry, unknown_name_message
 
 NORM_POSITIONS = ("pre", "post")
 BUILTIN_ATTENTION = ("eager", "sdpa")  # always valid; other names are looked up in transformers' AttentionInterface
@@ -167,9 +167,7 @@ class HfxConfig(PreTrainedConfig):
     def _component(self, kind: str, field_name: str):
         """The registry's component named by ``field_name``; an unknown name fails naming the field."""
         value = getattr(self, field_name)
-        names = registry.names(kind)  # entry-point metadata only
-        if not isinstance(value, str) or value not in names:
-            raise ValueError(f"{field_name}={value!r} is invalid: {unknown_name_message(kind, value, names)}")
+        check_component_name(kind, field_name, value)
         return registry.get(kind, value)  # imports that one plugin (PluginLoadError names a broken one)
 
     def _check_attention_type(self) -> None:

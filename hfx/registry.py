@@ -163,6 +163,16 @@ class PluginRegistry:
         return rows
 
 
+def check_component_name(kind: str, field_name: str, value) -> None:
+    """Raise ValueError naming ``field_name``, ``value`` and the installed names unless ``value`` is one.
+
+    Reads entry-point metadata only, so a CLI can check a name before importing torch.
+    """
+    names = registry.names(kind)
+    if not isinstance(value, str) or value not in names:
+        raise ValueError(f"{field_name}={value!r} is invalid: {unknown_name_message(kind, value, names)}")
+
+
 def unknown_name_message(kind: str, name: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(str(name), valid, n=3)
     hint = f" Did you mean {close}?" if close else ""

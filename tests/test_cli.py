@@ -260,3 +260,19 @@ def test_ctrl_c_is_one_line_and_exit_130(command, hint, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"hfx {command}: interrupted"), err
     assert hint is None or hint in err[0]
+
+
+@pytest.mark.parametrize("argv", [
+    ["finetune", "--model", "/nonexistent/model", "--data", "d.jsonl", "--output", "out"],
+    ["quickstart", "--norm-type", "groupnorm"],
+    ["quickstart", "--position-embedding-type", "rope"],
+    ["quickstart", "--skip", "pretrian"],
+    ["evl"],
+], ids=["finetune-missing-model", "quickstart-norm", "quickstart-position", "quickstart-skip", "unknown-command"])
+def test_common_mistakes_are_reported_before_torch_is_imported(argv):
+    """The commonest typos cost a fraction of a second, not the ~15 s of importing the training stack."""
+    probe = ("import sys, json\nfrom hfx.cli import main\ntry:\n    code = main(json.loads(sys.argv[1]))\n"
+             "except SystemExit as exc:\n    code = exc.code\nprint(code, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", probe, json.dumps(argv)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.stdout.split() == ["2", "False"], (proc.stdout, proc.stderr[-1000:])

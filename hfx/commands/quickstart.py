@@ -58,6 +58,19 @@ def check_args(args: argparse.Namespace) -> None:
     for name in POSITIVE_INTS:
         if getattr(args, name) < 1:
             usage_error("quickstart", f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not args.learning_rate > 0:
+        usage_error("quickstart", f"--learning-rate must be positive, got {args.learning_rate}")
+    work_dir = Path(args.work_dir)
+    if work_dir.exists() and not work_dir.is_dir():
+        usage_error("quickstart", f"--work-dir {str(work_dir)!r} exists and is not a directory")
+    from hfx.registry import check_component_name
+
+    try:  # plugin names from entry-point metadata: a typo is reported before torch is imported
+        check_component_name("norm", "norm_type", args.norm_type)
+        check_component_name("position", "position_embedding_type", args.position_embedding_type)
+    except ValueError as exc:
+        usage_error("quickstart", str(exc))
+    # Last: the special tokens come from the tokenizer module, which imports transformers.
     from hfx.pretraining import TOKENIZER_STYLES
     from hfx.tokenizer import CAUSAL_SPECIAL_TOKENS, SPECIAL_TOKENS
 
@@ -65,11 +78,6 @@ def check_args(args: argparse.Namespace) -> None:
     if args.vocab_size < len(specials):
         usage_error("quickstart", f"--vocab-size {args.vocab_size} is smaller than the {len(specials)} special "
                                   f"tokens {list(specials.values())}")
-    if not args.learning_rate > 0:
-        usage_error("quickstart", f"--learning-rate must be positive, got {args.learning_rate}")
-    work_dir = Path(args.work_dir)
-    if work_dir.exists() and not work_dir.is_dir():
-        usage_error("quickstart", f"--work-dir {str(work_dir)!r} exists and is not a directory")
 
 
 def run(args: argparse.Namespace) -> int:
