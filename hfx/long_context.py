@@ -17,6 +17,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from .safe_paths import blocking_parent, remove_entry
+
 BACKEND = "hfx_sliding_window"
 #: Model types whose checkpoints convert: learned absolute position embeddings at
 #: ``embeddings.position_embeddings`` and attention dispatched through transformers' AttentionInterface.
@@ -59,11 +61,9 @@ def check_output(output: Path, overwrite: bool) -> list[str]:
     if output.exists() and not output.is_dir():
         raise ConvertLongError(f"output {output} is a file; give a folder to write the long model to.")
     if not output.exists():
-        parent = output.absolute().parent
-        while not parent.exists() and parent != parent.parent:
-            parent = parent.parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-            raise ConvertLongError(f"output {output} cannot be created: {parent} is not a writable folder.")
+        blocked = blocking_parent(output)
+        if blocked is not None:
+            raise ConvertLongError(f"output {output} cannot be created: {blocked[0]} is not a writable folder.")
         return []
     entries = sorted(entry.name for entry in output.iterdir())
     if not entries:
@@ -244,11 +244,7 @@ def _replace_folder(new: Path, output: Path, replaced: list[str]) -> None:
         os.replace(aside, output)  # put the earlier conversion back
         raise
     for name in replaced:
-        path = aside / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
+        remove_entry(aside / name)
     left = sorted(entry.name for entry in aside.iterdir())
     if left:
         warnings.warn(f"the earlier conversion in {output} also held {_shown(left)}, which convert-long did not "

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -34,6 +33,7 @@ from transformers import (
 )
 
 from .configuration_hfx import HfxConfig
+from .safe_paths import blocking_parent, remove_entry, replace_folder
 from .data import (
     DataCollatorForPreTraining,
     build_nsp_pairs,
@@ -200,7 +200,7 @@ TRAINER_STATE_FIELDS = {"max_steps": "max_steps", "save_steps": "save_steps", "l
 RUN_OUTPUTS = (
     r"model", r"tokenizer", r"checkpoint-[0-9]+", r"tmp-checkpoint-[0-9]+", r"runs", r"loss_curve\.png",
     re.escape(RUN_ARGS_FILE),
-    r"\.(?:model|tokenizer)\..+",  # save_pretrained_atomic's temporary folders
+    r"(?:model|tokenizer)\.(?:tmp|old)",  # save_pretrained_atomic's temporary folders
     r"\.loss_curve\..+\.png", r"\." + re.escape(RUN_ARGS_FILE) + r"\..+\.tmp",
 )
 _RUN_OUTPUT = re.compile("|".join(f"(?:{pattern})" for pattern in RUN_OUTPUTS))
@@ -230,14 +230,11 @@ def check_output_dir(args: argparse.Namespace) -> list[str]:
     if output.exists() and not output.is_dir():
         raise OutputDirError(f"--output-dir {output} is a file, not a folder; choose a folder for the run")
     if not output.exists():
-        for parent in output.parents:  # a relative path ends at '.', which exists
-            if not parent.exists():
-                continue
-            if not parent.is_dir():
-                raise OutputDirError(f"--output-dir {output} cannot be created: {parent} is a file, not a folder")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise OutputDirError(f"--output-dir {output} cannot be created: {parent} is not writable")
-            break
+        blocked = blocking_parent(output)
+        if blocked is not None:
+            parent, why = blocked
+            reason = "is a file, not a folder" if why == "file" else "is not writable"
+            raise OutputDirError(f"--output-dir {output} cannot be created: {parent} {reason}")
         return []
     if not os.access(output, os.W_OK | os.X_OK):
         raise OutputDirError(f"--output-dir {output} is not writable")
@@ -271,11 +268,7 @@ def clear_run_outputs(output: Path, names: list[str]) -> None:
     for name in names:
         if not _RUN_OUTPUT.fullmatch(name):  # check_output_dir refused these already; never remove one
             raise OutputDirError(f"refusing to remove {output / name}: the pre-training examples do not write it")
-        path = output / name
-        if path.is_symlink() or not path.is_dir():
-            path.unlink(missing_ok=True)
-        else:
-            shutil.rmtree(path)
+        remove_entry(output / name)
 
 
 def saved_settings(output_dir, checkpoint) -> dict:
@@ -413,23 +406,16 @@ def plot_loss_curves(curves: dict[str, list[tuple[int, float]]], path, title: st
 
 
 def save_pretrained_atomic(directory, *objects) -> Path:
-    """``save_pretrained`` of each object into one temporary sibling folder, then swap it into place."""
+    """``save_pretrained`` of each object into one temporary sibling folder, then swap it into place
+    (:func:`hfx.safe_paths.replace_folder`: files hfx did not write are kept, never deleted)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-    try:
+
+    def save(tmp: str) -> None:
         for obj in objects:
-            obj.save_pretrained(str(tmp))
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old."))
-            os.replace(directory, old / directory.name)
-            os.replace(tmp, directory)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, directory)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+            obj.save_pretrained(tmp)
+
+    replace_folder(directory, save)
     return directory
 
 

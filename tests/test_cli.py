@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from test_task_safety import billion_laughs  # the same hostile file the loader tests use
+
 TASK = """task: {name}
 dataset_path: json
 dataset_kwargs:
@@ -27,12 +29,6 @@ doc_to_text: "{text}"
 doc_to_target: label
 doc_to_choice: choices
 """
-
-
-def billion_laughs(levels=9):
-    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
-    lines += [f"a{i}: &a{i} [{','.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
-    return "task: laughs\n" + "\n".join(lines) + "\n"
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import pytest
 from hfx.cli import main
 from hfx.finetune import DataError, FinetuneConfig, OutputDirError, finetune
 from hfx.finetune import train as train_module
+from hfx.safe_paths import replace_folder
 from hfx.finetune.train import (
     RESUME_MAY_DIFFER,
     RUN_FILE,
@@ -167,14 +168,14 @@ def test_saving_over_a_folder_keeps_what_the_save_did_not_write(tmp_path, caplog
         (Path(folder) / "adapter_model.safetensors").write_text("new weights")
 
     with caplog.at_level(logging.WARNING, logger="hfx.finetune"):
-        train_module._save_atomically(target, save)
+        replace_folder(target, save)
     assert (target / "adapter_model.safetensors").read_text() == "new weights"
     assert sorted(p.name for p in target.parent.iterdir()) == ["adapter", "adapter.kept"]
     assert sorted(p.name for p in (target.parent / "adapter.kept").iterdir()) == ["my-notes.txt"]
     assert f"the previous {target} held ['my-notes.txt'], which hfx did not write; they were not deleted and are " \
            f"now in {target.parent / 'adapter.kept'}" in caplog.text
     assert not is_run_output("adapter.kept")  # so a later --overwrite refuses, not deletes, it
-    train_module._save_atomically(target, save)  # a clean replacement leaves nothing aside
+    replace_folder(target, save)  # a clean replacement leaves nothing aside
     assert sorted(p.name for p in target.parent.iterdir()) == ["adapter", "adapter.kept"]
 
 

@@ -325,7 +325,7 @@ def test_overwrite_refuses_files_it_did_not_write_and_sources_inside(tmp_path):
 @pytest.mark.slow
 def test_overwrite_starts_again_removing_only_what_the_example_wrote(tmp_path, tokenizer_dir):
     out = tmp_path / "run"
-    fake_run(out, "model", "checkpoint-9", "runs", "loss_curve.png", "pretrain_args.json", ".model.abc123")
+    fake_run(out, "model", "checkpoint-9", "runs", "loss_curve.png", "pretrain_args.json", "model.tmp")
     trainer = run_from_args(parse("clm", "--output-dir", str(out), "--overwrite", "--tokenizer", tokenizer_dir, *SMALL,
                                   "--max-steps", "2", "--save-steps", "0"))
     assert trainer.state.global_step == 2

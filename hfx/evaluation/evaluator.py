@@ -24,6 +24,7 @@ import torch
 
 from ..checkpoint_check import CheckpointError, check_model_dir
 from ..quantization import pin_bnb_cpu_path
+from ..safe_paths import blocking_parent
 from .cache import ContentHashMemo, ResultCache, default_cache_dir, model_identity
 from .metrics import METRICS, aggregate, exact_match, get_metric, multiple_choice_scores
 from .results import build_results
@@ -81,13 +82,12 @@ def _check_cache_dir(cache_dir) -> None:
     if cache_dir is False:
         return
     directory = Path(cache_dir or default_cache_dir()).expanduser()
-    for parent in (directory, *directory.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                raise EvaluationInputError(f"cache directory {str(directory)!r}: {str(parent)!r} is not a directory.")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise EvaluationInputError(f"cache directory {str(directory)!r}: {str(parent)!r} is not writable.")
-            return
+    # the directory itself counts as the first "parent": blocking_parent looks at what exists
+    blocked = blocking_parent(directory / "cache.jsonl")
+    if blocked is not None:
+        parent, why = blocked
+        problem = "is not a directory" if why == "file" else "is not writable"
+        raise EvaluationInputError(f"cache directory {str(directory)!r}: {str(parent)!r} {problem}.")
 
 
 @dataclass(frozen=True)

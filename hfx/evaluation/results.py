@@ -24,6 +24,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..safe_paths import blocking_parent
+
 
 def metric_key(metric: str, filter_name: str = "none") -> str:
     return f"{metric},{filter_name}"
@@ -142,13 +144,12 @@ def check_output_path(path: str | os.PathLike, what: str = "--output") -> Path:
     path = Path(path).expanduser()
     if str(path) in ("", ".") or path.is_dir():
         raise OutputPathError(f"{what} {str(path)!r} is a directory; give a file name, e.g. {str(path / 'results.json')!r}.")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise OutputPathError(f"{what} {str(path)!r}: {str(parent)!r} is a file, not a directory.")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise OutputPathError(f"{what} {str(path)!r}: the directory {str(parent)!r} is not writable.")
-            break
+    blocked = blocking_parent(path)
+    if blocked is not None:
+        parent, why = blocked
+        if why == "file":
+            raise OutputPathError(f"{what} {str(path)!r}: {str(parent)!r} is a file, not a directory.")
+        raise OutputPathError(f"{what} {str(path)!r}: the directory {str(parent)!r} is not writable.")
     return path
 
 

@@ -17,7 +17,7 @@ from .model import model_class_for, quantization_config
 def merge_adapter(config: FinetuneConfig, task: str, model_config, adapter_dir: Path, merged_dir: Path, tokenizer):
     from peft import PeftModel
 
-    from .train import _save_atomically
+    from ..safe_paths import replace_folder
 
     dtype = getattr(torch, config.merge_dtype or _checkpoint_dtype(model_config))
     model_class = model_class_for(task)
@@ -37,7 +37,7 @@ def merge_adapter(config: FinetuneConfig, task: str, model_config, adapter_dir: 
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().to(dtype)
     if getattr(merged.config, "quantization_config", None) is not None:
         del merged.config.quantization_config
-    _save_atomically(merged_dir, lambda tmp: (merged.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    replace_folder(merged_dir, lambda tmp: (merged.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
     return merged
 
 

@@ -10,13 +10,13 @@ import json
 import logging
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..checkpoint_check import CheckpointError, check_model_dir, file_problem, weights_problem
+from ..safe_paths import blocking_parent, remove_entry, replace_folder
 from .config import FinetuneConfig
 from .data import DataError, check_data, collator_for, prepare_data
 from .model import (
@@ -175,7 +175,7 @@ def finetune(config: FinetuneConfig | None = None, *, callbacks=None, **kwargs) 
     saved_dir = output / (ADAPTER_DIR if config.uses_adapter else MODEL_DIR)
     merged_dir = None
     if trainer.is_world_process_zero():
-        _save_atomically(saved_dir, lambda tmp: (trainer.model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+        replace_folder(saved_dir, lambda tmp: (trainer.model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
         if config.merge:
             from .merge import merge_adapter
 
@@ -325,11 +325,9 @@ def _shown(names: list[str], limit: int = 8) -> str:
 
 
 def _check_writable_parent(output: Path) -> None:
-    parent = output.absolute().parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputDirError(f"output folder {output} cannot be created: {parent} is not a writable folder.")
+    blocked = blocking_parent(output)
+    if blocked is not None:
+        raise OutputDirError(f"output folder {output} cannot be created: {blocked[0]} is not a writable folder.")
 
 
 def check_output_dir(config: FinetuneConfig) -> OutputPlan:
@@ -486,11 +484,7 @@ def clear_run_outputs(output: Path, names: list[str]) -> None:
     for name in names:
         if not is_run_output(name):  # check_output_dir refused these already; never remove one
             raise OutputDirError(f"refusing to remove {output / name}: a fine-tuning run does not write it.")
-        path = output / name
-        if path.is_symlink() or not path.is_dir():
-            path.unlink(missing_ok=True)
-        else:
-            shutil.rmtree(path)
+        remove_entry(output / name)
 
 
 def checkpoint_problem(checkpoint: Path) -> str | None:
@@ -557,56 +551,3 @@ def _write_json(path: Path, payload: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     os.replace(tmp, path)
-
-
-def _save_atomically(target: Path, save) -> None:
-    """Write into a sibling temp folder and rename, so a crash never leaves a half-written model.
-
-    The previous folder is moved aside (``.old``) before the rename: at every moment ``target`` is
-    either the complete old folder, the complete new one, or absent. Afterwards only the names this
-    save wrote (the same ``save_pretrained`` calls write the same names) are removed from the
-    moved-aside folder, never the folder as a whole: anything else someone put there is kept (see
-    :func:`_discard_aside`).
-    """
-    tmp = target.with_name(target.name + ".tmp")
-    old = target.with_name(target.name + ".old")
-    if tmp.is_symlink():
-        tmp.unlink()  # never save through a link
-    shutil.rmtree(tmp, ignore_errors=True)  # a half-written save of an interrupted run
-    save(str(tmp))
-    written = {entry.name for entry in tmp.iterdir()}
-    _discard_aside(old, written, target)  # left by a save interrupted after moving the folder aside
-    if target.exists() or target.is_symlink():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    _discard_aside(old, written, target)
-
-
-def _discard_aside(aside: Path, names: set[str], target: Path) -> None:
-    """Remove ``names`` from the moved-aside folder ``aside``, then the folder once empty (a link is unlinked).
-
-    Whatever else it holds was not written by hfx: it is kept, in ``TARGET.kept`` (``.kept-2``, ...;
-    a name ``--overwrite`` refuses to remove), with a warning naming it.
-    """
-    if aside.is_symlink() or aside.is_file():
-        aside.unlink()
-        return
-    if not aside.exists():
-        return
-    for entry in aside.iterdir():
-        if entry.name in names:
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-    left = sorted(entry.name for entry in aside.iterdir())
-    if not left:
-        aside.rmdir()
-        return
-    kept, number = target.with_name(target.name + ".kept"), 1
-    while kept.exists() or kept.is_symlink():
-        number += 1
-        kept = target.with_name(f"{target.name}.kept-{number}")
-    os.replace(aside, kept)
-    logger.warning("the previous %s held %s, which hfx did not write; they were not deleted and are now in %s.",
-                   target, _shown(left), kept)
