@@ -8,12 +8,11 @@ is broken by the error it guards against.
 
 import logging
 
+import bitsandbytes as bnb
 import pytest
 import torch
 
-bnb = pytest.importorskip("bitsandbytes")
-
-from hfx.quantization import (  # noqa: E402
+from hfx.quantization import (
     FUSED_BF16,
     bnb_cpu_path,
     cpu_has_fused_bf16_kernel,

@@ -235,8 +235,10 @@ def check_data(config: FinetuneConfig, task: str, tokenizer) -> tuple[object, ob
     return train, evaluation, data_format
 
 
-def prepare_data(config: FinetuneConfig, task: str, tokenizer, label_names: list[str] | None = None) -> PreparedData:
-    train, evaluation, data_format = check_data(config, task, tokenizer)
+def prepare_data(config: FinetuneConfig, task: str, tokenizer, label_names: list[str] | None = None,
+                 checked: tuple[object, object | None, str] | None = None) -> PreparedData:
+    """Split and tokenise the data; ``checked`` is what :func:`check_data` returned, so the files are read once."""
+    train, evaluation, data_format = checked if checked is not None else check_data(config, task, tokenizer)
     if config.max_train_samples is not None:
         train = train.select(range(min(config.max_train_samples, len(train))))
     if evaluation is None and config.eval_fraction > 0:

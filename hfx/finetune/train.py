@@ -132,13 +132,13 @@ def finetune(config: FinetuneConfig | None = None, *, callbacks=None, **kwargs) 
     plan = check_output_dir(config) if main_process else OutputPlan()
     model_config, tokenizer = _load_config_and_tokenizer(config)
     task = resolve_task(config, model_config)
-    check_data(config, task, tokenizer)
+    checked = check_data(config, task, tokenizer)
     if config.quantized:
         check_bitsandbytes(config)
     if config.uses_adapter:
         check_target_modules(config, build_skeleton(model_class_for(task), model_config))
     label_names = _existing_label_names(model_config) if task == "seq-cls" else None
-    data = prepare_data(config, task, tokenizer, label_names)
+    data = prepare_data(config, task, tokenizer, label_names, checked=checked)
     if len(data.train) == 0:
         why = (f"--packing needs at least max_length={config.max_length} tokens in all" if config.packing
                else f"max_length={config.max_length}")
