@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from hfx.evaluation import TaskError, evaluate, find_tasks, markdown_table
-from hfx.evaluation.evaluator import filtered_exact_match
+from hfx.evaluation.output_types import filtered_exact_match
 from hfx.evaluation.filters import FILTERS, build_pipelines
 
 ANIMALS = {"cat": "12", "dog": "7", "owl": "345", "fox": "28"}

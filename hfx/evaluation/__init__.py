@@ -24,7 +24,8 @@ from .evaluator import (
     register_output_type,
 )
 from .results import check_output_path, markdown_table, write_results, write_samples
-from .tasks import Task, TaskConfig, TaskIndex, find_tasks
+from .catalogue import TaskIndex, find_tasks
+from .tasks import Task, TaskConfig
 from .templates import TaskError
 
 __all__ = [

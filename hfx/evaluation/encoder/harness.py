@@ -21,7 +21,7 @@ of the run is encoded. A model given by path is loaded with the head it was save
 
 from __future__ import annotations
 
-from ..evaluator import OutputType, register_output_type
+from ..output_types import OutputType, register_output_type
 from ..metrics import METRICS, Metric, mean_stderr
 from ..templates import TaskError
 from .evaluators import labelled_columns, n_way_k_shot, zero_shot, zero_shot_plan
