@@ -19,8 +19,15 @@ from ..quantization import pin_bnb_cpu_path
 from ..safe_paths import blocking_parent
 from .cache import ContentHashMemo, ResultCache, default_cache_dir, model_identity
 from .catalogue import find_tasks
-from .metrics import METRICS, aggregate, get_metric
-from .output_types import OUTPUT_TYPES, OutputType, metric_names, register_output_type  # noqa: F401  (re-exported)
+from .metrics import get_metric
+from .output_types import (  # noqa: F401  (OutputType, register_output_type re-exported)
+    OUTPUT_TYPES,
+    OutputType,
+    metric_names,
+    register_output_type,
+    task_higher_is_better,
+    task_scores,
+)
 from .results import build_results
 from .scorer import CausalLMScorer, is_causal_lm
 from .tasks import Task, TaskError
@@ -195,12 +202,7 @@ def evaluate_tasks(
     for task, k, docs, n_original, contexts in prepared:
         recs = OUTPUT_TYPES[task.output_type].run(task, docs, contexts, backend)
         records[task.name] = recs
-        names = metric_names(task)
-        filters = list(dict.fromkeys(r.get("filter", "none") for r in recs)) or ["none"]
-        scores = {
-            (m, f): aggregate(m, [r["metrics"][m] for r in recs if r.get("filter", "none") == f])
-            for f in filters for m in names
-        }
+        scores = task_scores(task, recs)
         summaries.append(
             {
                 "name": task.name,
@@ -208,7 +210,7 @@ def evaluate_tasks(
                 "config": {**task.config.to_dict(), "num_fewshot": k},
                 "version": task.version,
                 "num_fewshot": k,
-                "higher_is_better": {m: METRICS[m].higher_is_better for m in names},
+                "higher_is_better": task_higher_is_better(task),
                 "n_original": n_original,
                 "n_effective": len(docs),
             }

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .metrics import exact_match, multiple_choice_scores
+from .metrics import METRICS, aggregate, exact_match, multiple_choice_scores
 from .scorer import CausalLMScorer
 from .tasks import Task, TaskError
 
@@ -54,6 +54,21 @@ def metric_names(task: Task) -> list[str]:
     if task.config.metric_list:
         return [m["metric"] for m in task.config.metric_list]
     return list(OUTPUT_TYPES[task.output_type].default_metrics)
+
+
+def task_scores(task: Task, records: list[dict]) -> dict[tuple[str, str], tuple[float, Any]]:
+    """``{(metric, filter): (value, stderr)}`` of one task from its per-document records."""
+    names = metric_names(task)
+    filters = list(dict.fromkeys(r.get("filter", "none") for r in records)) or ["none"]
+    return {
+        (m, f): aggregate(m, [r["metrics"][m] for r in records if r.get("filter", "none") == f])
+        for f in filters for m in names
+    }
+
+
+def task_higher_is_better(task: Task) -> dict[str, bool]:
+    """``{metric: higher_is_better}`` of one task, as its results report it."""
+    return {m: METRICS[m].higher_is_better for m in metric_names(task)}
 
 
 def _run_multiple_choice(task: Task, docs, contexts, scorer: CausalLMScorer):
