@@ -20,6 +20,7 @@ COMMANDS = {
     "quickstart": "hfx.commands.quickstart",
     "finetune": "hfx.commands.finetune",
     "eval": "hfx.commands.evaluate",
+    "tasks": "hfx.commands.tasks",
     "convert-long": "hfx.commands.convert_long",
 }
 
