@@ -173,23 +173,26 @@ def reason_category(reason: str) -> str:
 
 # -- one task ---------------------------------------------------------------------------------
 def _source(index, name: str) -> str:
-    source = getattr(index, "sources", {}).get(name)
-    if source is None:
+    entry = getattr(index, "entries", getattr(index, "sources", {})).get(name)
+    if entry is None:
         return ""
-    return str(source.path) if getattr(source, "path", None) is not None else getattr(source, "origin", "")
+    return str(entry.path) if getattr(entry, "path", None) is not None else getattr(entry, "origin", "")
 
 
-def validate_task(index, name: str) -> Verdict:
-    """Whether ``hfx eval`` accepts task ``name`` of ``index`` (a :class:`~.catalogue.TaskIndex`), without data."""
-    source = _source(index, name)
+def validate_task(index, ref) -> Verdict:
+    """Whether ``hfx eval`` accepts task ``ref`` (a name or a group's :class:`~.groups.TaskRef`) of ``index``.
+
+    ``index`` is a :class:`~.catalogue.TaskIndex`; nothing but the task's files (and, with the
+    index's ``allow_code``, its hook modules) is read.
+    """
+    name = ref if isinstance(ref, str) else ref.name
+    source = _source(index, name) or ("inline" if not isinstance(ref, str) and ref.overrides else "")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # unknown keys are reported by hfx eval itself
-            task = index.load(name)
+            task = index.load(ref)
             check_task(task)
-    except TaskError as exc:
-        return Verdict(name, "task", REFUSED, _reason(exc), source)
-    except ImportError as exc:  # a hook's import that escaped the loader
+    except (TaskError, ImportError) as exc:  # ImportError: a hook's import that escaped the loader
         return Verdict(name, "task", REFUSED, _reason(exc), source)
     except Exception as exc:  # the validator's own bug: counted, never hidden
         return Verdict(name, "task", ERROR, f"{type(exc).__name__}: {' '.join(str(exc).split())}", source)
@@ -199,60 +202,30 @@ def validate_task(index, name: str) -> Verdict:
 # -- groups and tags --------------------------------------------------------------------------
 def _group_names(index) -> dict[str, str]:
     """``{group name: source}`` of the index's ``group:`` configs (empty for an index without groups)."""
-    groups = getattr(index, "groups", None)
-    if callable(groups):
-        groups = groups()
-    if not groups:
+    entries = getattr(index, "entries", None)
+    if entries is None:
         return {}
-    out = {}
-    for name, value in dict(groups).items():
-        path = getattr(value, "path", None) or getattr(value, "source", None)
-        out[name] = str(path) if path is not None else (value if isinstance(value, str) else "")
-    return out
+    return {name: str(e.path) if e.path is not None else e.origin
+            for name, e in entries.items() if e.kind == "group"}
 
 
-def _resolve_group(index, name: str):
-    """The index's :class:`~.groups.GroupNode` for ``name`` (raises :class:`TaskError` on bad membership)."""
-    for method in ("resolve_group", "group", "resolve"):
-        resolve = getattr(index, method, None)
-        if callable(resolve):
-            node = resolve(name)
-            if isinstance(node, list):  # resolve(names) -> [node]
-                node = node[0]
-            return node
-    raise TaskError(f"Group {name!r}: this task index cannot resolve groups.")
+def _kind(index, name: str) -> str | None:
+    kind = getattr(index, "kind", None)
+    if callable(kind):
+        return kind(name)
+    return "task" if name in index.sources else ("tag" if name in index.tags() else None)
 
 
-def _load_ref(index, ref):
-    """The :class:`~.tasks.Task` a group leaf stands for (inline overrides applied by the index)."""
-    if not getattr(ref, "overrides", None):
-        return index.load(ref.name)
-    for method in ("load_ref", "load_task_ref"):
-        load = getattr(index, method, None)
-        if callable(load):
-            return load(ref)
-    return index.load(ref.name, overrides=ref.overrides)
+def _ref_key(ref) -> str:
+    return ref.name if not ref.overrides else f"{ref.name} {ref.overrides!r}"
 
 
 def _validate_ref(index, ref, cache: dict[str, Verdict]) -> Verdict:
-    key = ref.name if not getattr(ref, "overrides", None) else f"{ref.name}@{id(ref)}"
-    if key in cache:
-        return cache[key]
-    if not getattr(ref, "overrides", None):
-        verdict = validate_task(index, ref.name)
-    else:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                task = _load_ref(index, ref)
-                check_task(task)
-            verdict = Verdict(ref.name, "task", ACCEPTED, "", _source(index, ref.name), output_type=task.output_type)
-        except (TaskError, ImportError) as exc:
-            verdict = Verdict(ref.name, "task", REFUSED, _reason(exc), _source(index, ref.name))
-        except Exception as exc:
-            verdict = Verdict(ref.name, "task", ERROR, f"{type(exc).__name__}: {' '.join(str(exc).split())}")
-    cache[key] = verdict
-    return verdict
+    """A group leaf: the task with the overrides its group wrote (an inline task: the overrides alone)."""
+    key = _ref_key(ref)
+    if key not in cache:
+        cache[key] = validate_task(index, ref.name) if not ref.overrides else validate_task(index, ref)
+    return cache[key]
 
 
 def _collective(name: str, kind: str, source: str, members: list[Verdict]) -> Verdict:
@@ -277,7 +250,7 @@ def validate_group(index, name: str, cache: dict[str, Verdict] | None = None) ->
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            node = _resolve_group(index, name)
+            node = index.resolve([name])[0]
         refs = node.task_refs()
     except (TaskError, ImportError) as exc:
         return Verdict(name, "group", REFUSED, _reason(exc), source), []
@@ -290,30 +263,16 @@ def validate_group(index, name: str, cache: dict[str, Verdict] | None = None) ->
 def list_entries(index) -> list[dict[str, Any]]:
     """``{name, kind, output_type, source}`` for every task, group and tag of ``index``; nothing is imported."""
     records = []
-    for name in index.names():
-        source = index.sources[name]
-        data = source.data
-        if data is None and source.path is not None:
-            output_type = _peek_output_type(index, name)
+    for entry in index.listing():
+        if entry.kind == "tag":
+            source = f"tag of {len(entry.members)} tasks"
         else:
-            output_type = (data or {}).get("output_type", "generate_until")
-        records.append({"name": name, "kind": "task", "output_type": output_type, "source": _source(index, name)})
-    for name, source in sorted(_group_names(index).items()):
-        records.append({"name": name, "kind": "group", "output_type": None, "source": source})
-    for name, members in sorted(index.tags().items()):
-        records.append({"name": name, "kind": "tag", "output_type": None, "source": f"{len(members)} tasks"})
+            source = str(entry.path) if entry.path is not None else entry.origin
+        output_type = None
+        if entry.kind == "task":
+            output_type = entry.output_type or ("python class" if entry.class_name else "generate_until")
+        records.append({"name": entry.name, "kind": entry.kind, "output_type": output_type, "source": source})
     return records
-
-
-def _peek_output_type(index, name: str) -> str | None:
-    """A task's output type from its merged config, with ``!function`` left unresolved."""
-    allow, index.allow_code = index.allow_code, False
-    try:
-        return index.config(name).output_type
-    except Exception:  # a broken include: ``validate`` says why
-        return None
-    finally:
-        index.allow_code = allow
 
 
 def validate(index, names: Iterable[str] | None = None) -> list[Verdict]:
@@ -329,32 +288,32 @@ def validate(index, names: Iterable[str] | None = None) -> list[Verdict]:
     else:
         task_names, group_names, tag_names = [], [], []
         for name in names:
-            if name in groups:
-                group_names.append(name)
-            elif name in index.sources:
-                task_names.append(name)
-            elif name in tags:
-                tag_names.append(name)
-            else:
-                index.expand([name])  # raises with the closest names (or the file's parse error)
-                task_names.append(name)
+            kind = _kind(index, name)
+            if kind is None:
+                index.resolve([name])  # raises with the closest names (or the file's parse error)
+            {"group": group_names, "tag": tag_names}.get(kind, task_names).append(name)
     cache: dict[str, Verdict] = {}
+
+    def task_verdict(name: str) -> Verdict:
+        if name not in cache:
+            cache[name] = validate_task(index, name)
+        return cache[name]
+
     out: dict[tuple[str, str], Verdict] = {}
     for name in task_names:
-        cache.setdefault(name, validate_task(index, name))
-        out[("task", name)] = cache[name]
+        out[("task", name)] = task_verdict(name)
     group_verdicts = []
     for name in dict.fromkeys(group_names):
         verdict, leaves = validate_group(index, name, cache)
         group_verdicts.append(verdict)
-        for leaf in leaves:
-            out.setdefault(("task", leaf.name), leaf)
+        for leaf in leaves:  # everything: the index's own tasks already; named: inline ones too
+            if names is not None or _kind(index, leaf.name) == "task":
+                out.setdefault(("task", leaf.name), leaf)
     tag_verdicts = []
     for name in dict.fromkeys(tag_names):
-        members = []
-        for member in tags[name]:
-            members.append(cache.setdefault(member, validate_task(index, member)))
-            out.setdefault(("task", member), cache[member])
+        members = [task_verdict(m) for m in tags[name] if _kind(index, m) == "task"]
+        for member in members:
+            out.setdefault(("task", member.name), member)
         tag_verdicts.append(_collective(name, "tag", "", members))
     if names is None:
         for path, exc in getattr(index, "broken", {}).items():

@@ -1,0 +1,154 @@
+"""``hfx tasks list`` / ``hfx tasks validate``: verdicts without a model or a dataset, and lm-eval's catalogue coverage.
+
+A tmp folder holds one task per kind of verdict (good, bad template, unknown metric, a
+``!function`` hook, a hook importing a package that is not installed) and a group with a refused
+member. The last test validates lm-eval 0.4.13's own bundled ``lm_eval/tasks`` with ``allow_code``.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hfx.cli import main
+from hfx.evaluation.catalogue import TaskIndex
+from hfx.evaluation.validation import reason_category, validate, validate_task
+
+BASE = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {root}/test.jsonl
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Q: {{{{question}}}}\\nA:"
+doc_to_target: label
+doc_to_choice: choices
+metric_list:
+  - metric: acc
+"""
+MISSING_PACKAGE = "hfx_test_no_such_package"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tasks_cli")
+    (root / "test.jsonl").write_text(json.dumps({"question": "q", "choices": ["a", "b"], "label": 0}) + "\n")
+    tasks = root / "tasks"
+    tasks.mkdir()
+    (tasks / "good.yaml").write_text(BASE.format(name="t_good", root=root) + "tag: t_tag\n")
+    (tasks / "good2.yaml").write_text("include: good.yaml\ntask: t_good2\n")  # tag inherited through include
+    (tasks / "bad_template.yaml").write_text(
+        BASE.format(name="t_bad_template", root=root).replace('"Q: {{question}}\\nA:"', '"Q: {{ question "'))
+    (tasks / "bad_metric.yaml").write_text(
+        BASE.format(name="t_bad_metric", root=root).replace("metric: acc", "metric: no_such_metric"))
+    (tasks / "utils.py").write_text("def process(docs):\n    return docs\n")
+    (tasks / "code.yaml").write_text(BASE.format(name="t_code", root=root) + "process_docs: !function utils.process\n")
+    (tasks / "hooks_missing.py").write_text(f"import {MISSING_PACKAGE}\n\ndef process(docs):\n    return docs\n")
+    (tasks / "missing.yaml").write_text(
+        BASE.format(name="t_missing", root=root) + "process_docs: !function hooks_missing.process\n")
+    (tasks / "group_ok.yaml").write_text(
+        "group: g_ok\ntask:\n  - t_good\n  - t_good2\naggregate_metric_list:\n  - metric: acc\n")
+    (tasks / "group_bad.yaml").write_text(
+        "group: g_bad\ntask:\n  - t_good\n  - t_bad_metric\naggregate_metric_list:\n  - metric: acc\n")
+    return tasks
+
+
+def _records(path):
+    return {(r["kind"], r["name"]): r for r in json.loads(Path(path).read_text())}
+
+
+def test_validate_without_code(folder, tmp_path, capsys):
+    out = tmp_path / "v.json"
+    assert main(["tasks", "validate", "--include-path", str(folder), "--json", str(out)]) == 1
+    printed = capsys.readouterr().out
+    records = _records(out)
+    assert records[("task", "t_good")]["status"] == "accepted"
+    assert records[("task", "t_good2")]["status"] == "accepted"
+    assert records[("task", "t_bad_template")]["status"] == "refused"
+    assert "not a valid Jinja template" in records[("task", "t_bad_template")]["reason"]
+    assert records[("task", "t_bad_metric")]["status"] == "refused"
+    assert "no_such_metric" in records[("task", "t_bad_metric")]["reason"]
+    for name in ("t_code", "t_missing"):
+        assert records[("task", name)]["status"] == "refused"
+        assert "--allow-code" in records[("task", name)]["reason"]
+    assert set(records[("task", "t_good")]) >= {"name", "kind", "status", "reason"}
+    assert not [r for r in records.values() if r["status"] == "error"]
+    assert "groups: 2: 1 resolved (50.0%), 1 refused, 0 error" in printed
+    assert "refused group g_bad: member 't_bad_metric' refused" in printed
+    assert "refused task t_bad_metric:" in printed
+
+
+def test_validate_with_code(folder):
+    index = TaskIndex([folder], allow_code=True, plugins=False)
+    assert validate_task(index, "t_code").status == "accepted"
+    missing = validate_task(index, "t_missing")
+    assert missing.status == "refused"
+    assert missing.reason.startswith(f"needs optional package {MISSING_PACKAGE}")
+    assert reason_category(missing.reason) == f"needs optional package {MISSING_PACKAGE}"
+
+
+def test_groups_and_tags(folder):
+    index = TaskIndex([folder], allow_code=False, plugins=False)
+    verdicts = {(v.kind, v.name): v for v in validate(index, ["g_ok", "g_bad", "t_tag"])}
+    assert verdicts[("group", "g_ok")].status == "accepted"
+    assert verdicts[("group", "g_ok")].members == ["t_good", "t_good2"]
+    bad = verdicts[("group", "g_bad")]
+    assert bad.status == "refused" and bad.refused_members == ["t_bad_metric"]
+    assert "t_bad_metric" in bad.reason and "no_such_metric" in bad.reason
+    assert verdicts[("tag", "t_tag")].status == "accepted"
+    assert verdicts[("tag", "t_tag")].members == ["t_good", "t_good2"]  # the tag came through include:
+    assert verdicts[("task", "t_bad_metric")].status == "refused"  # a group's members get records too
+
+
+def test_validate_named_unknown(folder, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["tasks", "validate", "--include-path", str(folder), "--tasks", "t_god"])
+    assert exc.value.code == 2
+    assert "t_good" in capsys.readouterr().err
+
+
+def test_list(folder, tmp_path, capsys):
+    out = tmp_path / "l.json"
+    assert main(["tasks", "list", "--include-path", str(folder), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    records = {(r["kind"], r["name"]): r for r in json.loads(out.read_text())}
+    assert records[("task", "t_good")]["output_type"] == "multiple_choice"
+    assert records[("task", "t_good")]["source"].endswith("good.yaml")
+    assert ("group", "g_bad") in records and ("tag", "t_tag") in records
+    assert "t_code\ttask\tmultiple_choice" in printed
+
+
+def test_console_script(folder):
+    """The installed ``hfx`` script, once."""
+    script = Path(sys.executable).with_name("hfx")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "hfx.cli"]
+    done = subprocess.run([*command, "tasks", "list", "--include-path", str(folder)], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "t_good\ttask\tmultiple_choice" in done.stdout
+    assert "g_ok\tgroup" in done.stdout
+
+
+LM_EVAL_ACCEPTED = 0.97  # the fraction of lm-eval 0.4.13's bundled task configs hfx accepts with allow_code
+
+
+def test_lm_eval_catalogue_coverage():
+    lm_eval = pytest.importorskip("lm_eval")
+    folder = Path(lm_eval.__file__).parent / "tasks"
+    index = TaskIndex([folder], allow_code=True, plugins=False)
+    verdicts = validate(index)
+    tasks = [v for v in verdicts if v.kind == "task"]
+    groups = [v for v in verdicts if v.kind == "group"]
+    assert not [v for v in verdicts if v.status == "error"], [v.reason for v in verdicts if v.status == "error"][:5]
+    assert len(tasks) >= 13_000
+    accepted = sum(v.accepted for v in tasks) / len(tasks)
+    assert accepted >= LM_EVAL_ACCEPTED, f"{accepted:.2%} accepted"
+    assert len(groups) == 855
+    resolved = [g for g in groups if g.accepted]
+    refused = [g for g in groups if not g.accepted]
+    assert all(g.refused_members for g in refused if "member" in g.reason)
+    assert len(resolved) + len(refused) == 855
