@@ -5,9 +5,13 @@ A task is a mapping with lm-eval's keys (``task``, ``dataset_path``, ``dataset_n
 ``doc_to_text`` / ``doc_to_target`` / ``doc_to_choice``, ``description``, ``target_delimiter``,
 ``fewshot_delimiter``, ``fewshot_config``, ``num_fewshot``, ``output_type``, ``metric_list``,
 ``generation_kwargs``, ``repeats``, ``filter_list`` (see :mod:`.filters`), ``process_docs``, ``include``,
-``tag``, ``metadata``). lm-eval keys that would change prompts or scores and that hfx does not
-implement (``process_results`` code, ``gen_prefix``, ``use_prompt``, ...) are refused when the task is
-loaded, never silently ignored; keys that leave the numbers unchanged are kept. Tasks come from
+``tag``, ``metadata``, ``gen_prefix``, and the Python hooks ``process_results`` / ``custom_dataset`` /
+``fewshot_config.samples``, which run only with ``allow_code``). Multiple-input tasks (``doc_to_text``
+gives the index of the gold context among the ``doc_to_choice`` contexts, as winogrande) are
+rendered as lm-eval renders them. lm-eval keys that would change prompts or scores and that hfx
+does not implement (``use_prompt``, images, audio, Python ``class:`` tasks) are refused when the
+task is loaded, never silently ignored; keys that leave the numbers unchanged are kept. A hook
+that raises is a :class:`TaskError` naming the task, the hook and the document. Tasks come from
 
 - YAML files under ``--include-path`` directories (only those directories are read: no global
   index of thousands of files is built before a run), and
@@ -71,6 +75,9 @@ class TaskConfig:
     filter_list: list | None = None
     tag: Any = None
     metadata: dict | None = None
+    process_results: Any = None
+    gen_prefix: Any = None
+    custom_dataset: Any = None
     source: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -112,19 +119,36 @@ def _is_code(value: Any) -> bool:
 # lm-eval 0.4.13 keys that change prompts or scores and that hfx does not implement, with the test
 # of "set" that lm-eval applies: such a task is refused rather than scored differently.
 UNSUPPORTED_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "process_results": (_is_code, "a Python function that scores each document"),
-    "custom_dataset": (_is_code, "a Python function that builds the dataset"),
-    "gen_prefix": (bool, "a prefix written after the prompt (chat-style answers)"),
-    "use_prompt": (lambda v: v is not None, "promptsource prompts"),
+    "use_prompt": (lambda v: v is not None, "promptsource prompts, a package lm-eval 0.4.13 no longer ships"),
     "doc_to_image": (lambda v: v is not None, "image inputs"),
     "doc_to_audio": (lambda v: v is not None, "audio inputs"),
 }
 # lm-eval keys that leave the numbers unchanged: kept in ``extra`` (and the results' configs) only.
 HARMLESS_KEYS = frozenset({"should_decontaminate", "doc_to_decontamination_query", "unsafe_code"})
+# lm-eval's task API: what a Python ``class:`` task may override (reported when one is refused)
+_TASK_BASES = ("ConfigurableTask", "Task", "object")
+
+
+def _class_task_error(config: TaskConfig) -> TaskError:
+    """A ``class:`` task is refused, naming the class and the methods it overrides."""
+    cls = config.extra["class"]
+    if isinstance(cls, UnsafeFunction) or not isinstance(cls, type):
+        name, methods = repr(cls).removeprefix("!function "), []
+    else:
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        methods = sorted({m for k in cls.__mro__ if k.__name__ not in _TASK_BASES for m, v in vars(k).items()
+                          if callable(v) and not m.startswith("__")})
+    overrides = f" (it overrides {', '.join(methods)})" if methods else ""
+    return TaskError(
+        f"Task {config.task!r} is a Python class task, `class: {name}`{overrides}: hfx runs task files, not "
+        "lm-eval Task classes, whose requests and scores it cannot check are lm-eval's. Run it with lm-eval."
+    )
 
 
 def check_scoring_keys(config: TaskConfig) -> None:
     """Refuse lm-eval keys hfx would otherwise ignore while they change the numbers; warn on unknown keys."""
+    if config.extra.get("class") is not None:
+        raise _class_task_error(config)
     for key, (is_set, what) in UNSUPPORTED_KEYS.items():
         if key in config.extra and is_set(config.extra[key]):
             raise TaskError(
@@ -133,9 +157,11 @@ def check_scoring_keys(config: TaskConfig) -> None:
             )
     if not isinstance(config.repeats, int) or isinstance(config.repeats, bool) or config.repeats < 1:
         raise TaskError(f"Task {config.task!r}: repeats must be a positive integer, got {config.repeats!r}.")
-    if config.repeats > 1:
-        if config.output_type != "generate_until":
-            raise TaskError(f"Task {config.task!r}: repeats > 1 is supported for generate_until only.")
+    if config.gen_prefix is not None and not isinstance(config.gen_prefix, str):
+        raise TaskError(f"Task {config.task!r}: gen_prefix must be a field name or a template string, "
+                        f"got {config.gen_prefix!r}.")
+    # repeats of a log-likelihood request score the same numbers (lm-eval keeps the first): only sampling differs
+    if config.repeats > 1 and config.output_type == "generate_until":
         if (config.generation_kwargs or {}).get("do_sample"):
             raise TaskError(
                 f"Task {config.task!r}: repeats={config.repeats} with do_sample: true samples several answers; hfx "
@@ -145,7 +171,7 @@ def check_scoring_keys(config: TaskConfig) -> None:
         raise TaskError(f"Task {config.task!r}: filter_list is supported for generate_until tasks only, "
                         f"not {config.output_type}.")
     if config.output_type in OUTPUT_TYPES_LM:
-        unknown = sorted(set(config.extra) - set(UNSUPPORTED_KEYS) - HARMLESS_KEYS)
+        unknown = sorted(set(config.extra) - set(UNSUPPORTED_KEYS) - HARMLESS_KEYS - {"class"})
         if unknown:
             warnings.warn(f"Task {config.task!r}: ignoring keys {unknown}, which lm-eval 0.4.13 task files do not "
                           "define.", stacklevel=3)
@@ -263,8 +289,9 @@ class Task:
     """A loaded task: its documents, its prompt construction and its few-shot sampler.
 
     Prompt strings follow lm-eval 0.4.13 exactly: ``description`` then, per demonstration,
-    ``text + target_delimiter + target + fewshot_delimiter``, then the document's text. A choice's
-    continuation is ``target_delimiter + choice``.
+    ``text + target_delimiter + target + fewshot_delimiter`` (with ``gen_prefix`` before the
+    target), then the document's text (and its ``gen_prefix``). A choice's continuation is
+    ``target_delimiter + choice``. A multiple-input task gives one prompt per context.
     """
 
     def __init__(self, config: TaskConfig, dataset=None):
@@ -273,6 +300,8 @@ class Task:
         check_scoring_keys(config)
         self.filters = build_pipelines(config.filter_list, config.task)
         unsafe = find_unsafe(dataclasses.asdict(config))
+        if unsafe is None:
+            unsafe = find_unsafe(config.extra)
         if unsafe is not None:
             raise TaskError(
                 f"Task {config.task!r} ({unsafe.path}) uses `{unsafe!r}`, which runs Python code from the task "
@@ -289,9 +318,12 @@ class Task:
             "doc_to_choice": fs.get("doc_to_choice", config.doc_to_choice),
             "target_delimiter": fs.get("target_delimiter", config.target_delimiter),
             "fewshot_delimiter": fs.get("fewshot_delimiter", config.fewshot_delimiter),
+            "gen_prefix": fs.get("gen_prefix", config.gen_prefix),
         }
         self._dataset = dataset
         self._features: set[str] = set()
+        self._probed: dict[str, bool] = {}
+        self.doc_index: int | None = None  # the document being rendered or scored, named when a hook raises
 
     @property
     def name(self) -> str:
@@ -301,9 +333,27 @@ class Task:
     def output_type(self) -> str:
         return self.config.output_type
 
+    # -- hooks --------------------------------------------------------------------------------
+    def call(self, hook: str, fn: Callable, *args):
+        """Run a task-file Python hook; whatever it raises becomes one TaskError naming task, hook and document."""
+        try:
+            return fn(*args)
+        except TaskError:
+            raise
+        except Exception as exc:
+            where = f", document {self.doc_index}" if self.doc_index is not None else ""
+            what = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}".lstrip(".")
+            text = " ".join(str(exc).split())[:300]
+            raise TaskError(f"Task {self.name!r}{where}: the `{hook}` hook {what} raised "
+                            f"{type(exc).__name__}: {text}") from exc
+
     # -- data ---------------------------------------------------------------------------------
     @property
     def dataset(self):
+        if self._dataset is None and callable(self.config.custom_dataset):
+            # lm-eval calls it with the task's metadata and dataset_kwargs as keyword arguments
+            kwargs = {**(self.config.metadata or {}), **(self.config.dataset_kwargs or {})}
+            self._dataset = self.call("custom_dataset", lambda: self.config.custom_dataset(**kwargs))
         if self._dataset is None:
             import datasets
 
@@ -327,7 +377,7 @@ class Task:
             raise TaskError(f"Task {self.name!r}: split {split!r} not in the dataset; it has {list(self.dataset)}.")
         docs = self.dataset[split]
         if process is not None:
-            docs = process(docs)
+            docs = self.call("process_docs", process, docs)
         if hasattr(docs, "features"):
             self._features |= set(docs.features)
         return list(docs)
@@ -343,8 +393,13 @@ class Task:
         """The pool demonstrations are drawn from, chosen by lm-eval's precedence."""
         if self.fewshot["split"] is not None:
             return self._split(self.fewshot["split"], self.fewshot["process_docs"])
-        if self.fewshot["samples"] is not None:
-            return list(self.fewshot["samples"])
+        samples = self.fewshot["samples"]
+        if samples is not None:
+            samples = self.call("fewshot_config.samples", samples) if callable(samples) else samples
+            if not isinstance(samples, (list, tuple)):
+                raise TaskError(f"Task {self.name!r}: fewshot_config.samples must be a list of documents or a "
+                                f"function returning one, got {type(samples).__name__}.")
+            return list(samples)
         for split in (self.config.training_split, self.config.validation_split, self.config.test_split):
             if split is not None:
                 return self._split(split, self.config.process_docs)
@@ -355,14 +410,41 @@ class Task:
         """lm-eval removes the evaluated doc from its demonstrations only when fewshot split == test split."""
         return self.fewshot["split"] == self.config.test_split
 
+    def _first_doc(self, what: str, render: Callable):
+        """What lm-eval decides once from the first evaluated document (``multiple_input`` / ``multiple_target``)."""
+        if what not in self._probed:
+            docs = self.eval_docs()
+            if not docs:
+                raise TaskError(f"Task {self.name!r} has no documents to evaluate.")
+            index, self.doc_index = self.doc_index, 0
+            try:
+                self._probed[what] = render(docs[0])
+            finally:
+                self.doc_index = index
+        return self._probed[what]
+
+    @property
+    def multiple_input(self) -> bool:
+        """doc_to_text gives the index of the gold context among the doc_to_choice contexts (winogrande)."""
+        if self.config.doc_to_choice is None:
+            return False
+        return self._first_doc("multiple_input", lambda doc: type(self.doc_to_text(doc)) is int)
+
+    @property
+    def multiple_target(self) -> bool:
+        """doc_to_target gives a list of answers (any of them counts)."""
+        return self._first_doc("multiple_target", lambda doc: isinstance(self.doc_to_target(doc), list))
+
     # -- rendering ----------------------------------------------------------------------------
     def _is_field(self, spec: str, doc: dict) -> bool:
         return spec in (self._features or doc.keys())
 
     def doc_to_text(self, doc: dict, spec: Any = None) -> str | int:
         spec = self.config.doc_to_text if spec is None else spec
-        if isinstance(spec, int) or callable(spec):
-            return spec if isinstance(spec, int) else spec(doc)
+        if isinstance(spec, int):
+            return spec
+        if callable(spec):
+            return self.call("doc_to_text", spec, doc)
         if not isinstance(spec, str):
             raise TaskError(f"Task {self.name!r}: doc_to_text must be a field, template or function, got {spec!r}.")
         if self._is_field(spec, doc):
@@ -375,7 +457,7 @@ class Task:
         if isinstance(spec, (int, list)):
             return spec
         if callable(spec):
-            return spec(doc)
+            return self.call("doc_to_target", spec, doc)
         if not isinstance(spec, str):
             raise TaskError(f"Task {self.name!r}: doc_to_target must be a field, template or function, got {spec!r}.")
         if self._is_field(spec, doc):
@@ -397,7 +479,7 @@ class Task:
         if isinstance(spec, dict):
             return list(spec.values())
         if callable(spec):
-            return spec(doc)
+            return self.call("doc_to_choice", spec, doc)
         if not isinstance(spec, str):
             raise TaskError(f"Task {self.name!r}: doc_to_choice must be a field, template, list or function.")
         if self._is_field(spec, doc):
@@ -408,11 +490,27 @@ class Task:
         except (SyntaxError, ValueError) as exc:
             raise TaskError(f"Task {self.name!r}: doc_to_choice rendered {text!r}, which is not a Python list.") from exc
 
-    def description_for(self, doc: dict) -> str:
-        spec = self.config.description
+    def _resolve(self, spec: Any, doc: dict, what: str, fields: bool = False) -> str:
+        """lm-eval's ``resolve_field``: a document field by that name, else a template."""
         if not spec:
             return ""
-        return doc[spec] if spec in doc else render(spec, doc, where=f"Task {self.name!r}: description")
+        if not isinstance(spec, str):
+            raise TaskError(f"Task {self.name!r}: {what} must be a field name or a template string, got {spec!r}.")
+        if (self._is_field(spec, doc) if fields else spec in doc):
+            return doc[spec]
+        return render(spec, doc, where=f"Task {self.name!r}: {what}")
+
+    def description_for(self, doc: dict) -> str:
+        return self._resolve(self.config.description, doc, "description")
+
+    def gen_prefix_for(self, doc: dict, *, fewshot: bool = False) -> str:
+        """The text written after ``doc``'s prompt (or before a demonstration's answer); "" if none."""
+        if fewshot:
+            return self._resolve(self.fewshot["gen_prefix"], doc, "fewshot_config.gen_prefix")
+        if self.config.gen_prefix is None:
+            return ""
+        return self._resolve(self.config.gen_prefix, doc, "gen_prefix", fields=True) if self.config.gen_prefix \
+            else ""
 
     def target_text(self, doc: dict, *, fewshot: bool = False) -> str:
         """The answer string of ``doc`` as shown in a demonstration."""
@@ -424,30 +522,64 @@ class Task:
             return target[0]
         return target if isinstance(target, str) else str(target)
 
-    def context(self, doc: dict, demonstrations: Sequence[dict]) -> str:
-        """The prompt for ``doc`` preceded by ``demonstrations`` (already sampled)."""
-        parts = [self.description_for(doc)]
-        fs = self.fewshot
-        for demo in demonstrations:
-            text = self.doc_to_text(demo, fs["doc_to_text"])
-            if self.doc_to_target(demo, fs["doc_to_target"]) in (None, ""):
-                parts.append(text)  # lm-eval: no answer, no delimiters
-                continue
-            answer = self.target_text(demo, fewshot=True)
-            parts.append(f"{text}{fs['target_delimiter']}{answer}{fs['fewshot_delimiter']}")
-        text = self.doc_to_text(doc)
-        if isinstance(text, int):
-            raise TaskError(f"Task {self.name!r}: multiple-input tasks (doc_to_text returning an index) are not supported.")
-        parts.append(text)
-        return "".join(parts)
+    def _turn(self, q: Any, choices: list | None, answer: Any, gen_prefix: str, target_delimiter: str,
+              fewshot_delimiter: str) -> str:
+        """One question (and answer) as lm-eval's ``build_qa_turn`` renders it as plain text."""
+        if not isinstance(q, str):
+            raise TaskError(f"Task {self.name!r}: doc_to_text must give a string here, got {q!r}.")
+        has_answer = answer is not None and not (isinstance(answer, str) and answer == "")
+        needs_delimiter = bool(gen_prefix) and bool(q) and not (q[-1].isspace() or gen_prefix[0].isspace())
+        text = q + (target_delimiter if (has_answer and not gen_prefix) or needs_delimiter else "")
+        if has_answer:
+            if choices and isinstance(answer, int):
+                answer = choices[answer]
+            elif isinstance(answer, list):
+                answer = answer[0]
+            if not isinstance(answer, str):
+                raise TaskError(f"Task {self.name!r}: a demonstration's answer must be a string (or an index into "
+                                f"doc_to_choice), got {answer!r}.")
+            if gen_prefix and answer and not (gen_prefix[-1].isspace() or answer[0].isspace()):
+                answer = f"{gen_prefix} {answer}"
+            elif gen_prefix:
+                answer = gen_prefix + answer
+            return text + answer + fewshot_delimiter
+        return text + gen_prefix
 
-    def contexts(self, docs: Sequence[dict], num_fewshot: int, seed: int | None = 1234) -> list[str]:
+    def _demonstration(self, demo: dict) -> str:
+        fs = self.fewshot
+        q = self.doc_to_text(demo, fs["doc_to_text"])
+        choices = self.doc_to_choice(demo, fs["doc_to_choice"]) if fs["doc_to_choice"] else None
+        answer = self.doc_to_target(demo, fs["doc_to_target"])
+        if self.multiple_input:  # the gold context, then the shared continuation
+            q, choices = choices[q], None
+        return self._turn(q, choices, answer, self.gen_prefix_for(demo, fewshot=True), fs["target_delimiter"],
+                          fs["fewshot_delimiter"])
+
+    def context(self, doc: dict, demonstrations: Sequence[dict]) -> str | list[str]:
+        """The prompt for ``doc`` preceded by ``demonstrations`` (already sampled); a list for multiple inputs."""
+        prefix = self.description_for(doc) + "".join(self._demonstration(demo) for demo in demonstrations)
+        gen_prefix = self.gen_prefix_for(doc)
+        if self.multiple_input:
+            contexts = self.doc_to_choice(doc)
+            if not isinstance(contexts, list):
+                raise TaskError(f"Task {self.name!r}: a multiple-input task needs doc_to_choice to give a list of "
+                                f"contexts, got {contexts!r}.")
+            return [prefix + self._turn(c, None, None, gen_prefix, "", "") for c in contexts]
+        return prefix + self._turn(self.doc_to_text(doc), None, None, gen_prefix, self.config.target_delimiter, "")
+
+    def contexts(self, docs: Sequence[dict], num_fewshot: int, seed: int | None = 1234) -> list[str | list[str]]:
         """Prompts for ``docs`` in order, demonstrations drawn as lm-eval draws them for ``seed``."""
-        if num_fewshot == 0:
-            return [self.context(doc, []) for doc in docs]
-        sampler = get_sampler(self.fewshot["sampler"])(self.fewshot_docs(), random.Random(seed))
+        sampler = None
+        if num_fewshot > 0:
+            sampler = get_sampler(self.fewshot["sampler"])(self.fewshot_docs(), random.Random(seed))
         exclude = self.fewshot_excludes_eval_doc
-        return [self.context(doc, sampler.sample(num_fewshot, doc if exclude else None)) for doc in docs]
+        out = []
+        for i, doc in enumerate(docs):
+            self.doc_index = i
+            demos = sampler.sample(num_fewshot, doc if exclude else None) if sampler is not None else []
+            out.append(self.context(doc, demos))
+        self.doc_index = None
+        return out
 
     def validate(self, num_fewshot: int, docs: Sequence[dict] | None = None) -> None:
         """Render the first document (and a demonstration) so template and pool errors surface before the model runs."""
@@ -455,6 +587,7 @@ class Task:
         if not docs:
             raise TaskError(f"Task {self.name!r} has no documents to evaluate.")
         doc = docs[0]
+        self.doc_index = 0
         self.doc_to_text(doc)
         if self.config.doc_to_choice is not None:
             choices = self.doc_to_choice(doc)
@@ -471,6 +604,7 @@ class Task:
                     f"documents{' (the evaluated one excluded)' if self.fewshot_excludes_eval_doc else ''}."
                 )
             self.context(doc, pool[:1])
+        self.doc_index = None
 
     def effective_num_fewshot(self, requested: int | None) -> int:
         """lm-eval's rule: a request overrides the config, except a config that pins 0 shots."""
