@@ -19,7 +19,8 @@ def add_parser(subparsers) -> None:
         formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--model", required=True, help="local directory or hub id of a causal LM (with its tokenizer)")
-    parser.add_argument("--tasks", required=True, help="comma-separated task or tag names, e.g. embedded_facts,embedded")
+    parser.add_argument("--tasks", required=True,
+                        help="comma-separated task, tag or group names, e.g. embedded_facts,embedded")
     parser.add_argument("--num-fewshot", type=int, default=None, help="demonstrations per prompt (default: the task's own, else 0)")
     parser.add_argument("--include-path", action="append", default=[], help="directory (or file) of task YAMLs; repeatable")
     parser.add_argument("--batch-size", type=int, default=None, help="at most this many packed rows per forward pass")
@@ -28,6 +29,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed (lm-eval's default is 1234)")
     parser.add_argument("--output", default=None, help="write lm-eval-shaped results JSON here (atomically)")
     parser.add_argument("--log-samples", action="store_true", help="also write per-document records next to --output")
+    parser.add_argument("--skip-unsupported", action="store_true",
+                        help="run the tasks that can run and list the others (and groups left without an aggregate) "
+                        "as skipped, instead of refusing the run")
     parser.add_argument("--allow-code", action="store_true", help="allow `!function` in task files (runs Python from the task directory)")
     parser.add_argument("--cache-dir", default=None, help="result cache directory (default $HFX_EVAL_CACHE or ~/.cache/hfx/eval)")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the result cache")
@@ -92,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
             cache_dir=False if args.no_cache else args.cache_dir,
             return_records=True,
             add_bos_token=args.add_bos_token,
+            skip_unsupported=args.skip_unsupported,
         )
     except (TaskError, CheckpointError, EvaluationInputError, OutputPathError) as exc:
         usage_error("eval", str(exc))

@@ -2,6 +2,11 @@
 
 Each task is run by its output type (:mod:`.output_types`); other evaluators (e.g. encoder n-way
 k-shot) register theirs there and reuse :func:`evaluate_tasks` with their own backend.
+
+Names may be tasks, tags or groups (:class:`~.groups.GroupNode` trees from the catalogue). Every
+leaf task is prepared (documents, templates, few-shot pool) before the model is loaded, and every
+task or group that cannot run is reported in one error, or, with ``skip_unsupported``, left out and
+listed in ``results["skipped"]``. A leaf under several groups runs once.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +24,8 @@ from ..checkpoint_check import CheckpointError, check_model_dir
 from ..quantization import pin_bnb_cpu_path
 from ..safe_paths import blocking_parent
 from .cache import ContentHashMemo, ResultCache, default_cache_dir, model_identity
-from .catalogue import find_tasks
+from .catalogue import TaskIndex
+from .groups import GroupNode, TaskRef
 from .metrics import get_metric
 from .output_types import (  # noqa: F401  (OutputType, register_output_type re-exported)
     OUTPUT_TYPES,
@@ -28,7 +35,7 @@ from .output_types import (  # noqa: F401  (OutputType, register_output_type re-
     task_higher_is_better,
     task_scores,
 )
-from .results import build_results
+from .results import build_results, group_leaves, groups_preorder
 from .scorer import CausalLMScorer, is_causal_lm
 from .tasks import Task, TaskError
 
@@ -170,43 +177,197 @@ def load_model(
     return loaded, tokenizer, path if Path(path).is_dir() else None
 
 
-# -- the entry point --------------------------------------------------------------------------
-def evaluate_tasks(
-    tasks: Sequence[Task],
-    backend: Any,
+# -- planning: names to trees, every leaf prepared, every refusal collected --------------------
+@dataclass
+class Plan:
+    """What a run evaluates, decided before the model is loaded.
+
+    ``roots``: what was asked, in order (group trees and tasks); ``tasks``: each leaf once, in
+    lm-eval's order; ``prepared``: per task ``(k, docs, n_original, contexts)``; ``refused``: every
+    task, group or name that cannot run, with why; ``skipped``: what the results report as skipped.
+    """
+
+    roots: list = field(default_factory=list)
+    tasks: dict[str, Task] = field(default_factory=dict)
+    prepared: dict[str, tuple] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def groups(self) -> list[GroupNode]:
+        return [r for r in self.roots if isinstance(r, GroupNode)]
+
+
+def _message(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _resolve_name(index: TaskIndex, name: str) -> list:
+    """The nodes a name stands for: a group tree, a task, or a tag's tasks."""
+    if hasattr(index, "resolve"):
+        return list(index.resolve([name]))
+    return [TaskRef(n) for n in index.expand([name])]
+
+
+def _load_ref(index: TaskIndex, ref: TaskRef) -> Task:
+    if hasattr(index, "resolve"):  # the catalogue that resolves groups also applies a group's inline overrides
+        return Task(index.config(ref))
+    return index.load(ref.name)
+
+
+def _filter_names(task: Task) -> list[str]:
+    if task.output_type == "generate_until":
+        return [p.name for p in task.filters]
+    return ["none"]
+
+
+def _prepare(task: Task, num_fewshot, limit, seed) -> tuple:
+    if task.output_type not in OUTPUT_TYPES:
+        raise TaskError(
+            f"Task {task.name!r}: output_type {task.output_type!r} has no evaluator; known: {sorted(OUTPUT_TYPES)}."
+        )
+    for name in metric_names(task):
+        get_metric(name)
+    k = task.effective_num_fewshot(num_fewshot)
+    all_docs = task.eval_docs()
+    docs = all_docs[:limit] if limit else all_docs
+    task.validate(k, docs)
+    return k, docs, len(all_docs), task.contexts(docs, k, seed)
+
+
+def _check_group(group: GroupNode, tasks: dict[str, Task]) -> None:
+    """A group whose ``aggregate_metric_list`` names a metric none of its leaves reports: TaskError."""
+    leaves = list(dict.fromkeys(group_leaves(group)))
+    for agg in group.aggregate_metric_list or ():
+        providers = [
+            n for n in leaves
+            if agg.metric in metric_names(tasks[n])
+            and (agg.filter_list is None or set(agg.filter_list) & set(_filter_names(tasks[n])))
+        ]
+        if not providers:
+            where = "" if agg.filter_list is None else f" with filter {list(agg.filter_list)}"
+            reported = "; ".join(
+                f"{n}: {', '.join(f'{m},{f}' for f in _filter_names(tasks[n]) for m in metric_names(tasks[n]))}"
+                for n in leaves
+            )
+            raise TaskError(
+                f"Group {group.name!r} ({group.source or 'group'}): aggregate_metric_list metric {agg.metric!r}{where} "
+                f"is reported by none of its members ({reported or 'no members'})."
+            )
+
+
+def plan(
+    items: Iterable,
     *,
+    index: TaskIndex | None = None,
+    include_path: Iterable = (),
+    allow_code: bool = False,
     num_fewshot: int | None = None,
     limit: int | None = None,
     seed: int = DEFAULT_FEWSHOT_SEED,
-    config: dict | None = None,
-) -> tuple[dict, dict[str, list[dict]]]:
-    """Validate every task, then run them on ``backend``; returns (lm-eval-shaped results, per-task records)."""
-    check_arguments(num_fewshot=num_fewshot, limit=limit, seed=seed)
+) -> Plan:
+    """Resolve names (tasks, tags, groups), :class:`Task` objects and :class:`GroupNode` trees; prepare each leaf once.
+
+    Nothing raises for a task that cannot run: it lands in ``Plan.refused`` with why, so that one
+    error (or ``skip_unsupported``) covers them all. A group leaf is taken from the given
+    :class:`Task` objects of that name first, else from the index.
+    """
+    result = Plan()
+    given = {t.name: t for t in items if isinstance(t, Task)}
+    needs_index = any(isinstance(t, (str, GroupNode, TaskRef)) for t in items)
+    if index is None and needs_index:
+        index = TaskIndex(include_path, allow_code=allow_code)
+    for item in items:
+        if isinstance(item, str):
+            try:
+                result.roots.extend(_resolve_name(index, item))
+            except TaskError as exc:
+                result.refused[item] = _message(exc)
+        else:
+            result.roots.append(item)
+    refs: list[TaskRef | Task] = []
+    for root in result.roots:
+        refs.extend(root.task_refs() if isinstance(root, GroupNode) else [root])
+    for ref in refs:
+        name = ref.name
+        if name in result.tasks or name in result.refused:
+            continue
+        try:
+            if isinstance(ref, Task):
+                task = ref
+            elif name in given and not ref.overrides:
+                task = given[name]
+            else:
+                task = _load_ref(index, ref)
+            result.tasks[name] = task
+            result.prepared[name] = _prepare(task, num_fewshot, limit, seed)
+        except TaskError as exc:
+            result.tasks.pop(name, None)
+            result.refused[name] = _message(exc)
+            continue
+        overrides = ref.overrides if isinstance(ref, TaskRef) else None
+        alias = getattr(task.config, "task_alias", None) or (overrides or {}).get("task_alias")
+        if alias:
+            result.aliases[name] = alias
+    for group in groups_preorder(result.roots):
+        missing = [n for n in dict.fromkeys(group_leaves(group)) if n not in result.tasks]
+        if missing:
+            result.skipped[group.name] = f"member(s) {', '.join(missing)} skipped; lm-eval's aggregate needs all"
+            continue
+        try:
+            _check_group(group, result.tasks)
+        except TaskError as exc:
+            result.refused[group.name] = _message(exc)
+    return result
+
+
+def settle(plan_: Plan, skip_unsupported: bool) -> None:
+    """Raise one TaskError naming every refused task and group, or (``skip_unsupported``) mark them skipped."""
+    if not plan_.refused:
+        return
+    listing = "; ".join(f"{name}: {why}" for name, why in plan_.refused.items())
+    if not skip_unsupported:
+        if len(plan_.refused) == 1:  # one refusal keeps its own message
+            ((name, why),) = plan_.refused.items()
+            raise TaskError(why if repr(name) in why or name in why.split(":")[0] else f"{name}: {why}")
+        raise TaskError(
+            f"{len(plan_.refused)} task(s)/group(s) cannot run (--skip-unsupported runs the rest): {listing}"
+        )
+    if not plan_.tasks:
+        raise TaskError(f"nothing left to run: every task was refused: {listing}")
+    plan_.skipped = {**plan_.refused, **{k: v for k, v in plan_.skipped.items() if k not in plan_.refused}}
+    plan_.refused = {}
+
+
+# -- the entry point --------------------------------------------------------------------------
+def _run_plan(plan_: Plan, backend: Any, *, limit, seed, config, skip_unsupported: bool) -> tuple[dict, dict]:
     started = time.time()
-    prepared = []
-    for task in tasks:  # all checks first: a bad task fails before any model work
-        if task.output_type not in OUTPUT_TYPES:
-            raise TaskError(
-                f"Task {task.name!r}: output_type {task.output_type!r} has no evaluator; known: {sorted(OUTPUT_TYPES)}."
-            )
-        for name in metric_names(task):
-            get_metric(name)
-        k = task.effective_num_fewshot(num_fewshot)
-        all_docs = task.eval_docs()
-        docs = all_docs[:limit] if limit else all_docs
-        task.validate(k, docs)
-        if OUTPUT_TYPES[task.output_type].check is not None:
-            OUTPUT_TYPES[task.output_type].check(task, docs, backend)
-        prepared.append((task, k, docs, len(all_docs), task.contexts(docs, k, seed)))
+    for name, task in list(plan_.tasks.items()):  # backend checks: still before any task is scored
+        check = OUTPUT_TYPES[task.output_type].check
+        if check is None:
+            continue
+        try:
+            check(task, plan_.prepared[name][1], backend)
+        except TaskError as exc:
+            plan_.refused[name] = _message(exc)
+            del plan_.tasks[name]
+    if plan_.refused:
+        for group in groups_preorder(plan_.roots):
+            missing = [n for n in dict.fromkeys(group_leaves(group)) if n in plan_.refused]
+            if missing and group.name not in plan_.skipped:
+                plan_.skipped[group.name] = f"member(s) {', '.join(missing)} skipped; lm-eval's aggregate needs all"
+    settle(plan_, skip_unsupported)
     records, summaries = {}, []
-    for task, k, docs, n_original, contexts in prepared:
+    for name, task in plan_.tasks.items():
+        k, docs, n_original, contexts = plan_.prepared[name]
         recs = OUTPUT_TYPES[task.output_type].run(task, docs, contexts, backend)
-        records[task.name] = recs
-        scores = task_scores(task, recs)
+        records[name] = recs
         summaries.append(
             {
-                "name": task.name,
-                "scores": scores,
+                "name": name,
+                "alias": plan_.aliases.get(name),
+                "scores": task_scores(task, recs),
                 "config": {**task.config.to_dict(), "num_fewshot": k},
                 "version": task.version,
                 "num_fewshot": k,
@@ -217,7 +378,33 @@ def evaluate_tasks(
         )
     run_config = {"limit": limit, "random_seed": 0, "numpy_seed": 1234, "torch_seed": seed, "fewshot_seed": seed}
     run_config.update(config or {})
-    return build_results(summaries, run_config, started, time.time()), records
+    results = build_results(summaries, run_config, started, time.time(), groups=plan_.groups, skipped=plan_.skipped)
+    return results, records
+
+
+def evaluate_tasks(
+    tasks: Sequence[Task | GroupNode | str],
+    backend: Any,
+    *,
+    num_fewshot: int | None = None,
+    limit: int | None = None,
+    seed: int = DEFAULT_FEWSHOT_SEED,
+    config: dict | None = None,
+    include_path: str | os.PathLike | Iterable[str | os.PathLike] = (),
+    allow_code: bool = False,
+    skip_unsupported: bool = False,
+) -> tuple[dict, dict[str, list[dict]]]:
+    """Validate every task, then run them on ``backend``; returns (lm-eval-shaped results, per-task records).
+
+    ``tasks`` may mix :class:`Task` objects, :class:`GroupNode` trees (their leaves taken from the
+    given tasks by name, else from ``include_path``) and task/tag/group names.
+    """
+    check_arguments(num_fewshot=num_fewshot, limit=limit, seed=seed)
+    includes = [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path)
+    plan_ = plan(list(tasks), include_path=includes, allow_code=allow_code, num_fewshot=num_fewshot, limit=limit,
+                 seed=seed)
+    settle(plan_, skip_unsupported)
+    return _run_plan(plan_, backend, limit=limit, seed=seed, config=config, skip_unsupported=skip_unsupported)
 
 
 def evaluate(
@@ -237,8 +424,10 @@ def evaluate(
     return_records: bool = False,
     add_bos_token: bool | None = None,
     add_special_tokens: bool | None = None,
+    skip_unsupported: bool = False,
 ):
-    """Evaluate a causal LM (object or path/id) on tasks (names, tag names or :class:`Task` objects).
+    """Evaluate a causal LM (object or path/id) on tasks (task, tag or group names, :class:`Task` objects or
+    :class:`GroupNode` trees).
 
     Arguments, the model folder (config, weight headers), task files and every task (unknown
     names, template fields, few-shot pool size, causal model) are checked before the model is
@@ -247,6 +436,9 @@ def evaluate(
     keeps the tokenizer's default special tokens (lm-eval's default too); ``False`` suits models
     trained without special tokens around documents (hfx quickstart); ``add_special_tokens`` is
     the older name of the same switch. ``seed`` seeds the few-shot draws and, per request, sampling.
+    Every task or group that cannot run is named in one :class:`TaskError` before the model loads;
+    ``skip_unsupported=True`` runs the rest and lists the others in ``results["skipped"]`` (a group
+    with a skipped member then reports no aggregate).
     Returns the lm-eval-shaped results dict (and the per-task records with ``return_records``).
     """
     if add_special_tokens is not None and add_bos_token is not None and add_special_tokens != add_bos_token:
@@ -267,11 +459,9 @@ def evaluate(
     elif tokenizer is None:
         raise EvaluationInputError("A tokenizer is required when `model` is a model object (tokenizer=...).")
     includes = [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path)
-    names = [t for t in tasks if isinstance(t, str)]
-    loaded = {t.name: t for t in find_tasks(names, includes, allow_code=allow_code)} if names else {}
-    resolved = [t for t in tasks if isinstance(t, Task)] + list(loaded.values())
-    for task in resolved:
-        task.validate(task.effective_num_fewshot(num_fewshot))
+    plan_ = plan(tasks, include_path=includes, allow_code=allow_code, num_fewshot=num_fewshot, limit=limit, seed=seed)
+    settle(plan_, skip_unsupported)
+    resolved = list(plan_.tasks.values())
     needs_lm = any(OUTPUT_TYPES[t.output_type].needs_causal_lm for t in resolved if t.output_type in OUTPUT_TYPES)
     source = None
     model_name = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
@@ -310,7 +500,8 @@ def evaluate(
         "bnb_cpu_path": bnb_path,
         "model_identity_cost": identity_cost,
     }
-    results, records = evaluate_tasks(resolved, scorer, num_fewshot=num_fewshot, limit=limit, seed=seed, config=config)
+    results, records = _run_plan(plan_, scorer, limit=limit, seed=seed, config=config,
+                                 skip_unsupported=skip_unsupported)
     results["config"]["cache_hits"] = cache.hits if cache is not None else 0
     results["config"]["warnings"] = list(getattr(scorer, "warnings", []))
     return (results, records) if return_records else results
