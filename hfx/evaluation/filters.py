@@ -20,6 +20,11 @@ applies its steps in order; the result is what the metric scores, under the key
 included: a step is applied to each item of what the previous step returned, so a per-response
 step placed after ``take_first`` walks the characters of the string (a warning says so).
 
+Most steps work on one document at a time. Task code (the ``custom`` filter's ``filter_fn``, or a
+filter class given as ``function: !function utils.MyFilter``, both only with ``--allow-code``)
+is called as lm-eval calls it: once per pipeline with every document's responses and documents,
+so code that looks across documents gets the same answer (:meth:`FilterPipeline.apply_all`).
+
 Pipelines are built and their arguments checked when the task is loaded, before any model runs;
 an unknown function is a :class:`TaskError` naming the supported ones.
 """
@@ -135,6 +140,51 @@ def majority_vote() -> Step:
     return step
 
 
+def regex_pos(regex_pattern: str = r"\['(.*?)'\]", group_select: int = 0, fallback: Any = None) -> Step:
+    """The part-of-speech tags of ``('token', 'TAG')`` pairs in each response (or in a list of pairs).
+
+    As lm-eval's ``regex_pos``: ``regex_pattern`` and ``group_select`` are accepted but unused (the
+    pair pattern is fixed); a response without pairs becomes ``fallback`` (default ``["invalid"]``).
+    """
+    re.compile(regex_pattern)  # a bad pattern fails when the task loads, as in lm-eval
+    missing = ["invalid"] if fallback is None else fallback
+    pairs = re.compile(r"\('([^']*)', '([^']*)'\)")
+
+    def tags(resp: Any) -> Any:
+        found = pairs.findall(resp) if isinstance(resp, str) else resp
+        return [tag for _, tag in found] or missing
+
+    return lambda resps, doc: [tags(r) for r in resps]
+
+
+_SPAN_LABELS = {"person": "PER", "location": "LOC", "organization": "ORG", "counties": "LOC", "places": "LOC",
+                "people": "PER", "persons": "PER", "company": "ORG", "country": "LOC", "continent": "LOC",
+                "time": "DATE", "date": "DATE", "per": "PER", "loc": "LOC", "org": "ORG"}
+
+
+def format_span() -> Step:
+    """Named-entity answers normalised to ``label: entity $ label: entity`` (lm-eval's ``format_span``).
+
+    Label words (``person:``, ``loc:``, ...) become PER / LOC / ORG / DATE, entities listed after a
+    label with commas are split, ``none`` entities are dropped; the text is lower-cased first.
+    """
+    label_patterns = [(re.compile(rf"\b{re.escape(word)}\s*:"), f"{label}:") for word, label in _SPAN_LABELS.items()]
+    entity = re.compile(r"\b(PER|LOC|ORG|DATE):\s*([^$]+)")
+
+    def normalise_labels(text: str) -> str:
+        text = text.lower()
+        for pattern, replacement in label_patterns:
+            text = pattern.sub(replacement, text)
+        return "$".join(text.split("$$")).rstrip("$")
+
+    def spans(text: str) -> str:
+        found = entity.findall(text.replace("\n", "$").strip())
+        return " $ ".join(f"{label.lower()}: {name.strip()}" for label, names in found
+                          for name in names.split(",") if name.strip().lower() != "none")
+
+    return lambda resps, doc: [spans(normalise_labels(r.lower())) for r in resps]
+
+
 @lru_cache(maxsize=1)
 def _punctuation_table() -> dict[int, None]:
     return dict.fromkeys(i for i in range(sys.maxunicode) if unicodedata.category(chr(i)).startswith("P"))
@@ -200,45 +250,110 @@ FILTERS: dict[str, Callable[..., Step]] = {
     "take_first": take_first,
     "take_first_k": take_first_k,
     "majority_vote": majority_vote,
+    "regex_pos": regex_pos,
+    "format_span": format_span,
 }
 # lm-eval filters that run task code or serve one task family; named in the error.
-NOT_SUPPORTED = {"custom": "it runs a Python `filter_fn`", "regex_pos": "it serves one POS-tagging task",
-                 "format_span": "it serves one NER task", "decontaminate": "lm-eval does not implement it either"}
+NOT_SUPPORTED = {"decontaminate": "lm-eval does not implement it either"}
+# Steps that run task code over the whole task at once: (all responses, all documents) -> all filtered.
+TaskStep = Callable[[list, list], list]
+
+
+@dataclass(frozen=True)
+class CodeStep:
+    """A step that is task code: called once with every document (lm-eval's ``Filter.apply(resps, docs)``)."""
+
+    run: TaskStep
 
 
 @dataclass(frozen=True)
 class FilterPipeline:
-    """A named chain of steps; ``apply`` gives one document's filtered responses."""
+    """A named chain of steps; ``apply_all`` filters a whole task, ``apply`` one document."""
 
     name: str
-    steps: tuple[tuple[str, Step], ...]
+    steps: tuple[tuple[str, Step | CodeStep], ...]
+
+    def _fail(self, function: str, exc: Exception, value: Any) -> TaskError:
+        if isinstance(exc, TaskError):
+            return TaskError(f"Filter {self.name!r}, step {function!r}: {exc}")
+        shown = repr(value)
+        shown = shown if len(shown) <= 200 else shown[:197] + "..."
+        return TaskError(f"Filter {self.name!r}, step {function!r} failed on {shown}: {type(exc).__name__}: {exc} "
+                         "(lm-eval 0.4.13 fails here too).")
+
+    def apply_all(self, resps: list[list], docs: list[dict]) -> list:
+        """Every document's filtered responses, steps in order over the whole task (lm-eval's order)."""
+        resps = list(resps)
+        for function, step in self.steps:
+            if isinstance(step, CodeStep):
+                try:
+                    out = step.run(resps, docs)
+                    resps = list(out)  # lm-eval's filters may return generators
+                except Exception as exc:  # task code: any failure, named
+                    raise self._fail(function, exc, "the task's responses") from None
+                if len(resps) != len(docs):
+                    raise TaskError(f"Filter {self.name!r}, step {function!r} returned {len(resps)} filtered "
+                                    f"responses for {len(docs)} documents; it must keep one per document.")
+                continue
+            for i, (value, doc) in enumerate(zip(resps, docs)):
+                try:
+                    resps[i] = step(value, doc)
+                except (TaskError, AttributeError, TypeError, KeyError, IndexError, ValueError) as exc:
+                    raise self._fail(function, exc, value) from None
+        return resps
 
     def apply(self, resps: list, doc: dict) -> Any:
-        for function, step in self.steps:
-            try:
-                resps = step(resps, doc)
-            except TaskError as exc:
-                raise TaskError(f"Filter {self.name!r}, step {function!r}: {exc}") from None
-            except (AttributeError, TypeError, KeyError, IndexError, ValueError) as exc:
-                raise TaskError(
-                    f"Filter {self.name!r}, step {function!r} failed on {resps!r}: {type(exc).__name__}: {exc} "
-                    "(lm-eval 0.4.13 fails here too)."
-                ) from None
-        return resps
+        """One document's filtered responses (code steps see that document alone)."""
+        return self.apply_all([resps], [doc])[0]
 
 
 DEFAULT_PIPELINE = FilterPipeline("none", (("take_first", take_first()),))
 
 
-def build_step(function: Any, kwargs: dict[str, Any], where: str) -> Step:
+def _code_step(factory: Any, kwargs: dict[str, Any], where: str, what: str) -> CodeStep:
+    """A filter class from task code (``!function utils.MyFilter``): built per run with ``kwargs``, as lm-eval does."""
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise TaskError(f"{where}: filter {what} got arguments {sorted(kwargs)}: {exc}.") from None
+
+    def run(resps: list, docs: list) -> list:
+        instance = factory(**kwargs)
+        if not callable(getattr(instance, "apply", None)):
+            raise TaskError(f"{what} built a {type(instance).__name__} without an apply(resps, docs) method "
+                            "(a filter must be a class like lm-eval's Filter)")
+        return instance.apply(resps, docs)
+
+    return CodeStep(run)
+
+
+def _custom_step(kwargs: dict[str, Any], where: str) -> CodeStep:
+    """lm-eval's ``custom`` filter: ``filter_fn(resps, docs)``, a ``!function`` from the task folder."""
+    extra = sorted(set(kwargs) - {"filter_fn"})
+    if extra:
+        raise TaskError(f"{where}: filter 'custom' got arguments {extra}; it accepts ['filter_fn'].")
+    filter_fn = kwargs.get("filter_fn")
+    if isinstance(filter_fn, UnsafeFunction):
+        raise TaskError(f"{where}: filter 'custom' runs `{filter_fn!r}`, Python code from the task directory. "
+                        "Re-run with --allow-code (allow_code=True) if you trust it.")
+    if not callable(filter_fn):
+        raise TaskError(f"{where}: filter 'custom' needs `filter_fn: !function module.function`, got {filter_fn!r}.")
+    return CodeStep(lambda resps, docs: filter_fn(resps, docs))
+
+
+def build_step(function: Any, kwargs: dict[str, Any], where: str) -> Step | CodeStep:
     """One step from its name and YAML arguments; unknown names and bad arguments are a :class:`TaskError`."""
-    if callable(function) or isinstance(function, UnsafeFunction):
-        raise TaskError(f"{where}: a filter given as Python code ({function!r}) is not supported; "
-                        f"supported functions: {sorted(FILTERS)}.")
+    if isinstance(function, UnsafeFunction):
+        raise TaskError(f"{where}: the filter `{function!r}` is Python code from the task directory. Re-run with "
+                        "--allow-code (allow_code=True) if you trust it.")
+    if callable(function):
+        return _code_step(function, kwargs, where, getattr(function, "__qualname__", repr(function)))
+    if function == "custom":
+        return _custom_step(kwargs, where)
     if not isinstance(function, str) or function not in FILTERS:
         why = f" ({NOT_SUPPORTED[function]})" if isinstance(function, str) and function in NOT_SUPPORTED else ""
         raise TaskError(f"{where}: unknown or unsupported filter function {function!r}{why}; "
-                        f"supported: {sorted(FILTERS)}.")
+                        f"supported: {sorted([*FILTERS, 'custom'])} or a filter class (--allow-code).")
     factory = FILTERS[function]
     try:
         inspect.signature(factory).bind(**kwargs)
