@@ -268,6 +268,7 @@ def test_filter_functions_on_known_responses(steps, resps, expected):
 @pytest.mark.parametrize(("steps", "resps", "expected"), CASES, ids=lambda v: json.dumps(v)[:40])
 def test_filter_functions_agree_with_lm_eval_classes(steps, resps, expected):
     import lm_eval.filters  # noqa: F401  (registers lm-eval's filters)
+    import lm_eval.filters  # noqa: F401  (registers the filters)
     from lm_eval.api.registry import get_filter
 
     out = [resps]
@@ -423,6 +424,7 @@ FAMILY_FILTERS = ["regex_pos", "format_span"]  # checked against lm-eval's class
 
 @pytest.mark.parametrize("name", FAMILY_FILTERS)
 def test_task_family_filters_match_lm_eval(name):
+    import lm_eval.filters  # noqa: F401  (registers the filters)
     from lm_eval.api.registry import get_filter
 
     rng = random.Random(5)
