@@ -9,7 +9,8 @@
 Modules: ``tasks`` (task YAML loading and prompt construction), ``templates`` (safe YAML and
 sandboxed Jinja), ``samplers`` (few-shot demonstrations), ``scorer`` (the packed causal-LM
 scorer), ``metrics``, ``filters`` (lm-eval's ``filter_list`` pipelines for generate_until),
-``results`` (lm-eval-shaped JSON, markdown table, sample logs),
+``groups`` (group trees: the catalogue-evaluator contract),
+``results`` (lm-eval-shaped JSON with group aggregates, markdown tables, sample logs),
 ``cache`` (result cache keyed by model identity), ``evaluator`` (output-type dispatch and
 ``evaluate``). See ``docs/evaluation.md``.
 """
@@ -21,8 +22,10 @@ from .evaluator import (
     evaluate,
     evaluate_tasks,
     load_model,
+    plan,
     register_output_type,
 )
+from .groups import AggregateMetric, GroupNode, TaskRef
 from .results import check_output_path, markdown_table, write_results, write_samples
 from .catalogue import TaskIndex, find_tasks
 from .tasks import Task, TaskConfig
@@ -30,18 +33,22 @@ from .templates import TaskError
 
 __all__ = [
     "OUTPUT_TYPES",
+    "AggregateMetric",
     "EvaluationInputError",
+    "GroupNode",
     "OutputType",
     "Task",
     "TaskConfig",
     "TaskError",
     "TaskIndex",
+    "TaskRef",
     "check_output_path",
     "evaluate",
     "evaluate_tasks",
     "find_tasks",
     "load_model",
     "markdown_table",
+    "plan",
     "register_output_type",
     "write_results",
     "write_samples",
