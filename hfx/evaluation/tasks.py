@@ -141,7 +141,8 @@ def _class_task_error(config: TaskConfig) -> TaskError:
     overrides = f" (it overrides {', '.join(methods)})" if methods else ""
     return TaskError(
         f"Task {config.task!r} is a Python class task, `class: {name}`{overrides}: hfx runs task files, not "
-        "lm-eval Task classes, whose requests and scores it cannot check are lm-eval's. Run it with lm-eval."
+        "lm-eval Task classes (their requests and scoring are Python code whose numbers hfx cannot keep equal to "
+        "lm-eval's). Run it with lm-eval."
     )
 
 
