@@ -87,12 +87,14 @@ def main() -> None:
     parser.add_argument("--reasons", default=None, help="also write the table as markdown here")
     args = parser.parse_args()
     folder = lm_eval_tasks()
-    rows = [measure(folder, mode == "code", args.top) for mode in args.modes.split(",")]
-    text = markdown(rows)
-    print(text)
-    write_atomic(args.output, json.dumps({"lm_eval_tasks": str(folder), "rows": rows}, indent=1) + "\n")
-    if args.reasons:
-        write_atomic(args.reasons, text)
+    rows = []
+    for mode in args.modes.split(","):  # each mode written as soon as it is measured
+        rows.append(measure(folder, mode == "code", args.top))
+        text = markdown(rows)
+        print(text, flush=True)
+        write_atomic(args.output, json.dumps({"lm_eval_tasks": str(folder), "rows": rows}, indent=1) + "\n")
+        if args.reasons:
+            write_atomic(args.reasons, text)
 
 
 if __name__ == "__main__":

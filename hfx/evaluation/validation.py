@@ -82,36 +82,22 @@ def _template_specs(config) -> Iterable[tuple[str, str]]:
 
 
 # -- the static checks the evaluator relies on ------------------------------------------------
-def _known_aggregations() -> set[str] | None:
-    from . import metrics
-
-    names = getattr(metrics, "AGGREGATIONS", None)
-    return set(names) if names is not None else None
-
-
 def check_task(task) -> None:
-    """Static checks of a loaded task: output type, metrics, aggregations, templates. Raises :class:`TaskError`."""
-    from .metrics import get_metric
-    from .output_types import OUTPUT_TYPES
+    """The evaluator's checks that need no data: output type, metric_list (names, hooks, aggregations), templates.
 
-    name = task.name
+    The same functions ``evaluate_tasks`` calls before scoring (``metric_names`` checks the whole
+    ``metric_list`` through ``metric_specs``), so an accepted task passes them there too.
+    """
+    from .metrics import get_metric
+    from .output_types import OUTPUT_TYPES, metric_names
+
     if task.output_type not in OUTPUT_TYPES:
-        raise TaskError(f"Task {name!r}: output_type {task.output_type!r} has no evaluator; known: "
+        raise TaskError(f"Task {task.name!r}: output_type {task.output_type!r} has no evaluator; known: "
                         f"{sorted(OUTPUT_TYPES)}.")
-    aggregations = _known_aggregations()
-    for entry in task.config.metric_list or ():
-        if not isinstance(entry, dict) or "metric" not in entry:
-            raise TaskError(f"Task {name!r}: each metric_list entry must be a mapping with a `metric` key, got "
-                            f"{entry!r}.")
-        metric = entry["metric"]
-        if not callable(metric):
-            get_metric(metric)
-        aggregation = entry.get("aggregation")
-        if isinstance(aggregation, str) and aggregations is not None and aggregation not in aggregations:
-            raise TaskError(f"Task {name!r}: metric {metric!r} has unknown aggregation {aggregation!r}; known: "
-                            f"{sorted(aggregations)}.")
+    for name in metric_names(task):
+        get_metric(name)
     for key, template in _template_specs(task.config):
-        compile_template(template, f"Task {name!r}: {key}")
+        compile_template(template, f"Task {task.name!r}: {key}")
 
 
 # -- reasons ----------------------------------------------------------------------------------
@@ -145,6 +131,8 @@ _CATEGORIES = (
     (re.compile(r"^(needs optional package \S+)"), r"\1"),
     (re.compile(r"^hook imports (\S+)"), r"hook imports \1"),
     (re.compile(r"[Uu]nknown metric '([^']+)'"), r"unknown metric \1"),
+    (re.compile(r"metric '([^']+)' is not in lm-eval's registry"), r"metric \1 not in lm-eval's registry (hub evaluate)"),
+    (re.compile(r"is a Python class task, `class: ([^`]+)`"), r"class task \1"),
     (re.compile(r"unknown aggregation '([^']+)'"), r"unknown aggregation \1"),
     (re.compile(r"sets `([^`]+)`"), r"unsupported key \1"),
     (re.compile(r"uses `!function"), "!function without --allow-code"),
@@ -173,7 +161,8 @@ def reason_category(reason: str) -> str:
 
 # -- one task ---------------------------------------------------------------------------------
 def _source(index, name: str) -> str:
-    entry = getattr(index, "entries", getattr(index, "sources", {})).get(name)
+    entries = getattr(index, "entries", None)
+    entry = (entries if entries is not None else index.sources).get(name)  # ``sources`` builds a dict per call
     if entry is None:
         return ""
     return str(entry.path) if getattr(entry, "path", None) is not None else getattr(entry, "origin", "")
