@@ -58,7 +58,7 @@ filter_list:
       - function: take_first
 """
 GROUPS = {
-    "sub.yaml": "group: g_sub\ntask: [g_a, g_b]\naggregate_metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+    "sub.yaml": "group: g_sub\ntask:\n  - g_a\n  - task: g_b\n    task_alias: Bee\naggregate_metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
                 "    weight_by_size: false\nmetadata:\n  version: 3\n",
     "top.yaml": "group: g_top\ngroup_alias: Top Group\ntask: [g_sub, g_tag, g_gen, g_plain]\naggregate_metric_list:\n"
                 "  - metric: acc\n    weight_by_size: false\n  - metric: acc_norm\n  - metric: exact_match\n"
@@ -116,7 +116,8 @@ def _gpt2(root):
 
 def _tree():
     """g_top as lm-eval builds it from top.yaml: the tag g_tag becomes its task g_c, a direct child."""
-    sub = GroupNode("g_sub", children=[TaskRef("g_a"), TaskRef("g_b")], metadata={"version": 3},
+    sub = GroupNode("g_sub", children=[TaskRef("g_a"), TaskRef("g_b", {"task": "g_b", "task_alias": "Bee"})],
+                    metadata={"version": 3},
                     aggregate_metric_list=[AggregateMetric("acc"), AggregateMetric("acc_norm", weight_by_size=False)])
     plain = GroupNode("g_plain", children=[TaskRef("g_a"), TaskRef("g_d")])
     return GroupNode("g_top", alias="Top Group", children=[sub, TaskRef("g_c"), TaskRef("g_gen"), plain],
@@ -172,6 +173,7 @@ def test_results_json_matches_lm_eval(world):
     ref, ours = world["ref"], world["ours"]
     _assert_entries_equal(ours["results"], ref["results"])  # tasks then groups, lm-eval's keys and order
     assert ours["results"]["g_plain"] == {"alias": "g_plain", "name": "g_plain"}
+    assert ours["results"]["g_b"]["alias"] == "Bee"  # task_alias of an inline member
     for key in ("group_subtasks", "versions", "n-shot", "higher_is_better", "n-samples"):
         assert ours[key] == ref[key], key
     assert list(ours["versions"]) == list(ref["versions"])
