@@ -91,15 +91,16 @@ def metric_specs(task: Task) -> dict[str, MetricSpec]:
         return specs
     if not isinstance(config.metric_list, list):
         raise TaskError(f"Task {task.name!r}: metric_list must be a list of {{metric: ...}} entries.")
-    scored_by_hook = callable(config.process_results)
+    # other evaluators' output types (encoder n-way k-shot, ...) name their own metrics
+    scored_by_hook = callable(config.process_results) or task.output_type not in LM_OUTPUT_TYPES
     for entry in config.metric_list:
         if not isinstance(entry, dict) or "metric" not in entry:
             raise TaskError(f"Task {task.name!r}: every metric_list entry needs a `metric` key, got {entry!r}.")
         metric = entry["metric"]
         kwargs = {k: v for k, v in entry.items() if k not in ("metric", "aggregation", "higher_is_better", "hf_evaluate")}
         fn = None
-        if callable(metric) and not scored_by_hook:
-            fn, name = metric, getattr(metric, "__name__", repr(metric))
+        if callable(metric):  # scored by a process_results hook, only its name counts
+            fn, name = (None if scored_by_hook else metric), getattr(metric, "__name__", repr(metric))
         elif isinstance(metric, str):
             name = metric
             if entry.get("hf_evaluate") is True and not scored_by_hook:
@@ -114,7 +115,7 @@ def metric_specs(task: Task) -> dict[str, MetricSpec]:
             raise TaskError(f"Task {task.name!r}: metric {metric!r} must be a metric name or a !function.")
         aggregation = entry.get("aggregation")
         if aggregation is None:
-            if name not in METRICS:
+            if name not in METRICS and task.output_type in LM_OUTPUT_TYPES:
                 raise TaskError(f"Task {task.name!r}: metric {name!r} has no default aggregation; give it "
                                 "`aggregation:` (a name such as mean, or a !function). lm-eval 0.4.13 fails on it too.")
         elif isinstance(aggregation, str):

@@ -587,6 +587,9 @@ class Task:
         docs = self.eval_docs() if docs is None else docs
         if not docs:
             raise TaskError(f"Task {self.name!r} has no documents to evaluate.")
+        from .output_types import metric_specs  # metric_list checked too (a hub metric, an unknown aggregation)
+
+        metric_specs(self)
         doc = docs[0]
         self.doc_index = 0
         self.doc_to_text(doc)
