@@ -27,6 +27,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=4096, help="token budget of one forward pass (rows × longest row)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N documents of each task")
     parser.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed (lm-eval's default is 1234)")
+    parser.add_argument("--bootstrap-iters", type=int, default=100_000,
+                        help="resamples for the stderr of corpus metrics (perplexity, f1, bleu, ...); 0: none")
     parser.add_argument("--output", default=None, help="write lm-eval-shaped results JSON here (atomically)")
     parser.add_argument("--log-samples", action="store_true", help="also write per-document records next to --output")
     parser.add_argument("--skip-unsupported", action="store_true",
@@ -49,6 +51,8 @@ def _check_args(args: argparse.Namespace) -> None:
                                  ("--batch-size", args.batch_size, 1), ("--max-batch-tokens", args.max_batch_tokens, 1)):
         if value is not None and value < minimum:
             usage_error("eval", f"{flag} must be at least {minimum}, got {value}")
+    if args.bootstrap_iters < 0:
+        usage_error("eval", f"--bootstrap-iters must be at least 0 (0: no bootstrap stderr), got {args.bootstrap_iters}")
     if not 0 <= args.seed < 2**63:
         usage_error("eval", f"--seed must be in [0, 2**63), got {args.seed}")
     if not [t for t in args.tasks.split(",") if t.strip()]:
@@ -92,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
             max_batch_tokens=args.max_batch_tokens,
             limit=args.limit,
             seed=args.seed,
+            bootstrap_iters=args.bootstrap_iters,
             allow_code=args.allow_code,
             cache_dir=False if args.no_cache else args.cache_dir,
             return_records=True,

@@ -26,7 +26,7 @@ from ..safe_paths import blocking_parent
 from .cache import ContentHashMemo, ResultCache, default_cache_dir, model_identity
 from .catalogue import TaskIndex
 from .groups import GroupNode, TaskRef
-from .metrics import get_metric
+from .metrics import BOOTSTRAP_ITERS, get_metric
 from .output_types import (  # noqa: F401  (OutputType, register_output_type re-exported)
     OUTPUT_TYPES,
     OutputType,
@@ -57,6 +57,7 @@ def check_arguments(
     batch_size: int | None = None,
     max_batch_tokens: int = 4096,
     seed: int = DEFAULT_FEWSHOT_SEED,
+    bootstrap_iters: int = BOOTSTRAP_ITERS,
 ) -> None:
     """Raise :class:`EvaluationInputError` naming the first bad value (and what is valid)."""
     minimum = {"num_fewshot": 0, "limit": 1, "batch_size": 1, "max_batch_tokens": 1}
@@ -69,6 +70,9 @@ def check_arguments(
             raise EvaluationInputError(f"{name} must be an integer >= {minimum[name]}{optional}, got {value!r}.")
     if not _is_int(seed) or not 0 <= seed < 2**63:
         raise EvaluationInputError(f"seed must be an integer in [0, 2**63), got {seed!r}.")
+    if not _is_int(bootstrap_iters) or bootstrap_iters < 0:
+        raise EvaluationInputError(f"bootstrap_iters must be an integer >= 0 (0: no bootstrap stderr), "
+                                   f"got {bootstrap_iters!r}.")
 
 
 def task_names(tasks: str | Iterable[str | Task]) -> list[str | Task]:
@@ -307,7 +311,7 @@ def plan(
             result.refused[name] = _message(exc)
             continue
         overrides = ref.overrides if isinstance(ref, TaskRef) else None
-        alias = getattr(task.config, "task_alias", None) or (overrides or {}).get("task_alias")
+        alias = task.config.task_alias or (overrides or {}).get("task_alias")
         if alias:
             result.aliases[name] = alias
     for group in groups_preorder(result.roots):
@@ -341,7 +345,8 @@ def settle(plan_: Plan, skip_unsupported: bool) -> None:
 
 
 # -- the entry point --------------------------------------------------------------------------
-def _run_plan(plan_: Plan, backend: Any, *, limit, seed, config, skip_unsupported: bool) -> tuple[dict, dict]:
+def _run_plan(plan_: Plan, backend: Any, *, limit, seed, config, skip_unsupported: bool,
+              bootstrap_iters: int = BOOTSTRAP_ITERS) -> tuple[dict, dict]:
     started = time.time()
     for name, task in list(plan_.tasks.items()):  # backend checks: still before any task is scored
         check = OUTPUT_TYPES[task.output_type].check
@@ -367,7 +372,7 @@ def _run_plan(plan_: Plan, backend: Any, *, limit, seed, config, skip_unsupporte
             {
                 "name": name,
                 "alias": plan_.aliases.get(name),
-                "scores": task_scores(task, recs),
+                "scores": task_scores(task, recs, bootstrap_iters=bootstrap_iters),
                 "config": {**task.config.to_dict(), "num_fewshot": k},
                 "version": task.version,
                 "num_fewshot": k,
@@ -376,7 +381,8 @@ def _run_plan(plan_: Plan, backend: Any, *, limit, seed, config, skip_unsupporte
                 "n_effective": len(docs),
             }
         )
-    run_config = {"limit": limit, "random_seed": 0, "numpy_seed": 1234, "torch_seed": seed, "fewshot_seed": seed}
+    run_config = {"limit": limit, "bootstrap_iters": bootstrap_iters, "random_seed": 0, "numpy_seed": 1234,
+                  "torch_seed": seed, "fewshot_seed": seed}
     run_config.update(config or {})
     results = build_results(summaries, run_config, started, time.time(), groups=plan_.groups, skipped=plan_.skipped)
     return results, records
@@ -393,18 +399,20 @@ def evaluate_tasks(
     include_path: str | os.PathLike | Iterable[str | os.PathLike] = (),
     allow_code: bool = False,
     skip_unsupported: bool = False,
+    bootstrap_iters: int = BOOTSTRAP_ITERS,
 ) -> tuple[dict, dict[str, list[dict]]]:
     """Validate every task, then run them on ``backend``; returns (lm-eval-shaped results, per-task records).
 
     ``tasks`` may mix :class:`Task` objects, :class:`GroupNode` trees (their leaves taken from the
     given tasks by name, else from ``include_path``) and task/tag/group names.
     """
-    check_arguments(num_fewshot=num_fewshot, limit=limit, seed=seed)
+    check_arguments(num_fewshot=num_fewshot, limit=limit, seed=seed, bootstrap_iters=bootstrap_iters)
     includes = [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path)
     plan_ = plan(list(tasks), include_path=includes, allow_code=allow_code, num_fewshot=num_fewshot, limit=limit,
                  seed=seed)
     settle(plan_, skip_unsupported)
-    return _run_plan(plan_, backend, limit=limit, seed=seed, config=config, skip_unsupported=skip_unsupported)
+    return _run_plan(plan_, backend, limit=limit, seed=seed, config=config, skip_unsupported=skip_unsupported,
+                     bootstrap_iters=bootstrap_iters)
 
 
 def evaluate(
@@ -425,6 +433,7 @@ def evaluate(
     add_bos_token: bool | None = None,
     add_special_tokens: bool | None = None,
     skip_unsupported: bool = False,
+    bootstrap_iters: int = BOOTSTRAP_ITERS,
 ):
     """Evaluate a causal LM (object or path/id) on tasks (task, tag or group names, :class:`Task` objects or
     :class:`GroupNode` trees).
@@ -439,6 +448,8 @@ def evaluate(
     Every task or group that cannot run is named in one :class:`TaskError` before the model loads;
     ``skip_unsupported=True`` runs the rest and lists the others in ``results["skipped"]`` (a group
     with a skipped member then reports no aggregate).
+    ``bootstrap_iters`` is lm-eval's: resamples for the stderr of corpus metrics (perplexity, f1,
+    bleu, ...; 0 reports none).
     Returns the lm-eval-shaped results dict (and the per-task records with ``return_records``).
     """
     if add_special_tokens is not None and add_bos_token is not None and add_special_tokens != add_bos_token:
@@ -450,7 +461,7 @@ def evaluate(
     if add_bos is not None and not isinstance(add_bos, bool):
         raise EvaluationInputError(f"add_bos_token must be True, False or None, got {add_bos!r}.")
     check_arguments(num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-                    seed=seed)
+                    seed=seed, bootstrap_iters=bootstrap_iters)
     tasks = task_names(tasks)
     _check_cache_dir(cache_dir)
     is_path = isinstance(model, (str, os.PathLike))
@@ -501,7 +512,7 @@ def evaluate(
         "model_identity_cost": identity_cost,
     }
     results, records = _run_plan(plan_, scorer, limit=limit, seed=seed, config=config,
-                                 skip_unsupported=skip_unsupported)
+                                 skip_unsupported=skip_unsupported, bootstrap_iters=bootstrap_iters)
     results["config"]["cache_hits"] = cache.hits if cache is not None else 0
     results["config"]["warnings"] = list(getattr(scorer, "warnings", []))
     return (results, records) if return_records else results

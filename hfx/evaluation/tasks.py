@@ -78,6 +78,7 @@ class TaskConfig:
     process_results: Any = None
     gen_prefix: Any = None
     custom_dataset: Any = None
+    task_alias: str | None = None  # the name results and tables show (lm-eval's alias); prompts ignore it
     source: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -85,7 +86,7 @@ class TaskConfig:
     def from_dict(cls, data: dict[str, Any], source: str = "") -> TaskConfig:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra", "source"}
         known = {k: v for k, v in data.items() if k in names}
-        extra = {k: v for k, v in data.items() if k not in names and k not in ("include", "task_alias")}
+        extra = {k: v for k, v in data.items() if k not in names and k != "include"}
         if not isinstance(known.get("task"), str):
             raise TaskError(f"{source or 'task config'}: `task` must be a string name, got {known.get('task')!r}.")
         return cls(**known, source=source, extra=extra)
