@@ -15,7 +15,8 @@ work:
   object is built.
 - The ``!function module.name`` tag imports a Python file. It is resolved only when the caller
   passes ``allow_code=True`` (``hfx eval --allow-code``), and only from a file inside the task's
-  folder tree; otherwise loading the task fails and says why.
+  folder tree (``a.b.f`` is ``a/b.py`` next to the YAML) or, when no such file exists, from an
+  installed module (``lm_eval.filters.extraction``); otherwise loading the task fails and says why.
 """
 
 from __future__ import annotations
@@ -547,12 +548,34 @@ class UnsafeFunction:
         return f"!function {self.name}"
 
 
+class MissingPackageError(TaskError):
+    """A ``!function`` module needs a package that is not installed (``package`` names it)."""
+
+    def __init__(self, message: str, package: str):
+        super().__init__(message)
+        self.package = package
+
+
+def _import_failed(yaml_path: Path, name: str, what: str, exc: BaseException) -> TaskError:
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        package = exc.name.split(".")[0]
+        return MissingPackageError(f"{yaml_path}: !function {name}: importing {what} needs the optional package "
+                                   f"{package!r}, which is not installed ({exc}).", package)
+    return TaskError(f"{yaml_path}: !function {name}: importing {what} failed: {type(exc).__name__}: {exc}")
+
+
 def _import_function(name: str, yaml_path: Path, code_root: Path):
+    """``module.function`` as lm-eval 0.4.13 resolves it: the file ``module.py`` (dots as folders) next to
+    the YAML, which must lie inside ``code_root``; else an installed module (``lm_eval.filters.x``)."""
     module_name, _, function_name = name.rpartition(".")
     if not module_name or not function_name:
         raise TaskError(f"{yaml_path}: !function {name!r} must be written module.function (utils.process_docs).")
-    module_path = (yaml_path.parent / f"{module_name}.py").resolve()
+    dotted = all(part.isidentifier() for part in module_name.split("."))
+    relative = module_name.replace(".", "/") if dotted else module_name  # a path such as sub/helpers or ../x
+    module_path = (yaml_path.parent / f"{relative}.py").resolve()
     root = code_root.resolve()
+    if dotted and not module_path.is_file():
+        return _import_installed(name, module_name, function_name, yaml_path)
     if not module_path.is_relative_to(root):
         raise TaskError(
             f"{yaml_path}: !function {name} resolves to {module_path}, outside the task folder {root}; only Python "
@@ -566,10 +589,30 @@ def _import_function(name: str, yaml_path: Path, code_root: Path):
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
-        raise TaskError(f"{yaml_path}: !function {name}: importing {module_path} failed: "
-                        f"{type(exc).__name__}: {exc}") from exc
+        raise _import_failed(yaml_path, name, str(module_path), exc) from exc
     if not callable(getattr(module, function_name, None)):
         raise TaskError(f"{yaml_path}: !function {name}: {module_path} has no function {function_name!r}.")
+    return getattr(module, function_name)
+
+
+def _import_installed(name: str, module_name: str, function_name: str, yaml_path: Path):
+    """An installed module's function (lm-eval's bundled hooks name ``lm_eval.tasks.…`` modules)."""
+    import importlib
+
+    local = yaml_path.parent / f"{module_name.replace('.', '/')}.py"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        top = module_name.split(".")[0]
+        inside = exc.name is not None and (exc.name == module_name or module_name.startswith(exc.name + "."))
+        if inside and (exc.name != top or "." not in module_name):  # the module itself does not exist
+            raise TaskError(f"{yaml_path}: !function {name}: neither {local} nor an installed module "
+                            f"{module_name!r} exists.") from None
+        raise _import_failed(yaml_path, name, f"module {module_name!r}", exc) from exc  # a package missing
+    except Exception as exc:
+        raise _import_failed(yaml_path, name, f"module {module_name!r}", exc) from exc
+    if not callable(getattr(module, function_name, None)):
+        raise TaskError(f"{yaml_path}: !function {name}: module {module_name!r} has no function {function_name!r}.")
     return getattr(module, function_name)
 
 
