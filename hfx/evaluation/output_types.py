@@ -5,7 +5,7 @@ An *output type* (:class:`OutputType`) turns a task's documents and prompts into
 backend. lm-eval's four types are registered here on :class:`~hfx.evaluation.scorer.CausalLMScorer`;
 ``generate_until`` gives one record per document and filter pipeline (as lm-eval's sample logs),
 with ``"filter"`` and ``"filtered_resps"``, and its metrics are reported as ``"<metric>,<filter>"``;
-other evaluators (e.g. encoder n-way k-shot) add theirs with :func:`register_output_type`.
+``class`` runs lm-eval Task subclasses (:mod:`.class_tasks`); other evaluators (e.g. encoder n-way k-shot) add theirs with :func:`register_output_type`.
 """
 
 from __future__ import annotations
@@ -180,6 +180,9 @@ def task_scores(task: Task, records: list[dict], *, bootstrap_iters: int = 100_0
 
 def task_higher_is_better(task: Task) -> dict[str, bool | None]:
     """``{metric: higher_is_better}`` of one task, as its results report it (overrides of metric_list honoured)."""
+    own = getattr(task, "metric_directions", None)  # a class task reports its object's higher_is_better()
+    if callable(own):
+        return own()
     out = {name: spec.higher_is_better for name, spec in metric_specs(task).items()}
     out.update({k: s.higher_is_better for k, s in task.__dict__.get("_metric_aliases", {}).items() if k not in out})
     return out
@@ -392,3 +395,8 @@ for _ot in (
     OutputType("generate_until", ("exact_match",), _run_generate, check=_check_generate),
 ):
     register_output_type(_ot)
+
+
+from .class_tasks import CLASS_OUTPUT_TYPE, check_backend, run_class_task  # noqa: E402  (imports this module)
+
+register_output_type(OutputType(CLASS_OUTPUT_TYPE, (), run_class_task, check=check_backend))

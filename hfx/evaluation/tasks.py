@@ -9,8 +9,9 @@ A task is a mapping with lm-eval's keys (``task``, ``dataset_path``, ``dataset_n
 ``fewshot_config.samples``, which run only with ``allow_code``). Multiple-input tasks (``doc_to_text``
 gives the index of the gold context among the ``doc_to_choice`` contexts, as winogrande) are
 rendered as lm-eval renders them. lm-eval keys that would change prompts or scores and that hfx
-does not implement (``use_prompt``, images, audio, Python ``class:`` tasks) are refused when the
-task is loaded, never silently ignored; keys that leave the numbers unchanged are kept. A hook
+does not implement (``use_prompt``, images, audio) are refused when the task is loaded, never
+silently ignored; keys that leave the numbers unchanged are kept. Python ``class:`` tasks (lm-eval
+Task subclasses, ``allow_code``) run through their lm-eval object (:mod:`.class_tasks`). A hook
 that raises is a :class:`TaskError` naming the task, the hook and the document. Tasks come from
 
 - YAML files under ``--include-path`` directories (only those directories are read: no global
@@ -126,37 +127,24 @@ UNSUPPORTED_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 # lm-eval keys that leave the numbers unchanged: kept in ``extra`` (and the results' configs) only.
 HARMLESS_KEYS = frozenset({"should_decontaminate", "doc_to_decontamination_query", "unsafe_code"})
-# lm-eval's task API: what a Python ``class:`` task may override (reported when one is refused)
-_TASK_BASES = ("ConfigurableTask", "Task", "object")
-
-
-def _class_task_error(config: TaskConfig) -> TaskError:
-    """A ``class:`` task is refused, naming the class and the methods it overrides."""
-    cls = config.extra["class"]
-    if isinstance(cls, UnsafeFunction) or not isinstance(cls, type):
-        name, methods = repr(cls).removeprefix("!function "), []
-    else:
-        name = f"{cls.__module__}.{cls.__qualname__}"
-        methods = sorted({m for k in cls.__mro__ if k.__name__ not in _TASK_BASES for m, v in vars(k).items()
-                          if callable(v) and not m.startswith("__")})
-    overrides = f" (it overrides {', '.join(methods)})" if methods else ""
-    return TaskError(
-        f"Task {config.task!r} is a Python class task, `class: {name}`{overrides}: hfx runs task files, not "
-        "lm-eval Task classes (their requests and scoring are Python code whose numbers hfx cannot keep equal to "
-        "lm-eval's). Run it with lm-eval."
-    )
-
-
 def check_scoring_keys(config: TaskConfig) -> None:
-    """Refuse lm-eval keys hfx would otherwise ignore while they change the numbers; warn on unknown keys."""
-    if config.extra.get("class") is not None:
-        raise _class_task_error(config)
+    """Refuse lm-eval keys hfx would otherwise ignore while they change the numbers; warn on unknown keys.
+
+    A ``class:`` task is checked by :func:`.class_tasks.check_class` (its object reads the other keys).
+    """
+    is_class = config.extra.get("class") is not None
+    if is_class:
+        from .class_tasks import check_class
+
+        check_class(config)
     for key, (is_set, what) in UNSUPPORTED_KEYS.items():
         if key in config.extra and is_set(config.extra[key]):
             raise TaskError(
                 f"Task {config.task!r} sets `{key}` ({what}), which hfx does not implement; scoring it without "
                 "would give numbers that differ from lm-eval. Remove the key or run the task with lm-eval."
             )
+    if is_class:
+        return
     if not isinstance(config.repeats, int) or isinstance(config.repeats, bool) or config.repeats < 1:
         raise TaskError(f"Task {config.task!r}: repeats must be a positive integer, got {config.repeats!r}.")
     if config.gen_prefix is not None and not isinstance(config.gen_prefix, str):
@@ -295,6 +283,14 @@ class Task:
     target), then the document's text (and its ``gen_prefix``). A choice's continuation is
     ``target_delimiter + choice``. A multiple-input task gives one prompt per context.
     """
+
+    def __new__(cls, config: TaskConfig | None = None, dataset=None):
+        # a loaded ``class:`` (--allow-code) is run through its lm-eval object: see .class_tasks
+        if cls is Task and config is not None and isinstance(config.extra.get("class"), type):
+            from .class_tasks import ClassTask
+
+            cls = ClassTask
+        return super().__new__(cls)
 
     def __init__(self, config: TaskConfig, dataset=None):
         self.config = config
