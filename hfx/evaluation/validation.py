@@ -134,6 +134,7 @@ _CATEGORIES = (
     (re.compile(r"metric '([^']+)' is not in lm-eval's registry"), r"metric \1 not in lm-eval's registry (hub evaluate)"),
     (re.compile(r"is a Python class task, `class: ([^`]+)`"), r"class task \1"),
     (re.compile(r"unknown aggregation '([^']+)'"), r"unknown aggregation \1"),
+    (re.compile(r"metric '([^']+)' sets `hf_evaluate: true`"), r"hub evaluate metric \1 (hf_evaluate)"),
     (re.compile(r"sets `([^`]+)`"), r"unsupported key \1"),
     (re.compile(r"uses `!function"), "!function without --allow-code"),
     (re.compile(r"outside the task folder"), "!function outside the task folder"),
