@@ -605,9 +605,12 @@ def _import_installed(name: str, module_name: str, function_name: str, yaml_path
     except ModuleNotFoundError as exc:
         top = module_name.split(".")[0]
         inside = exc.name is not None and (exc.name == module_name or module_name.startswith(exc.name + "."))
-        if inside and (exc.name != top or "." not in module_name):  # the module itself does not exist
-            raise TaskError(f"{yaml_path}: !function {name}: neither {local} nor an installed module "
-                            f"{module_name!r} exists.") from None
+        if inside:  # the module itself does not exist (its top-level package may be an optional one)
+            message = (f"{yaml_path}: !function {name}: neither {local} nor an installed module {module_name!r} "
+                       "exists")
+            if exc.name == top and "." in module_name:
+                raise MissingPackageError(f"{message} (the package {top!r} is not installed).", top) from None
+            raise TaskError(f"{message}.") from None
         raise _import_failed(yaml_path, name, f"module {module_name!r}", exc) from exc  # a package missing
     except Exception as exc:
         raise _import_failed(yaml_path, name, f"module {module_name!r}", exc) from exc
