@@ -184,6 +184,9 @@ def validate_task(index, ref) -> Verdict:
             check_task(task)
     except (TaskError, ImportError) as exc:  # ImportError: a hook's import that escaped the loader
         return Verdict(name, "task", REFUSED, _reason(exc), source)
+    except SystemExit as exc:  # a hook module that exits when imported (slr_bench without swipl)
+        return Verdict(name, "task", REFUSED, f"a hook module exited while being imported (SystemExit {exc.code!r}); "
+                       "lm-eval fails on it too", source)
     except Exception as exc:  # the validator's own bug: counted, never hidden
         return Verdict(name, "task", ERROR, f"{type(exc).__name__}: {' '.join(str(exc).split())}", source)
     return Verdict(name, "task", ACCEPTED, "", source, output_type=task.output_type)
