@@ -176,6 +176,8 @@ def test_metrics_and_stderrs_match_lm_eval(world, task):
     stderrs = [ref[k] for k in expected if "_stderr," in k]
     assert "N/A" in stderrs and any(isinstance(s, float) for s in stderrs)
     assert world["results"]["higher_is_better"][task] == world["reference"]["higher_is_better"][task]
+    for section in ("versions", "n-samples", "n-shot"):
+        assert world["results"][section][task] == world["reference"][section][task], section
 
 
 @pytest.mark.parametrize("task", NAMES)
@@ -240,3 +242,23 @@ def test_bundled_class_tasks_validate_without_loading_data(monkeypatch):
         verdict = validate_task(TaskIndex([bundled / folder], allow_code=True), name)
         assert verdict.accepted, verdict.reason
         assert verdict.output_type == "class"
+
+
+def test_class_with_lm_evals_own_constructor_is_refused(world):
+    # lm-eval's factory passes the task file, `class` included, to ConfigurableTask.__init__: it always fails
+    (world["tasks"] / "cls_ctor.py").write_text(
+        "from lm_eval.api.task import ConfigurableTask\n\n\nclass Mine(ConfigurableTask):\n"
+        "    def construct_requests(self, doc, ctx, **kwargs):\n        return []\n")
+    (world["tasks"] / "cls_ctor.yaml").write_text("task: cls_ctor\nclass: !function cls_ctor.Mine\n")
+    with pytest.raises(TaskError, match=r"`class: [\w.]*cls_ctor.Mine`: its constructor is lm-eval's "
+                                        r"ConfigurableTask.__init__"):
+        find_tasks(["cls_ctor"], [world["tasks"]], allow_code=True)
+
+
+def test_a_class_that_fails_to_build_names_the_class_before_the_model_runs(world):
+    (world["tasks"] / "cls_broken.yaml").write_text(
+        HEAD.format(name="cls_broken", cls="TwoChoice", root=world["root"]).replace("test.jsonl", "missing.jsonl"))
+    model, tok = world["model"]
+    with pytest.raises(TaskError, match=r"'cls_broken': building `class: [\w.]*task_cls.TwoChoice` .* raised"):
+        evaluate(model, ["cls_broken"], tokenizer=tok, include_path=world["tasks"], allow_code=True, limit=2,
+                 cache_dir=False, progress=False)

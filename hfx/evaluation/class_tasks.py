@@ -51,6 +51,14 @@ def _lm_eval_task():
     return LMTask
 
 
+def _lm_eval_configurable():
+    try:
+        from lm_eval.api.task import ConfigurableTask
+    except ImportError:
+        return None
+    return ConfigurableTask
+
+
 def class_name(cls: Any) -> str:
     if isinstance(cls, type):
         return f"{cls.__module__}.{cls.__qualname__}"
@@ -98,6 +106,13 @@ def check_class(config) -> None:
         raise _refusal(config, cls, f"it overrides lm-eval internals {', '.join(offending)}, which hfx relies on to "
                                     "run it as lm-eval does; a class task may override only lm-eval's public task "
                                     f"API ({', '.join(sorted(PUBLIC_TASK_API))}).")
+    configurable = _lm_eval_configurable()
+    if (configurable is not None and issubclass(cls, configurable) and cls.__init__ is configurable.__init__
+            and getattr(cls, "CONFIG", None) is None):
+        raise _refusal(config, cls, "its constructor is lm-eval's ConfigurableTask.__init__, which lm-eval's task "
+                                    "factory calls with the whole task file, `class` key included, and lm-eval's "
+                                    "TaskConfig rejects that key (lm-eval fails on it too); give the class its own "
+                                    "__init__ (or a CONFIG).")
     if inspect.isabstract(cls):
         missing = sorted(getattr(cls, "__abstractmethods__", ()))
         raise _refusal(config, cls, f"it does not implement lm-eval's abstract methods {', '.join(missing)} "
@@ -160,13 +175,17 @@ class ClassTask(_task_base()):
         if self._object is None:
             cls = self.task_class
 
-            def build():
+            try:
                 obj = cls(config=_factory_config(self.config)) if _ctor_takes_config(cls) else cls()
-                if hasattr(obj, "config") and hasattr(obj.config, "task"):
-                    obj.config.task = self.name
-                return obj
-
-            self._object = self.call("class", build)
+            except TaskError:
+                raise
+            except Exception as exc:
+                text = " ".join(str(exc).split())[:300]
+                raise TaskError(f"Task {self.name!r}: building `class: {class_name(cls)}` (as lm-eval's task factory "
+                                f"does; this loads its data) raised {type(exc).__name__}: {text}") from exc
+            if hasattr(obj, "config") and hasattr(obj.config, "task"):
+                obj.config.task = self.name
+            self._object = obj
         return self._object
 
     def eval_docs(self) -> list[dict]:
