@@ -291,7 +291,11 @@ def test_index_cache_is_reused_and_refreshed(world, tmp_path, monkeypatch):
     assert [r for r in reads if r.endswith(".yaml")] == ["b.yaml"] and "_extra_yaml" in reads
     assert fourth.tags()["later"] == ["fam_b"]
     # a corrupt cache is rebuilt, never trusted
-    for cache in (tmp_path / "cache" / "task-index").glob("*.json"):
-        cache.write_text('{"version": 1, "files": {"a.yaml": 7}, "deps": 3')
-    reads.clear()
-    assert TaskIndex([folder], plugins=False).tags() == fourth.tags() and "a.yaml" in reads
+    (cache,) = (tmp_path / "cache" / "task-index").glob("*.json")
+    version = catalogue._cache_version()
+    for text in ('{"version": "%s", "files": {"a.yaml": 7' % version,  # cut short
+                 json.dumps({"version": version, "files": {"a.yaml": 7}, "deps": 3}),
+                 json.dumps({"version": version, "deps": [], "files": {"a.yaml": {"stat": None, "deps": [5]}}})):
+        cache.write_text(text)
+        reads.clear()
+        assert TaskIndex([folder], plugins=False).tags() == fourth.tags() and "a.yaml" in reads

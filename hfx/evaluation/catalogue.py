@@ -151,6 +151,14 @@ class TaskSource:
 INDEX_CACHE_VERSION = 1
 
 
+def _cache_version() -> str:
+    """The format, and the limits that decide whether a file is readable: a change rebuilds the cache."""
+    from . import templates
+
+    return (f"{INDEX_CACHE_VERSION}:{templates.MAX_YAML_BYTES}:{templates.MAX_YAML_NODES}:{templates.MAX_YAML_DEPTH}"
+            f":{MAX_INCLUDE_DEPTH}:{MAX_INCLUDE_FILES}")
+
+
 def _cache_file(root: Path) -> Path:
     from .cache import default_cache_dir
 
@@ -232,7 +240,7 @@ def scan_folder(root: Path, *, cache: bool = True) -> dict[str, dict]:
     if cache_path is not None and cache_path.is_file():
         try:
             loaded = json.loads(cache_path.read_text(encoding="utf-8"))
-            if loaded.get("version") == INDEX_CACHE_VERSION and isinstance(loaded.get("files"), dict):
+            if loaded.get("version") == _cache_version() and isinstance(loaded.get("files"), dict):
                 cached = loaded["files"]
                 dep_paths = [str(p) for p, _ in loaded["deps"]]
                 dep_ok = [_stat_str(p) == s for p, s in loaded["deps"]]
@@ -264,7 +272,7 @@ def scan_folder(root: Path, *, cache: bool = True) -> dict[str, dict]:
         from .results import write_atomic
 
         try:
-            write_atomic(cache_path, json.dumps({"version": INDEX_CACHE_VERSION, "root": str(root.resolve()),
+            write_atomic(cache_path, json.dumps({"version": _cache_version(), "root": str(root.resolve()),
                                                  "deps": dep_table, "files": out}, separators=(",", ":")))
         except OSError:
             pass  # the cache only saves time

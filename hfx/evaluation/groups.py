@@ -32,7 +32,13 @@ class AggregateMetric:
 
 @dataclass
 class TaskRef:
-    """A leaf: the task ``name`` of the index, with ``overrides`` an inline definition in a group wrote."""
+    """A leaf: the task ``name`` of the index, with ``overrides`` an inline definition in a group wrote.
+
+    ``TaskIndex.config(ref)`` is the task's merged config with ``overrides`` merged over it (key by
+    key, as lm-eval merges a group's member overrides). An inline task of a group (a member mapping
+    naming no known task) is named ``"<group>::<task>"``, is not in the index, and its
+    ``overrides`` are its whole config.
+    """
 
     name: str
     overrides: dict[str, Any] | None = None
