@@ -299,3 +299,42 @@ def test_index_cache_is_reused_and_refreshed(world, tmp_path, monkeypatch):
         cache.write_text(text)
         reads.clear()
         assert TaskIndex([folder], plugins=False).tags() == fourth.tags() and "a.yaml" in reads
+
+
+def test_loading_many_tasks_parses_a_shared_include_once_and_runs_a_hook_file_once(tmp_path, monkeypatch):
+    """lm-eval's catalogue shares include files and hook modules among hundreds of tasks each."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    (folder / "counter.txt").write_text("")
+    (folder / "utils.py").write_text(
+        "from pathlib import Path\n"
+        "_log = Path(__file__).with_name('counter.txt')\n"
+        "_log.write_text(_log.read_text() + 'x')\n"
+        "def docs(dataset):\n    return dataset\n")
+    (folder / "_base_yaml").write_text("dataset_path: json\noutput_type: multiple_choice\ntest_split: test\n"
+                                       "process_docs: !function utils.docs\ndoc_to_text: q\ndoc_to_target: 0\n"
+                                       "doc_to_choice: ['a', 'b']\nmetric_list:\n  - metric: acc\n")
+    for i in range(5):
+        (folder / f"t{i}.yaml").write_text(f"include: _base_yaml\ntask: shared_{i}\n")
+    reads = []
+    real = catalogue.load_yaml
+    monkeypatch.setattr(catalogue, "load_yaml", lambda path, **kw: reads.append(os.path.basename(path)) or real(path, **kw))
+    index = TaskIndex([folder], allow_code=True, plugins=False, cache=False)
+    reads.clear()
+    configs = [index.config(f"shared_{i}") for i in range(5)]
+    assert reads.count("_base_yaml") == 1 and len(reads) == 6
+    assert (folder / "counter.txt").read_text() == "x"  # the hook file ran once
+    configs[0].metric_list[0]["metric"] = "changed"  # each task gets its own copy
+    assert index.config("shared_1").metric_list[0]["metric"] == "acc"
+    assert all(c.process_docs is configs[0].process_docs for c in configs)
+
+
+def test_a_hook_file_that_exits_is_refused_not_the_end_of_the_run(tmp_path):
+    folder = tmp_path / "exits"
+    folder.mkdir()
+    (folder / "utils.py").write_text("import sys\nsys.exit('needs swipl')\ndef docs(d):\n    return d\n")
+    (folder / "t.yaml").write_text("task: exits\ndataset_path: json\noutput_type: multiple_choice\n"
+                                   "process_docs: !function utils.docs\n")
+    index = TaskIndex([folder], allow_code=True, plugins=False, cache=False)
+    with pytest.raises(TaskError, match=r"called sys.exit\('needs swipl'\)"):
+        index.config("exits")

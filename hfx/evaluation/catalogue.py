@@ -14,6 +14,7 @@ size, mtime and ctime of every file and of the files it includes.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -379,6 +380,9 @@ class TaskIndex:
         self.broken: dict[Path, TaskError] = {}
         self.broken_names: dict[str, tuple[Path, TaskError]] = {}
         self.duplicates: list[tuple[str, Path, Path]] = []  # (name, file kept, file skipped)
+        # parsed YAML by (file, code root), for this index's lifetime: lm-eval's shared include files are
+        # read by hundreds of tasks each; handed out as deep copies, so no task sees another's edits
+        self._parsed: dict[tuple[Path, Path], dict | TaskError] = {}
         for path in include_paths:
             self._add_path(Path(path), origin=f"--include-path {path}")
         if plugins:
@@ -512,8 +516,20 @@ class TaskIndex:
         if entry.error is not None:
             raise TaskError(entry.error)
         root = entry.root or entry.path.parent
-        data = load_yaml(entry.path, allow_code=self.allow_code, code_root=root)
-        return _merge_include(data, entry.path, self.allow_code, root)
+        return _merge_include(self._load(entry.path, root), entry.path, self.allow_code, root,
+                              load=lambda path: self._load(path, root))
+
+    def _load(self, path: Path, root: Path) -> dict:
+        key = (path.resolve(), root)
+        if key not in self._parsed:
+            try:
+                self._parsed[key] = load_yaml(path, allow_code=self.allow_code, code_root=root)
+            except TaskError as exc:  # e.g. a hook needing a missing package: every includer fails alike
+                self._parsed[key] = exc
+        parsed = self._parsed[key]
+        if isinstance(parsed, TaskError):
+            raise parsed
+        return copy.deepcopy(parsed)
 
     def resolve(self, names: Iterable[str]) -> list[GroupNode | TaskRef]:
         """Requested names as lm-eval builds them: a group a :class:`GroupNode` tree, a tag its tasks

@@ -564,6 +564,31 @@ def _import_failed(yaml_path: Path, name: str, what: str, exc: BaseException) ->
     return TaskError(f"{yaml_path}: !function {name}: importing {what} failed: {type(exc).__name__}: {exc}")
 
 
+# Hook files already executed in this process, by path and (size, mtime): lm-eval's catalogue has ~900
+# hook modules shared by 7 000 task files; running one module per task file would take minutes.
+_MODULES: dict[Path, tuple[tuple[int, int], Any]] = {}
+
+
+def _load_module_file(module_path: Path, yaml_path: Path, name: str):
+    """Execute a task folder's hook file once per version of it; failures (``sys.exit`` included) are a TaskError."""
+    stat = module_path.stat()
+    key = (stat.st_size, stat.st_mtime_ns)
+    cached = _MODULES.get(module_path)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    spec = importlib.util.spec_from_file_location(f"hfx_task_code.{module_path.stem}", module_path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except SystemExit as exc:  # some hook files exit when a tool they need is missing
+        raise TaskError(f"{yaml_path}: !function {name}: importing {module_path} called sys.exit({exc.code!r}) "
+                        "(it needs something this machine lacks).") from None
+    except Exception as exc:
+        raise _import_failed(yaml_path, name, str(module_path), exc) from exc
+    _MODULES[module_path] = (key, module)
+    return module
+
+
 def _import_function(name: str, yaml_path: Path, code_root: Path):
     """``module.function`` as lm-eval 0.4.13 resolves it: the file ``module.py`` (dots as folders) next to
     the YAML, which must lie inside ``code_root``; else an installed module (``lm_eval.filters.x``)."""
@@ -584,12 +609,7 @@ def _import_function(name: str, yaml_path: Path, code_root: Path):
         )
     if not module_path.is_file():
         raise TaskError(f"{yaml_path}: !function {name}: {module_path} does not exist.")
-    spec = importlib.util.spec_from_file_location(f"hfx_task_code.{module_path.stem}", module_path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        raise _import_failed(yaml_path, name, str(module_path), exc) from exc
+    module = _load_module_file(module_path, yaml_path, name)
     if not callable(getattr(module, function_name, None)):
         raise TaskError(f"{yaml_path}: !function {name}: {module_path} has no function {function_name!r}.")
     return getattr(module, function_name)
@@ -612,6 +632,9 @@ def _import_installed(name: str, module_name: str, function_name: str, yaml_path
                 raise MissingPackageError(f"{message} (the package {top!r} is not installed).", top) from None
             raise TaskError(f"{message}.") from None
         raise _import_failed(yaml_path, name, f"module {module_name!r}", exc) from exc  # a package missing
+    except SystemExit as exc:
+        raise TaskError(f"{yaml_path}: !function {name}: importing module {module_name!r} called "
+                        f"sys.exit({exc.code!r}) (it needs something this machine lacks).") from None
     except Exception as exc:
         raise _import_failed(yaml_path, name, f"module {module_name!r}", exc) from exc
     if not callable(getattr(module, function_name, None)):
