@@ -72,6 +72,12 @@ def two_scores(references, predictions):
         predictions[0][:1] == references[0][:1])}
 
 
+def weighted_f1(items):
+    from sklearn.metrics import f1_score
+    golds, preds = zip(*items)
+    return f1_score(golds, preds, average="weighted")
+
+
 def agg_max(items):
     return max(items)
 
@@ -117,6 +123,21 @@ num_fewshot: 0
 metric_list:
   - metric: acc
   - metric: acc_norm
+""",
+    # lm-eval's afrimmlu / afrixnli files: a hub metric flag that multiple_choice never calls (runs offline)
+    "hk_mc_hub": """output_type: multiple_choice
+doc_to_text: "Q: {{question}}\\nA:"
+doc_to_target: label
+doc_to_choice: choices
+num_fewshot: 0
+metric_list:
+  - metric: f1
+    aggregation: !function utils.weighted_f1
+    hf_evaluate: true
+    average: weighted
+  - metric: acc
+    aggregation: mean
+    hf_evaluate: true
 """,
     "hk_wino2": """include: hk_wino0.yaml
 num_fewshot: 2
@@ -373,7 +394,13 @@ def test_class_tasks_and_hub_metrics_are_refused_clearly(world):
     (world["tasks"] / "hk_hub.yaml").write_text(
         HEAD.format(name="hk_hub", root=world["root"])
         + "output_type: generate_until\ndoc_to_text: question\ndoc_to_target: text\nmetric_list:\n  - metric: rouge\n")
-    with pytest.raises(TaskError, match=r"class task, `class: [\w.]*task_cls.Mine` \(it overrides construct_requests\)"):
+    with pytest.raises(TaskError, match=r"class task, `class: [\w.]*task_cls.Mine`: its constructor is lm-eval's "
+                                        r"ConfigurableTask.__init__"):
         _hfx(world, ["hk_class"], allow_code=True)
     with pytest.raises(TaskError, match=r"metric 'rouge' is not in lm-eval's registry.*evaluate"):
         _hfx(world, ["hk_hub"], allow_code=True)
+    (world["tasks"] / "hk_hub_gen.yaml").write_text(  # generate_until calls the hub metric: refused
+        HEAD.format(name="hk_hub_gen", root=world["root"]) + "output_type: generate_until\ndoc_to_text: question\n"
+        "doc_to_target: text\nmetric_list:\n  - metric: exact_match\n    hf_evaluate: true\n")
+    with pytest.raises(TaskError, match=r"metric 'exact_match' sets `hf_evaluate: true`.*hub"):
+        _hfx(world, ["hk_hub_gen"], allow_code=True)

@@ -103,7 +103,9 @@ def metric_specs(task: Task) -> dict[str, MetricSpec]:
             fn, name = (None if scored_by_hook else metric), getattr(metric, "__name__", repr(metric))
         elif isinstance(metric, str):
             name = metric
-            if entry.get("hf_evaluate") is True and not scored_by_hook:
+            # lm-eval loads the hub metric's function, but only generate_until calls it: the other output
+            # types compute their items (acc, f1's (gold, pred), ...) themselves, so those tasks run offline
+            if entry.get("hf_evaluate") is True and not scored_by_hook and task.output_type == "generate_until":
                 raise TaskError(f"Task {task.name!r}: metric {name!r} sets `hf_evaluate: true`, which loads a Hugging "
                                 "Face `evaluate` metric from the hub; hfx does not download metrics (lm-eval fails "
                                 "offline too). Use one of " + ", ".join(sorted(METRICS)) + " or a !function metric.")
