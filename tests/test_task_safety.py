@@ -480,3 +480,29 @@ def test_good_data_files_load(tmp_path, data_file):
                             test_split="test", output_type="multiple_choice", doc_to_text="q", doc_to_target="label",
                             doc_to_choice="choices")
         assert Task(config).eval_docs()[0]["q"] == "one"
+
+
+@pytest.mark.parametrize("content", [
+    billion_laughs().encode(),
+    b"task: x\nloop: &l [1, *l]\n",
+    b"task: x\nd: " + b"[ {a: " * 40 + b"}]" * 40,
+    b"task: x\nd:\n" + b"".join(b" " * i + b"- \n" for i in range(1, 300)),
+    b"task: x\na: [" + b"1," * 30_000 + b"1]\n",
+    billion_laughs(4).encode(),
+    b"task: x\nanchors: &a {k: [1, 2]}\nuse: [*a, *a]\n",
+])
+def test_libyaml_and_pure_python_loaders_give_the_same_answer(tmp_path, monkeypatch, content):
+    """libyaml (PyYAML's wheels) is checked on its event stream; the pure-Python loader is the fallback."""
+    path = tmp_path / "same.yaml"
+    path.write_bytes(content)
+
+    def outcome():
+        try:
+            return "ok", load_yaml(path)
+        except TaskError as exc:
+            return "refused", str(exc)
+
+    assert templates._CSafeLoader is not None  # the wheel this project pins ships libyaml
+    with_libyaml = outcome()
+    monkeypatch.setattr(templates, "_CSafeLoader", None)
+    assert outcome() == with_libyaml
