@@ -133,33 +133,44 @@ def test_console_script(folder):
     assert "g_ok\tgroup" in done.stdout
 
 
-# Every 400th of lm-eval 0.4.13's bundled task configs (in name order) with allow_code: the whole catalogue
-# takes minutes (each task's YAML tree parsed and its hook modules executed), so the full figure is
-# `python benchmarks/task_catalogue.py`; this sample keeps the test under a minute.
-SAMPLE_EVERY = 400
-LM_EVAL_ACCEPTED = 0.90  # the sample's accepted fraction measured at the end of issue 11, rounded down
+# The whole of lm-eval 0.4.13's bundled catalogue, through `hfx tasks validate` itself (two processes, one
+# per mode, side by side: about a minute on 2 cores). Fractions measured at the end of issue 11, rounded
+# down; the refusals left are optional packages this machine lacks, image/audio inputs, hub metrics and
+# hooks importing modules transformers 5 removed (lm-eval fails on all of them too).
+LM_EVAL_ACCEPTED_WITH_CODE = 0.975  # measured 12 857 / 13 123 = 97.97% (the issue asks >= 97%)
+# without --allow-code, a task is refused only for Python code (or for what it would be refused with code)
+NO_CODE_CAUSES = ("!function without --allow-code", "unsupported key doc_to_image", "unsupported key doc_to_audio",
+                  "repeats with do_sample", "hub evaluate metric", "filter function ACP_grammar_filter")
 
 
-def test_lm_eval_catalogue_coverage():
+def _validate_catalogue(folder, out, allow_code):
+    command = [sys.executable, "-c", "import sys; from hfx.cli import main; sys.exit(main())", "tasks", "validate",
+               "--include-path", str(folder), "--json", str(out), "--quiet"] + (["--allow-code"] if allow_code else [])
+    env = {**os.environ, "HF_EVALUATE_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_lm_eval_catalogue_coverage(tmp_path):
     lm_eval = pytest.importorskip("lm_eval")
     folder = Path(lm_eval.__file__).parent / "tasks"
-    index = TaskIndex([folder], allow_code=True, plugins=False)
-    names = index.names()
-    assert len(names) >= 13_000
-    verdicts = validate(index, names[::SAMPLE_EVERY])
-    assert not [v for v in verdicts if v.status == "error"], [v.reason for v in verdicts if v.status == "error"][:5]
-    accepted = sum(v.accepted for v in verdicts) / len(verdicts)
-    assert accepted >= LM_EVAL_ACCEPTED, f"{accepted:.2%} accepted: " + "; ".join(
-        f"{v.name}: {v.reason[:120]}" for v in verdicts if not v.accepted)[:2000]
-    index = TaskIndex([folder], allow_code=False, plugins=False)  # membership only: no hook is imported
-    groups = index.groups()
+    runs = {mode: _validate_catalogue(folder, tmp_path / f"{mode}.json", mode == "code") for mode in ("code", "none")}
+    records = {}
+    for mode, proc in runs.items():
+        stdout, stderr = proc.communicate(timeout=900)
+        assert proc.returncode in (0, 1), stderr[-2000:]  # 1: something was refused
+        records[mode] = json.loads((tmp_path / f"{mode}.json").read_text())
+        assert not [r for r in records[mode] if r["status"] == "error"], [r for r in records[mode]
+                                                                          if r["status"] == "error"][:5]
+    tasks = {mode: [r for r in recs if r["kind"] == "task"] for mode, recs in records.items()}
+    assert len(tasks["code"]) == len(tasks["none"]) >= 13_000
+    accepted = sum(r["status"] == "accepted" for r in tasks["code"]) / len(tasks["code"])
+    assert accepted >= LM_EVAL_ACCEPTED_WITH_CODE, f"{accepted:.2%} accepted with --allow-code"
+    odd = [r for r in tasks["none"] if r["status"] != "accepted"
+           and not reason_category(r["reason"]).startswith(NO_CODE_CAUSES)]
+    assert not odd, odd[:5]
+    groups = [r for r in records["code"] if r["kind"] == "group"]
     assert len(groups) == 855
-    unresolved = {}
-    for name in groups:  # every group's membership resolves (names, tags, nesting, inline tasks)
-        try:
-            index.resolve([name])
-        except Exception as exc:  # noqa: BLE001 - listed in the failure
-            unresolved[name] = str(exc)
-    # promptsource groups (`use_prompt:` members, no task name): lm-eval needs promptsource for them too;
-    # lingoly aggregates with a !function (resolved with allow_code)
-    assert set(unresolved) <= {"flan_held_in", "t0_eval", "lingoly"}, unresolved
+    # every group's membership resolves (names, tags, nesting, inline tasks), except t0_eval, whose promptsource
+    # members name no task (lm-eval fails on it too); a refused group names its refused members
+    unresolved = {r["name"] for r in groups if r["status"] != "accepted" and not r.get("refused_members")}
+    assert unresolved == {"t0_eval"}, unresolved
