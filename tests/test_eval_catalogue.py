@@ -338,3 +338,41 @@ def test_a_hook_file_that_exits_is_refused_not_the_end_of_the_run(tmp_path):
     index = TaskIndex([folder], allow_code=True, plugins=False, cache=False)
     with pytest.raises(TaskError, match=r"called sys.exit\('needs swipl'\)"):
         index.config("exits")
+
+
+def test_an_include_changed_during_a_scan_is_read_again_next_time(tmp_path, monkeypatch):
+    folder = tmp_path / "race"
+    folder.mkdir()
+    (folder / "_base_yaml").write_text("tag: old_tag\n")
+    (folder / "a.yaml").write_text("include: _base_yaml\ntask: race_a\n")
+    (folder / "b.yaml").write_text("include: _base_yaml\ntask: race_b\n")
+    monkeypatch.setenv("HFX_EVAL_CACHE", str(tmp_path / "cache"))
+    real = catalogue._scan_file
+
+    def scan_then_edit(file, root, parsed):
+        record = real(file, root, parsed)
+        if file.name == "a.yaml":  # the include changes after it was read for a.yaml
+            os.utime(folder / "_base_yaml", ns=(1, 1))
+            (folder / "_base_yaml").write_text("tag: new_tag\n")
+        return record
+
+    monkeypatch.setattr(catalogue, "_scan_file", scan_then_edit)
+    TaskIndex([folder], plugins=False)
+    monkeypatch.setattr(catalogue, "_scan_file", real)
+    assert TaskIndex([folder], plugins=False).tags() == {"new_tag": ["race_a", "race_b"]}
+
+
+@pytest.mark.parametrize("hook", ["doc_to_text: !function os.system", "process_docs: !function subprocess.run",
+                                  "doc_to_text: !function builtins.eval"])
+def test_standard_library_functions_are_not_hooks(tmp_path, hook):
+    (tmp_path / "t.yaml").write_text(f"task: stdlib\ndataset_path: json\noutput_type: multiple_choice\n{hook}\n")
+    with pytest.raises(TaskError, match="is a standard-library module"):
+        find_tasks("stdlib", [tmp_path], allow_code=True)
+
+
+def test_a_filter_from_code_must_be_a_class(tmp_path):
+    (tmp_path / "t.yaml").write_text(
+        "task: fn_filter\ndataset_path: json\noutput_type: generate_until\nfilter_list:\n  - name: f\n    filter:\n"
+        "      - function: !function lm_eval.api.metrics.mean\n")
+    with pytest.raises(TaskError, match="is a function; a filter given as code must be a class"):
+        find_tasks("fn_filter", [tmp_path], allow_code=True)

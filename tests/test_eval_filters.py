@@ -437,3 +437,16 @@ def test_task_family_filters_match_lm_eval(name):
     theirs = [list(r) for r in get_filter(name)().apply([list(r) for r in resps], docs)]
     assert pipeline.apply_all(resps, docs) == theirs
     assert any(r != ["invalid"] and r != "" for rs in theirs for r in rs)
+
+
+def test_the_evaluator_runs_task_code_filters_once_over_every_document(world, tmp_path):
+    """A `custom` filter_fn that looks across documents gets lm-eval's answer through `evaluate` too."""
+    folder = tmp_path / "across"
+    folder.mkdir()
+    (folder / "utils.py").write_text("def count_docs(resps, docs):\n    return [[str(len(docs))] for _ in resps]\n")
+    (folder / "t.yaml").write_text(
+        DATA.format(root=world["root"]) + "task: across\ndoc_to_target: answer\nfilter_list:\n  - name: n\n    filter:\n"
+        "      - {function: custom, filter_fn: !function utils.count_docs}\n      - function: take_first\n")
+    _, records = evaluate(world["model"], "across", tokenizer=world["tok"], include_path=folder, allow_code=True,
+                          cache_dir=False, progress=False, return_records=True, limit=5)
+    assert [r["filtered_resps"] for r in records["across"]] == ["5"] * 5

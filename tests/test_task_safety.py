@@ -17,7 +17,7 @@ import pytest
 from jinja2 import StrictUndefined
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from hfx.evaluation import Task, TaskConfig, TaskError, TaskIndex
+from hfx.evaluation import Task, TaskConfig, TaskError, TaskIndex, find_tasks
 from hfx.evaluation import templates
 from hfx.evaluation.templates import TemplateLimitError, load_yaml, render
 
@@ -506,3 +506,10 @@ def test_libyaml_and_pure_python_loaders_give_the_same_answer(tmp_path, monkeypa
     with_libyaml = outcome()
     monkeypatch.setattr(templates, "_CSafeLoader", None)
     assert outcome() == with_libyaml
+
+
+@pytest.mark.parametrize("value", ["lots", "-1", "1.5", "true"])
+def test_a_bad_num_fewshot_is_one_line_naming_the_task(tmp_path, value):
+    (tmp_path / "t.yaml").write_text(f"task: shots\ndataset_path: json\noutput_type: multiple_choice\nnum_fewshot: {value}\n")
+    with pytest.raises(TaskError, match=r"Task 'shots' \(.*t\.yaml\): num_fewshot must be an integer >= 0"):
+        find_tasks("shots", [tmp_path])

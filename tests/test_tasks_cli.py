@@ -174,3 +174,26 @@ def test_lm_eval_catalogue_coverage(tmp_path):
     # members name no task (lm-eval fails on it too); a refused group names its refused members
     unresolved = {r["name"] for r in groups if r["status"] != "accepted" and not r.get("refused_members")}
     assert unresolved == {"t0_eval"}, unresolved
+
+
+def test_group_aggregate_checks_are_the_evaluators(tmp_path):
+    """validate and hfx eval agree on a group's aggregate: a hook task may report anything, a plain one its metrics."""
+    from hfx.evaluation.evaluator import plan
+
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({"q": f"q{i}", "label": i % 2}) + "\n" for i in range(4)))
+    folder = tmp_path / "agg"
+    folder.mkdir()
+    (folder / "utils.py").write_text("def pr(doc, results):\n    return {'acc': 1.0}\n")
+    base = (f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path}/test.jsonl\ntest_split: test\n"
+            "output_type: multiple_choice\ndoc_to_text: q\ndoc_to_target: label\ndoc_to_choice: ['a', 'b']\n")
+    (folder / "h_a.yaml").write_text("task: h_a\n" + base + "process_results: !function utils.pr\n")
+    (folder / "h_b.yaml").write_text("task: h_b\n" + base + "metric_list:\n  - metric: acc_norm\n")
+    (folder / "h_g.yaml").write_text("group: h_g\ntask: [h_a]\naggregate_metric_list:\n  - metric: acc\n")
+    (folder / "h_bad.yaml").write_text("group: h_bad\ntask: [h_b]\naggregate_metric_list:\n  - metric: acc\n")
+    index = TaskIndex([folder], allow_code=True, plugins=False, cache=False)
+    verdicts = {v.name: v for v in validate(index, ["h_g", "h_bad"])}
+    assert verdicts["h_g"].accepted
+    assert not verdicts["h_bad"].accepted and "reported by none of its members (h_b: acc_norm,none)" in \
+        verdicts["h_bad"].reason
+    for name, refused in (("h_g", False), ("h_bad", True)):
+        assert bool(plan([name], include_path=[folder], allow_code=True).refused) is refused

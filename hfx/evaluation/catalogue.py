@@ -226,6 +226,9 @@ def _fresh(record: Any, stat: list[int] | None, dep_ok: list[bool]) -> bool:
         return False
 
 
+_CHANGED = [-1]  # the stat of a dependency seen changing during a scan: matches no real file's stat
+
+
 def scan_folder(root: Path, *, cache: bool = True) -> dict[str, dict]:
     """``{relative posix path: record}`` for every ``*.yaml`` under ``root`` in lm-eval's order, cached.
 
@@ -236,6 +239,7 @@ def scan_folder(root: Path, *, cache: bool = True) -> dict[str, dict]:
     files = _yaml_files(root)
     cached: dict = {}
     dep_paths: list[str] = []
+    dep_stats: list = []
     dep_ok: list[bool] = []
     cache_path = _cache_file(root) if cache else None
     if cache_path is not None and cache_path.is_file():
@@ -244,9 +248,10 @@ def scan_folder(root: Path, *, cache: bool = True) -> dict[str, dict]:
             if loaded.get("version") == _cache_version() and isinstance(loaded.get("files"), dict):
                 cached = loaded["files"]
                 dep_paths = [str(p) for p, _ in loaded["deps"]]
+                dep_stats = [s for _, s in loaded["deps"]]
                 dep_ok = [_stat_str(p) == s for p, s in loaded["deps"]]
         except (OSError, UnicodeDecodeError, ValueError, AttributeError, TypeError, KeyError):
-            cached, dep_paths, dep_ok = {}, [], []  # a corrupt cache is rebuilt, never trusted
+            cached, dep_paths, dep_stats, dep_ok = {}, [], [], []  # a corrupt cache is rebuilt, never trusted
     out: dict[str, dict] = {}
     parsed: dict[Path, dict] = {}
     changed = len(cached) != len(files)
@@ -254,21 +259,23 @@ def scan_folder(root: Path, *, cache: bool = True) -> dict[str, dict]:
     dep_table: list[list] = []
 
     def dep_id(path: str, stat: Any) -> int:
+        """A dependency with the stat it had when it was read (or checked): never a later one, so a file
+        changed during the scan is read again next time. Two different stats of one file: never fresh."""
         if path not in new_deps:
             new_deps[path] = len(dep_table)
             dep_table.append([path, stat])
+        elif dep_table[new_deps[path]][1] != stat:
+            dep_table[new_deps[path]][1] = _CHANGED
         return new_deps[path]
 
     for rel, full in files:
         record = cached.get(rel)
         if _fresh(record, _stat_str(full), dep_ok):
-            record = dict(record, deps=[dep_id(dep_paths[i], None) for i in record["deps"]])
+            record = dict(record, deps=[dep_id(dep_paths[i], dep_stats[i]) for i in record["deps"]])
         else:
             record, changed = _scan_file(Path(full), root, parsed), True
             record["deps"] = [dep_id(p, s) for p, s in record["deps"].items()]
         out[rel] = record
-    for path, index in new_deps.items():  # every dependency with its current stat
-        dep_table[index][1] = _stat_str(path)
     if cache_path is not None and changed:
         from .results import write_atomic
 

@@ -32,6 +32,7 @@ from .output_types import (  # noqa: F401  (OutputType, register_output_type re-
     OutputType,
     metric_names,
     register_output_type,
+    reported_metrics,
     task_higher_is_better,
     task_scores,
 )
@@ -240,24 +241,29 @@ def _prepare(task: Task, num_fewshot, limit, seed) -> tuple:
     return k, docs, len(all_docs), task.contexts(docs, k, seed)
 
 
-def _check_group(group: GroupNode, tasks: dict[str, Task]) -> None:
-    """A group whose ``aggregate_metric_list`` names a metric none of its leaves reports: TaskError."""
+def check_group(group: GroupNode, tasks: dict[str, Task]) -> None:
+    """A group whose ``aggregate_metric_list`` names a metric none of its leaves reports: TaskError.
+
+    A leaf whose metrics only running it tells (a ``process_results`` hook without ``metric_list``, a
+    ``class:`` task) may report anything, so it counts as a provider.
+    """
     leaves = list(dict.fromkeys(group_leaves(group)))
+    reported = {n: reported_metrics(tasks[n]) for n in leaves}
     for agg in group.aggregate_metric_list or ():
         providers = [
             n for n in leaves
-            if agg.metric in metric_names(tasks[n])
+            if (reported[n] is None or agg.metric in reported[n])
             and (agg.filter_list is None or set(agg.filter_list) & set(_filter_names(tasks[n])))
         ]
         if not providers:
             where = "" if agg.filter_list is None else f" with filter {list(agg.filter_list)}"
-            reported = "; ".join(
-                f"{n}: {', '.join(f'{m},{f}' for f in _filter_names(tasks[n]) for m in metric_names(tasks[n]))}"
+            listing = "; ".join(
+                f"{n}: {', '.join(f'{m},{f}' for f in _filter_names(tasks[n]) for m in sorted(reported[n] or ()))}"
                 for n in leaves
             )
             raise TaskError(
                 f"Group {group.name!r} ({group.source or 'group'}): aggregate_metric_list metric {agg.metric!r}{where} "
-                f"is reported by none of its members ({reported or 'no members'})."
+                f"is reported by none of its members ({listing or 'no members'})."
             )
 
 
@@ -320,7 +326,7 @@ def plan(
             result.skipped[group.name] = f"member(s) {', '.join(missing)} skipped; lm-eval's aggregate needs all"
             continue
         try:
-            _check_group(group, result.tasks)
+            check_group(group, result.tasks)
         except TaskError as exc:
             result.refused[group.name] = _message(exc)
     return result

@@ -299,7 +299,8 @@ class FilterPipeline:
                 try:
                     resps[i] = step(value, doc)
                 except (TaskError, AttributeError, TypeError, KeyError, IndexError, ValueError) as exc:
-                    raise self._fail(function, exc, value) from None
+                    failure = self._fail(function, exc, value)
+                    raise (TaskError(f"document {i}: {failure}") if len(docs) > 1 else failure) from None
         return resps
 
     def apply(self, resps: list, doc: dict) -> Any:
@@ -347,7 +348,11 @@ def build_step(function: Any, kwargs: dict[str, Any], where: str) -> Step | Code
         raise TaskError(f"{where}: the filter `{function!r}` is Python code from the task directory. Re-run with "
                         "--allow-code (allow_code=True) if you trust it.")
     if callable(function):
-        return _code_step(function, kwargs, where, getattr(function, "__qualname__", repr(function)))
+        what = getattr(function, "__qualname__", repr(function))
+        if not inspect.isclass(function):  # lm-eval builds a filter as function(**args): a class, never a call
+            raise TaskError(f"{where}: the filter {what} is a function; a filter given as code must be a class with "
+                            "apply(resps, docs) (or use `function: custom` with `filter_fn`).")
+        return _code_step(function, kwargs, where, what)
     if function == "custom":
         return _custom_step(kwargs, where)
     if not isinstance(function, str) or function not in FILTERS:

@@ -134,6 +134,14 @@ def metric_specs(task: Task) -> dict[str, MetricSpec]:
     return specs
 
 
+def reported_metrics(task: Task) -> set[str] | None:
+    """The metric names a task's results will hold, or None when only running it tells
+    (a ``process_results`` hook without ``metric_list``, a Python ``class:`` task)."""
+    if task.output_type == "class" or (callable(task.config.process_results) and not task.config.metric_list):
+        return None
+    return set(metric_specs(task))
+
+
 def metric_names(task: Task) -> list[str]:
     """The registry metrics a task's scores use (what the evaluator checks with ``get_metric``).
 
@@ -293,10 +301,6 @@ def generation_kwargs(task: Task) -> dict:
     return kwargs
 
 
-def _check_generate(task: Task, docs, backend) -> None:
-    metric_specs(task)
-
-
 def _matches(prediction, reference, options: dict) -> bool:
     if isinstance(prediction, str) and isinstance(reference, str):
         return bool(exact_match(prediction, reference, **options))
@@ -364,12 +368,15 @@ def _run_generate(task: Task, docs, contexts, scorer: CausalLMScorer):
         target = task.doc_to_target(doc)
         targets.append(task.doc_to_choice(doc)[target] if task.config.doc_to_choice is not None else target)
     records = []
+    all_resps = [[output] * task.config.repeats for output in outputs]  # greedy: every repeat is the same answer
     for pipeline in task.filters:  # lm-eval's order: per filter, then per document
-        for i, (doc, ctx, output, target) in enumerate(zip(docs, contexts, outputs, targets)):
+        try:  # once per pipeline over every document, as lm-eval's FilterEnsemble (task code sees them all)
+            all_filtered = pipeline.apply_all(all_resps, list(docs))
+        except TaskError as exc:
+            raise TaskError(f"Task {task.name!r}: {exc}") from None
+        for i, (doc, ctx, resps, filtered, target) in enumerate(zip(docs, contexts, all_resps, all_filtered, targets)):
             task.doc_index = i
-            resps = [output] * task.config.repeats  # greedy decoding: every repeat is the same answer
             try:
-                filtered = pipeline.apply(resps, doc)
                 if hook:
                     metrics = _process_results(task, doc, [filtered])
                 else:
@@ -394,7 +401,7 @@ for _ot in (
     OutputType("loglikelihood", ("perplexity", "acc"), _run_loglikelihood, check=_check_types),
     OutputType("loglikelihood_rolling", ("word_perplexity", "byte_perplexity", "bits_per_byte"), _run_rolling,
                check=_check_types),
-    OutputType("generate_until", ("exact_match",), _run_generate, check=_check_generate),
+    OutputType("generate_until", ("exact_match",), _run_generate, check=_check_types),
 ):
     register_output_type(_ot)
 

@@ -147,6 +147,10 @@ def check_scoring_keys(config: TaskConfig) -> None:
         return
     if not isinstance(config.repeats, int) or isinstance(config.repeats, bool) or config.repeats < 1:
         raise TaskError(f"Task {config.task!r}: repeats must be a positive integer, got {config.repeats!r}.")
+    shots = config.num_fewshot
+    if shots is not None and (not isinstance(shots, int) or isinstance(shots, bool) or shots < 0):
+        raise TaskError(f"Task {config.task!r} ({config.source or 'task config'}): num_fewshot must be an integer "
+                        f">= 0, got {shots!r}.")
     if config.gen_prefix is not None and not isinstance(config.gen_prefix, str):
         raise TaskError(f"Task {config.task!r}: gen_prefix must be a field name or a template string, "
                         f"got {config.gen_prefix!r}.")

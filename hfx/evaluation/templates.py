@@ -27,6 +27,7 @@ import functools
 import importlib.util
 import re
 import string
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -620,6 +621,10 @@ def _import_installed(name: str, module_name: str, function_name: str, yaml_path
     import importlib
 
     local = yaml_path.parent / f"{module_name.replace('.', '/')}.py"
+    top = module_name.split(".")[0]
+    if top in sys.stdlib_module_names:  # os.system, subprocess.run, builtins.eval: a YAML string run as code
+        raise TaskError(f"{yaml_path}: !function {name}: {local} does not exist, and {top!r} is a standard-library "
+                        "module; hooks come from a .py file in the task folder or an installed package (lm_eval).")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .groups import GroupNode
 from .templates import TaskError
 
 ACCEPTED, REFUSED, ERROR = "accepted", "refused", "error"
@@ -40,6 +41,7 @@ class Verdict:
     output_type: str | None = None
     members: list[str] = field(default_factory=list)  # a group's or tag's tasks, in order
     refused_members: list[str] = field(default_factory=list)
+    task: Any = field(default=None, repr=False, compare=False)  # an accepted task, for its groups' checks
 
     @property
     def accepted(self) -> bool:
@@ -189,7 +191,7 @@ def validate_task(index, ref) -> Verdict:
                        "lm-eval fails on it too", source)
     except Exception as exc:  # the validator's own bug: counted, never hidden
         return Verdict(name, "task", ERROR, f"{type(exc).__name__}: {' '.join(str(exc).split())}", source)
-    return Verdict(name, "task", ACCEPTED, "", source, output_type=task.output_type)
+    return Verdict(name, "task", ACCEPTED, "", source, output_type=task.output_type, task=task)
 
 
 # -- groups and tags --------------------------------------------------------------------------
@@ -250,7 +252,17 @@ def validate_group(index, name: str, cache: dict[str, Verdict] | None = None) ->
     except Exception as exc:
         return Verdict(name, "group", ERROR, f"{type(exc).__name__}: {' '.join(str(exc).split())}", source), []
     leaves = [_validate_ref(index, ref, cache) for ref in refs]
-    return _collective(name, "group", source or getattr(node, "source", ""), leaves), leaves
+    verdict = _collective(name, "group", source or getattr(node, "source", ""), leaves)
+    if verdict.accepted:  # the aggregate checks hfx eval runs: a metric some member must report, per group
+        from .evaluator import check_group
+
+        tasks = {ref.name: leaf.task for ref, leaf in zip(refs, leaves)}
+        try:
+            for group in [node] + [n for _, n in node.walk() if isinstance(n, GroupNode)]:
+                check_group(group, tasks)
+        except TaskError as exc:
+            verdict.status, verdict.reason = REFUSED, _reason(exc)
+    return verdict, leaves
 
 
 def list_entries(index) -> list[dict[str, Any]]:
