@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,6 +199,7 @@ class Plan:
     refused: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # e.g. a group aggregate no member reports
 
     @property
     def groups(self) -> list[GroupNode]:
@@ -241,14 +243,17 @@ def _prepare(task: Task, num_fewshot, limit, seed) -> tuple:
     return k, docs, len(all_docs), task.contexts(docs, k, seed)
 
 
-def check_group(group: GroupNode, tasks: dict[str, Task]) -> None:
-    """A group whose ``aggregate_metric_list`` names a metric none of its leaves reports: TaskError.
+def unreported_aggregates(group: GroupNode, tasks: dict[str, Task]) -> list[str]:
+    """One line per ``aggregate_metric_list`` entry of ``group`` that none of its leaves reports.
 
-    A leaf whose metrics only running it tells (a ``process_results`` hook without ``metric_list``, a
+    lm-eval 0.4.13 runs such a group and reports no value for that metric (19 of its bundled groups
+    do, e.g. ``adr`` aggregates ``acc`` over bleu tasks), so hfx does the same and says why. A leaf
+    whose metrics only running it tells (a ``process_results`` hook without ``metric_list``, a
     ``class:`` task) may report anything, so it counts as a provider.
     """
     leaves = list(dict.fromkeys(group_leaves(group)))
     reported = {n: reported_metrics(tasks[n]) for n in leaves}
+    lines = []
     for agg in group.aggregate_metric_list or ():
         providers = [
             n for n in leaves
@@ -259,12 +264,14 @@ def check_group(group: GroupNode, tasks: dict[str, Task]) -> None:
             where = "" if agg.filter_list is None else f" with filter {list(agg.filter_list)}"
             listing = "; ".join(
                 f"{n}: {', '.join(f'{m},{f}' for f in _filter_names(tasks[n]) for m in sorted(reported[n] or ()))}"
-                for n in leaves
-            )
-            raise TaskError(
+                for n in leaves[:5]
+            ) + (f"; and {len(leaves) - 5} more" if len(leaves) > 5 else "")
+            lines.append(
                 f"Group {group.name!r} ({group.source or 'group'}): aggregate_metric_list metric {agg.metric!r}{where} "
-                f"is reported by none of its members ({listing or 'no members'})."
+                f"is reported by none of its members ({listing or 'no members'}); the group gets no "
+                f"{agg.metric!r} aggregate (as in lm-eval)."
             )
+    return lines
 
 
 def plan(
@@ -325,10 +332,9 @@ def plan(
         if missing:
             result.skipped[group.name] = f"member(s) {', '.join(missing)} skipped; lm-eval's aggregate needs all"
             continue
-        try:
-            check_group(group, result.tasks)
-        except TaskError as exc:
-            result.refused[group.name] = _message(exc)
+        for line in unreported_aggregates(group, result.tasks):
+            warnings.warn(line, stacklevel=3)
+            result.warnings.append(line)
     return result
 
 
@@ -520,7 +526,7 @@ def evaluate(
     results, records = _run_plan(plan_, scorer, limit=limit, seed=seed, config=config,
                                  skip_unsupported=skip_unsupported, bootstrap_iters=bootstrap_iters)
     results["config"]["cache_hits"] = cache.hits if cache is not None else 0
-    results["config"]["warnings"] = list(getattr(scorer, "warnings", []))
+    results["config"]["warnings"] = plan_.warnings + list(getattr(scorer, "warnings", []))
     return (results, records) if return_records else results
 
 

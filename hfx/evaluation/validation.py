@@ -42,6 +42,7 @@ class Verdict:
     members: list[str] = field(default_factory=list)  # a group's or tag's tasks, in order
     refused_members: list[str] = field(default_factory=list)
     task: Any = field(default=None, repr=False, compare=False)  # an accepted task, for its groups' checks
+    warnings: list[str] = field(default_factory=list)  # accepted, but e.g. an aggregate no member reports
 
     @property
     def accepted(self) -> bool:
@@ -55,6 +56,8 @@ class Verdict:
             out["output_type"] = self.output_type
         if self.refused_members:
             out["refused_members"] = self.refused_members
+        if self.warnings:
+            out["warnings"] = self.warnings
         return out
 
 
@@ -253,15 +256,12 @@ def validate_group(index, name: str, cache: dict[str, Verdict] | None = None) ->
         return Verdict(name, "group", ERROR, f"{type(exc).__name__}: {' '.join(str(exc).split())}", source), []
     leaves = [_validate_ref(index, ref, cache) for ref in refs]
     verdict = _collective(name, "group", source or getattr(node, "source", ""), leaves)
-    if verdict.accepted:  # the aggregate checks hfx eval runs: a metric some member must report, per group
-        from .evaluator import check_group
+    if verdict.accepted:  # hfx eval's aggregate check: a metric no member reports gets no aggregate
+        from .evaluator import unreported_aggregates
 
         tasks = {ref.name: leaf.task for ref, leaf in zip(refs, leaves)}
-        try:
-            for group in [node] + [n for _, n in node.walk() if isinstance(n, GroupNode)]:
-                check_group(group, tasks)
-        except TaskError as exc:
-            verdict.status, verdict.reason = REFUSED, _reason(exc)
+        for group in [node] + [n for _, n in node.walk() if isinstance(n, GroupNode)]:
+            verdict.warnings.extend(unreported_aggregates(group, tasks))
     return verdict, leaves
 
 
@@ -342,6 +342,8 @@ def summary_lines(verdicts: list[Verdict], *, reasons: bool = True) -> list[str]
         for verdict in verdicts:
             if not verdict.accepted and verdict.kind != "tag":
                 lines.append(f"{verdict.status} {verdict.kind} {verdict.name}: {verdict.reason}")
+            for warning in verdict.warnings:
+                lines.append(f"warning {verdict.kind} {verdict.name}: {warning}")
     return lines
 
 
