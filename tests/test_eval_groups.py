@@ -317,3 +317,10 @@ def test_cli_lists_refusals_and_skips(world, capsys):
     assert main(args + ["--skip-unsupported"]) == 0
     out = capsys.readouterr().out
     assert "| g_b |" in out and "Skipped:\n- nope_one: Unknown task 'nope_one'" in out
+
+
+def test_many_refusals_name_every_task_and_the_first_reasons():
+    from hfx.evaluation.evaluator import _refusal_listing
+
+    text = _refusal_listing({f"t{i}": "could not load dataset" for i in range(12)})
+    assert text.count("could not load dataset") == 10 and text.endswith("; and 2 more: t10, t11")

@@ -338,18 +338,26 @@ def plan(
     return result
 
 
+def _refusal_listing(refused: dict[str, str], shown: int = 10) -> str:
+    """Every refused name; the reasons of the first ``shown`` (mmlu offline: 57 times the same hub error)."""
+    items = list(refused.items())
+    listing = "; ".join(f"{name}: {why}" for name, why in items[:shown])
+    if len(items) > shown:
+        listing += f"; and {len(items) - shown} more: {', '.join(name for name, _ in items[shown:])}"
+    return listing
+
+
 def settle(plan_: Plan, skip_unsupported: bool) -> None:
     """Raise one TaskError naming every refused task and group, or (``skip_unsupported``) mark them skipped."""
     if not plan_.refused:
         return
-    listing = "; ".join(f"{name}: {why}" for name, why in plan_.refused.items())
+    listing = _refusal_listing(plan_.refused)
     if not skip_unsupported:
         if len(plan_.refused) == 1:  # one refusal keeps its own message
             ((name, why),) = plan_.refused.items()
             raise TaskError(why if repr(name) in why or name in why.split(":")[0] else f"{name}: {why}")
-        raise TaskError(
-            f"{len(plan_.refused)} task(s)/group(s) cannot run (--skip-unsupported runs the rest): {listing}"
-        )
+        hint = " (--skip-unsupported runs the rest)" if plan_.tasks else ""
+        raise TaskError(f"{len(plan_.refused)} task(s)/group(s) cannot run{hint}: {listing}")
     if not plan_.tasks:
         raise TaskError(f"nothing left to run: every task was refused: {listing}")
     plan_.skipped = {**plan_.refused, **{k: v for k, v in plan_.skipped.items() if k not in plan_.refused}}
