@@ -12,12 +12,11 @@ import math
 import random
 
 import pytest
-import torch
 
 from hfx.evaluation import TaskError, TaskIndex, evaluate, markdown_table
 from hfx.evaluation.groups import AggregateMetric, GroupNode, TaskRef
+from tests.test_eval import _gpt2, _sentence
 
-WORDS = "red blue green cat dog owl baker farmer lives in works as the of a is and big small".split()
 LIMIT = 6
 MC = """task: {name}
 dataset_path: json
@@ -67,10 +66,6 @@ GROUPS = {
 }
 
 
-def _sentence(rng, n):
-    return " ".join(rng.choice(WORDS) for _ in range(n))
-
-
 def _write(root):
     rng = random.Random(0)
     for name, n in (("a", 9), ("b", 5), ("c", 7)):
@@ -94,24 +89,6 @@ def _write(root):
     (bad / "bad.yaml").write_text(MC.format(name="g_bad", root=root, data="b", extra="").replace("{{question}}",
                                                                                                  "{{questoin}}"))
     return tasks, bad
-
-
-def _gpt2(root):
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    rng = random.Random(1)
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([_sentence(rng, 12) for _ in range(200)], vocab_size=300,
-                            special_tokens=["<|endoftext|>"], show_progress=False)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
-                        eos_token_id=0)
-    model = GPT2LMHeadModel(config).eval()
-    model.save_pretrained(root / "gpt2")
-    tok.save_pretrained(root / "gpt2")
-    return model, tok
 
 
 def _tree():
@@ -227,7 +204,11 @@ def test_groups_by_name_match_lm_eval(world):
 
 
 def test_pooled_and_unweighted_stderr_equal_lm_eval_functions():
-    from lm_eval.api.metrics import aggregate_subtask_metrics, pooled_sample_stderr, unweighted_mean_stderr
+    from lm_eval.api.metrics import (
+        aggregate_subtask_metrics,
+        pooled_sample_stderr,
+        unweighted_mean_stderr,
+    )
 
     from hfx.evaluation.results import pooled_stderr, unweighted_stderr
 
