@@ -377,11 +377,11 @@ def test_a_hook_that_raises_names_task_hook_and_document(world, tmp_path):
                            "metric_list:\n  - metric: acc\n"),
     ):
         (world["tasks"] / f"{name}.yaml").write_text(HEAD.format(name=name, root=world["root"]) + body)
-    with pytest.raises(TaskError, match=r"'hk_bad_text', document 3: the `doc_to_text` hook [\w.]*utils.bad_text raised "
-                                        r"ValueError: no text for this one"):
+    with pytest.raises(TaskError, match=r"'hk_bad_text', document 3: the `doc_to_text` hook [\w.]*utils.bad_text "
+                                        r"\(.*tasks/utils\.py:\d+\) raised ValueError: no text for this one"):
         _hfx(world, ["hk_bad_text"], allow_code=True)
     with pytest.raises(TaskError, match=r"'hk_bad_results', document 2: the `process_results` hook "
-                                        r"[\w.]*utils.bad_results raised KeyError"):
+                                        r"[\w.]*utils.bad_results \(.*utils\.py:\d+\) raised KeyError"):
         _hfx(world, ["hk_bad_results"], allow_code=True)
 
 

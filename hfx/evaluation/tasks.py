@@ -345,6 +345,9 @@ class Task:
         except Exception as exc:
             where = f", document {self.doc_index}" if self.doc_index is not None else ""
             what = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}".lstrip(".")
+            code = getattr(fn, "__code__", None)
+            if code is not None:  # the file a user opens, not the module name hfx gave it
+                what += f" ({code.co_filename}:{code.co_firstlineno})"
             text = " ".join(str(exc).split())[:300]
             raise TaskError(f"Task {self.name!r}{where}: the `{hook}` hook {what} raised "
                             f"{type(exc).__name__}: {text}") from exc
