@@ -106,6 +106,17 @@ def _hfx_causal():
     return hfx.HfxForCausalLM(config).eval(), tok
 
 
+def lm_eval_reference(model, tok, tasks, names, **kwargs):
+    """``lm_eval.simple_evaluate`` on local task files only (not its bundled catalogue), HFLM at batch 4."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(tasks), include_defaults=False)
+    return lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=4), tasks=names,
+                                   task_manager=manager, log_samples=True, **kwargs)
+
+
 PARITY_TASKS = ["tiny_mc0", "tiny_mc3", "tiny_mc_self", "tiny_mc_first", "tiny_ppl", "tiny_ll", "tiny_gen"]
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from hfx.evaluation import TaskError, evaluate, find_tasks
-from tests.test_eval import _gpt2, _sentence
+from tests.test_eval import _gpt2, _sentence, lm_eval_reference
 
 LIMIT = 5
 BOOTSTRAP = 200
@@ -136,17 +136,10 @@ def _write(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
     root = tmp_path_factory.mktemp("class_tasks")
     tasks = _write(root)
     model, tok = _gpt2(root)
-    manager = TaskManager(include_path=str(tasks), include_defaults=False)
-    reference = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=4), tasks=NAMES,
-                                        task_manager=manager, log_samples=True, limit=LIMIT,
-                                        bootstrap_iters=BOOTSTRAP)
+    reference = lm_eval_reference(model, tok, tasks, NAMES, limit=LIMIT, bootstrap_iters=BOOTSTRAP)
     results, records = evaluate(model, NAMES, tokenizer=tok, include_path=tasks, allow_code=True, limit=LIMIT,
                                 cache_dir=False, progress=False, return_records=True, max_batch_tokens=512,
                                 bootstrap_iters=BOOTSTRAP)

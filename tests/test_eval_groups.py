@@ -13,9 +13,9 @@ import random
 
 import pytest
 
-from hfx.evaluation import TaskError, TaskIndex, evaluate, markdown_table
+from hfx.evaluation import TaskError, evaluate, markdown_table
 from hfx.evaluation.groups import AggregateMetric, GroupNode, TaskRef
-from tests.test_eval import _gpt2, _sentence
+from tests.test_eval import _gpt2, _sentence, lm_eval_reference
 
 LIMIT = 6
 MC = """task: {name}
@@ -105,16 +105,10 @@ def _tree():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
     root = tmp_path_factory.mktemp("groups")
     tasks, bad = _write(root)
     model, tok = _gpt2(root)
-    manager = TaskManager(include_path=str(tasks), include_defaults=False)
-    reference = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=4),
-                                        tasks=["g_top", "g_b2"], task_manager=manager, limit=LIMIT)
+    reference = lm_eval_reference(model, tok, tasks, ["g_top", "g_b2"], limit=LIMIT)
     ours, records = evaluate(model, [_tree(), "g_b2"], tokenizer=tok, include_path=tasks, limit=LIMIT,
                              cache_dir=False, progress=False, return_records=True)
     return {"root": root, "tasks": tasks, "bad": bad, "model": model, "tok": tok, "ref": reference,
@@ -193,8 +187,6 @@ def test_tables_match_lm_eval_make_table(world):
 
 
 def test_groups_by_name_match_lm_eval(world):
-    if not hasattr(TaskIndex, "resolve"):
-        pytest.skip("the catalogue does not resolve group files yet (TaskIndex.resolve)")
     ref = world["ref"]
     ours = evaluate(world["model"], "g_top,g_b2", tokenizer=world["tok"], include_path=world["tasks"], limit=LIMIT,
                     cache_dir=False, progress=False)

@@ -15,7 +15,7 @@ import pytest
 from hfx.evaluation import TaskError, evaluate, find_tasks
 from hfx.evaluation.output_types import task_higher_is_better, task_scores
 
-from tests.test_eval import _gpt2, _sentence
+from tests.test_eval import _gpt2, _sentence, lm_eval_reference
 
 LIMIT = 6
 BOOTSTRAP = 500  # lm-eval's bootstrap draws for f1 / mcc / bleu ... (100 000 by default: too slow for a test)
@@ -278,17 +278,10 @@ def _write(root):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
     root = tmp_path_factory.mktemp("hooks")
     tasks = _write(root)
     model, tok = _gpt2(root)
-    manager = TaskManager(include_path=str(tasks), include_defaults=False)
-    reference = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=4), tasks=NAMES,
-                                        task_manager=manager, log_samples=True, limit=LIMIT,
-                                        bootstrap_iters=BOOTSTRAP)
+    reference = lm_eval_reference(model, tok, tasks, NAMES, limit=LIMIT, bootstrap_iters=BOOTSTRAP)
     loaded = {t.name: t for t in find_tasks(NAMES, [tasks], allow_code=True)}
     results, records = evaluate(model, list(loaded.values()), tokenizer=tok, limit=LIMIT, cache_dir=False,
                                 progress=False, return_records=True, max_batch_tokens=512, bootstrap_iters=BOOTSTRAP)
