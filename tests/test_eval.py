@@ -311,7 +311,7 @@ def test_saved_hfx_causal_model_is_evaluated_by_path(world, ours, tmp_path):
     ({"do_sample": True, "temperature": 0.7, "top_p": 0.9}, {"do_sample": True, "temperature": 0.7, "top_p": 0.9}),
 ])
 def test_generation_kwargs_reach_generate_as_lm_eval_reads_them(gen_kwargs, expected):
-    from hfx.evaluation.scorer import generation_options
+    from hfx.evaluation.generation import generation_options
 
     assert generation_options(gen_kwargs) == expected
 
