@@ -203,13 +203,18 @@ class ClassTask(_task_base()):
         if not docs:
             raise TaskError(f"Task {self.name!r} has no documents to evaluate.")
 
-    def contexts(self, docs, num_fewshot: int, seed: int | None = 1234) -> list:
-        """Build the object's requests (as ``simple_evaluate`` then ``evaluate`` do); the first prompt per document."""
+    def contexts(self, docs, num_fewshot: int, seed: int | None = 1234, prompt_format=None) -> list:
+        """Build the object's requests (as ``simple_evaluate`` then ``evaluate`` do); the first prompt per document.
+
+        A ``prompt_format`` (:mod:`.chat`) is handed to the object as lm-eval's evaluator hands it the chat options.
+        """
         obj = self.lm_task
         obj.set_config(key="num_fewshot", value=num_fewshot)
         obj.set_fewshot_seed(seed=seed)
         self._limit = len(docs)
-        self.call("build_all_requests", lambda: obj.build_all_requests(limit=self._limit))
+        self.prompt_format = prompt_format
+        chat = {} if prompt_format is None else prompt_format.lm_eval_options()
+        self.call("build_all_requests", lambda: obj.build_all_requests(limit=self._limit, **chat))
         self._requests = defaultdict(list)
         for instance in obj.instances:
             if instance.request_type not in REQUEST_TYPES:

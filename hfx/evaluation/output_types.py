@@ -215,7 +215,7 @@ def _single_context(task: Task, ctx) -> str:
 
 
 def _run_multiple_choice(task: Task, docs, contexts, scorer: CausalLMScorer):
-    delimiter = task.config.target_delimiter
+    delimiter = task.choice_delimiter()  # target_delimiter, or lm-eval's rule under a chat template
     specs = metric_specs(task)
     mutual = "acc_mutual_info" in specs  # lm-eval then also scores each choice after an empty context
     multiple_input = task.multiple_input

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .chat import Message, PromptFormat, join_delimited, messages_text
 from .filters import build_pipelines
 from .samplers import get_sampler
 from .templates import TaskError, UnsafeFunction, find_unsafe, render
@@ -325,6 +326,7 @@ class Task:
         self._dataset = dataset
         self._features: set[str] = set()
         self._probed: dict[str, bool] = {}
+        self.prompt_format: PromptFormat | None = None  # set by contexts(): how the prompts were built
         self.doc_index: int | None = None  # the document being rendered or scored, named when a hook raises
 
     @property
@@ -527,14 +529,14 @@ class Task:
             return target[0]
         return target if isinstance(target, str) else str(target)
 
-    def _turn(self, q: Any, choices: list | None, answer: Any, gen_prefix: str, target_delimiter: str,
-              fewshot_delimiter: str) -> str:
-        """One question (and answer) as lm-eval's ``build_qa_turn`` renders it as plain text."""
+    def _qa_turn(self, q: Any, choices: list | None, answer: Any, gen_prefix: str, target_delimiter: str,
+                 fewshot_delimiter: str) -> list[Message]:
+        """One question (and its answer, or the open ``gen_prefix``) as lm-eval's ``build_qa_turn`` makes it."""
         if not isinstance(q, str):
             raise TaskError(f"Task {self.name!r}: doc_to_text must give a string here, got {q!r}.")
         has_answer = answer is not None and not (isinstance(answer, str) and answer == "")
         needs_delimiter = bool(gen_prefix) and bool(q) and not (q[-1].isspace() or gen_prefix[0].isspace())
-        text = q + (target_delimiter if (has_answer and not gen_prefix) or needs_delimiter else "")
+        turns = [Message("user", q, target_delimiter if (has_answer and not gen_prefix) or needs_delimiter else "")]
         if has_answer:
             if choices and isinstance(answer, int):
                 answer = choices[answer]
@@ -543,37 +545,77 @@ class Task:
             if not isinstance(answer, str):
                 raise TaskError(f"Task {self.name!r}: a demonstration's answer must be a string (or an index into "
                                 f"doc_to_choice), got {answer!r}.")
-            if gen_prefix and answer and not (gen_prefix[-1].isspace() or answer[0].isspace()):
-                answer = f"{gen_prefix} {answer}"
-            elif gen_prefix:
-                answer = gen_prefix + answer
-            return text + answer + fewshot_delimiter
-        return text + gen_prefix
+            turns.append(Message("assistant", join_delimited(gen_prefix, answer), fewshot_delimiter))
+        elif gen_prefix:
+            turns.append(Message("assistant", gen_prefix))
+        return turns
 
-    def _demonstration(self, demo: dict) -> str:
+    def _turn(self, q: Any, choices: list | None, answer: Any, gen_prefix: str, target_delimiter: str,
+              fewshot_delimiter: str) -> str:
+        """One question (and answer) as plain text."""
+        return messages_text(self._qa_turn(q, choices, answer, gen_prefix, target_delimiter, fewshot_delimiter))
+
+    def _demonstration_turns(self, demo: dict) -> list[Message]:
         fs = self.fewshot
         q = self.doc_to_text(demo, fs["doc_to_text"])
         choices = self.doc_to_choice(demo, fs["doc_to_choice"]) if fs["doc_to_choice"] else None
         answer = self.doc_to_target(demo, fs["doc_to_target"])
         if self.multiple_input:  # the gold context, then the shared continuation
             q, choices = choices[q], None
-        return self._turn(q, choices, answer, self.gen_prefix_for(demo, fewshot=True), fs["target_delimiter"],
-                          fs["fewshot_delimiter"])
+        return self._qa_turn(q, choices, answer, self.gen_prefix_for(demo, fewshot=True), fs["target_delimiter"],
+                             fs["fewshot_delimiter"])
 
-    def context(self, doc: dict, demonstrations: Sequence[dict]) -> str | list[str]:
-        """The prompt for ``doc`` preceded by ``demonstrations`` (already sampled); a list for multiple inputs."""
-        prefix = self.description_for(doc) + "".join(self._demonstration(demo) for demo in demonstrations)
+    def _demonstration(self, demo: dict) -> str:
+        return messages_text(self._demonstration_turns(demo))
+
+    def context(self, doc: dict, demonstrations: Sequence[dict],
+                prompt_format: PromptFormat | None = None) -> str | list[str]:
+        """The prompt for ``doc`` preceded by ``demonstrations`` (already sampled); a list for multiple inputs.
+
+        ``prompt_format`` (:func:`.chat.prompt_format`) adds a system instruction and renders the
+        turns with a chat template; ``None`` gives lm-eval's plain-text prompt.
+        """
         gen_prefix = self.gen_prefix_for(doc)
+        if prompt_format is None:  # the plain-text prompt, built without message objects (the common path)
+            prefix = self.description_for(doc) + "".join(self._demonstration(demo) for demo in demonstrations)
+            if self.multiple_input:
+                return [prefix + self._turn(c, None, None, gen_prefix, "", "") for c in self._input_contexts(doc)]
+            return prefix + self._turn(self.doc_to_text(doc), None, None, gen_prefix, self.config.target_delimiter, "")
+        system = prompt_format.system_prompt(self.description_for(doc), self.config.fewshot_delimiter)
+        history = [Message("system", system)] if system else []
+        for demo in demonstrations:
+            history += self._demonstration_turns(demo)
         if self.multiple_input:
-            contexts = self.doc_to_choice(doc)
-            if not isinstance(contexts, list):
-                raise TaskError(f"Task {self.name!r}: a multiple-input task needs doc_to_choice to give a list of "
-                                f"contexts, got {contexts!r}.")
-            return [prefix + self._turn(c, None, None, gen_prefix, "", "") for c in contexts]
-        return prefix + self._turn(self.doc_to_text(doc), None, None, gen_prefix, self.config.target_delimiter, "")
+            return [self._render(prompt_format, history + self._qa_turn(c, None, None, gen_prefix, "", ""), gen_prefix)
+                    for c in self._input_contexts(doc)]
+        final = self._qa_turn(self.doc_to_text(doc), None, None, gen_prefix, self.config.target_delimiter, "")
+        return self._render(prompt_format, history + final, gen_prefix)
 
-    def contexts(self, docs: Sequence[dict], num_fewshot: int, seed: int | None = 1234) -> list[str | list[str]]:
-        """Prompts for ``docs`` in order, demonstrations drawn as lm-eval draws them for ``seed``."""
+    def _input_contexts(self, doc: dict) -> list:
+        contexts = self.doc_to_choice(doc)
+        if not isinstance(contexts, list):
+            raise TaskError(f"Task {self.name!r}: a multiple-input task needs doc_to_choice to give a list of "
+                            f"contexts, got {contexts!r}.")
+        return contexts
+
+    def _render(self, prompt_format: PromptFormat, messages: list[Message], gen_prefix: str) -> str:
+        try:
+            return prompt_format.render(messages, gen_prefix)
+        except TaskError:
+            raise
+        except Exception as exc:
+            where = f", document {self.doc_index}" if self.doc_index is not None else ""
+            raise TaskError(f"Task {self.name!r}{where}: the chat template failed: {type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:300]}") from exc
+
+    def contexts(self, docs: Sequence[dict], num_fewshot: int, seed: int | None = 1234,
+                 prompt_format: PromptFormat | None = None) -> list[str | list[str]]:
+        """Prompts for ``docs`` in order, demonstrations drawn as lm-eval draws them for ``seed``.
+
+        ``prompt_format`` is remembered on the task (``self.prompt_format``): a chat template also
+        changes what separates a multiple-choice prompt from its choices.
+        """
+        self.prompt_format = prompt_format
         sampler = None
         if num_fewshot > 0:
             sampler = get_sampler(self.fewshot["sampler"])(self.fewshot_docs(), random.Random(seed))
@@ -582,9 +624,17 @@ class Task:
         for i, doc in enumerate(docs):
             self.doc_index = i
             demos = sampler.sample(num_fewshot, doc if exclude else None) if sampler is not None else []
-            out.append(self.context(doc, demos))
+            out.append(self.context(doc, demos, prompt_format))
         self.doc_index = None
         return out
+
+    def choice_delimiter(self) -> str:
+        """What separates a multiple-choice prompt from each choice: ``target_delimiter``, or lm-eval's rule under a
+        chat template (see :meth:`.chat.PromptFormat.choice_delimiter`)."""
+        fmt = self.prompt_format
+        if fmt is None:
+            return self.config.target_delimiter
+        return fmt.choice_delimiter(self.config.target_delimiter, self.config.gen_prefix)
 
     def validate(self, num_fewshot: int, docs: Sequence[dict] | None = None) -> None:
         """Render the first document (and a demonstration) so template and pool errors surface before the model runs."""
