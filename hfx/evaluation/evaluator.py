@@ -11,7 +11,14 @@ listed in ``results["skipped"]``. A leaf under several groups runs once.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import hashlib
+import json
+import math
 import os
+import random
+import sys
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -28,6 +35,7 @@ from .cache import ContentHashMemo, ResultCache, default_cache_dir, model_identi
 from .catalogue import TaskIndex
 from .groups import GroupNode, TaskRef
 from .metrics import BOOTSTRAP_ITERS, get_metric
+from .model_args import ModelArgs, check_adapter, check_dtype_on_device, parse_pairs, resolve_device
 from .output_types import (  # noqa: F401  (OutputType, register_output_type re-exported)
     OUTPUT_TYPES,
     OutputType,
@@ -41,7 +49,12 @@ from .results import build_results, group_leaves, groups_preorder
 from .scorer import CausalLMScorer, is_causal_lm
 from .tasks import Task, TaskError
 
+CLASS_OUTPUT_TYPE = "class"  # class_tasks' output type (that module imports this one's dependencies)
+
 DEFAULT_FEWSHOT_SEED = 1234
+#: lm-eval's four seed slots (python ``random``, numpy, torch, few-shot) and their defaults
+SEED_SLOTS = ("random_seed", "numpy_seed", "torch_seed", "fewshot_seed")
+DEFAULT_SEEDS = (0, 1234, 1234, DEFAULT_FEWSHOT_SEED)
 
 
 class EvaluationInputError(ValueError):
@@ -52,26 +65,130 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def parse_seeds(seed) -> tuple[int | None, int | None, int | None, int | None]:
+    """lm-eval's ``--seed``: one integer for all four slots, or ``random,numpy,torch,fewshot`` (``None``: unset).
+
+    Accepts an int, a comma-separated string or a sequence; three values take the last (few-shot)
+    from the defaults, as lm-eval does.
+    """
+    if seed is None:
+        return DEFAULT_SEEDS
+    given = seed
+    if isinstance(seed, str):
+        seed = [part.strip() for part in seed.split(",")]
+    elif _is_int(seed):
+        seed = [seed]
+    elif isinstance(seed, (list, tuple)):
+        seed = list(seed)
+    else:
+        raise EvaluationInputError(f"seed must be an integer or 'random,numpy,torch,fewshot', got {given!r}.")
+    values: list[int | None] = []
+    for item in seed:
+        if item is None or (isinstance(item, str) and item.lower() == "none"):
+            values.append(None)
+            continue
+        try:
+            number = int(item) if not isinstance(item, bool) and str(item).lstrip("+-").isdigit() else None
+        except (TypeError, ValueError):
+            number = None
+        if number is None:
+            raise EvaluationInputError(f"seed {given!r}: {item!r} is not an integer or None.")
+        if not 0 <= number < 2**63:
+            raise EvaluationInputError(f"seed must be an integer in [0, 2**63), got {number!r}.")
+        values.append(number)
+    if len(values) == 1:
+        values *= 4
+    elif len(values) == 3:
+        values.append(DEFAULT_SEEDS[3])
+    if len(values) != 4:
+        raise EvaluationInputError(f"seed {given!r}: give one integer or four values random,numpy,torch,fewshot "
+                                   f"(e.g. 0,1234,1234,1234; None leaves a slot unset), got {len(values)}.")
+    if values[1] is not None and values[1] >= 2**32:
+        raise EvaluationInputError(f"seed {given!r}: the numpy seed must be below 2**32, got {values[1]}.")
+    return tuple(values)  # type: ignore[return-value]
+
+
+def _check_limit(limit) -> None:
+    if limit is None:
+        return
+    if isinstance(limit, float) and not isinstance(limit, bool):
+        if 0 < limit < 1 or (limit >= 1 and limit.is_integer()):
+            return
+    elif _is_int(limit) and limit >= 1:
+        return
+    raise EvaluationInputError(f"limit must be an integer >= 1 (or None), got {limit!r}; or a fraction "
+                               "0 < limit < 1 of each task's documents (as lm-eval).")
+
+
+def doc_count(limit, n: int) -> int:
+    """How many of a task's ``n`` documents ``limit`` keeps: lm-eval's ``ceil(n * fraction)``, or the first N."""
+    if limit is None:
+        return n
+    if limit < 1:
+        return int(math.ceil(n * limit))
+    return min(int(limit), n)
+
+
+def parse_samples(samples) -> dict[str, list[int]] | None:
+    """lm-eval's ``--samples``: ``{task: [doc indices]}`` as a dict, a JSON string or the path of a JSON file."""
+    if samples is None:
+        return None
+    given = samples
+    if isinstance(samples, (str, os.PathLike)):
+        text = str(samples).strip()
+        if not text.startswith("{"):
+            path = Path(text).expanduser()
+            if not path.is_file():
+                raise EvaluationInputError(f"samples {text!r} is neither a JSON object nor a JSON file "
+                                           '(e.g. \'{"my_task": [0, 5, 7]}\').')
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise EvaluationInputError(f"samples file {str(path)!r} cannot be read: {exc}.") from None
+        try:
+            samples = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise EvaluationInputError(f"samples {str(given)[:80]!r} is not valid JSON: {exc.msg} "
+                                       f"(line {exc.lineno}, column {exc.colno}).") from None
+    if not isinstance(samples, dict) or not samples:
+        raise EvaluationInputError(f"samples must map task names to lists of document indices, "
+                                   f'e.g. {{"my_task": [0, 5, 7]}}, got {given!r}.')
+    out = {}
+    for task, indices in samples.items():
+        if not isinstance(indices, list) or not indices or not all(_is_int(i) and i >= 0 for i in indices):
+            raise EvaluationInputError(f"samples[{task!r}] must be a non-empty list of document indices "
+                                       f"(integers >= 0), got {indices!r}.")
+        out[str(task)] = indices
+    return out
+
+
 def check_arguments(
     *,
     num_fewshot: int | None = None,
-    limit: int | None = None,
-    batch_size: int | None = None,
+    limit: int | float | None = None,
+    batch_size: int | str | None = None,
     max_batch_tokens: int = 4096,
-    seed: int = DEFAULT_FEWSHOT_SEED,
+    seed=DEFAULT_FEWSHOT_SEED,
     bootstrap_iters: int = BOOTSTRAP_ITERS,
+    samples=None,
 ) -> None:
     """Raise :class:`EvaluationInputError` naming the first bad value (and what is valid)."""
-    minimum = {"num_fewshot": 0, "limit": 1, "batch_size": 1, "max_batch_tokens": 1}
-    values = {"num_fewshot": num_fewshot, "limit": limit, "batch_size": batch_size, "max_batch_tokens": max_batch_tokens}
+    minimum = {"num_fewshot": 0, "batch_size": 1, "max_batch_tokens": 1}
+    values = {"num_fewshot": num_fewshot, "batch_size": batch_size, "max_batch_tokens": max_batch_tokens}
     for name, value in values.items():
         if value is None and name != "max_batch_tokens":
             continue
+        if name == "batch_size" and value == "auto":
+            continue
         if not _is_int(value) or value < minimum[name]:
             optional = "" if name == "max_batch_tokens" else " (or None)"
-            raise EvaluationInputError(f"{name} must be an integer >= {minimum[name]}{optional}, got {value!r}.")
-    if not _is_int(seed) or not 0 <= seed < 2**63:
-        raise EvaluationInputError(f"seed must be an integer in [0, 2**63), got {seed!r}.")
+            extra = "; or 'auto' (the budget that fits, found once)" if name == "batch_size" else ""
+            raise EvaluationInputError(f"{name} must be an integer >= {minimum[name]}{optional}, got {value!r}{extra}.")
+    _check_limit(limit)
+    if limit is not None and samples is not None:
+        raise EvaluationInputError("limit and samples both given: samples names the documents, limit counts "
+                                   "them; give one (as lm-eval).")
+    parse_seeds(seed)
     if not _is_int(bootstrap_iters) or bootstrap_iters < 0:
         raise EvaluationInputError(f"bootstrap_iters must be an integer >= 0 (0: no bootstrap stderr), "
                                    f"got {bootstrap_iters!r}.")
@@ -105,14 +222,14 @@ def _check_cache_dir(cache_dir) -> None:
 
 
 # -- model ------------------------------------------------------------------------------------
-def _load_config(path: str):
+def _load_config(path: str, hub_kwargs: dict | None = None):
     """The model's config, every failure as one :class:`CheckpointError` line."""
     from transformers import AutoConfig
 
     import hfx  # noqa: F401  (registers the hfx model type)
 
     try:
-        return AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(path, **(hub_kwargs or {}))
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise CheckpointError(f"--model {path}: its config cannot be used: {_one_line(exc)}") from None
 
@@ -128,16 +245,19 @@ def _check_tokenizer(tokenizer, where: str) -> None:
                               "tokenizer saved with the model? tokenizer.save_pretrained(folder))")
 
 
-def check_model_path(path: str | os.PathLike) -> None:
-    """Cheap checks of a model folder (config.json, weight headers, config values); hub ids pass to transformers."""
+def check_model_path(path: str | os.PathLike, hub_kwargs: dict | None = None):
+    """Cheap checks of a model folder (config.json, weight headers, config values); hub ids pass to transformers.
+
+    Returns the loaded config.
+    """
     check_model_dir(path, what="--model")
-    _load_config(str(path))
+    return _load_config(str(path), hub_kwargs)
 
 
-def _check_causal_config(path: str) -> None:
+def _check_causal_config(path: str, hub_kwargs: dict | None = None) -> None:
     from transformers import AutoModelForCausalLM
 
-    config = _load_config(path)
+    config = _load_config(path, hub_kwargs)
     architectures = getattr(config, "architectures", None) or []
     causal_arch = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
     # The Auto mapping also holds model types registered at run time (hfx, third parties).
@@ -148,12 +268,28 @@ def _check_causal_config(path: str) -> None:
         )
 
 
+def load_tokenizer(path: str, *, add_bos_token: bool | None = None, hub_kwargs: dict | None = None):
+    """The model's tokenizer with lm-eval's ``add_bos_token`` (cheap: loaded before the tasks are planned)."""
+    from transformers import AutoTokenizer
+
+    kwargs = {} if add_bos_token is None else {"add_bos_token": add_bos_token}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs, **(hub_kwargs or {}))
+    except (OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"--model {path}: its tokenizer cannot be loaded: {_one_line(exc)}") from None
+    _check_tokenizer(tokenizer, f"--model {path}")
+    return tokenizer
+
+
 def load_model(
     model: str | os.PathLike,
     *,
     dtype: torch.dtype | None = None,
     add_bos_token: bool | None = None,
     causal: bool = True,
+    model_args: ModelArgs | str | dict | None = None,
+    device: str | None = None,
+    tokenizer=None,
 ):
     """``(model, tokenizer, source_path)`` from a local directory or hub id, checked first.
 
@@ -161,26 +297,50 @@ def load_model(
     :class:`~hfx.checkpoint_check.CheckpointError`), then that it is a causal LM (``causal=False``:
     an encoder with the head it was saved with). ``add_bos_token`` is passed to the tokenizer as
     lm-eval's ``HFLM`` does (a fast tokenizer then rebuilds its post-processor: BOS or nothing
-    before the text, nothing after it).
+    before the text, nothing after it). ``model_args`` (lm-eval's keys, :class:`ModelArgs`) choose
+    dtype, revision, quantisation, attention, placement and a PEFT adapter (loaded on the base as
+    lm-eval's ``peft=`` does); ``device`` is a resolved ``--device``. Without either the model
+    loads in fp32 on CPU.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    args = ModelArgs.parse(model_args)
+    if dtype is not None and args.dtype is None:
+        args = dataclasses.replace(args, dtype=str(dtype).removeprefix("torch."))
     path = str(model)
-    check_model_path(path)
+    hub = args.hub_kwargs()
+    config = check_model_path(path, hub)
     if not causal:
         return load_encoder(path)
-    _check_causal_config(path)
-    kwargs = {} if add_bos_token is None else {"add_bos_token": add_bos_token}
+    _check_causal_config(path, hub)
+    adapter = check_adapter(args.peft, path, config) if args.peft is not None else None
+    if tokenizer is None:
+        tokenizer = load_tokenizer(path, add_bos_token=add_bos_token, hub_kwargs=hub)
+    kwargs = args.from_pretrained_kwargs(device, config)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"--model {path}: its tokenizer cannot be loaded: {_one_line(exc)}") from None
-    _check_tokenizer(tokenizer, f"--model {path}")
-    try:
-        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
-    except (OSError, ValueError) as exc:
+        loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
         raise CheckpointError(f"--model {path}: the model cannot be loaded: {_one_line(exc)}") from None
+    if adapter is not None:
+        loaded = _load_adapter(loaded, adapter, tokenizer, args)
+    if device is not None and "device_map" not in kwargs and not args.quantized:
+        loaded = loaded.to(device)
     return loaded, tokenizer, path if Path(path).is_dir() else None
+
+
+def _load_adapter(base, adapter: Path, tokenizer, args: ModelArgs):
+    """``PeftModel.from_pretrained`` on the loaded base, as lm-eval's ``peft=`` (embeddings resized to the tokenizer)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise EvaluationInputError(f"--model-args peft={args.peft} needs the peft package (pip install peft).") from None
+    if base.config.vocab_size != len(tokenizer):  # an adapter trained with added tokens (lm-eval resizes too)
+        base.resize_token_embeddings(len(tokenizer))
+    try:
+        return PeftModel.from_pretrained(base, str(adapter), **({"revision": args.revision} if args.revision else {}))
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise CheckpointError(f"--model-args peft={args.peft}: the adapter cannot be loaded on this base: "
+                              f"{_one_line(exc)}") from None
 
 
 # -- planning: names to trees, every leaf prepared, every refusal collected --------------------
@@ -229,7 +389,22 @@ def _filter_names(task: Task) -> list[str]:
     return ["none"]
 
 
-def _prepare(task: Task, num_fewshot, limit, seed) -> tuple:
+def _select_docs(task: Task, all_docs: list, limit, indices: list[int] | None) -> list:
+    """The documents a run scores: ``indices`` (lm-eval's ``--samples``: in dataset order), else ``limit``'s share."""
+    if indices is None:
+        return all_docs[:doc_count(limit, len(all_docs))]
+    bad = sorted({i for i in indices if i >= len(all_docs)})
+    if bad:
+        raise EvaluationInputError(f"samples[{task.name!r}]: document index {bad[0]} is out of range: the task has "
+                                   f"{len(all_docs)} documents (indices 0..{len(all_docs) - 1}).")
+    if task.output_type == CLASS_OUTPUT_TYPE:
+        raise EvaluationInputError(f"samples[{task.name!r}]: a class: task builds its own requests from its first "
+                                   "documents; use limit for it.")
+    chosen = set(indices)
+    return [doc for i, doc in enumerate(all_docs) if i in chosen]
+
+
+def _prepare(task: Task, num_fewshot, limit, seed, indices: list[int] | None = None, prompt_format=None) -> tuple:
     if task.output_type not in OUTPUT_TYPES:
         raise TaskError(
             f"Task {task.name!r}: output_type {task.output_type!r} has no evaluator; known: {sorted(OUTPUT_TYPES)}."
@@ -238,9 +413,23 @@ def _prepare(task: Task, num_fewshot, limit, seed) -> tuple:
         get_metric(name)
     k = task.effective_num_fewshot(num_fewshot)
     all_docs = task.eval_docs()
-    docs = all_docs[:limit] if limit else all_docs
+    docs = _select_docs(task, all_docs, limit, indices)
     task.validate(k, docs)
-    return k, docs, len(all_docs), task.contexts(docs, k, seed)
+    if prompt_format is None:
+        return k, docs, len(all_docs), task.contexts(docs, k, seed)
+    return k, docs, len(all_docs), task.contexts(docs, k, seed, prompt_format=prompt_format)
+
+
+def with_gen_kwargs(task: Task, gen_kwargs: dict | None) -> Task:
+    """A copy of a generate_until ``task`` whose generation_kwargs are updated by ``gen_kwargs`` (lm-eval's --gen_kwargs)."""
+    if not gen_kwargs or task.output_type != "generate_until":
+        return task
+    merged = {**(task.config.generation_kwargs or {}), **gen_kwargs}
+    if isinstance(merged.get("until"), str):
+        merged["until"] = [merged["until"]]
+    out = copy.copy(task)
+    out.config = dataclasses.replace(task.config, generation_kwargs=merged)
+    return out
 
 
 def unreported_aggregates(group: GroupNode, tasks: dict[str, Task]) -> list[str]:
@@ -281,14 +470,21 @@ def plan(
     include_path: Iterable = (),
     allow_code: bool = False,
     num_fewshot: int | None = None,
-    limit: int | None = None,
-    seed: int = DEFAULT_FEWSHOT_SEED,
+    limit: int | float | None = None,
+    seed: int | None = DEFAULT_FEWSHOT_SEED,
+    samples: dict[str, list[int]] | None = None,
+    prompt_format=None,
+    gen_kwargs: dict | None = None,
 ) -> Plan:
     """Resolve names (tasks, tags, groups), :class:`Task` objects and :class:`GroupNode` trees; prepare each leaf once.
 
     Nothing raises for a task that cannot run: it lands in ``Plan.refused`` with why, so that one
     error (or ``skip_unsupported``) covers them all. A group leaf is taken from the given
-    :class:`Task` objects of that name first, else from the index.
+    :class:`Task` objects of that name first, else from the index. ``seed`` is the few-shot seed;
+    ``samples`` (``{task: [doc indices]}``) picks documents instead of ``limit``, and an index
+    past a task's end or a task name nothing evaluates is an :class:`EvaluationInputError`;
+    ``prompt_format`` (from :func:`hfx.evaluation.chat.prompt_format`) renders chat prompts;
+    ``gen_kwargs`` updates every generate_until task's generation_kwargs.
     """
     result = Plan()
     given = {t.name: t for t in items if isinstance(t, Task)}
@@ -317,8 +513,10 @@ def plan(
                 task = given[name]
             else:
                 task = _load_ref(index, ref)
+            task = with_gen_kwargs(task, gen_kwargs)
             result.tasks[name] = task
-            result.prepared[name] = _prepare(task, num_fewshot, limit, seed)
+            indices = samples.get(name) if samples is not None else None
+            result.prepared[name] = _prepare(task, num_fewshot, limit, seed, indices, prompt_format)
         except TaskError as exc:
             result.tasks.pop(name, None)
             result.refused[name] = _message(exc)
@@ -335,6 +533,11 @@ def plan(
         for line in unreported_aggregates(group, result.tasks):
             warnings.warn(line, stacklevel=3)
             result.warnings.append(line)
+    if samples is not None:
+        unknown = [n for n in samples if n not in result.tasks and n not in result.refused]
+        if unknown:
+            raise EvaluationInputError(f"samples names {', '.join(map(repr, unknown))}, which this run does not "
+                                       f"evaluate; it evaluates: {', '.join(result.tasks) or 'nothing'}.")
     return result
 
 
@@ -366,7 +569,7 @@ def settle(plan_: Plan, skip_unsupported: bool) -> None:
 
 # -- the entry point --------------------------------------------------------------------------
 def _run_plan(plan_: Plan, backend: Any, *, limit, seed, config, skip_unsupported: bool,
-              bootstrap_iters: int = BOOTSTRAP_ITERS) -> tuple[dict, dict]:
+              bootstrap_iters: int = BOOTSTRAP_ITERS, predict_only: bool = False) -> tuple[dict, dict]:
     started = time.time()
     for name, task in list(plan_.tasks.items()):  # backend checks: still before any task is scored
         check = OUTPUT_TYPES[task.output_type].check
@@ -388,21 +591,29 @@ def _run_plan(plan_: Plan, backend: Any, *, limit, seed, config, skip_unsupporte
         k, docs, n_original, contexts = plan_.prepared[name]
         recs = OUTPUT_TYPES[task.output_type].run(task, docs, contexts, backend)
         records[name] = recs
+        task_config = {**task.config.to_dict(), "num_fewshot": k}
+        if predict_only:  # lm-eval's bypass metric: a 999 placeholder, no metric is computed
+            for record in recs:
+                record["metrics"] = {"bypass": None}
+            scores, directions = {("bypass", "none"): (999, "N/A")}, {"bypass": True}
+            task_config["metric_list"] = [{"metric": "bypass"}]
+        else:
+            scores, directions = task_scores(task, recs, bootstrap_iters=bootstrap_iters), task_higher_is_better(task)
         summaries.append(
             {
                 "name": name,
                 "alias": plan_.aliases.get(name),
-                "scores": task_scores(task, recs, bootstrap_iters=bootstrap_iters),
-                "config": {**task.config.to_dict(), "num_fewshot": k},
+                "scores": scores,
+                "config": task_config,
                 "version": task.version,
                 "num_fewshot": k,
-                "higher_is_better": task_higher_is_better(task),
+                "higher_is_better": directions,
                 "n_original": n_original,
                 "n_effective": len(docs),
             }
         )
-    run_config = {"limit": limit, "bootstrap_iters": bootstrap_iters, "random_seed": 0, "numpy_seed": 1234,
-                  "torch_seed": seed, "fewshot_seed": seed}
+    seeds = parse_seeds(seed)
+    run_config = {"limit": limit, "bootstrap_iters": bootstrap_iters, **dict(zip(SEED_SLOTS, seeds))}
     run_config.update(config or {})
     results = build_results(summaries, run_config, started, time.time(), groups=plan_.groups, skipped=plan_.skipped)
     return results, records
@@ -413,39 +624,170 @@ def evaluate_tasks(
     backend: Any,
     *,
     num_fewshot: int | None = None,
-    limit: int | None = None,
-    seed: int = DEFAULT_FEWSHOT_SEED,
+    limit: int | float | None = None,
+    seed=DEFAULT_FEWSHOT_SEED,
     config: dict | None = None,
     include_path: str | os.PathLike | Iterable[str | os.PathLike] = (),
     allow_code: bool = False,
     skip_unsupported: bool = False,
     bootstrap_iters: int = BOOTSTRAP_ITERS,
+    samples=None,
+    predict_only: bool = False,
 ) -> tuple[dict, dict[str, list[dict]]]:
     """Validate every task, then run them on ``backend``; returns (lm-eval-shaped results, per-task records).
 
     ``tasks`` may mix :class:`Task` objects, :class:`GroupNode` trees (their leaves taken from the
-    given tasks by name, else from ``include_path``) and task/tag/group names.
+    given tasks by name, else from ``include_path``) and task/tag/group names. ``seed``, ``limit``,
+    ``samples`` and ``predict_only`` as in :func:`evaluate`.
     """
-    check_arguments(num_fewshot=num_fewshot, limit=limit, seed=seed, bootstrap_iters=bootstrap_iters)
+    check_arguments(num_fewshot=num_fewshot, limit=limit, seed=seed, bootstrap_iters=bootstrap_iters,
+                    samples=samples)
+    samples = parse_samples(samples)
     includes = [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path)
     plan_ = plan(list(tasks), include_path=includes, allow_code=allow_code, num_fewshot=num_fewshot, limit=limit,
-                 seed=seed)
+                 seed=parse_seeds(seed)[3], samples=samples)
     settle(plan_, skip_unsupported)
     return _run_plan(plan_, backend, limit=limit, seed=seed, config=config, skip_unsupported=skip_unsupported,
-                     bootstrap_iters=bootstrap_iters)
+                     bootstrap_iters=bootstrap_iters, predict_only=predict_only)
+
+
+def _resolve_model(model, args: ModelArgs):
+    """The model given by ``model`` and/or ``model_args`` ``pretrained=``: one of them, or both agreeing."""
+    if args.pretrained is None:
+        if model is None:
+            raise EvaluationInputError("no model: give a model (a folder, hub id or model object) or "
+                                       "model_args pretrained=...")
+        return model
+    if model is None:
+        return args.pretrained
+    if not isinstance(model, (str, os.PathLike)):
+        raise EvaluationInputError(f"model_args pretrained={args.pretrained} and a model object were both given; "
+                                   "give one.")
+    same = str(model) == args.pretrained or (
+        Path(model).exists() and Path(args.pretrained).exists()
+        and Path(model).resolve() == Path(args.pretrained).resolve())
+    if not same:
+        raise EvaluationInputError(f"--model {model} and --model-args pretrained={args.pretrained} disagree; "
+                                   "give the model once.")
+    return model
+
+
+#: model_args keys that only a load from a folder or hub id can honour
+_LOAD_KEYS = ("dtype", "revision", "trust_remote_code", "peft", "device_map", "parallelize", "attn_implementation",
+              "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_compute_dtype",
+              "bnb_4bit_use_double_quant")
+
+
+def _check_placement(args: ModelArgs, device: str | None, device_given: bool) -> None:
+    if args.placement is not None and device_given:
+        raise EvaluationInputError(f"device={device!r} and model_args device_map={args.placement!r} both place the "
+                                   "model; give one (device_map / parallelize=True spread it, device puts it whole "
+                                   "on one device).")
+
+
+def _launched_world() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def _process_group(device: str | None, placement):
+    """The data-parallel group (``hfx.evaluation.distributed``); one process when not launched by torchrun/accelerate."""
+    try:
+        from .distributed import process_group
+    except ImportError as exc:
+        if _launched_world() > 1:
+            raise EvaluationInputError(f"launched with WORLD_SIZE={_launched_world()} but data-parallel evaluation "
+                                       f"is not available in this build ({exc}).") from None
+        return None
+    if placement is not None and _launched_world() > 1:
+        raise EvaluationInputError(f"model_args device_map={placement!r} spreads one model over devices, but this run "
+                                   f"was launched as {_launched_world()} data-parallel processes, each of which needs "
+                                   "a whole model; drop device_map/parallelize or launch one process.")
+    return process_group(device or "cpu")
+
+
+def _chat_format(tokenizer, apply_chat_template, fewshot_as_multiturn, system_instruction):
+    if not apply_chat_template and not fewshot_as_multiturn and system_instruction is None:
+        return None
+    try:
+        from .chat import prompt_format
+    except ImportError as exc:
+        raise EvaluationInputError(f"apply_chat_template / fewshot_as_multiturn / system_instruction need "
+                                   f"hfx.evaluation.chat, which this build lacks ({exc}).") from None
+    return prompt_format(tokenizer, apply_chat_template=apply_chat_template, fewshot_as_multiturn=fewshot_as_multiturn,
+                         system_instruction=system_instruction)
+
+
+def _chat_record(fmt, apply_chat_template, fewshot_as_multiturn, system_instruction) -> dict:
+    """lm-eval's record of prompt formatting: template text and sha256, system instruction and its sha256."""
+    template = getattr(fmt, "chat_template", None) if apply_chat_template else None
+    if template is not None and not isinstance(template, str):
+        template = str(template)
+
+    def sha(text):
+        return hashlib.sha256(text.encode("utf-8")).hexdigest() if text else None
+
+    return {"chat_template": template, "chat_template_sha": sha(template), "system_instruction": system_instruction,
+            "system_instruction_sha": sha(system_instruction), "fewshot_as_multiturn": bool(fewshot_as_multiturn)}
+
+
+def _identity_extras(identity: str, *, adapter: Path | None, memo: ContentHashMemo, device, max_length) -> str:
+    """Fold what the base model's identity does not see into the cache key: the adapter's files, the device
+    (a GPU's kernels round differently from the CPU's), an explicit max_length (left truncation)."""
+    extras = []
+    if adapter is not None:
+        from .cache import identity_files
+
+        extras += [f"adapter:{f.name}:{memo.hash(f)}" for f in identity_files(adapter)]
+    if device is not None and torch.device(device).type != "cpu":
+        extras.append(f"device:{torch.device(device).type}")
+    if max_length is not None:
+        extras.append(f"max_length:{max_length}")
+    if not extras:
+        return identity
+    return hashlib.blake2b("\n".join([identity, *extras]).encode(), digest_size=16).hexdigest()
+
+
+def print_prompts(plan_: Plan, stream=None) -> None:
+    """lm-eval's ``--write_out``: the first document's prompt(s) and target of every task."""
+    stream = stream or sys.stdout
+    for name, task in plan_.tasks.items():
+        k, docs, _, contexts = plan_.prepared[name]
+        if not docs:
+            continue
+        task.doc_index = 0
+        try:
+            target = task.doc_to_target(docs[0]) if task.output_type != "loglikelihood_rolling" else None
+            choices = task.doc_to_choice(docs[0]) if task.config.doc_to_choice is not None else None
+        except (TaskError, AttributeError, TypeError):
+            target = choices = None
+        finally:
+            task.doc_index = None
+        context = contexts[0]
+        prompts = context if isinstance(context, list) else [context]
+        print(f"Task: {name}; document 0 ({task.output_type}, {k}-shot); prompt (from the next line):", file=stream)
+        for prompt in prompts:
+            print(prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False), file=stream)
+            print("(end of prompt)", file=stream)
+        if choices is not None:
+            print(f"choices: {json.dumps(choices, ensure_ascii=False)}", file=stream)
+        if target is not None:
+            print(f"target: {json.dumps(target, ensure_ascii=False, default=str)}", file=stream)
 
 
 def evaluate(
-    model,
-    tasks: str | Iterable[str | Task],
+    model=None,
+    tasks: str | Iterable[str | Task] = (),
     *,
     num_fewshot: int | None = None,
     tokenizer=None,
     include_path: str | os.PathLike | Iterable[str | os.PathLike] = (),
-    batch_size: int | None = None,
+    batch_size: int | str | None = None,
     max_batch_tokens: int = 4096,
-    limit: int | None = None,
-    seed: int = DEFAULT_FEWSHOT_SEED,
+    limit: int | float | None = None,
+    seed=None,
     allow_code: bool = False,
     cache_dir: str | os.PathLike | None | bool = None,
     progress: bool = True,
@@ -454,6 +796,15 @@ def evaluate(
     add_special_tokens: bool | None = None,
     skip_unsupported: bool = False,
     bootstrap_iters: int = BOOTSTRAP_ITERS,
+    model_args: str | dict | ModelArgs | None = None,
+    device: str | None = None,
+    samples: dict | str | os.PathLike | None = None,
+    predict_only: bool = False,
+    gen_kwargs: str | dict | None = None,
+    apply_chat_template: bool | str = False,
+    fewshot_as_multiturn: bool | None = None,
+    system_instruction: str | None = None,
+    write_out: bool = False,
 ):
     """Evaluate a causal LM (object or path/id) on tasks (task, tag or group names, :class:`Task` objects or
     :class:`GroupNode` trees).
@@ -464,14 +815,26 @@ def evaluate(
     ``$HFX_EVAL_CACHE`` or ``~/.cache/hfx/eval``. ``add_bos_token`` is lm-eval's switch: ``None``
     keeps the tokenizer's default special tokens (lm-eval's default too); ``False`` suits models
     trained without special tokens around documents (hfx quickstart); ``add_special_tokens`` is
-    the older name of the same switch. ``seed`` seeds the few-shot draws and, per request, sampling.
+    the older name of the same switch.
     Every task or group that cannot run is named in one :class:`TaskError` before the model loads;
     ``skip_unsupported=True`` runs the rest and lists the others in ``results["skipped"]`` (a group
     with a skipped member then reports no aggregate).
     ``bootstrap_iters`` is lm-eval's: resamples for the stderr of corpus metrics (perplexity, f1,
     bleu, ...; 0 reports none).
+
+    lm-eval's run options: ``model_args`` (``"dtype=bfloat16,peft=runs/x/adapter"``, a dict, or
+    :class:`~.model_args.ModelArgs`; ``pretrained=`` may stand for ``model``), ``device``
+    (cpu, cuda, cuda:N, mps, auto; default CPU), ``batch_size="auto"``, ``limit`` as a count or a
+    fraction, ``samples`` (``{task: [doc indices]}``, a JSON string or file), ``predict_only``
+    (records kept, lm-eval's ``bypass`` placeholder instead of metrics), ``gen_kwargs`` (merged into
+    every generate_until task's generation_kwargs), ``seed`` (one int for lm-eval's four slots, or
+    ``"random,numpy,torch,fewshot"``; default ``0,1234,1234,1234``), ``apply_chat_template`` /
+    ``fewshot_as_multiturn`` (default: on with a chat template) / ``system_instruction``, and
+    ``write_out`` (print every task's first prompt).
     Returns the lm-eval-shaped results dict (and the per-task records with ``return_records``).
     """
+    # -- every argument, before anything is read ---------------------------------------------
+    args = ModelArgs.parse(model_args)
     if add_special_tokens is not None and add_bos_token is not None and add_special_tokens != add_bos_token:
         raise EvaluationInputError(
             f"add_bos_token={add_bos_token!r} and add_special_tokens={add_special_tokens!r} disagree; "
@@ -480,62 +843,148 @@ def evaluate(
     add_bos = add_bos_token if add_bos_token is not None else add_special_tokens
     if add_bos is not None and not isinstance(add_bos, bool):
         raise EvaluationInputError(f"add_bos_token must be True, False or None, got {add_bos!r}.")
+    if args.add_bos_token is not None:
+        if add_bos is not None and add_bos != args.add_bos_token:
+            raise EvaluationInputError(f"add_bos_token={add_bos!r} and model_args add_bos_token={args.add_bos_token!r} "
+                                       "disagree; they are the same setting, give one.")
+        add_bos = args.add_bos_token
     check_arguments(num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-                    seed=seed, bootstrap_iters=bootstrap_iters)
+                    seed=seed, bootstrap_iters=bootstrap_iters, samples=samples)
+    seeds = parse_seeds(seed)
+    samples = parse_samples(samples)
+    gen = parse_pairs(gen_kwargs, "gen_kwargs") or None
+    if system_instruction is not None and not isinstance(system_instruction, str):
+        raise EvaluationInputError(f"system_instruction must be a string, got {system_instruction!r}.")
+    if fewshot_as_multiturn is None:  # lm-eval's CLI: on whenever a chat template is applied
+        fewshot_as_multiturn = bool(apply_chat_template)
+    model = _resolve_model(model, args)
     tasks = task_names(tasks)
     _check_cache_dir(cache_dir)
     is_path = isinstance(model, (str, os.PathLike))
+    if not is_path:
+        unusable = [k for k in _LOAD_KEYS if getattr(args, k) is not None]
+        if unusable:
+            raise EvaluationInputError(f"model_args {', '.join(unusable)} choose how a model is loaded; the model "
+                                       "given is already loaded (pass its folder or hub id instead).")
+        if tokenizer is None:
+            raise EvaluationInputError("A tokenizer is required when `model` is a model object (tokenizer=...).")
+    device_given = device is not None
+    device = resolve_device(device)
+    _check_placement(args, device, device_given)
+    if _launched_world() > 1 and device is not None and device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # one GPU per data-parallel rank
+    source = adapter = config_ = None
     if is_path:
-        check_model_path(model)  # a missing or damaged model fails before the task files are read
-    elif tokenizer is None:
-        raise EvaluationInputError("A tokenizer is required when `model` is a model object (tokenizer=...).")
+        config_ = check_model_path(model, args.hub_kwargs())  # a missing or damaged model fails before the tasks
+        if args.peft is not None:
+            adapter = check_adapter(args.peft, model, config_)
+        if not args.quantized:
+            check_dtype_on_device(args.torch_dtype(config_), device)
+    elif device is not None:
+        check_dtype_on_device(next(model.parameters()).dtype, device)
+    group = _process_group(device or (str(next(model.parameters()).device) if not is_path else None),
+                           args.placement)
+    # the tokenizer is cheap and chat prompts need it: loaded before the tasks are planned
+    user_tokenizer = tokenizer is not None
+    chat = bool(apply_chat_template or fewshot_as_multiturn or system_instruction is not None)
+    if is_path and tokenizer is None:
+        tokenizer = _early_tokenizer(model, add_bos, args, needed=chat)
+    if not is_path:
+        _check_tokenizer(tokenizer, "tokenizer")
+    fmt = _chat_format(tokenizer, apply_chat_template, fewshot_as_multiturn, system_instruction)
     includes = [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path)
-    plan_ = plan(tasks, include_path=includes, allow_code=allow_code, num_fewshot=num_fewshot, limit=limit, seed=seed)
+    plan_ = plan(tasks, include_path=includes, allow_code=allow_code, num_fewshot=num_fewshot, limit=limit,
+                 seed=seeds[3], samples=samples, prompt_format=fmt, gen_kwargs=gen)
     settle(plan_, skip_unsupported)
+    if write_out and (group is None or group.is_main):
+        print_prompts(plan_)
     resolved = list(plan_.tasks.values())
     needs_lm = any(OUTPUT_TYPES[t.output_type].needs_causal_lm for t in resolved if t.output_type in OUTPUT_TYPES)
-    source = None
     model_name = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
     if is_path:
         model_name = str(model)
-        model, loaded_tokenizer, source = load_model(model, add_bos_token=add_bos, causal=needs_lm)
-        tokenizer = tokenizer or loaded_tokenizer
+        model, loaded_tokenizer, source = load_model(model, add_bos_token=add_bos, causal=needs_lm, model_args=args,
+                                                     device=device, tokenizer=tokenizer if needs_lm else None)
+        # an encoder comes with the tokenizer it was saved with
+        tokenizer = tokenizer if user_tokenizer or (needs_lm and tokenizer is not None) else loaded_tokenizer
     elif needs_lm and not is_causal_lm(model):
         raise TaskError(
             f"{type(model).__name__} is not a causal LM; loglikelihood / generate_until tasks need one (e.g. *ForCausalLM)."
         )
-    if not is_path:
-        _check_tokenizer(tokenizer, "tokenizer")
+    elif device is not None and not getattr(model, "hf_device_map", None):
+        model = model.to(device)
     # A 4-bit model computes in its compute dtype on every CPU (bitsandbytes' fused CPU kernel is bf16).
     bnb_path = pin_bnb_cpu_path(model)
-    torch.manual_seed(seed)
+    if seeds[0] is not None:
+        random.seed(seeds[0])
+    if seeds[1] is not None:
+        import numpy as np
+
+        np.random.seed(seeds[1])
+    if seeds[2] is not None:
+        torch.manual_seed(seeds[2])
     cache = None
     # With the cache off nothing is written anywhere: the memo then lives for this call only.
     memo = ContentHashMemo(None if cache_dir is False else (cache_dir or default_cache_dir()))
     hashing_started = time.perf_counter()
     identity = model_identity(model, tokenizer, source, memo=memo, add_bos_token=add_bos, bnb_cpu_path=bnb_path)
+    identity = _identity_extras(identity, adapter=adapter, memo=memo, device=device, max_length=args.max_length)
     memo.save()
     identity_cost = {"files_hashed": memo.hashed, "seconds": round(time.perf_counter() - hashing_started, 3)}
     if cache_dir is not False:
         cache = ResultCache(cache_dir or default_cache_dir(), identity)
     scorer = CausalLMScorer(
         model, tokenizer, batch_size=batch_size, max_batch_tokens=max_batch_tokens, cache=cache, progress=progress,
-        add_bos_token=add_bos, seed=seed,
+        add_bos_token=add_bos, seed=seeds[2] if seeds[2] is not None else DEFAULT_FEWSHOT_SEED,
+        max_length=args.max_length,
     )
+    backend = scorer
+    world_size = 1 if group is None else group.world_size
+    if world_size > 1:
+        from .distributed import DataParallelScorer
+
+        backend = DataParallelScorer(scorer, group)
+    model_device = str(getattr(scorer, "device", device or "cpu"))
     config = {
         "model": model_name,
+        "model_args": args.given(),
         "model_identity": identity,
         "batch_size": batch_size,
         "max_batch_tokens": max_batch_tokens,
+        "device": model_device,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "add_bos_token": add_bos,
         "bnb_cpu_path": bnb_path,
         "model_identity_cost": identity_cost,
+        "gen_kwargs": gen,
+        "samples": samples,
+        "predict_only": predict_only,
+        "world_size": world_size,
+        **_chat_record(fmt, apply_chat_template, fewshot_as_multiturn, system_instruction),
     }
-    results, records = _run_plan(plan_, scorer, limit=limit, seed=seed, config=config,
-                                 skip_unsupported=skip_unsupported, bootstrap_iters=bootstrap_iters)
+    results, records = _run_plan(plan_, backend, limit=limit, seed=seeds, config=config,
+                                 skip_unsupported=skip_unsupported, bootstrap_iters=bootstrap_iters,
+                                 predict_only=predict_only)
+    batch_info = getattr(scorer, "batch_info", None)
+    if batch_info:
+        results["config"]["batch_info"] = batch_info
+    for key in ("chat_template", "chat_template_sha", "system_instruction", "system_instruction_sha",
+                "fewshot_as_multiturn"):  # where lm-eval's results file has them
+        results[key] = results["config"][key]
     results["config"]["cache_hits"] = cache.hits if cache is not None else 0
     results["config"]["warnings"] = plan_.warnings + list(getattr(scorer, "warnings", []))
     return (results, records) if return_records else results
+
+
+def _early_tokenizer(model, add_bos, args: ModelArgs, needed: bool):
+    """The folder's tokenizer, loaded before planning; a failure waits for the model load to report it
+    (after the task checks, as before) unless chat prompts need it now."""
+    try:
+        return load_tokenizer(str(model), add_bos_token=add_bos, hub_kwargs=args.hub_kwargs())
+    except CheckpointError:
+        if needed:
+            raise
+        return None
 
 
 from .encoder.harness import load_encoder  # noqa: E402  registers the encoder output types
