@@ -12,9 +12,22 @@ the results (:data:`MEMO_NAME`, written atomically), keyed by path and by the fi
 ``st_ino``, size, ``st_mtime_ns`` and ``st_ctime_ns``. Any write to a file (``cp -p`` over it
 included) moves its ctime, which no user tool can set back, so an unchanged file is hashed once.
 
-Each identity has its own append-only JSON-lines file; a line is written and flushed after every
-batch, so a run killed mid-way loses at most one batch. A line that is not a record (cut short by
-a kill, or valid JSON of another shape) is skipped on reload.
+Each identity has its own append-only JSON-lines file, ``{identity}.jsonl`` (lines
+``{"k": key, "v": value}``); a batch's lines are written and fsynced after every batch, so a run
+killed mid-way loses at most one batch. A line that is not a record (cut short by a kill, or valid
+JSON of another shape) is skipped on reload, and the next write starts on a fresh line.
+
+Several writer processes. The ranks of a data-parallel run (:mod:`.distributed`) share one
+identity; rank ``r`` of a multi-process world appends to its own ``{identity}.rank{r}.jsonl``, and
+every reader reads the single-process file and every rank file of the identity. A killed
+N-process run thus resumes, with any number of processes, from what each rank had written. One
+file per writer is chosen over one shared file with ``flock``: ranks never wait on each other, a
+rank killed while holding a lock cannot block the rest, and nothing depends on how a network file
+system implements locks or ``O_APPEND``. A key that two files both hold has the same value (a
+request's result depends on the model and the request only), so the order they are read in does
+not matter. Independent single-process runs of the same model still share ``{identity}.jsonl``:
+each batch is one ``write()`` on a file opened with ``O_APPEND``, which a local file system never
+interleaves with another process's.
 """
 
 from __future__ import annotations
@@ -195,22 +208,54 @@ def request_key(*parts: Any) -> str:
 
 
 class ResultCache:
-    """An append-only key → JSON value store for one model identity."""
+    """An append-only key → JSON value store for one model identity, readable and writable by several processes.
 
-    def __init__(self, directory: str | os.PathLike, identity: str):
-        self.path = Path(directory) / f"{identity}.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    ``rank``: the writer's rank in a multi-process world (``None``: a single process), which picks
+    the file this process appends to; every writer's file is read. :meth:`use_rank` switches it later.
+    """
+
+    def __init__(self, directory: str | os.PathLike, identity: str, *, rank: int | None = None):
+        self.directory = Path(directory)
+        self.identity = identity
+        self.directory.mkdir(parents=True, exist_ok=True)
         self.values: dict[str, Any] = {}
-        if self.path.exists():
-            with open(self.path, encoding="utf-8", errors="replace") as handle:
-                for line in handle:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a line cut short by a killed run
-                    if isinstance(record, dict) and isinstance(record.get("k"), str) and "v" in record:
-                        self.values[record["k"]] = record["v"]  # anything else is not a record: skipped
         self.hits = 0
+        self.use_rank(rank)
+        for path in self.files():
+            self._read(path)
+
+    def use_rank(self, rank: int | None) -> None:
+        """Append from now on to rank ``rank``'s file (``None``: the single-process file)."""
+        if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 0):
+            raise ValueError(f"rank must be an integer >= 0 or None, got {rank!r}")
+        self.rank = rank
+        name = f"{self.identity}.jsonl" if rank is None else f"{self.identity}.rank{rank}.jsonl"
+        self.path = self.directory / name
+        self._fresh_line: bool | None = None  # whether the file ends on a line break; checked at first write
+
+    def files(self) -> list[Path]:
+        """Every file of this identity: the single-process one, then each rank's, by rank."""
+        ranked = []
+        for path in self.directory.glob(f"{self.identity}.rank*.jsonl"):
+            number = path.name[len(self.identity) + len(".rank"):-len(".jsonl")]
+            if number.isdigit():
+                ranked.append((int(number), path))
+        base = self.directory / f"{self.identity}.jsonl"
+        return ([base] if base.is_file() else []) + [p for _, p in sorted(ranked)]
+
+    def _read(self, path: Path) -> None:
+        try:
+            handle = open(path, encoding="utf-8", errors="replace")
+        except OSError:
+            return
+        with handle:
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a killed run (or one another writer is writing now)
+                if isinstance(record, dict) and isinstance(record.get("k"), str) and "v" in record:
+                    self.values[record["k"]] = record["v"]  # anything else is not a record: skipped
 
     def get(self, key: str) -> Any:
         value = self.values.get(key)
@@ -222,7 +267,18 @@ class ResultCache:
         if not items:
             return
         self.values.update(items)
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write("".join(json.dumps({"k": k, "v": v}) + "\n" for k, v in items.items()))
-            handle.flush()
-            os.fsync(handle.fileno())
+        data = "".join(json.dumps({"k": k, "v": v}) + "\n" for k, v in items.items()).encode("utf-8")
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            if self._fresh_line is None:
+                size = os.fstat(fd).st_size
+                self._fresh_line = size == 0 or os.pread(fd, 1, size - 1) == b"\n"
+            if not self._fresh_line:  # a kill cut the last line short: do not glue the first record to it
+                data = b"\n" + data
+            view = memoryview(data)
+            while view:  # one write() in practice; a partial write (full disk, signal) is finished, not lost
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+            self._fresh_line = True
+        finally:
+            os.close(fd)

@@ -1,0 +1,365 @@
+"""Data-parallel evaluation: N processes (``torchrun`` / ``accelerate launch``) each score a shard, every rank merges.
+
+:func:`process_group` reads the launcher's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR`` / ``MASTER_PORT``: torchrun and ``accelerate launch`` set the same variables) and
+initialises ``torch.distributed`` once: gloo on CPU, NCCL on CUDA, where rank ``r`` runs on
+``cuda:LOCAL_RANK``. Outside a launcher it returns a world of one and initialises nothing.
+
+:class:`DataParallelScorer` wraps a scorer and answers the same three calls. Each call's requests
+are dealt out, every rank scores its share, and one ``all_gather_object`` brings every share to
+every rank, where the results are put back in request order. So every rank returns the full list,
+computes the same metrics and builds the same results; only the main rank writes them.
+
+How requests are dealt out keeps what makes the scorer fast:
+
+- ``loglikelihood``: all requests with the same context form one *context group* (the scorer packs
+  a context and all its continuations into one row, and shares a few-shot prefix between rows);
+  groups stay whole and go, longest first, to the rank with the fewest tokens so far (LPT).
+- ``loglikelihood_rolling``: one text is the unit, dealt the same way.
+- ``generate_until``: requests with the same generation kwargs are sorted by prompt length and cut
+  into chunks of the scorer's batch size; whole chunks are dealt out, so each rank's batches are
+  runs of similar lengths, as one process would form them.
+
+A rank's batches hold other rows than one process's batches: the padded width and the number of
+rows differ, so matrix kernels may add in another order. That changes a log-likelihood by float
+rounding (far below 1e-6 in fp32); metrics derived from them are equal unless two choices tie to
+within that rounding. Greedy generations are per row and do not depend on the batch.
+
+The result cache is shared: every rank reads every writer's file of the same model identity and
+appends to its own (:class:`~hfx.evaluation.cache.ResultCache`), so a killed N-process run resumes,
+with any number of processes, from what every rank scored.
+
+Why ``all_gather_object``: a request's result is a float and a bool (or a short string); tens of
+thousands of them pickle to a few hundred kilobytes, gathered once per task, next to seconds of
+forward passes. It also carries a rank's error, so one rank's failure is raised on every rank
+instead of leaving the others waiting in the collective.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
+DEFAULT_GENERATION_CHUNK = 8
+
+
+class DistributedSetupError(ValueError):
+    """A launched world that cannot run data-parallel evaluation; raised before the model loads."""
+
+
+class DistributedScoringError(RuntimeError):
+    """Another rank failed while scoring its share; this rank stops with its message."""
+
+
+@dataclass(frozen=True)
+class ProcessGroup:
+    """This process's place in the world, and the one collective the evaluation needs.
+
+    ``device``: where this rank's model belongs (``cuda:LOCAL_RANK`` on CUDA), or ``None`` when
+    the world is one process and the caller's own device choice stands.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+    device: torch.device | None = None
+    gather: Callable[[Any], list] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_gather(self, obj: Any) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if self.gather is not None:
+            return self.gather(obj)
+        if self.world_size == 1:
+            return [obj]
+        gathered: list = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, obj)
+        return gathered
+
+
+def _env_int(name: str, default: int | None = None) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        if default is None:
+            raise DistributedSetupError(f"{name} is not set; launch with torchrun (or accelerate launch), which sets "
+                                        f"{', '.join(LAUNCH_VARIABLES)} and LOCAL_RANK.")
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise DistributedSetupError(f"{name}={raw!r} is not an integer.") from None
+
+
+def _device_type(device) -> str:
+    """``cpu`` / ``cuda`` / ``mps`` / ... of a device argument; ``None`` and ``auto`` as ``--device auto`` picks."""
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        return "mps" if mps is not None and mps.is_available() else "cpu"
+    return torch.device(device).type
+
+
+_DESTROY_REGISTERED = False
+
+
+def process_group(device=None, *, device_map=None) -> ProcessGroup:
+    """The launched world (``WORLD_SIZE`` > 1) with ``torch.distributed`` initialised, else a world of one.
+
+    ``device``: the model's device as ``--device`` gives it. With several processes ``cuda`` (or
+    ``auto`` on a CUDA machine) means ``cuda:LOCAL_RANK`` for each rank, and an explicit
+    ``cuda:N`` is refused (every rank would load onto the same GPU). ``cpu`` runs on gloo; other
+    device types have no backend here and are refused. ``device_map`` (``device_map`` /
+    ``parallelize`` model arguments) spreads one model over several devices, which data-parallel
+    evaluation cannot do: each rank needs a whole model, so it is refused in a launched world.
+    """
+    world_size = _env_int("WORLD_SIZE", 1)
+    if world_size < 1:
+        raise DistributedSetupError(f"WORLD_SIZE={world_size} must be at least 1.")
+    if world_size == 1:
+        return ProcessGroup()
+    rank = _env_int("RANK")
+    local_rank = _env_int("LOCAL_RANK", rank)
+    if not 0 <= rank < world_size:
+        raise DistributedSetupError(f"RANK={rank} is outside the world of WORLD_SIZE={world_size}.")
+    if device_map not in (None, False, "", {}):
+        raise DistributedSetupError(
+            f"a model spread by device_map={device_map!r} (or parallelize=True) cannot run in a world of {world_size} "
+            "processes: data-parallel evaluation needs a whole model on each rank; launch one process to spread a "
+            "model, or drop device_map to run one copy per rank")
+    kind = _device_type(device)
+    if kind not in BACKENDS:
+        raise DistributedSetupError(
+            f"--device {device} cannot run in a world of {world_size} processes: data-parallel evaluation runs on "
+            f"{' or '.join(f'{k} ({b})' for k, b in BACKENDS.items())}; launch one process for {kind}")
+    target = torch.device("cpu")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise DistributedSetupError(f"--device {device}: CUDA is not available in this process (a world of "
+                                        f"{world_size}); use --device cpu")
+        explicit = torch.device(device) if device not in (None, "auto") else torch.device("cuda")
+        if explicit.index is not None:
+            raise DistributedSetupError(
+                f"--device {device} in a world of {world_size} processes would put every rank on the same GPU; give "
+                "--device cuda: each rank then uses cuda:LOCAL_RANK (choose the GPUs with CUDA_VISIBLE_DEVICES)")
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise DistributedSetupError(
+                f"LOCAL_RANK={local_rank} has no GPU: this machine shows {count}; start at most {count} processes "
+                "per machine (--nproc_per_node)")
+        target = torch.device("cuda", local_rank)
+        torch.cuda.set_device(target)
+    backend = BACKENDS[kind]
+    dist = torch.distributed
+    if not dist.is_available():
+        raise DistributedSetupError("this torch build has no torch.distributed; launch one process")
+    if dist.is_initialized():  # e.g. accelerate's state or the caller initialised it: use that world
+        if dist.get_world_size() != world_size or dist.get_rank() != rank:
+            raise DistributedSetupError(
+                f"torch.distributed is already initialised as rank {dist.get_rank()} of {dist.get_world_size()}, "
+                f"but the environment says rank {rank} of {world_size}")
+        backend = dist.get_backend()
+    else:
+        for name in ("MASTER_ADDR", "MASTER_PORT"):
+            if not os.environ.get(name):
+                raise DistributedSetupError(f"{name} is not set; launch with torchrun (or accelerate launch), which "
+                                            f"sets {', '.join(LAUNCH_VARIABLES)} and LOCAL_RANK.")
+        kwargs = {"device_id": target} if kind == "cuda" else {}
+        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size, **kwargs)
+        global _DESTROY_REGISTERED
+        if not _DESTROY_REGISTERED:
+            atexit.register(_destroy)
+            _DESTROY_REGISTERED = True
+    return ProcessGroup(rank=rank, world_size=world_size, local_rank=local_rank, backend=backend, device=target)
+
+
+def _destroy() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+# -- dealing out work ------------------------------------------------------------------------
+def deal(costs: Sequence[float], world_size: int) -> list[list[int]]:
+    """Unit indices per rank: the costliest unit first, each to the rank with the least cost so far.
+
+    Deterministic (ties go to the lower index and the lower rank), so every rank computes the same
+    deal from the same requests without talking to the others. Each rank's list is ascending.
+    """
+    order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+    loads = [0.0] * world_size
+    shares: list[list[int]] = [[] for _ in range(world_size)]
+    for i in order:
+        r = min(range(world_size), key=lambda j: (loads[j], len(shares[j]), j))
+        shares[r].append(i)
+        loads[r] += max(float(costs[i]), 1.0)  # an empty unit still costs a slot
+    return [sorted(s) for s in shares]
+
+
+def _lengths(tokenizer, texts: Sequence[str]) -> list[int]:
+    """Token counts of ``texts`` (one batched call), else character counts: only used to balance the deal."""
+    if not texts:
+        return []
+    try:
+        ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        if len(ids) == len(texts):
+            return [len(x) for x in ids]
+    except Exception:  # noqa: BLE001  a cost estimate; any tokenizer failure falls back to characters
+        pass
+    return [len(t) for t in texts]
+
+
+def context_groups(requests: Sequence[tuple[str, str]]) -> list[list[int]]:
+    """Request indices per context, in order of first appearance.
+
+    The scorer moves a context's trailing whitespace to the continuation, so contexts that differ
+    only there encode to the same tokens and pack into one row: they are one group here too.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, (context, _) in enumerate(requests):
+        groups.setdefault(context.rstrip() if context.strip() else context, []).append(i)
+    return list(groups.values())
+
+
+def shard_loglikelihood(requests: Sequence[tuple[str, str]], world_size: int, tokenizer=None) -> list[list[int]]:
+    """Request indices per rank: whole context groups, balanced by tokens (context once plus every continuation)."""
+    groups = context_groups(requests)
+    contexts = [requests[g[0]][0] for g in groups]
+    continuations = [requests[i][1] for g in groups for i in g]
+    measure = (lambda texts: _lengths(tokenizer, texts)) if tokenizer is not None else (lambda t: [len(x) for x in t])
+    context_cost = measure(contexts)
+    cont_cost = iter(measure(continuations))
+    costs = [context_cost[n] + sum(next(cont_cost) for _ in g) for n, g in enumerate(groups)]
+    return [sorted(i for n in share for i in groups[n]) for share in deal(costs, world_size)]
+
+
+def shard_rolling(texts: Sequence[str], world_size: int, tokenizer=None) -> list[list[int]]:
+    costs = _lengths(tokenizer, texts) if tokenizer is not None else [len(t) for t in texts]
+    return deal(costs, world_size)
+
+
+def _kwargs_key(kwargs) -> str:
+    return json.dumps(kwargs or {}, sort_keys=True, default=repr)
+
+
+def shard_generation(requests: Sequence[tuple[str, dict]], world_size: int, tokenizer=None,
+                     chunk: int = DEFAULT_GENERATION_CHUNK) -> list[list[int]]:
+    """Request indices per rank: per generation-kwargs group, length-sorted chunks of ``chunk`` requests, dealt whole.
+
+    A chunk's cost is its rows times (longest prompt + new tokens): what a left-padded batch of it costs.
+    """
+    lengths = _lengths(tokenizer, [c for c, _ in requests]) if tokenizer is not None else [len(c) for c, _ in requests]
+    by_kwargs: dict[str, list[int]] = {}
+    for i, (_, kwargs) in enumerate(requests):
+        by_kwargs.setdefault(_kwargs_key(kwargs), []).append(i)
+    chunks, costs = [], []
+    for members in by_kwargs.values():
+        kwargs = requests[members[0]][1] or {}
+        new = kwargs.get("max_gen_toks", kwargs.get("max_new_tokens", 256))
+        new = new if isinstance(new, int) else 256
+        members = sorted(members, key=lambda i: (-lengths[i], i))
+        for start in range(0, len(members), chunk):
+            part = members[start:start + chunk]
+            chunks.append(part)
+            costs.append(len(part) * (lengths[part[0]] + new))
+    return [sorted(i for n in share for i in chunks[n]) for share in deal(costs, world_size)]
+
+
+# -- the wrapper -----------------------------------------------------------------------------
+class DataParallelScorer:
+    """A scorer whose three request calls are split over the ranks of ``group``; every rank gets every result.
+
+    Every other attribute (``warnings``, ``forward_calls``, ``batch_info``, ``cache``,
+    ``tokenizer``, ...) is the wrapped scorer's. After each call the cache's hit counter and the
+    scorer's warnings hold the whole world's (the same on every rank), so the results every rank
+    builds are the same.
+    """
+
+    def __init__(self, scorer, group: ProcessGroup):
+        self.__dict__["scorer"] = scorer
+        self.__dict__["group"] = group
+        model = getattr(scorer, "model", None)
+        spread = getattr(model, "hf_device_map", None)
+        if group.world_size > 1 and isinstance(spread, dict) and len(set(spread.values())) > 1:
+            raise DistributedSetupError(
+                f"the model is spread over {sorted(map(str, set(spread.values())))} (device_map); data-parallel "
+                f"evaluation in a world of {group.world_size} needs a whole model on each rank")
+        cache = getattr(scorer, "cache", None)
+        if cache is not None and group.world_size > 1 and hasattr(cache, "use_rank"):
+            cache.use_rank(group.rank)  # each rank appends to its own file; all of them are read back
+        if not group.is_main and hasattr(scorer, "progress"):
+            scorer.progress = False  # one progress bar per run: the main rank's
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["scorer"], name)
+
+    def __setattr__(self, name, value):
+        setattr(self.__dict__["scorer"], name, value)
+
+    # the three request types
+    def loglikelihood(self, requests: Sequence[tuple[str, str]], name: str | None = None) -> list[tuple[float, bool]]:
+        requests = list(requests)
+        shares = shard_loglikelihood(requests, self.group.world_size, getattr(self.scorer, "tokenizer", None))
+        merged = self._run(requests, shares, lambda part: self.scorer.loglikelihood(part, name))
+        return [(float(ll), bool(greedy)) for ll, greedy in merged]
+
+    def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
+        texts = list(texts)
+        shares = shard_rolling(texts, self.group.world_size, getattr(self.scorer, "tokenizer", None))
+        return [float(x) for x in self._run(texts, shares, self.scorer.loglikelihood_rolling)]
+
+    def generate_until(self, requests: Sequence[tuple[str, dict]]) -> list[str]:
+        requests = list(requests)
+        size = getattr(self.scorer, "batch_size", None)
+        chunk = size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else DEFAULT_GENERATION_CHUNK
+        shares = shard_generation(requests, self.group.world_size, getattr(self.scorer, "tokenizer", None), chunk)
+        return self._run(requests, shares, self.scorer.generate_until)
+
+    def _run(self, requests: list, shares: list[list[int]], score: Callable[[list], list]) -> list:
+        mine = shares[self.group.rank]
+        cache = getattr(self.scorer, "cache", None)
+        warnings = getattr(self.scorer, "warnings", None)
+        hits_before = getattr(cache, "hits", 0) if cache is not None else 0
+        warned_before = len(warnings) if isinstance(warnings, list) else 0
+        error, local = None, []
+        try:
+            local = list(score([requests[i] for i in mine])) if mine else []
+            if len(local) != len(mine):
+                raise RuntimeError(f"the scorer returned {len(local)} results for {len(mine)} requests")
+        except Exception as exc:  # noqa: BLE001  reported to every rank below, then re-raised here
+            error = exc
+        payload = {
+            "results": local if error is None else None,
+            "error": None if error is None else f"{type(error).__name__}: {' '.join(str(error).split())}",
+            "hits": (getattr(cache, "hits", 0) - hits_before) if cache is not None else 0,
+            "warnings": list(warnings[warned_before:]) if isinstance(warnings, list) else [],
+        }
+        gathered = self.group.all_gather(payload)
+        if error is not None:
+            raise error
+        failed = [(r, p["error"]) for r, p in enumerate(gathered) if p["error"] is not None]
+        if failed:
+            rank, message = failed[0]
+            raise DistributedScoringError(f"rank {rank} of {self.group.world_size} failed while scoring: {message}")
+        merged: list = [None] * len(requests)
+        for share, part in zip(shares, gathered):
+            for i, value in zip(share, part["results"]):
+                merged[i] = value
+        if cache is not None:
+            cache.hits = hits_before + sum(p["hits"] for p in gathered)
+        if isinstance(warnings, list):
+            new = list(dict.fromkeys(w for p in gathered for w in p["warnings"]))
+            warnings[warned_before:] = new
+        return merged
+

@@ -1,0 +1,313 @@
+"""Data-parallel hfx eval: the deal of requests over ranks, the merge, the shared cache, and two real processes.
+
+The unit tests run the data-parallel logic without processes: ranks are threads whose
+``all_gather`` meets at a barrier. The slow tests launch ``hfx eval`` itself under torchrun with
+two CPU (gloo) processes and compare with one process: every metric equal, every logged
+log-likelihood within 1e-6, and a run whose rank 1 dies after its first batch resumes from the
+cache with either world size.
+
+Children get an environment without PYTEST_* variables (inherited, they make torchrun children
+hang) and OMP_NUM_THREADS=1. ``accelerate launch --cpu --num_processes 2`` would start ONE
+process, so the world size is asserted from the results.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from hfx.evaluation.cache import ResultCache, request_key
+from hfx.evaluation.distributed import (
+    DataParallelScorer,
+    DistributedScoringError,
+    DistributedSetupError,
+    ProcessGroup,
+    context_groups,
+    deal,
+    process_group,
+    shard_generation,
+    shard_loglikelihood,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def thread_world(world_size: int) -> list[ProcessGroup]:
+    """Groups whose ``all_gather`` meets across threads, one per rank."""
+    slots: list = [None] * world_size
+    written, read = threading.Barrier(world_size, timeout=60), threading.Barrier(world_size, timeout=60)
+
+    def gather_for(rank):
+        def gather(obj):
+            slots[rank] = obj
+            written.wait()
+            out = list(slots)
+            read.wait()
+            return out
+        return gather
+
+    return [ProcessGroup(rank=r, world_size=world_size, local_rank=r, backend="threads", gather=gather_for(r))
+            for r in range(world_size)]
+
+
+def run_ranks(world_size, body):
+    """``body(rank, group)`` on one thread per rank; returns each rank's value, re-raises a rank's error."""
+    groups, out, errors = thread_world(world_size), [None] * world_size, [None] * world_size
+
+    def target(r):
+        try:
+            out[r] = body(r, groups[r])
+        except BaseException as exc:  # noqa: BLE001
+            errors[r] = exc
+
+    threads = [threading.Thread(target=target, args=(r,)) for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return out, errors
+
+
+def mc_requests(rng, docs=30, choices=4, shots="Q: a b c\nA: d\n\n"):
+    requests = []
+    for d in range(docs):
+        context = shots + "Q: " + " ".join(rng.choice("red blue cat dog owl big".split()) for _ in range(rng.randint(2, 30)))
+        requests += [(context + "\nA:", f" {rng.choice('ABCD')}{'x' * j}") for j in range(choices)]
+    return requests
+
+
+# -- the deal ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_deal_is_balanced_deterministic_and_complete(world_size):
+    rng = random.Random(world_size)
+    costs = [rng.randint(1, 200) for _ in range(101)]
+    shares = deal(costs, world_size)
+    assert sorted(i for s in shares for i in s) == list(range(len(costs)))
+    assert all(s == sorted(s) for s in shares)
+    loads = [sum(costs[i] for i in s) for s in shares]
+    assert max(loads) - min(loads) <= max(costs)  # LPT: within one unit of each other
+    assert deal(costs, world_size) == shares
+    assert deal([5], 3) == [[0], [], []]
+
+
+def test_loglikelihood_shards_keep_context_groups_whole_and_balance_tokens():
+    rng = random.Random(0)
+    requests = mc_requests(rng, docs=40)
+    requests.append((requests[0][0] + "  ", "B"))  # trailing spaces move to the continuation: the same row
+    shares = shard_loglikelihood(requests, 2)
+    assert sorted(i for s in shares for i in s) == list(range(len(requests)))
+    owner = {i: r for r, s in enumerate(shares) for i in s}
+    for group in context_groups(requests):
+        assert len({owner[i] for i in group}) == 1, group
+    assert owner[len(requests) - 1] == owner[0]
+    sizes = [sum(len(requests[i][1]) for i in s) + sum(len(c) for c in {requests[i][0] for i in s}) for s in shares]
+    longest = max(len(requests[g[0]][0]) + sum(len(requests[i][1]) for i in g) for g in context_groups(requests))
+    assert abs(sizes[0] - sizes[1]) <= longest
+
+
+def test_generation_shards_deal_whole_length_sorted_chunks_per_kwargs():
+    rng = random.Random(1)
+    greedy, other = {"until": ["\n"], "max_gen_toks": 8}, {"until": ["."], "max_gen_toks": 4}
+    requests = [("w " * rng.randint(1, 40), greedy if i % 3 else other) for i in range(50)]
+    shares = shard_generation(requests, 2, chunk=4)
+    assert sorted(i for s in shares for i in s) == list(range(50))
+    for share in shares:  # each share is a union of chunks: per kwargs, runs of similar lengths
+        assert len({json.dumps(requests[i][1], sort_keys=True) for i in share}) <= 2
+    loads = [sum(len(requests[i][0]) + requests[i][1]["max_gen_toks"] for i in s) for s in shares]
+    assert abs(loads[0] - loads[1]) <= 4 * (80 + 8)
+
+
+# -- the wrapper, ranks as threads ----------------------------------------------------------------
+class FakeScorer:
+    """Deterministic answers per request, a cache counter, warnings and a call log: what the wrapper relies on."""
+
+    def __init__(self, fail_on=None):
+        self.seen, self.warnings, self.fail_on = [], [], fail_on
+        self.cache = type("Hits", (), {"hits": 0})()
+        self.forward_calls, self.batch_size, self.tokenizer, self.progress = 0, None, None, True
+
+    def loglikelihood(self, requests, name=None):
+        self.seen.append(list(requests))
+        if self.fail_on is not None and any(self.fail_on in c for c, _ in requests):
+            raise ValueError(f"cannot score {self.fail_on!r}")
+        self.cache.hits += 1
+        self.warnings.append(f"warned about {name}")
+        return [(-float(len(c) + 3 * len(x)), len(x) % 2 == 0) for c, x in requests]
+
+    def loglikelihood_rolling(self, texts):
+        return [-0.5 * len(t) for t in texts]
+
+    def generate_until(self, requests):
+        return [c[::-1][:5] + str(k.get("max_gen_toks")) for c, k in requests]
+
+
+def test_every_rank_returns_every_result_in_request_order():
+    rng = random.Random(2)
+    requests = mc_requests(rng, docs=25)
+    texts = [" ".join("abc" * rng.randint(1, 9)) for _ in range(17)]
+    gens = [(f"prompt {i} " * (i % 7 + 1), {"max_gen_toks": 2 + i % 2}) for i in range(23)]
+    single = FakeScorer()
+    expected = (single.loglikelihood(requests, "t"), single.loglikelihood_rolling(texts), single.generate_until(gens))
+
+    def body(rank, group):
+        backend = DataParallelScorer(FakeScorer(), group)
+        got = (backend.loglikelihood(requests, "t"), backend.loglikelihood_rolling(texts), backend.generate_until(gens))
+        return got, backend
+
+    out, errors = run_ranks(3, body)
+    assert errors == [None] * 3
+    for got, backend in out:
+        assert got == expected
+        assert backend.cache.hits == 3  # one hit per rank's call, summed over the world on every rank
+        assert backend.warnings == ["warned about t"]  # merged, once
+    seen = [b.scorer.seen[0] for _, b in out]
+    assert sorted(r for s in seen for r in s) == sorted(requests) and all(seen)
+    assert [b.progress for _, b in out] == [True, False, False]
+
+
+def test_one_ranks_error_is_raised_on_every_rank():
+    rng = random.Random(3)
+    requests = mc_requests(rng, docs=12)
+    poison = requests[-1][0][-12:]
+
+    def body(rank, group):
+        return DataParallelScorer(FakeScorer(fail_on=poison), group).loglikelihood(requests)
+
+    _, errors = run_ranks(2, body)
+    failing = [e for e in errors if isinstance(e, ValueError) and not isinstance(e, DistributedSetupError)]
+    waiting = [e for e in errors if isinstance(e, DistributedScoringError)]
+    assert len(failing) == 1 and len(waiting) == 1
+    assert "ValueError: cannot score" in str(waiting[0]) and "of 2 failed" in str(waiting[0])
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    from tests.test_eval import _gpt2
+
+    return _gpt2(tmp_path_factory.mktemp("dp-gpt2"))
+
+
+def test_real_scorer_sharded_over_two_ranks_equals_one_scorer_and_shares_the_cache(tiny_gpt2, tmp_path):
+    from hfx.evaluation.scorer import CausalLMScorer
+
+    model, tok = tiny_gpt2
+    rng = random.Random(4)
+    requests = mc_requests(rng, docs=16, shots="Question: the cat is big\nAnswer: B\n\n" * 3)
+    texts = [" ".join(rng.choice("red blue cat dog owl big".split()) for _ in range(rng.randint(5, 60))) for _ in range(9)]
+    gens = [(requests[4 * i][0], {"until": ["\n"], "max_gen_toks": 5, "do_sample": False}) for i in range(7)]
+    reference = CausalLMScorer(model, tok, progress=False, max_batch_tokens=512)
+    expected = (reference.loglikelihood(requests), reference.loglikelihood_rolling(texts), reference.generate_until(gens))
+
+    def body(rank, group):
+        cache = ResultCache(tmp_path, "same-model")
+        scorer = CausalLMScorer(copy.deepcopy(model), tok, progress=False, max_batch_tokens=512, cache=cache)
+        backend = DataParallelScorer(scorer, group)
+        return backend.loglikelihood(requests), backend.loglikelihood_rolling(texts), backend.generate_until(gens)
+
+    out, errors = run_ranks(2, body)
+    assert errors == [None, None]
+    for ll, rolling, generated in out:
+        assert [g for _, g in ll] == [g for _, g in expected[0]]
+        assert [x for x, _ in ll] == pytest.approx([x for x, _ in expected[0]], abs=1e-6, rel=0)
+        assert rolling == pytest.approx(expected[1], abs=1e-6, rel=0)
+        assert generated == expected[2]
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["same-model.rank0.jsonl", "same-model.rank1.jsonl"]
+    resumed = ResultCache(tmp_path, "same-model")  # one process reads what both ranks wrote
+    scorer = CausalLMScorer(model, tok, progress=False, cache=resumed)
+    assert scorer.loglikelihood(requests) == out[0][0] and resumed.hits == len(requests)
+
+
+# -- the cache with several writers ---------------------------------------------------------------
+def test_cache_reads_the_single_process_file_and_every_rank_file(tmp_path):
+    (tmp_path / "ident.jsonl").write_text('{"k": "old", "v": [-1.5, true]}\n')  # a cache from before ranks
+    (tmp_path / "other.rank0.jsonl").write_text('{"k": "foreign", "v": 1}\n')
+    (tmp_path / "ident.rankx.jsonl").write_text('{"k": "not-a-rank", "v": 1}\n')
+    for rank in (0, 1):
+        writer = ResultCache(tmp_path, "ident", rank=rank)
+        writer.put_many({f"from-{rank}": [float(-rank), False]})
+        assert writer.path.name == f"ident.rank{rank}.jsonl"
+    reader = ResultCache(tmp_path, "ident")
+    assert reader.values == {"old": [-1.5, True], "from-0": [0.0, False], "from-1": [-1.0, False]}
+    assert [p.name for p in reader.files()] == ["ident.jsonl", "ident.rank0.jsonl", "ident.rank1.jsonl"]
+    assert reader.path.name == "ident.jsonl"
+    with pytest.raises(ValueError, match="rank must be an integer >= 0"):
+        reader.use_rank(-1)
+
+
+def test_a_line_cut_short_by_a_kill_does_not_swallow_the_next_record(tmp_path):
+    key = request_key("ll", [1, 2], [3])
+    (tmp_path / "ident.rank1.jsonl").write_text('{"k": "a", "v": 1}\n{"k": "cut sh')
+    cache = ResultCache(tmp_path, "ident", rank=1)
+    assert cache.values == {"a": 1}
+    cache.put_many({key: [-2.0, True]})
+    again = ResultCache(tmp_path, "ident")
+    assert again.values == {"a": 1, key: [-2.0, True]}
+    assert again.get(key) == [-2.0, True] and again.hits == 1
+
+
+def test_concurrent_writers_to_one_file_never_interleave_lines(tmp_path):
+    """Independent single-process runs share ``{identity}.jsonl``: each batch is one O_APPEND write."""
+    script = (  # cache.py alone (standard library only): no torch import in the writers
+        "import sys, importlib.util as u\n"
+        f"spec = u.spec_from_file_location('cache', {str(ROOT / 'hfx' / 'evaluation' / 'cache.py')!r})\n"
+        "m = u.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "c = m.ResultCache(sys.argv[1], 'ident')\n"
+        "for b in range(40):\n"
+        "    c.put_many({f'{sys.argv[2]}-{b}-{i}': 'x' * 300 for i in range(30)})\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), name]) for name in "ab"]
+    assert [p.wait(60) for p in procs] == [0, 0]
+    lines = (tmp_path / "ident.jsonl").read_text().splitlines()
+    assert len(lines) == 2 * 40 * 30 and all(json.loads(line)["v"] == "x" * 300 for line in lines)
+
+
+# -- the process group --------------------------------------------------------------------------
+def _launched(monkeypatch, world=2, rank=1):
+    for name, value in (("WORLD_SIZE", world), ("RANK", rank), ("LOCAL_RANK", rank),
+                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29999")):
+        monkeypatch.setenv(name, str(value))
+
+
+def test_not_launched_is_a_world_of_one(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    group = process_group("cpu")
+    assert (group.rank, group.world_size, group.is_main, group.backend) == (0, 1, True, None)
+    assert group.all_gather({"x": 1}) == [{"x": 1}]
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun --nproc_per_node 1
+    assert process_group("cpu", device_map="auto").world_size == 1
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("device, device_map, message", [
+    ("cpu", "auto", r"device_map='auto'.*needs a whole model on each rank"),
+    ("mps", None, r"--device mps cannot run in a world of 2 processes.*cpu \(gloo\) or cuda \(nccl\)"),
+    ("cuda", None, r"--device cuda: CUDA is not available"),
+])
+def test_launched_world_refuses_what_data_parallel_cannot_run(monkeypatch, device, device_map, message):
+    _launched(monkeypatch)
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(DistributedSetupError, match=message):
+        process_group(device, device_map=device_map)
+    assert not torch.distributed.is_initialized()
+
+
+def test_launched_world_needs_the_launcher_variables(monkeypatch):
+    _launched(monkeypatch)
+    monkeypatch.delenv("MASTER_PORT")
+    with pytest.raises(DistributedSetupError, match="MASTER_PORT is not set; launch with torchrun"):
+        process_group("cpu")
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(DistributedSetupError, match="RANK=2 is outside the world of WORLD_SIZE=2"):
+        process_group("cpu")
