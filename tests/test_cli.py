@@ -96,7 +96,7 @@ ROWS = {
                            "Unknown task 'nosuch'"),
     "eval-needs-tasks": (["eval", "--model", "{model}"], "the following arguments are required: --tasks"),
     "eval-limit-not-a-number": (["eval", "--model", "{model}", "--tasks", "good", "--limit", "ten"],
-                                "argument --limit: invalid int value: 'ten'"),
+                                "argument --limit: invalid value 'ten': give a number of documents"),
     "eval-unknown-flag": (["eval", "--model", "{model}", "--tasks", "good", "--shots", "3"],
                           "unrecognized arguments: --shots 3"),
     "abbreviated-flag-is-not-a-flag": (["eval", "--model", "{model}", "--task", "good"],
