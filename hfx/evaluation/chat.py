@@ -93,6 +93,11 @@ class PromptFormat:
     def applies_chat_template(self) -> bool:
         return self.template is not None
 
+    @property
+    def chat_template(self) -> str | None:
+        """The selected template's Jinja source, as lm-eval records it (``chat_template`` in the results)."""
+        return self.template
+
     def system_prompt(self, description: str, fewshot_delimiter: str) -> str:
         """lm-eval's system turn: the instruction, then the task description after the task's few-shot delimiter."""
         return join_delimited(self.system_instruction, description, fewshot_delimiter)
