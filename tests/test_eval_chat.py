@@ -295,3 +295,36 @@ def test_message_helpers_follow_lm_eval():
             assert ours == multiturn_to_singleturn([LmMessage(*t) for t in turns[start:cut]])
     assert PromptFormat().render([Message("user", "q", " "), Message("assistant", "A:")]) == "q A:"
     json.dumps(PromptFormat(system_instruction="s").config())  # results-JSON ready
+
+
+def test_class_task_gets_the_chat_options(world, tmp_path):
+    """A ``class:`` task (--allow-code) builds its own requests: lm-eval's chat options reach its build_all_requests."""
+    from tests.test_eval import MC
+
+    (tmp_path / "cls.py").write_text(
+        "from lm_eval.api.task import ConfigurableTask\n\n\nclass Passthrough(ConfigurableTask):\n"
+        "    def __init__(self, config=None):\n"
+        "        super().__init__(config={k: v for k, v in config.items() if k != 'class'})\n")
+    (tmp_path / "cls.yaml").write_text(
+        MC.format(name="cls_chat", root=world["root"], splits="training_split: train\ntest_split: test", k=2)
+        + "class: !function cls.Passthrough\n")
+    fmt = prompt_format(world["toks"]["chat"], True, system_instruction=SYSTEM)
+    prepared = plan(["cls_chat"], include_path=[tmp_path], limit=LIMIT, prompt_format=fmt, allow_code=True)
+    task = prepared.tasks["cls_chat"]
+    _, docs, _, contexts = prepared.prepared["cls_chat"]
+    records = OUTPUT_TYPES[task.output_type].run(task, docs, contexts, Recorder())
+    ours = [[list(a) for a in r["arguments"]] for r in records]
+
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    lm = HFLM(pretrained=world["model"], tokenizer=world["toks"]["chat"], batch_size=4)
+    (ref_task,) = get_task_dict(["cls_chat"], TaskManager(include_path=str(tmp_path), include_defaults=False)).values()
+    ref_task.set_fewshot_seed(seed=1234)
+    ref_task.build_all_requests(limit=LIMIT, apply_chat_template=True, fewshot_as_multiturn=True,
+                                system_instruction=SYSTEM, chat_template=lm.apply_chat_template)
+    by_doc = defaultdict(list)
+    for instance in ref_task.instances:
+        by_doc[instance.doc_id].append(list(instance.arguments))
+    assert ours == [by_doc[i] for i in sorted(by_doc)]
+    assert ours[0][0][0].startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>")
