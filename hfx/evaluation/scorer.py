@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +94,7 @@ class CausalLMScorer:
         bos = tokenizer.bos_token_id
         self.prefix_token_id = bos if bos is not None else tokenizer.eos_token_id
         self.forward_calls = 0
+        self._shares_prefixes: bool | None = None
         self.seed = seed
         self.warnings: list[str] = []
         # lm-eval's HFLM(add_bos_token=...): None keeps the tokenizer's default special tokens
@@ -189,7 +191,8 @@ class CausalLMScorer:
     def score_token_pairs(
         self, pairs: Sequence[tuple[list[int], list[int]]], desc: str = "scoring"
     ) -> list[tuple[float, bool]]:
-        """Score ``(context_ids, continuation_ids)`` pairs; pairs sharing a context share one row."""
+        """Score ``(context_ids, continuation_ids)`` pairs; pairs sharing a context share one row,
+        rows sharing a long token prefix share its keys/values (see :func:`shared_prefix_groups`)."""
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
         keys = [request_key("ll", ctx, cont) for ctx, cont in pairs]
         rows: dict[tuple[int, ...], _Row] = {}
@@ -208,65 +211,94 @@ class CausalLMScorer:
             row = rows.setdefault(tuple(ctx), _Row(list(ctx), [], []))
             row.continuations.append(cont)
             row.slots.append(slot)
-        ordered = sorted(rows.values(), key=lambda r: (-r.length, r.context))
-        bar = tqdm(total=sum(len(r.slots) for r in ordered), desc=desc, disable=not self.progress or not ordered)
-        for batch in self._batches(ordered):
-            scored = self._forward(batch)
-            fresh = {}
-            for row, row_results in zip(batch, scored):
-                for slot, result in zip(row.slots, row_results):
-                    results[slot] = result
-                    fresh[keys[slot]] = list(result)
-            if self.cache is not None:
-                self.cache.put_many(fresh)
-            bar.update(sum(len(r.slots) for r in batch))
+        plan = self._plan(list(rows.values()))
+        bar = tqdm(total=sum(len(r.slots) for r in rows.values()), desc=desc, disable=not self.progress or not rows)
+        for prefix, group in plan:
+            past = self.prefix_cache(prefix) if prefix else None
+            for batch in self._batches(group, len(prefix)):
+                scored = self._forward(batch, prefix, past)
+                fresh = {}
+                for row, row_results in zip(batch, scored):
+                    for slot, result in zip(row.slots, row_results):
+                        results[slot] = result
+                        fresh[keys[slot]] = list(result)
+                if self.cache is not None:
+                    self.cache.put_many(fresh)
+                bar.update(sum(len(r.slots) for r in batch))
         bar.close()
         return results  # type: ignore[return-value]
 
-    def _batches(self, rows: list[_Row]):
+    def _plan(self, rows: list[_Row]) -> list[tuple[list[int], list[_Row]]]:
+        """``(shared prefix tokens, rows)`` groups, each sorted longest row first; ``[]`` prefix: none shared."""
+        groups: list[tuple[list[int], list[_Row]]] = []
+        taken: set[int] = set()
+        found = shared_prefix_groups([r.context for r in rows]) if len(rows) >= 2 else []
+        if found and self.shares_prefixes:
+            for length, members in found:
+                prefix = rows[members[0]].context[:length]
+                groups.append((prefix, sorted((rows[i] for i in members), key=lambda r: (-r.length, r.context))))
+                taken.update(members)
+        rest = [r for i, r in enumerate(rows) if i not in taken]
+        if rest:
+            groups.append(([], sorted(rest, key=lambda r: (-r.length, r.context))))
+        return groups
+
+    def _batches(self, rows: list[_Row], skip: int = 0):
+        """Consecutive rows while ``rows × (longest row - skip) ≤ max_batch_tokens`` (and ``≤ batch_size`` rows).
+
+        With a shared prefix of ``skip`` tokens, every row also holds the prefix's keys/values:
+        the rows of a batch are then also limited to ``rows × longest ≤ PREFIX_KV_FACTOR × max_batch_tokens``.
+        """
         batch: list[_Row] = []
+        cap = self.batch_size if isinstance(self.batch_size, int) else None
         for row in rows:
             longest = batch[0].length if batch else row.length
-            too_many = self.batch_size is not None and len(batch) >= self.batch_size
-            if batch and (too_many or (len(batch) + 1) * longest > self.max_batch_tokens):
+            n = len(batch) + 1
+            over = n * (longest - skip) > self.max_batch_tokens
+            if skip:
+                over = over or n * longest > PREFIX_KV_FACTOR * self.max_batch_tokens
+            if batch and ((cap is not None and len(batch) >= cap) or over):
                 yield batch
                 batch = []
             batch.append(row)
         if batch:
             yield batch
 
-    def _forward(self, rows: list[_Row]) -> list[list[tuple[float, bool]]]:
-        width = max(r.length for r in rows)
+    def _forward(self, rows: list[_Row], prefix: Sequence[int] = (), past=None) -> list[list[tuple[float, bool]]]:
+        """One model forward over ``rows`` (after the ``prefix`` whose keys/values ``past`` holds)."""
+        skip = len(prefix)
+        width = max(r.length for r in rows) - skip
         n = len(rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((n, width), pad, dtype=torch.long)
-        positions = torch.zeros((n, width), dtype=torch.long)
-        allowed = torch.zeros((n, width, width), dtype=torch.bool)
+        # per position: token, position id and block (0: context, i > 0: the i-th continuation, -1: padding)
+        ids, pos, block = [], [], []
         gather_rows, gather_cols, targets, spans = [], [], [], []
         for b, row in enumerate(rows):
             c = len(row.context)
-            input_ids[b, :c] = torch.tensor(row.context)
-            positions[b, :c] = torch.arange(c)
-            allowed[b, :c, :c] = torch.ones(c, c, dtype=torch.bool).tril()
-            start, row_spans = c, []
-            for cont in row.continuations:
+            tail = row.context[skip:]
+            row_ids, row_pos, row_block = list(tail), list(range(skip, c)), [0] * len(tail)
+            row_spans = []
+            for i, cont in enumerate(row.continuations, 1):
                 m = len(cont) - 1
-                if m:
-                    input_ids[b, start : start + m] = torch.tensor(cont[:-1])
-                    positions[b, start : start + m] = torch.arange(c, c + m)
-                    allowed[b, start : start + m, :c] = True
-                    allowed[b, start : start + m, start : start + m] = torch.ones(m, m, dtype=torch.bool).tril()
-                cols = [c - 1] + list(range(start, start + m))
+                cols = [len(tail) - 1] + list(range(len(row_ids), len(row_ids) + m))
+                row_ids += cont[:-1]
+                row_pos += range(c, c + m)
+                row_block += [i] * m
                 row_spans.append((len(targets), len(targets) + len(cont)))
                 gather_rows.extend([b] * len(cols))
                 gather_cols.extend(cols)
                 targets.extend(cont)
-                start += m
-            idle = torch.arange(start, width)
-            allowed[b, idle, idle] = True  # padding attends to itself only: no empty softmax rows
+            idle = width - len(row_ids)
+            ids += row_ids + [pad] * idle
+            pos += row_pos + list(range(c, c + idle))
+            block += row_block + [-1] * idle
             spans.append(row_spans)
+        input_ids = torch.tensor(ids, dtype=torch.long).view(n, width)
+        positions = torch.tensor(pos, dtype=torch.long).view(n, width)
+        allowed = block_mask(torch.tensor(block, dtype=torch.long).view(n, width), positions, skip)
         logprobs, greedy = self._scored_positions(
-            input_ids, positions, allowed, torch.tensor(gather_rows), torch.tensor(gather_cols), torch.tensor(targets)
+            input_ids, positions, allowed, torch.tensor(gather_rows), torch.tensor(gather_cols), torch.tensor(targets),
+            past,
         )
         out = []
         for row_spans in spans:
@@ -274,30 +306,197 @@ class CausalLMScorer:
         return out
 
     @torch.no_grad()
-    def _scored_positions(self, input_ids, positions, allowed, rows, cols, targets):
+    def _scored_positions(self, input_ids, positions, allowed, rows, cols, targets, past=None):
         dtype = next(self.model.parameters()).dtype
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
-        head = self.model.get_output_embeddings()
-
-        def keep_scored(module, args):
-            hidden = args[0]
-            return (hidden[rows.to(hidden.device), cols.to(hidden.device)][None],) + tuple(args[1:])
-
-        handle = head.register_forward_pre_hook(keep_scored)
-        try:
+        cache = {"use_cache": False}
+        if past is not None:
+            cache = {"past_key_values": self.expand_cache(past, input_ids.shape[0]), "use_cache": True}
+        with self._hidden_kept_at(rows, cols):
             self.forward_calls += 1
             logits = self.model(
                 input_ids=input_ids.to(self.device),
                 attention_mask=mask.to(self.device),
                 position_ids=positions.to(self.device),
-                use_cache=False,
+                **cache,
             ).logits[0]
-        finally:
-            handle.remove()
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         targets = targets.to(logprobs.device)
         picked = logprobs.gather(-1, targets[:, None])[:, 0]
         return picked.cpu(), (logprobs.argmax(-1) == targets).cpu()
+
+    @contextmanager
+    def _hidden_kept_at(self, rows: torch.Tensor, cols: torch.Tensor):
+        """Within the block, the output embedding sees only the hidden states at ``(rows, cols)``:
+        the vocabulary projection runs on scored positions alone (logits come out as ``(1, k, vocab)``)."""
+        head = self.model.get_output_embeddings()
+
+        def keep(module, args):
+            hidden = args[0]
+            return (hidden[rows.to(hidden.device), cols.to(hidden.device)][None],) + tuple(args[1:])
+
+        handle = head.register_forward_pre_hook(keep)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    # -- shared prefixes ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefix_cache(self, tokens: Sequence[int]):
+        """The keys/values of ``tokens`` (positions ``0..len-1``, plain causal attention), batch 1.
+
+        A plain ``DynamicCache`` (every layer keeps every key, as the scorer's full masks assume).
+        Treat it as read-only: :meth:`expand_cache` gives a per-batch copy that a forward may
+        extend. Counted in ``forward_calls``; the vocabulary projection runs on the last position only.
+        """
+        from transformers.cache_utils import DynamicCache
+
+        self.forward_calls += 1
+        ids = torch.tensor([list(tokens)], dtype=torch.long)
+        last = torch.tensor([len(tokens) - 1])
+        with self._hidden_kept_at(torch.tensor([0]), last):
+            out = self.model(input_ids=ids.to(self.device), attention_mask=torch.ones_like(ids).to(self.device),
+                             past_key_values=DynamicCache(), use_cache=True)
+        return out.past_key_values
+
+    @staticmethod
+    def expand_cache(cache, rows: int):
+        """A fresh ``DynamicCache`` holding ``cache``'s keys/values for each of ``rows`` rows.
+
+        The source is never modified: the copy's layers start from expanded views, and a forward's
+        ``update`` concatenates into new tensors.
+        """
+        from transformers.cache_utils import DynamicCache
+
+        data = [(layer.keys.expand(rows, *layer.keys.shape[1:]), layer.values.expand(rows, *layer.values.shape[1:]))
+                for layer in cache.layers]
+        return DynamicCache(ddp_cache_data=data)
+
+    @property
+    def shares_prefixes(self) -> bool:
+        """Whether this model scores rows after a cached prefix exactly as without it (checked once).
+
+        A model qualifies when its forward takes ``past_key_values`` and a short probe, two rows
+        after a shared 6-token prefix, gives the log-probabilities of the same rows scored whole.
+        Otherwise every row is scored whole; the reason is logged at debug level.
+        """
+        if self._shares_prefixes is None:
+            self._shares_prefixes, reason = self._probe_prefix_sharing()
+            if not self._shares_prefixes:
+                logger.debug("hfx eval: no cross-document prefix sharing for %s: %s", type(self.model).__name__, reason)
+        return self._shares_prefixes
+
+    def _probe_prefix_sharing(self) -> tuple[bool, str]:
+        import inspect
+
+        config = getattr(self.model, "config", None)
+        if getattr(config, "is_encoder_decoder", False):
+            return False, "an encoder-decoder model"
+        parameters = inspect.signature(self.model.forward).parameters
+        if "past_key_values" not in parameters:
+            return False, "its forward takes no past_key_values"
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        base = [(7 * i + 3) % vocab for i in range(12)]
+        rows = [_Row(base[:9], [base[9:11], base[11:12]], [0, 1]), _Row(base[:6] + base[8:10], [base[10:12]], [2])]
+        prefix = base[:6]
+        calls = self.forward_calls
+        try:
+            whole = self._forward(rows)
+            shared = self._forward(rows, prefix, self.prefix_cache(prefix))
+        except (TypeError, ValueError, NotImplementedError, AttributeError, IndexError) as error:
+            return False, f"a forward after a cached prefix failed ({type(error).__name__}: {error})"
+        finally:
+            self.forward_calls = calls  # the probe is not part of the work counted
+        dtype = next(self.model.parameters()).dtype
+        tolerance = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
+        diff = max(abs(a[0] - b[0]) for x, y in zip(whole, shared) for a, b in zip(x, y))
+        if not diff <= tolerance:
+            return False, f"log-likelihoods after a cached prefix differ by {diff:.3g} from whole rows"
+        return True, ""
+
+
+#: a shared prefix shorter than this many tokens is not worth its own forward
+MIN_SHARED_PREFIX = 32
+#: nor a group saving fewer than this many tokens of computation, ``(rows - 1) × prefix``
+MIN_SHARED_SAVING = 512
+#: with a shared prefix, ``rows × (prefix + longest tail)`` keys per layer stay under this × max_batch_tokens
+PREFIX_KV_FACTOR = 8
+
+
+def shared_prefix_groups(
+    contexts: Sequence[Sequence[int]], min_prefix: int = MIN_SHARED_PREFIX, min_saving: int = MIN_SHARED_SAVING
+) -> list[tuple[int, list[int]]]:
+    """Groups of contexts worth scoring after one shared token prefix: ``(prefix length, indices)``.
+
+    The prefix is a common prefix of the token lists, so a context joins a group only when its own
+    tokens start with it: a document whose first tokens merged with the shots' last ones (BPE), or a
+    context cut on the left at max_length, simply does not match and is scored whole. Each prefix
+    leaves at least the last token of every member's context to the member's own forward (its
+    logits score the first continuation token).
+
+    Sorted lexicographically, contexts sharing a prefix are adjacent, and the longest common prefix
+    of a run is the minimum of its neighbours' common prefixes; the run saving the most computation,
+    ``(members - 1) × prefix``, is the largest rectangle under that histogram. Groups are taken
+    greedily until none has a prefix of ``min_prefix`` tokens saving ``min_saving`` tokens.
+    """
+    order = sorted(range(len(contexts)), key=lambda i: list(contexts[i]))
+    lcp = []
+    for a, b in zip(order, order[1:]):
+        x, y = contexts[a], contexts[b]
+        limit = min(len(x), len(y)) - 1
+        k = 0
+        while k < limit and x[k] == y[k]:
+            k += 1
+        lcp.append(k)
+    groups, segments = [], [(0, len(order) - 1)]
+    while segments:
+        lo, hi = segments.pop()
+        if hi <= lo:
+            continue
+        best = _largest_rectangle(lcp, lo, hi - 1, min_prefix)
+        if best is None:
+            continue
+        height, first, last = best  # lcp[first..last] >= height: rows order[first .. last + 1]
+        if (last - first + 1) * height < min_saving:
+            continue
+        groups.append((height, [order[i] for i in range(first, last + 2)]))
+        segments += [(lo, first - 1), (last + 2, hi)]
+    return groups
+
+
+def _largest_rectangle(heights: list[int], lo: int, hi: int, floor: int):
+    """``(height, first, last)`` of the largest ``(last - first + 1) × min(heights[first..last])``, heights ≥ floor."""
+    best, stack = None, []  # stack of (start index, height), heights increasing
+    for i in range(lo, hi + 2):
+        h = heights[i] if i <= hi and heights[i] >= floor else 0
+        start = i
+        while stack and stack[-1][1] >= h:
+            start, top = stack.pop()
+            if top and (best is None or (i - start) * top > (best[2] - best[1] + 1) * best[0]):
+                best = (top, start, i - 1)
+        stack.append((start, h))
+    return best
+
+
+def block_mask(block: torch.Tensor, positions: torch.Tensor, prefix: int = 0) -> torch.Tensor:
+    """Bool ``(rows, width, prefix + width)``: which key each query may attend to in a packed row.
+
+    ``block`` holds 0 for context tokens, ``i > 0`` for the i-th continuation block and -1 for
+    padding. A query sees earlier-or-same positions of the context (and every one of the ``prefix``
+    cached keys before the row) and of its own block; padding sees only itself, so no softmax row is
+    empty.
+    """
+    n, width = block.shape
+    q_block, q_pos = block[:, :, None], positions[:, :, None]
+    allowed = ((block[:, None, :] == 0) | (block[:, None, :] == q_block)) & (positions[:, None, :] <= q_pos)
+    allowed &= q_block >= 0
+    idle = block < 0
+    allowed |= torch.diag_embed(idle)
+    if prefix:
+        seen = (block >= 0)[:, :, None].expand(n, width, prefix)
+        allowed = torch.cat([seen, allowed], dim=2)
+    return allowed
 
 
 def is_causal_lm(model) -> bool:
