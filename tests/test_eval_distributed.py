@@ -3,8 +3,8 @@
 The unit tests run the data-parallel logic without processes: ranks are threads whose
 ``all_gather`` meets at a barrier. The slow tests launch ``hfx eval`` itself under torchrun with
 two CPU (gloo) processes and compare with one process: every metric equal, every logged
-log-likelihood within 1e-6, and a run whose rank 1 dies after its first batch resumes from the
-cache with either world size.
+log-likelihood within 1e-6, and a run whose rank 1 dies partway resumes from the cache with
+either world size.
 
 Children get an environment without PYTEST_* variables (inherited, they make torchrun children
 hang) and OMP_NUM_THREADS=1. ``accelerate launch --cpu --num_processes 2`` would start ONE
@@ -311,3 +311,142 @@ def test_launched_world_needs_the_launcher_variables(monkeypatch):
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(DistributedSetupError, match="RANK=2 is outside the world of WORLD_SIZE=2"):
         process_group("cpu")
+
+
+# -- two real processes: torchrun, gloo, the hfx eval CLI -------------------------------------------
+MMLU = """task: tiny_mmlu
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    train: {root}/train.jsonl
+    test: {root}/test.jsonl
+output_type: multiple_choice
+training_split: train
+test_split: test
+description: "The following are questions about colours and animals.\\n\\n"
+doc_to_text: "{{{{question}}}}\\nA. {{{{choices[0]}}}}\\nB. {{{{choices[1]}}}}\\nC. {{{{choices[2]}}}}\\nD. {{{{choices[3]}}}}\\nAnswer:"
+doc_to_target: label
+doc_to_choice: ["A", "B", "C", "D"]
+num_fewshot: 3
+fewshot_config:
+  sampler: first_n
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+# multi-word choices (random and first_n shots), one-letter choices after a first_n prefix, rolling, generation
+E2E_TASKS = ["tiny_mc3", "tiny_mc_first", "tiny_mmlu", "tiny_ppl", "tiny_gen"]
+
+
+def _child_env():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    return env
+
+
+def _torchrun(args, env=None, log_dir=None, timeout=240):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    if log_dir is not None:  # each rank's stdout and stderr in its own file
+        cmd += ["--log-dir", str(log_dir), "--redirects", "3"]
+    proc = subprocess.run(cmd + args, cwd=ROOT, env={**_child_env(), **(env or {})}, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def dp_world(tmp_path_factory):
+    from hfx.evaluation import evaluate
+    from tests.test_eval import _gpt2, _write_tasks
+
+    root = tmp_path_factory.mktemp("dp-eval")
+    tasks = _write_tasks(root)
+    (tasks / "mmlu.yaml").write_text(MMLU.format(root=root))
+    _gpt2(root)
+    model = root / "gpt2"
+    common = ["eval", "--model", str(model), "--tasks", ",".join(E2E_TASKS), "--include-path", str(tasks),
+              "--max-batch-tokens", "512", "--device", "cpu"]
+    reference = evaluate(model, E2E_TASKS, include_path=tasks, max_batch_tokens=512, cache_dir=False, progress=False,
+                         return_records=True, device="cpu")
+    # 1. rank 1 dies in the second call: a killed run, the cache holding what each rank had written
+    crashed = root / "cache"
+    code, crash_output = _torchrun([str(ROOT / "tests" / "eval_distributed_worker.py"), *common, "--cache-dir",
+                                    str(crashed)], env={"HFX_TEST_EXIT_RANK": "1"})
+    written = {p.name: [json.loads(line)["k"] for line in p.read_text().splitlines()] for p in crashed.glob("*.jsonl")}
+    single_resume = root / "cache-copy"
+    single_resume.mkdir()
+    for p in crashed.glob("*.jsonl"):
+        (single_resume / p.name).write_bytes(p.read_bytes())
+    # 2. the same command, two processes again, through `python -m hfx eval`: resumes from both ranks' files
+    out, logs = root / "out", root / "logs"
+    code2, output2 = _torchrun(["-m", "hfx", *common, "--cache-dir", str(crashed), "--output",
+                                str(out / "results.json"), "--log-samples"], log_dir=logs)
+    assert code2 == 0, output2[-4000:] + "".join(p.read_text()[-3000:] for p in logs.rglob("std*.log"))
+    return {"root": root, "tasks": tasks, "model": model, "reference": reference, "crash": (code, crash_output),
+            "written": written, "single_resume": single_resume, "out": out, "logs": logs}
+
+
+def _samples(out: Path) -> dict[str, list[dict]]:
+    found = {}
+    for task in E2E_TASKS:
+        (path,) = [p for p in out.iterdir() if task in p.name and p.name != "results.json"
+                   and p.name.split(task)[1][:1] in (".", "_", "")]
+        found[task] = [json.loads(line) for line in path.read_text().splitlines()]
+    return found
+
+
+def _assert_same_as_one_process(results, records, reference):
+    ref_results, ref_records = reference
+    assert results["results"].keys() == ref_results["results"].keys()
+    for task, metrics in ref_results["results"].items():
+        assert results["results"][task] == metrics, task  # every metric (and stderr) equal
+    for task, recs in ref_records.items():
+        assert len(records[task]) == len(recs)
+        for got, want in zip(records[task], recs):
+            assert got["doc_id"] == want["doc_id"] and got["arguments"] == want["arguments"]
+            if task == "tiny_gen":
+                assert got["resps"] == want["resps"]
+            elif task == "tiny_ppl":
+                assert got["resps"] == pytest.approx(want["resps"], abs=1e-6, rel=0)
+            else:
+                assert [r[0] for r in got["resps"]] == pytest.approx([r[0] for r in want["resps"]], abs=1e-6, rel=0)
+                assert [bool(r[1]) for r in got["resps"]] == [bool(r[1]) for r in want["resps"]]
+
+
+@pytest.mark.slow
+def test_a_killed_two_process_run_left_both_ranks_batches_in_the_cache(dp_world):
+    code, output = dp_world["crash"]
+    assert code != 0, output[-3000:]
+    written = dp_world["written"]
+    assert set(written) == {f"{n.split('.')[0]}.rank0.jsonl" for n in written} | {
+        f"{n.split('.')[0]}.rank1.jsonl" for n in written}, written
+    by_rank = {name.rsplit(".", 2)[1]: keys for name, keys in written.items()}
+    # both shares of the first call (it ended in a collective), then rank 1's first batch of the second
+    assert by_rank["rank0"] and by_rank["rank1"], {k: len(v) for k, v in by_rank.items()}
+
+
+@pytest.mark.slow
+def test_two_processes_resume_and_equal_one_process(dp_world):
+    out = dp_world["out"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["world_size"] == 2
+    assert 0 < results["config"]["cache_hits"] < sum(len(r["arguments"]) for recs in dp_world["reference"][1].values()
+                                                     for r in recs)
+    assert results["config"]["cache_hits"] >= len({k for keys in dp_world["written"].values() for k in keys})
+    _assert_same_as_one_process(results, _samples(out), dp_world["reference"])
+    stdout = {p.parent.name: p.read_text() for p in dp_world["logs"].rglob("stdout.log")}
+    assert set(stdout) == {"0", "1"}
+    assert "results: " in stdout["0"] and "| tiny_mmlu |" in stdout["0"]
+    assert stdout["1"].strip() == ""  # only rank 0 prints and writes
+
+
+@pytest.mark.slow
+def test_one_process_resumes_what_two_killed_processes_wrote(dp_world):
+    from hfx.evaluation import evaluate
+
+    results, records = evaluate(dp_world["model"], E2E_TASKS, include_path=dp_world["tasks"], max_batch_tokens=512,
+                                cache_dir=dp_world["single_resume"], progress=False, return_records=True,
+                                device="cpu")
+    assert results["config"]["world_size"] == 1
+    assert results["config"]["cache_hits"] >= len({k for keys in dp_world["written"].values() for k in keys}) > 0
+    _assert_same_as_one_process(results, records, dp_world["reference"])

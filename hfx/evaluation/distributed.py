@@ -46,13 +46,16 @@ from typing import Any
 
 import torch
 
+from .evaluator import EvaluationInputError
+
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
 DEFAULT_GENERATION_CHUNK = 8
 
 
-class DistributedSetupError(ValueError):
-    """A launched world that cannot run data-parallel evaluation; raised before the model loads."""
+class DistributedSetupError(EvaluationInputError):
+    """A launched world that cannot run data-parallel evaluation; raised before the model loads (``hfx eval``
+    reports it as a usage error)."""
 
 
 class DistributedScoringError(RuntimeError):
@@ -119,8 +122,8 @@ def process_group(device=None, *, device_map=None) -> ProcessGroup:
     """The launched world (``WORLD_SIZE`` > 1) with ``torch.distributed`` initialised, else a world of one.
 
     ``device``: the model's device as ``--device`` gives it. With several processes ``cuda`` (or
-    ``auto`` on a CUDA machine) means ``cuda:LOCAL_RANK`` for each rank, and an explicit
-    ``cuda:N`` is refused (every rank would load onto the same GPU). ``cpu`` runs on gloo; other
+    ``auto`` on a CUDA machine) means ``cuda:LOCAL_RANK`` for each rank; an explicit ``cuda:N``
+    other than ``cuda:LOCAL_RANK`` is refused (every rank would load onto the same GPU). ``cpu`` runs on gloo; other
     device types have no backend here and are refused. ``device_map`` (``device_map`` /
     ``parallelize`` model arguments) spreads one model over several devices, which data-parallel
     evaluation cannot do: each rank needs a whole model, so it is refused in a launched world.
@@ -150,10 +153,11 @@ def process_group(device=None, *, device_map=None) -> ProcessGroup:
             raise DistributedSetupError(f"--device {device}: CUDA is not available in this process (a world of "
                                         f"{world_size}); use --device cpu")
         explicit = torch.device(device) if device not in (None, "auto") else torch.device("cuda")
-        if explicit.index is not None:
+        if explicit.index is not None and explicit.index != local_rank:
             raise DistributedSetupError(
-                f"--device {device} in a world of {world_size} processes would put every rank on the same GPU; give "
-                "--device cuda: each rank then uses cuda:LOCAL_RANK (choose the GPUs with CUDA_VISIBLE_DEVICES)")
+                f"--device {device} on rank {rank} (LOCAL_RANK={local_rank}) of a world of {world_size} processes: "
+                "every rank would use the same GPU; give --device cuda, and each rank uses cuda:LOCAL_RANK (choose "
+                "the GPUs with CUDA_VISIBLE_DEVICES)")
         count = torch.cuda.device_count()
         if local_rank >= count:
             raise DistributedSetupError(
