@@ -16,6 +16,7 @@ in results (``hfx eval`` results' ``config.bnb_cpu_path``; ``hfx finetune``'s
 from __future__ import annotations
 
 import logging
+import sys
 
 DEQUANTIZE = "dequantize"
 FUSED_BF16 = "fused_bf16"
@@ -54,6 +55,10 @@ def cpu_has_fused_bf16_kernel() -> bool:
 
 
 def _linear4bit_modules(model):
+    # A Linear4bit exists only once bitsandbytes is imported; importing it just to find none costs
+    # seconds (it pulls in torch.compile / inductor), which every plain `hfx eval` process paid.
+    if "bitsandbytes" not in sys.modules:
+        return []
     try:
         from bitsandbytes.nn import Linear4bit
     except ImportError:

@@ -165,3 +165,14 @@ def test_a_failing_registration_warns_instead_of_breaking_the_import(tmp_path, m
         import hfx_probe_module_b
     assert hfx_probe_module_b.VALUE == 1
     sys.modules.pop("hfx_probe_module_b")
+
+
+def test_evaluating_a_model_without_4bit_layers_does_not_import_bitsandbytes():
+    """bitsandbytes' import pulls in torch.compile / inductor (seconds of every `hfx eval` start);
+    a model can only hold a Linear4bit once bitsandbytes is imported, so there is nothing to pin."""
+    result = run_python(
+        "import json, sys, torch\nfrom hfx.evaluation.evaluator import pin_bnb_cpu_path\n"
+        "path = pin_bnb_cpu_path(torch.nn.Sequential(torch.nn.Linear(2, 2)))\n"
+        "print(json.dumps({'path': path, 'bnb': 'bitsandbytes' in sys.modules}))"
+    )
+    assert result == {"path": None, "bnb": False}
