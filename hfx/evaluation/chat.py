@@ -113,14 +113,18 @@ class PromptFormat:
         if self.template is None:
             return messages_text(messages)
         chat = [m.as_chat() for m in messages] if self.fewshot_as_multiturn else single_turn(messages)
-        try:
-            return self._apply(chat, not gen_prefix)
-        except Exception as exc:
-            import jinja2
+        return self.render_chat(chat, add_generation_prompt=not gen_prefix)
 
-            if not isinstance(exc, jinja2.exceptions.TemplateError) or not any(m["role"] == "system" for m in chat):
+    def render_chat(self, chat: list[dict], add_generation_prompt: bool = True) -> str:
+        """Chat messages through the tokenizer's template; an open last turn when no generation prompt is added."""
+        import jinja2
+
+        try:
+            return self._apply(chat, add_generation_prompt)
+        except jinja2.exceptions.TemplateError:
+            if not any(m["role"] == "system" for m in chat):
                 raise
-            return self._apply([m for m in chat if m["role"] != "system"], not gen_prefix)
+            return self._apply([m for m in chat if m["role"] != "system"], add_generation_prompt)
 
     def _apply(self, chat: list[dict], add_generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(
@@ -142,20 +146,10 @@ class PromptFormat:
 
     def lm_eval_options(self) -> dict[str, Any]:
         """The keywords lm-eval's ``Task.build_all_requests`` takes for these options (a ``class:`` task builds
-        its own prompts); its ``chat_template`` callable is this format's renderer."""
-        def chat_template(history: list[dict], add_generation_prompt: bool = True) -> str:
-            try:
-                return self._apply(history, add_generation_prompt)
-            except Exception as exc:
-                import jinja2
-
-                if not isinstance(exc, jinja2.exceptions.TemplateError):
-                    raise
-                return self._apply([m for m in history if m["role"] != "system"], add_generation_prompt)
-
+        its own prompts); its ``chat_template`` callable is :meth:`render_chat`."""
         return {"system_instruction": self.system_instruction, "apply_chat_template": self.applies_chat_template,
                 "fewshot_as_multiturn": self.fewshot_as_multiturn,
-                "chat_template": chat_template if self.applies_chat_template else None}
+                "chat_template": self.render_chat if self.applies_chat_template else None}
 
     def config(self) -> dict[str, Any]:
         """The keys lm-eval 0.4.13 writes to its results for these options (see :func:`prompt_config`)."""
