@@ -450,3 +450,13 @@ def test_one_process_resumes_what_two_killed_processes_wrote(dp_world):
     assert results["config"]["world_size"] == 1
     assert results["config"]["cache_hits"] >= len({k for keys in dp_world["written"].values() for k in keys}) > 0
     _assert_same_as_one_process(results, records, dp_world["reference"])
+
+
+def test_a_model_spread_over_devices_is_refused_by_the_wrapper():
+    scorer = FakeScorer()
+    scorer.model = type("Spread", (), {"hf_device_map": {"layer.0": 0, "layer.1": 1}})()
+    (group, _) = thread_world(2)
+    with pytest.raises(DistributedSetupError, match=r"spread over \['0', '1'\].*whole model on each rank"):
+        DataParallelScorer(scorer, group)
+    scorer.model.hf_device_map = {"": 0}  # one device: a whole model
+    assert DataParallelScorer(scorer, group).model is scorer.model
