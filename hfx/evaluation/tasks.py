@@ -286,7 +286,9 @@ class Task:
     Prompt strings follow lm-eval 0.4.13 exactly: ``description`` then, per demonstration,
     ``text + target_delimiter + target + fewshot_delimiter`` (with ``gen_prefix`` before the
     target), then the document's text (and its ``gen_prefix``). A choice's continuation is
-    ``target_delimiter + choice``. A multiple-input task gives one prompt per context.
+    ``target_delimiter + choice``. A multiple-input task gives one prompt per context. With a
+    :class:`~hfx.evaluation.chat.PromptFormat` the same turns get a system instruction and are
+    rendered by the tokenizer's chat template (:mod:`.chat`).
     """
 
     def __new__(cls, config: TaskConfig | None = None, dataset=None):
