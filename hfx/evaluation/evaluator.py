@@ -701,11 +701,7 @@ def _process_group(device: str | None, placement):
             raise EvaluationInputError(f"launched with WORLD_SIZE={_launched_world()} but data-parallel evaluation "
                                        f"is not available in this build ({exc}).") from None
         return None
-    if placement is not None and _launched_world() > 1:
-        raise EvaluationInputError(f"model_args device_map={placement!r} spreads one model over devices, but this run "
-                                   f"was launched as {_launched_world()} data-parallel processes, each of which needs "
-                                   "a whole model; drop device_map/parallelize or launch one process.")
-    return process_group(device or "cpu")
+    return process_group(device, device_map=placement)
 
 
 def _chat_format(tokenizer, apply_chat_template, fewshot_as_multiturn, system_instruction):
@@ -722,6 +718,8 @@ def _chat_format(tokenizer, apply_chat_template, fewshot_as_multiturn, system_in
 
 def _chat_record(fmt, apply_chat_template, fewshot_as_multiturn, system_instruction) -> dict:
     """lm-eval's record of prompt formatting: template text and sha256, system instruction and its sha256."""
+    if fmt is not None and callable(getattr(fmt, "config", None)):
+        return dict(fmt.config())
     template = getattr(fmt, "chat_template", None) if apply_chat_template else None
     if template is not None and not isinstance(template, str):
         template = str(template)
@@ -871,8 +869,6 @@ def evaluate(
     device_given = device is not None
     device = resolve_device(device)
     _check_placement(args, device, device_given)
-    if _launched_world() > 1 and device is not None and device == "cuda":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # one GPU per data-parallel rank
     source = adapter = config_ = None
     if is_path:
         config_ = check_model_path(model, args.hub_kwargs())  # a missing or damaged model fails before the tasks
@@ -880,10 +876,11 @@ def evaluate(
             adapter = check_adapter(args.peft, model, config_)
         if not args.quantized:
             check_dtype_on_device(args.torch_dtype(config_), device)
-    elif device is not None:
+    group = _process_group(device or (None if is_path else _device_of(model)), args.placement)
+    if group is not None and group.device is not None and group.world_size > 1:
+        device = str(group.device)  # each data-parallel rank on its own GPU (cuda:LOCAL_RANK), or the CPU
+    if not is_path and device is not None and _device_of(model) is not None:
         check_dtype_on_device(next(model.parameters()).dtype, device)
-    group = _process_group(device or (str(next(model.parameters()).device) if not is_path else None),
-                           args.placement)
     # the tokenizer is cheap and chat prompts need it: loaded before the tasks are planned
     user_tokenizer = tokenizer is not None
     chat = bool(apply_chat_template or fewshot_as_multiturn or system_instruction is not None)
@@ -974,6 +971,13 @@ def evaluate(
     results["config"]["cache_hits"] = cache.hits if cache is not None else 0
     results["config"]["warnings"] = plan_.warnings + list(getattr(scorer, "warnings", []))
     return (results, records) if return_records else results
+
+
+def _device_of(model) -> str | None:
+    try:
+        return str(next(model.parameters()).device)
+    except (AttributeError, StopIteration, TypeError):
+        return None  # not a torch module: refused later, once the tasks say what they need
 
 
 def _early_tokenizer(model, add_bos, args: ModelArgs, needed: bool):

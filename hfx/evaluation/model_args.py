@@ -395,5 +395,6 @@ def check_adapter(path: str | os.PathLike, base: str | os.PathLike, base_config=
                          f"({base}) does not have; it was trained for {recorded or 'another model'}.")
         if len(shape) == 2 and sorted(shape) != sorted([fan_in, fan_out]):
             raise _error(f"--model-args peft={path}: the adapter's {module} is {fan_in} -> {fan_out} but this "
-                         f"base model's is {shape[1]} -> {shape[0]}; it was trained for {recorded or 'another model'}.")
+                         f"base model's {candidates[0]} is {shape[0]} x {shape[1]}; it was trained for "
+                         f"{recorded or 'another model'}.")
     return folder
