@@ -2,16 +2,78 @@
 
 The scorer (:class:`~hfx.evaluation.scorer.CausalLMScorer`) owns tokenisation, the model and the
 result cache; this module decides how prompts are turned into continuations.
+
+What a request returns is fixed by one-request-at-a-time greedy decoding: generate until the raw
+decoded continuation (special tokens included) contains a stop string, the model emits an EOS
+token, or ``max_gen_toks`` tokens are out; then decode without special tokens and cut at the
+first stop string. Greedy requests are computed in batches that return exactly that:
+
+- **Grouped, sorted, budgeted.** Requests are grouped by their generation kwargs (as lm-eval),
+  sorted longest prompt first, and packed until ``rows × (unshared prompt + max_gen_toks) ≤
+  max_batch_tokens`` (and at most ``batch_size`` rows when that is an int).
+- **A shared prefix computed once.** The longest token prefix shared by most prompts of a group
+  (a ``first_n`` few-shot block: the same description and shots for every document) is run once;
+  its keys/values are copied to every row of every batch that shares it. The rest of each prompt
+  is left-padded *after* the prefix: the attention mask hides the gap and per-row position ids
+  continue from the prefix, so each row sees exactly the positions it has alone.
+- **Finished rows leave the batch.** A row that produced a stop string or EOS is done and is
+  dropped from the batch (and its cache rows) at once; the batch stops when no row is left.
+- **A plain greedy loop** over a ``DynamicCache`` with only the last position's logits computed,
+  instead of ``generate``'s per-step machinery.
+
+Sampling (``do_sample: true``), beam search and any generation option or model
+``generation_config`` setting that changes greedy decoding (repetition penalty, bad words, ...)
+keep the one-request-at-a-time ``generate`` path: sampled requests each draw from their own seeded
+stream, so a run resumed from the cache samples what an uninterrupted run would.
+
+``scorer.forward_calls`` counts model forward calls: the shared prefix once, each batch's prompt
+forward, and one per decoding step of a batch (one ``generate`` call counts one).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from .cache import request_key
+
+#: a prefix shorter than this is not worth a separate forward and a cache copy per row
+MIN_SHARED_PREFIX = 8
+
+#: ``generation_config`` fields that change what greedy decoding picks; a non-default value of any
+#: of them sends the request through ``generate`` so it stays exactly what ``generate`` returns
+_GREEDY_CHANGING = (
+    "repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+    "bad_words_ids", "min_length", "min_new_tokens", "forced_bos_token_id", "forced_eos_token_id",
+    "forced_decoder_ids", "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+    "sequence_bias", "guidance_scale", "watermarking_config", "num_beams", "num_beam_groups", "penalty_alpha",
+    "dola_layers", "stop_strings", "max_time", "remove_invalid_values",
+)
+
+
+@dataclass
+class _Pending:
+    """One request still to generate: its slot in the output, prompt ids and cache key."""
+
+    slot: int
+    prompt: list[int]
+    key: str
+    tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Spec:
+    """A request's decoding settings: requests with equal specs (equal ``repr``) may share a batch."""
+
+    until: tuple[str, ...]
+    max_new: int
+    options: dict
 
 
 @torch.no_grad()
@@ -21,17 +83,23 @@ def generate_until(scorer, requests: Sequence[tuple[str, dict]]) -> list[str]:
     As in lm-eval, generation stops on a stop string found in the raw decoded text (special
     tokens included), while the returned text is decoded without special tokens. The task's
     other ``generation_kwargs`` go to ``generate``: greedy unless ``do_sample: true``
-    (``temperature: 0`` means greedy, as in lm-eval).
+    (``temperature: 0`` means greedy, as in lm-eval). Cached requests are not generated again;
+    fresh ones are written to the cache batch by batch.
     """
-    out: list[str] = []
-    eos = scorer.tokenizer.decode(scorer.tokenizer.eos_token_id) if scorer.tokenizer.eos_token_id is not None else None
-    for context, gen_kwargs in tqdm(requests, desc="generate_until", disable=not scorer.progress):
+    tokenizer = scorer.tokenizer
+    eos = tokenizer.decode(tokenizer.eos_token_id) if tokenizer.eos_token_id is not None else None
+    out: list[str | None] = [None] * len(requests)
+    groups: dict[str, tuple[_Spec, list[_Pending]]] = {}
+    for slot, (context, gen_kwargs) in enumerate(requests):
         kwargs = dict(gen_kwargs or {})
         until = kwargs.pop("until", None)
         until = [until] if isinstance(until, str) else list(until or [])
         if eos is not None and eos not in until:
             until.append(eos)
         max_new = int(kwargs.pop("max_gen_toks", kwargs.pop("max_new_tokens", 256)))
+        if max_new >= scorer.max_length:
+            raise ValueError(f"max_gen_toks={max_new} leaves no room for the prompt: the model's max_length is "
+                             f"{scorer.max_length}; use a max_gen_toks below it")
         prompt = scorer.encode_prompt(context)[-(scorer.max_length - max_new) :]
         options = generation_options(kwargs)
         # the key holds the prompt's token ids (so the BOS setting) and, when sampling, the seed
@@ -39,22 +107,50 @@ def generate_until(scorer, requests: Sequence[tuple[str, dict]]) -> list[str]:
                           scorer.seed if options["do_sample"] else None)
         cached = scorer.cache.get(key) if scorer.cache is not None else None
         if isinstance(cached, str):
-            out.append(cached)
+            out[slot] = cached
             continue
+        group = repr((until, max_new, sorted(options.items())))
+        spec = _Spec(tuple(until), max_new, options)
+        groups.setdefault(group, (spec, []))[1].append(_Pending(slot, prompt, key))
+    bar = tqdm(total=sum(len(g) for _, g in groups.values()), desc="generate_until",
+               disable=not scorer.progress or not groups)
+    for spec, pending in groups.values():
+        if batchable(scorer.model, spec.options, pending):
+            finished = _greedy_batches(scorer, pending, spec)
+        else:
+            finished = ([one] for one in _one_at_a_time(scorer, pending, spec))
+        for batch in finished:
+            fresh = {}
+            for item in batch:
+                text = _finish(tokenizer, item.tokens, spec.until)
+                out[item.slot] = fresh[item.key] = text
+            if scorer.cache is not None:
+                scorer.cache.put_many(fresh)
+            bar.update(len(batch))
+    bar.close()
+    return out  # type: ignore[return-value]
+
+
+def _finish(tokenizer, tokens: list[int], until: Sequence[str]) -> str:
+    """lm-eval's ``tok_decode`` (no special tokens), then the text before the first stop string."""
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    for stop in until:
+        if stop:
+            text = text.split(stop)[0]
+    return text
+
+
+# -- the one-at-a-time path (sampling, beams, greedy-changing options) -------------------------------
+def _one_at_a_time(scorer, pending: list[_Pending], spec: _Spec):
+    options = spec.options
+    for item in pending:
         if options["do_sample"]:
             # each request draws from its own seeded stream: a run resumed from the cache samples
             # exactly what an uninterrupted run would
-            torch.manual_seed(int(request_key(scorer.seed, key)[:15], 16))
-        ids = torch.tensor([prompt], dtype=torch.long, device=scorer.device)
-        generated = _generate(scorer, ids, max_new, until, options)
-        text = scorer.tokenizer.decode(generated, skip_special_tokens=True)  # as lm-eval's tok_decode
-        for stop in until:
-            if stop:
-                text = text.split(stop)[0]
-        if scorer.cache is not None:
-            scorer.cache.put_many({key: text})
-        out.append(text)
-    return out
+            torch.manual_seed(int(request_key(scorer.seed, item.key)[:15], 16))
+        ids = torch.tensor([item.prompt], dtype=torch.long, device=scorer.device)
+        item.tokens = _generate(scorer, ids, spec.max_new, list(spec.until), options)
+        yield item
 
 
 def _generate(scorer, ids: torch.Tensor, max_new: int, until: list[str], options: dict) -> list[int]:
@@ -77,6 +173,261 @@ def _generate(scorer, ids: torch.Tensor, max_new: int, until: list[str], options
         pad_token_id=scorer.tokenizer.pad_token_id if scorer.tokenizer.pad_token_id is not None else scorer.tokenizer.eos_token_id,
     )
     return result[0, start:].tolist()
+
+
+# -- the batched greedy path ------------------------------------------------------------------------
+def batchable(model, options: dict, pending: Sequence[_Pending] = ()) -> bool:
+    """True when plain greedy decoding over a ``DynamicCache`` returns what ``generate`` would.
+
+    That needs greedy options with nothing else, a model whose ``generation_config`` adds nothing
+    that changes greedy picks, a decoder-only model whose forward takes ``position_ids`` and
+    ``past_key_values``, and a full-attention cache (sliding-window or recurrent layers are not
+    copied row by row here).
+    """
+    if options != {"do_sample": False} or any(not item.prompt for item in pending):
+        return False
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    params = inspect.signature(model.forward).parameters
+    if not {"position_ids", "past_key_values", "attention_mask"} <= set(params):
+        return False
+    from transformers import DynamicCache, GenerationConfig
+    from transformers.cache_utils import DynamicLayer
+
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        defaults = GenerationConfig()
+        for name in _GREEDY_CHANGING:
+            if getattr(generation_config, name, None) != getattr(defaults, name, None):
+                return False
+    try:
+        layers = DynamicCache(config=config).layers
+    except Exception:  # a config the cache cannot read: leave it to generate
+        return False
+    return all(type(layer) is DynamicLayer for layer in layers)
+
+
+def shared_prefix(prompts: Sequence[Sequence[int]], minimum: int = MIN_SHARED_PREFIX) -> tuple[int, list[int]]:
+    """``(length, indices)``: the token prefix whose sharing saves the most prompt tokens, and who shares it.
+
+    Shared means equal token ids, checked for every prompt (BPE may merge across the few-shot
+    boundary; left truncation changes the start), so prompts that differ are simply left out.
+    Among prompts sorted by their ids, a set sharing ``h`` leading tokens is a run of neighbours
+    whose common prefixes are all ``>= h``: the best ``(len(run) - 1) × h`` is the largest
+    rectangle under the neighbours' common-prefix lengths. Each prompt keeps at least one token
+    of its own (the forward of its last token gives the first generated one).
+    """
+    if len(prompts) < 2:
+        return 0, []
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i])
+    heights = []
+    for a, b in zip(order, order[1:]):
+        x, y = prompts[a], prompts[b]
+        limit = min(len(x), len(y)) - 1
+        n = 0
+        while n < limit and x[n] == y[n]:
+            n += 1
+        heights.append(n)
+    best = (0, 0, 0, 0)  # saved tokens, height, first pair, last pair
+    stack: list[tuple[int, int]] = []  # (first pair, height), heights increasing
+    for i, h in enumerate(heights + [0]):
+        start = i
+        while stack and stack[-1][1] >= h:
+            start, top = stack.pop()
+            if (i - start) * top > best[0]:
+                best = ((i - start) * top, top, start, i - 1)
+        stack.append((start, h))
+    _, height, first, last = best
+    if height < minimum:
+        return 0, []
+    return height, sorted(order[first : last + 2])
+
+
+def _greedy_batches(scorer, pending: list[_Pending], spec: _Spec):
+    """Yield finished batches of ``pending`` (their ``tokens`` filled), longest prompts first."""
+    model = scorer.model
+    length, sharing = shared_prefix([item.prompt for item in pending])
+    prefix_kv = None
+    if length:
+        prefix = pending[sharing[0]].prompt[:length]
+        prefix_kv = _forward_prefix(scorer, prefix)
+    shared = set(sharing)
+    with_prefix = [item for i, item in enumerate(pending) if i in shared]
+    without = [item for i, item in enumerate(pending) if i not in shared]
+    eos_ids = _eos_ids(model)
+    keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+    for rows, start, kv in ((with_prefix, length, prefix_kv), (without, 0, None)):
+        rows = sorted(rows, key=lambda item: (-len(item.prompt), item.prompt))
+        for batch in _batches(scorer, rows, start, spec.max_new, kv):
+            _decode(scorer, batch, start, kv, spec, eos_ids, keep_last)
+            yield batch
+
+
+def _eos_ids(model) -> set[int]:
+    """The token ids ``generate`` stops a row at (``generation_config.eos_token_id``)."""
+    config = getattr(model, "generation_config", None) or model.config
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(e) for e in eos} if isinstance(eos, (list, tuple)) else {int(eos)}
+
+
+def _forward_prefix(scorer, prefix: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Keys and values of the shared prefix, one ``(keys, values)`` per layer, batch of one."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=scorer.model.config)
+    ids = torch.tensor([prefix], dtype=torch.long, device=scorer.device)
+    scorer.forward_calls += 1
+    scorer.model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(len(prefix), device=scorer.device)[None],
+                 past_key_values=cache, use_cache=True, **_keep_last(scorer.model))
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _keep_last(model) -> dict:
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+def _batches(scorer, rows: list[_Pending], start: int, max_new: int, prefix_kv):
+    """Rows per batch: ``rows × (unshared prompt + max_new) ≤ max_batch_tokens``, at most ``batch_size``.
+
+    With a shared prefix every row also holds a copy of the prefix's keys/values; rows are then
+    also limited so that the whole cache of a batch stays under half the memory free on the device.
+    """
+    cap = scorer.batch_size if isinstance(scorer.batch_size, int) and scorer.batch_size > 0 else None
+    kv_per_token = 0
+    if prefix_kv:
+        kv_per_token = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in prefix_kv) / start
+    free = _free_memory(scorer.device) if kv_per_token else None
+    batch: list[_Pending] = []
+    for row in rows:
+        longest = len(batch[0].prompt) if batch else len(row.prompt)
+        n = len(batch) + 1
+        over = n * (longest - start + max_new) > scorer.max_batch_tokens
+        if free is not None:
+            over = over or n * (longest + max_new) * kv_per_token > free / 2
+        if batch and ((cap is not None and len(batch) >= cap) or over):
+            yield batch
+            batch = []
+        batch.append(row)
+    if batch:
+        yield batch
+
+
+def _free_memory(device: torch.device) -> float | None:
+    """Bytes free for the cache: CUDA's free memory, else the host's available memory (None if unknown)."""
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    try:
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _decode(scorer, batch: list[_Pending], start: int, prefix_kv, spec: _Spec, eos_ids: set[int], keep_last: bool):
+    """Greedy-decode one batch in place (``item.tokens``); rows leave the batch as they finish."""
+    from transformers import DynamicCache
+
+    model, tokenizer, device = scorer.model, scorer.tokenizer, scorer.device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    tails = [item.prompt[start:] for item in batch]
+    width, n = max(len(t) for t in tails), len(batch)
+    ids = torch.full((n, width), pad, dtype=torch.long)
+    mask = torch.zeros((n, start + width), dtype=torch.long)
+    mask[:, :start] = 1
+    positions = torch.full((n, width), start, dtype=torch.long)
+    for b, tail in enumerate(tails):
+        m = len(tail)
+        ids[b, width - m :] = torch.tensor(tail)
+        mask[b, start + width - m :] = 1
+        positions[b, width - m :] = torch.arange(start, start + m)
+    next_position = torch.tensor([start + len(t) for t in tails])
+    cache = DynamicCache(config=model.config)
+    layer_class, capacity = _preallocated_layer(), start + width + spec.max_new
+    cache.layers = [layer_class(capacity) for _ in cache.layers]
+    for layer, (keys, values) in enumerate(prefix_kv or ()):
+        cache.update(keys.expand(n, *keys.shape[1:]), values.expand(n, *values.shape[1:]), layer)
+    extra = {"logits_to_keep": 1} if keep_last else {}
+    mask = mask.to(device)
+    active = list(range(n))
+    step_ids, step_positions = ids, positions
+    stops = [s for s in spec.until if s]
+    while True:
+        scorer.forward_calls += 1
+        logits = model(input_ids=step_ids.to(device), attention_mask=mask, position_ids=step_positions.to(device),
+                       past_key_values=cache, use_cache=True, **extra).logits
+        picked = logits[:, -1].argmax(-1).tolist()
+        keep = []
+        for j, token in enumerate(picked):
+            item = batch[active[j]]
+            item.tokens.append(token)
+            if token in eos_ids or len(item.tokens) >= spec.max_new:
+                continue
+            if stops:
+                text = tokenizer.decode(item.tokens)
+                if any(s in text for s in stops):
+                    continue
+            keep.append(j)
+        if not keep:
+            return
+        if len(keep) < len(active):
+            index = torch.tensor(keep)
+            cache.batch_select_indices(index.to(device))
+            mask = mask[index.to(mask.device)]
+            next_position = next_position[index]
+            picked = [picked[j] for j in keep]
+            active = [active[j] for j in keep]
+        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+        step_ids = torch.tensor(picked, dtype=torch.long)[:, None]
+        step_positions = next_position[:, None]
+        next_position = next_position + 1
+
+
+@functools.lru_cache(maxsize=None)
+def _preallocated_layer():
+    """The cache layer class, built on first use (importing transformers' cache code only then)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        """A full-attention cache layer written in place into storage sized for the whole decoding.
+
+        ``DynamicLayer`` concatenates on every step, copying the whole cache each time; with a
+        shared prefix copied into every row that copy dominated a decoding step.
+        """
+
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity, self.length = capacity, 0
+
+        def lazy_initialization(self, key_states, value_states):
+            self.dtype, self.device = key_states.dtype, key_states.device
+            batch, heads, _, dim = key_states.shape
+            self.key_store = key_states.new_empty((batch, heads, self.capacity, dim))
+            self.value_store = value_states.new_empty((batch, value_states.shape[1], self.capacity, value_states.shape[-1]))
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            end = self.length + key_states.shape[-2]
+            if end > self.capacity:
+                raise RuntimeError(f"generation cache overflow: {end} positions > {self.capacity} reserved")
+            self.key_store[:, :, self.length : end] = key_states
+            self.value_store[:, :, self.length : end] = value_states
+            self.length = end
+            self.keys, self.values = self.key_store[:, :, :end], self.value_store[:, :, :end]
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def batch_select_indices(self, indices):
+            if self.is_initialized:
+                self.key_store, self.value_store = self.key_store[indices], self.value_store[indices]
+                self.keys, self.values = self.key_store[:, :, : self.length], self.value_store[:, :, : self.length]
+
+    return PreallocatedLayer
 
 
 SAMPLING_OPTIONS = ("temperature", "top_p", "top_k", "min_p", "typical_p")
