@@ -360,6 +360,7 @@ class Plan:
     skipped: dict[str, str] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # e.g. a group aggregate no member reports
+    doc_ids: dict[str, list[int]] = field(default_factory=dict)  # dataset index of each document chosen by samples
 
     @property
     def groups(self) -> list[GroupNode]:
@@ -517,6 +518,8 @@ def plan(
             result.tasks[name] = task
             indices = samples.get(name) if samples is not None else None
             result.prepared[name] = _prepare(task, num_fewshot, limit, seed, indices, prompt_format)
+            if indices is not None:
+                result.doc_ids[name] = sorted(set(indices))
         except TaskError as exc:
             result.tasks.pop(name, None)
             result.refused[name] = _message(exc)
@@ -590,12 +593,20 @@ def _run_plan(plan_: Plan, backend: Any, *, limit, seed, config, skip_unsupporte
     for name, task in plan_.tasks.items():
         k, docs, n_original, contexts = plan_.prepared[name]
         recs = OUTPUT_TYPES[task.output_type].run(task, docs, contexts, backend)
+        if name in plan_.doc_ids:  # a document chosen by samples keeps its dataset index, as lm-eval logs it
+            for record in recs:
+                record["doc_id"] = plan_.doc_ids[name][record["doc_id"]]
         records[name] = recs
         task_config = {**task.config.to_dict(), "num_fewshot": k}
-        if predict_only:  # lm-eval's bypass metric: a 999 placeholder, no metric is computed
+        if predict_only:
+            # lm-eval's bypass metric: no metric is computed; generate_until reports its 999 placeholder,
+            # the log-likelihood types report nothing (their process_results knows no bypass)
+            generated = task.output_type == "generate_until"
             for record in recs:
-                record["metrics"] = {"bypass": None}
-            scores, directions = {("bypass", "none"): (999, "N/A")}, {"bypass": True}
+                record["metrics"] = {"bypass": None} if generated else {}
+            scores = {("bypass", f): (999, "N/A") for f in dict.fromkeys(r.get("filter", "none") for r in recs)} \
+                if generated else {}
+            directions = {"bypass": True}
             task_config["metric_list"] = [{"metric": "bypass"}]
         else:
             scores, directions = task_scores(task, recs, bootstrap_iters=bootstrap_iters), task_higher_is_better(task)
