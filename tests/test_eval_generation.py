@@ -186,6 +186,8 @@ def test_max_gen_toks_must_leave_room_for_the_prompt(setup):
     scorer = CausalLMScorer(setup["models"]["gpt2"], setup["tok"], progress=False, max_length=96)
     with pytest.raises(ValueError, match=r"max_gen_toks=96 .* max_length is 96"):
         scorer.generate_until([("Q: a\nA:", {"until": ["\n"], "max_gen_toks": 96})])
+    with pytest.raises(ValueError, match=r"max_gen_toks=0: generation needs at least one new token"):
+        scorer.generate_until([("Q: a\nA:", {"until": ["\n"], "max_gen_toks": 0})])
 
 
 def test_token_budget_and_row_cap():

@@ -97,6 +97,8 @@ def generate_until(scorer, requests: Sequence[tuple[str, dict]]) -> list[str]:
         if eos is not None and eos not in until:
             until.append(eos)
         max_new = int(kwargs.pop("max_gen_toks", kwargs.pop("max_new_tokens", 256)))
+        if max_new < 1:
+            raise ValueError(f"max_gen_toks={max_new}: generation needs at least one new token")
         if max_new >= scorer.max_length:
             raise ValueError(f"max_gen_toks={max_new} leaves no room for the prompt: the model's max_length is "
                              f"{scorer.max_length}; use a max_gen_toks below it")
@@ -316,9 +318,18 @@ def _batches(scorer, rows: list[_Pending], start: int, max_new: int, prefix_kv):
 
 
 def _free_memory(device: torch.device) -> float | None:
-    """Bytes free for the cache: CUDA's free memory, else the host's available memory (None if unknown)."""
+    """Bytes free for the cache: CUDA's free memory (with what torch holds unused), else the host's
+    ``MemAvailable`` (reclaimable page cache counts as free), else None (unknown: no limit)."""
     if device.type == "cuda":
-        return float(torch.cuda.mem_get_info(device)[0])
+        held = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return float(torch.cuda.mem_get_info(device)[0] + held)
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
     try:
         return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
