@@ -176,3 +176,18 @@ def test_evaluating_a_model_without_4bit_layers_does_not_import_bitsandbytes():
         "print(json.dumps({'path': path, 'bnb': 'bitsandbytes' in sys.modules}))"
     )
     assert result == {"path": None, "bnb": False}
+
+
+def test_the_task_index_with_plugins_imports_neither_datasets_nor_transformers_once_the_data_exists(tmp_path):
+    """Listing tasks (the first step of every `hfx eval` / `hfx tasks`) reads the embedded plugins' data
+    files; only writing them the first time needs hfx.data (datasets, transformers). torch comes with
+    the hfx.evaluation package itself."""
+    code = ("import json, os, sys\nos.environ['HFX_EMBEDDED_DIR'] = {d!r}\nos.environ['HFX_EVAL_CACHE'] = {c!r}\n"
+            "from hfx.evaluation.catalogue import TaskIndex\nindex = TaskIndex([])\n"
+            "print(json.dumps({{'names': sorted(n for n in index.names() if n.startswith('embedded')) "
+            ", 'heavy': sorted(m for m in {heavy!r} if m in sys.modules)}}))")
+    code = code.format(d=str(tmp_path / "embedded"), c=str(tmp_path / "cache"), heavy=HEAVY)
+    first = run_python(code)  # writes the data files
+    again = run_python(code)
+    assert not {"datasets", "transformers"} & set(again["heavy"]), again["heavy"]
+    assert again["names"] == first["names"] and "embedded_facts" in again["names"]

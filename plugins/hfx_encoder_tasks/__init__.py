@@ -23,11 +23,11 @@ CLOZE_VERBALIZERS = {"home": "lives", "color": "color", "occupation": "works", "
 
 
 def _topic_files(directory: Path) -> dict[str, str]:
-    from hfx.data import write_embedded_data
-
     names = ("topics_train", "topics_test", "topics_labels")
     paths = {name: directory / f"{name}.{'json' if name == 'topics_labels' else 'jsonl'}" for name in names}
     if not all(path.exists() for path in paths.values()):
+        from hfx.data import write_embedded_data  # datasets + transformers: only to write the files once
+
         written = write_embedded_data(directory)
         paths = {name: written[name] for name in names}
     return {name: str(path) for name, path in paths.items()}

@@ -23,12 +23,12 @@ def data_dir() -> Path:
 
 
 def _files() -> dict[str, Path]:
-    from hfx.data import write_embedded_data
-
     directory = data_dir()
     marker = directory / "files.json"
-    if marker.exists():
+    if marker.exists():  # every later task listing: no import of hfx.data (datasets, transformers)
         return {k: Path(v) for k, v in json.loads(marker.read_text()).items()}
+    from hfx.data import write_embedded_data
+
     files = write_embedded_data(directory)
     marker.write_text(json.dumps({k: str(v) for k, v in files.items()}))
     return files
