@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from contextlib import contextmanager
+from functools import lru_cache
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,11 @@ def resolve_max_length(model, tokenizer, default: int = 2048) -> int:
 
 class CausalLMScorer:
     """Scores loglikelihood, loglikelihood_rolling and generate_until requests on a causal LM."""
+
+    #: data-parallel hook (:class:`~hfx.evaluation.distributed.DataParallelScorer` sets it): ``select(units)``
+    #: gets a call's batches as ``(shared prefix length, rows)`` and returns the ascending indices this process
+    #: runs; ``merge(results, keys)`` returns the results with every other process's filled in.
+    data_parallel = None
 
     def __init__(
         self,
@@ -115,18 +121,41 @@ class CausalLMScorer:
         special = {"add_special_tokens": False} if bos and text.startswith(bos) else self.special
         return self.tokenizer(text, **special)["input_ids"]
 
+    def encode_many(self, texts: Sequence[str]) -> list[list[int]]:
+        """:meth:`encode` of every text, each distinct text once, in one tokenizer call per special-token
+        setting: the same ids without the per-call overhead (most of the time of short requests)."""
+        distinct = list(dict.fromkeys(texts))
+        plain = [t for t in distinct if self.prefix_text and t.startswith(self.prefix_text)]
+        plain_set = set(plain)
+        special = [t for t in distinct if t not in plain_set]
+        ids: dict[str, list[int]] = {}
+        for batch, kwargs in ((plain, {"add_special_tokens": False}), (special, self.special)):
+            if batch:
+                ids.update(zip(batch, self.tokenizer(batch, **kwargs)["input_ids"]))
+        return [list(ids[t]) for t in texts]
+
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        if context == "":
-            cont = self.tokenizer.encode(continuation, add_special_tokens=False)
-            if self.prefix_token_id != cont[0]:
-                return [self.prefix_token_id], cont
-            return cont[:1], cont[1:]
-        spaces = len(context) - len(context.rstrip())
-        if spaces:
-            context, continuation = context[:-spaces], context[-spaces:] + continuation
-        whole = self.encode(context + continuation)
-        context_ids = self.encode(context)
-        return context_ids, whole[len(context_ids) :]
+        return self.encode_pairs([(context, continuation)])[0]
+
+    def encode_pairs(self, requests: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+        """lm-eval's ``_encode_pair`` for each request (its context and continuation token ids)."""
+        out: list[tuple[list[int], list[int]] | None] = [None] * len(requests)
+        texts, split = [], []
+        for i, (context, continuation) in enumerate(requests):
+            if context == "":
+                cont = self.tokenizer.encode(continuation, add_special_tokens=False)
+                out[i] = ([self.prefix_token_id], cont) if self.prefix_token_id != cont[0] else (cont[:1], cont[1:])
+                continue
+            spaces = len(context) - len(context.rstrip())
+            if spaces:
+                context, continuation = context[:-spaces], context[-spaces:] + continuation
+            texts += [context + continuation, context]
+            split.append(i)
+        encoded = self.encode_many(texts)
+        for n, i in enumerate(split):
+            whole, context_ids = encoded[2 * n], encoded[2 * n + 1]
+            out[i] = (context_ids, whole[len(context_ids) :])
+        return out  # type: ignore[return-value]
 
     # -- request types ----------------------------------------------------------------------------
     def loglikelihood(self, requests: Sequence[tuple[str, str]], name: str | None = None) -> list[tuple[float, bool]]:
@@ -134,7 +163,7 @@ class CausalLMScorer:
 
         ``name`` (the task) is only used in the warning about a shared special last token.
         """
-        pairs = [self.encode_pair(ctx, cont) for ctx, cont in requests]
+        pairs = self.encode_pairs(requests)
         self._check_shared_special_suffix(pairs, name)
         return self.score_token_pairs(pairs, desc="loglikelihood")
 
@@ -212,20 +241,30 @@ class CausalLMScorer:
             row.continuations.append(cont)
             row.slots.append(slot)
         plan = self._plan(list(rows.values()))
-        bar = tqdm(total=sum(len(r.slots) for r in rows.values()), desc=desc, disable=not self.progress or not rows)
-        for prefix, group in plan:
-            past = self.prefix_cache(prefix) if prefix else None
-            for batch in self._batches(group, len(prefix)):
-                scored = self._forward(batch, prefix, past)
-                fresh = {}
-                for row, row_results in zip(batch, scored):
-                    for slot, result in zip(row.slots, row_results):
-                        results[slot] = result
-                        fresh[keys[slot]] = list(result)
-                if self.cache is not None:
-                    self.cache.put_many(fresh)
-                bar.update(sum(len(r.slots) for r in batch))
+        units = [(prefix, batch) for prefix, group in plan for batch in self._batches(group, len(prefix))]
+        dp = self.data_parallel
+        mine = range(len(units)) if dp is None else dp.select([(len(p), b) for p, b in units])
+        bar = tqdm(total=sum(len(r.slots) for i in mine for r in units[i][1]), desc=desc,
+                   disable=not self.progress or not rows)
+        past, past_prefix = None, None
+        for i in mine:
+            prefix, batch = units[i]
+            if prefix and prefix is not past_prefix:  # one prefix cache per group, as its batches come in order
+                group = [b for p, b in units if p is prefix]
+                width = max(r.length for b in group for r in b) - len(prefix)
+                past, past_prefix = SharedPrefix(self.prefix_cache(prefix), max(len(b) for b in group), width), prefix
+            scored = self._forward(batch, prefix, past if prefix else None)
+            fresh = {}
+            for row, row_results in zip(batch, scored):
+                for slot, result in zip(row.slots, row_results):
+                    results[slot] = result
+                    fresh[keys[slot]] = list(result)
+            if self.cache is not None:
+                self.cache.put_many(fresh)
+            bar.update(sum(len(r.slots) for r in batch))
         bar.close()
+        if dp is not None:  # the other processes' batches
+            results = dp.merge(results, keys)
         return results  # type: ignore[return-value]
 
     def _plan(self, rows: list[_Row]) -> list[tuple[list[int], list[_Row]]]:
@@ -311,7 +350,7 @@ class CausalLMScorer:
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
         cache = {"use_cache": False}
         if past is not None:
-            cache = {"past_key_values": self.expand_cache(past, input_ids.shape[0]), "use_cache": True}
+            cache = {"past_key_values": past.cache(input_ids.shape[0]), "use_cache": True}
         with self._hidden_kept_at(rows, cols):
             self.forward_calls += 1
             logits = self.model(
@@ -347,8 +386,7 @@ class CausalLMScorer:
         """The keys/values of ``tokens`` (positions ``0..len-1``, plain causal attention), batch 1.
 
         A plain ``DynamicCache`` (every layer keeps every key, as the scorer's full masks assume).
-        Treat it as read-only: :meth:`expand_cache` gives a per-batch copy that a forward may
-        extend. Counted in ``forward_calls``; the vocabulary projection runs on the last position only.
+        Treat it as read-only (:class:`SharedPrefix` copies it for the rows of a batch). Counted in ``forward_calls``; the vocabulary projection runs on the last position only.
         """
         from transformers.cache_utils import DynamicCache
 
@@ -359,19 +397,6 @@ class CausalLMScorer:
             out = self.model(input_ids=ids.to(self.device), attention_mask=torch.ones_like(ids).to(self.device),
                              past_key_values=DynamicCache(), use_cache=True)
         return out.past_key_values
-
-    @staticmethod
-    def expand_cache(cache, rows: int):
-        """A fresh ``DynamicCache`` holding ``cache``'s keys/values for each of ``rows`` rows.
-
-        The source is never modified: the copy's layers start from expanded views, and a forward's
-        ``update`` concatenates into new tensors.
-        """
-        from transformers.cache_utils import DynamicCache
-
-        data = [(layer.keys.expand(rows, *layer.keys.shape[1:]), layer.values.expand(rows, *layer.values.shape[1:]))
-                for layer in cache.layers]
-        return DynamicCache(ddp_cache_data=data)
 
     @property
     def shares_prefixes(self) -> bool:
@@ -403,7 +428,7 @@ class CausalLMScorer:
         calls = self.forward_calls
         try:
             whole = self._forward(rows)
-            shared = self._forward(rows, prefix, self.prefix_cache(prefix))
+            shared = self._forward(rows, prefix, SharedPrefix(self.prefix_cache(prefix), len(rows), 6))
         except (TypeError, ValueError, NotImplementedError, AttributeError, IndexError) as error:
             return False, f"a forward after a cached prefix failed ({type(error).__name__}: {error})"
         finally:
@@ -414,6 +439,66 @@ class CausalLMScorer:
         if not diff <= tolerance:
             return False, f"log-likelihoods after a cached prefix differ by {diff:.3g} from whole rows"
         return True, ""
+
+
+class SharedPrefix:
+    """A prefix's keys/values laid out once for every row of a group's batches, and extended in place.
+
+    Per layer, one buffer ``(rows, kv heads, prefix + width, head dim)`` holds the prefix copied
+    to every row (once per group, not per batch: concatenating it to every batch's keys was a
+    fifth of the forward time); a batch's forward writes its own keys and values after it and
+    attends to ``buffer[:batch rows, :, :prefix + batch width]``. ``rows`` and ``width`` are the
+    largest of the group's batches.
+    """
+
+    def __init__(self, prefix_kv, rows: int, width: int):
+        self.length = prefix_kv.get_seq_length()
+        self.buffers = []
+        for layer in prefix_kv.layers:
+            pair = []
+            for states in (layer.keys, layer.values):
+                _, heads, _, dim = states.shape
+                buffer = states.new_empty(rows, heads, self.length + width, dim)
+                buffer[:, :, : self.length] = states
+                pair.append(buffer)
+            self.buffers.append(tuple(pair))
+
+    def cache(self, rows: int):
+        """A ``DynamicCache`` for one forward of ``rows`` rows over this prefix."""
+        from transformers.cache_utils import DynamicCache
+
+        layer_class = _shared_prefix_layer_class()
+        cache = DynamicCache()
+        cache.layers = [layer_class(keys, values, self.length, rows) for keys, values in self.buffers]
+        return cache
+
+
+@lru_cache(maxsize=1)
+def _shared_prefix_layer_class():
+    from transformers.cache_utils import DynamicLayer  # imported on first use: importing hfx stays cheap
+
+    class SharedPrefixLayer(DynamicLayer):
+        """A ``DynamicLayer`` whose ``update`` writes into a :class:`SharedPrefix` buffer instead of concatenating."""
+
+        def __init__(self, keys, values, prefix: int, rows: int):
+            super().__init__()
+            self.buffer_keys, self.buffer_values, self.prefix, self.rows = keys, values, prefix, rows
+            self.dtype, self.device = keys.dtype, keys.device
+            self.keys, self.values = keys[:rows, :, :prefix], values[:rows, :, :prefix]
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            end = self.prefix + key_states.shape[-2]
+            if key_states.shape[0] != self.rows or end > self.buffer_keys.shape[2]:
+                raise ValueError(f"a shared-prefix cache for {self.rows} rows of up to {self.buffer_keys.shape[2]} "
+                                 f"keys got {key_states.shape[0]} rows reaching {end}")
+            self.buffer_keys[: self.rows, :, self.prefix : end] = key_states
+            self.buffer_values[: self.rows, :, self.prefix : end] = value_states
+            self.keys = self.buffer_keys[: self.rows, :, :end]
+            self.values = self.buffer_values[: self.rows, :, :end]
+            return self.keys, self.values
+
+    return SharedPrefixLayer
 
 
 #: a shared prefix shorter than this many tokens is not worth its own forward
