@@ -17,18 +17,22 @@ def _exit_in_second_call() -> None:
     from hfx.evaluation.distributed import DataParallelScorer
 
     calls = []
-    run, put_many = DataParallelScorer._run, ResultCache.put_many
+    put_many = ResultCache.put_many
 
-    def counted_run(self, *args, **kwargs):
-        calls.append(1)
-        return run(self, *args, **kwargs)
+    def counted(method):
+        def call(self, *args, **kwargs):
+            calls.append(method.__name__)
+            return method(self, *args, **kwargs)
+        return call
 
     def exiting_put_many(self, items):
         put_many(self, items)
         if items and len(calls) >= 2:
             os._exit(3)
 
-    DataParallelScorer._run, ResultCache.put_many = counted_run, exiting_put_many
+    for name in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+        setattr(DataParallelScorer, name, counted(getattr(DataParallelScorer, name)))
+    ResultCache.put_many = exiting_put_many
 
 
 if __name__ == "__main__":

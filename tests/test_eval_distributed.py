@@ -196,7 +196,10 @@ def tiny_gpt2(tmp_path_factory):
     return _gpt2(tmp_path_factory.mktemp("dp-gpt2"))
 
 
-def test_real_scorer_sharded_over_two_ranks_equals_one_scorer_and_shares_the_cache(tiny_gpt2, tmp_path):
+@pytest.mark.parametrize("batch_size", [None, "auto"], ids=["batches-dealt", "context-groups-dealt"])
+def test_real_scorer_sharded_over_two_ranks_equals_one_scorer_and_shares_the_cache(tiny_gpt2, tmp_path, batch_size):
+    """The scorer's own batches dealt out whole: bitwise one process's. With a per-rank batch budget ("auto"),
+    whole contexts are dealt out instead, and rows meet other rows in a batch: equal to float rounding."""
     from hfx.evaluation.scorer import CausalLMScorer
 
     model, tok = tiny_gpt2
@@ -209,22 +212,59 @@ def test_real_scorer_sharded_over_two_ranks_equals_one_scorer_and_shares_the_cac
 
     def body(rank, group):
         cache = ResultCache(tmp_path, "same-model")
-        scorer = CausalLMScorer(copy.deepcopy(model), tok, progress=False, max_batch_tokens=512, cache=cache)
+        scorer = CausalLMScorer(copy.deepcopy(model), tok, progress=False, max_batch_tokens=512, cache=cache,
+                                batch_size=batch_size)
         backend = DataParallelScorer(scorer, group)
+        assert (backend.dealer is not None) == (batch_size is None)
         return backend.loglikelihood(requests), backend.loglikelihood_rolling(texts), backend.generate_until(gens)
 
     out, errors = run_ranks(2, body)
     assert errors == [None, None]
     for ll, rolling, generated in out:
         assert [g for _, g in ll] == [g for _, g in expected[0]]
-        assert [x for x, _ in ll] == pytest.approx([x for x, _ in expected[0]], abs=1e-6, rel=0)
-        assert rolling == pytest.approx(expected[1], abs=1e-6, rel=0)
+        if batch_size is None:
+            assert ll == expected[0] and rolling == expected[1]  # bitwise
+        else:  # one fp32 ulp of a log-likelihood near -40 is 3.8e-6
+            assert [x for x, _ in ll] == pytest.approx([x for x, _ in expected[0]], abs=1e-5, rel=0)
+            assert rolling == pytest.approx(expected[1], abs=1e-5, rel=0)
         assert generated == expected[2]
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["same-model.rank0.jsonl", "same-model.rank1.jsonl"]
     resumed = ResultCache(tmp_path, "same-model")  # one process reads what both ranks wrote
     scorer = CausalLMScorer(model, tok, progress=False, cache=resumed)
     assert scorer.loglikelihood(requests) == out[0][0] and resumed.hits == len(requests)
+
+
+def test_ranks_that_form_other_batches_fall_back_and_one_that_fails_stops_every_rank(tiny_gpt2):
+    from hfx.evaluation.scorer import CausalLMScorer
+
+    model, tok = tiny_gpt2
+    requests = mc_requests(random.Random(5), docs=8)
+
+    expected = CausalLMScorer(model, tok, progress=False, max_batch_tokens=128).loglikelihood(requests)
+
+    def differing(rank, group):  # other batches per rank: noticed, and the call dealt out by contexts instead
+        scorer = CausalLMScorer(copy.deepcopy(model), tok, progress=False, max_batch_tokens=128 * (rank + 1))
+        return DataParallelScorer(scorer, group).loglikelihood(requests)
+
+    out, errors = run_ranks(2, differing)
+    assert errors == [None, None]
+    for got in out:
+        assert [g for _, g in got] == [g for _, g in expected]
+        assert [x for x, _ in got] == pytest.approx([x for x, _ in expected], abs=1e-5, rel=0)
+
+    def failing(rank, group):
+        scorer = CausalLMScorer(copy.deepcopy(model), tok, progress=False, max_batch_tokens=128)
+        if rank == 1:
+            def broken(*args, **kwargs):
+                raise RuntimeError("out of memory on this rank")
+            scorer._forward = broken
+        return DataParallelScorer(scorer, group).loglikelihood(requests)
+
+    _, errors = run_ranks(2, failing)
+    assert isinstance(errors[1], RuntimeError) and not isinstance(errors[1], DistributedScoringError)
+    assert isinstance(errors[0], DistributedScoringError)
+    assert "rank 1 of 2 failed while scoring: RuntimeError: out of memory on this rank" in str(errors[0])
 
 
 # -- the cache with several writers ---------------------------------------------------------------
@@ -455,7 +495,7 @@ def test_one_process_resumes_what_two_killed_processes_wrote(dp_world):
 def test_a_model_spread_over_devices_is_refused_by_the_wrapper():
     scorer = FakeScorer()
     scorer.model = type("Spread", (), {"hf_device_map": {"layer.0": 0, "layer.1": 1}})()
-    (group, _) = thread_world(2)
+    group = ProcessGroup(rank=0, world_size=2, gather=lambda obj: [obj, obj])  # a rank 1 that always agrees
     with pytest.raises(DistributedSetupError, match=r"spread over \['0', '1'\].*whole model on each rank"):
         DataParallelScorer(scorer, group)
     scorer.model.hf_device_map = {"": 0}  # one device: a whole model

@@ -263,6 +263,10 @@ class ResultCache:
             self.hits += 1
         return value
 
+    def remember(self, items: dict[str, Any]) -> None:
+        """Known values another process wrote to its own file: kept in memory, not written again."""
+        self.values.update(items)
+
     def put_many(self, items: dict[str, Any]) -> None:
         if not items:
             return

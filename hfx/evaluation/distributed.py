@@ -12,18 +12,24 @@ computes the same metrics and builds the same results; only the main rank writes
 
 How requests are dealt out keeps what makes the scorer fast:
 
-- ``loglikelihood``: all requests with the same context form one *context group* (the scorer packs
-  a context and all its continuations into one row, and shares a few-shot prefix between rows);
-  groups stay whole and go, longest first, to the rank with the fewest tokens so far (LPT).
-- ``loglikelihood_rolling``: one text is the unit, dealt the same way.
+- ``loglikelihood`` and ``loglikelihood_rolling`` on :class:`~hfx.evaluation.scorer.CausalLMScorer`:
+  every rank tokenises the whole call and forms the scorer's own plan (a context and all its
+  continuations in one row, rows sharing a few-shot prefix grouped after it, token-budget
+  batches), the same on every rank; whole *batches* are then dealt out, costliest first, to the
+  rank with the fewest tokens so far (LPT), through the scorer's ``data_parallel`` hook. A batch
+  is computed exactly as one process computes it, so every log-likelihood is bitwise one process's.
+  The plans are fingerprinted: ranks that formed different batches stop with an error instead of
+  merging the wrong rows. Each rank also remembers (in memory) what the others scored, so the cache
+  and hence the next call's plan stay the same on every rank.
+- With ``batch_size="auto"`` (a budget each rank measures for itself) and on scorers without the
+  hook, requests sharing a context form one *context group*, dealt out whole by token count. A
+  rank's batches then hold other rows than one process's: the padded width and number of rows
+  differ, so matrix kernels may add in another order, and a log-likelihood can differ in its last
+  bits (one fp32 ulp: ~4e-6 at -40); metrics are equal unless two choices tie to within that.
 - ``generate_until``: requests with the same generation kwargs are sorted by prompt length and cut
   into chunks of the scorer's batch size; whole chunks are dealt out, so each rank's batches are
-  runs of similar lengths, as one process would form them.
-
-A rank's batches hold other rows than one process's batches: the padded width and the number of
-rows differ, so matrix kernels may add in another order. That changes a log-likelihood by float
-rounding (far below 1e-6 in fp32); metrics derived from them are equal unless two choices tie to
-within that rounding. Greedy generations are per row and do not depend on the batch.
+  runs of similar lengths, as one process would form them. Greedy generations are per row and do
+  not depend on the batch.
 
 The result cache is shared: every rank reads every writer's file of the same model identity and
 appends to its own (:class:`~hfx.evaluation.cache.ResultCache`), so a killed N-process run resumes,
@@ -39,6 +45,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,11 +53,13 @@ from typing import Any
 
 import torch
 
+from .cache import request_key
 from .evaluator import EvaluationInputError
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
 DEFAULT_GENERATION_CHUNK = 8
+logger = logging.getLogger(__name__)
 
 
 class DistributedSetupError(EvaluationInputError):
@@ -60,6 +69,10 @@ class DistributedSetupError(EvaluationInputError):
 
 class DistributedScoringError(RuntimeError):
     """Another rank failed while scoring its share; this rank stops with its message."""
+
+
+class PlansDiffer(DistributedScoringError):
+    """The ranks formed other batches from the same requests; the call is dealt out again by context groups."""
 
 
 @dataclass(frozen=True)
@@ -281,6 +294,58 @@ def shard_generation(requests: Sequence[tuple[str, dict]], world_size: int, toke
 
 
 # -- the wrapper -----------------------------------------------------------------------------
+class BatchDealer:
+    """The scorer's ``data_parallel`` hook: deals out the batches every rank formed alike, merges their results."""
+
+    def __init__(self, group: ProcessGroup, cache=None):
+        self.group, self.cache = group, cache
+        self.pending: tuple[list[list[int]], str] | None = None  # after select, until merge
+
+    def select(self, units) -> list[int]:
+        """``units``: ``(shared prefix length, rows)`` per batch. This rank's batches, by LPT on the tokens run."""
+        costs = [len(rows) * (max(r.length for r in rows) - skip) for skip, rows in units]
+        shares = deal(costs, self.group.world_size)
+        slots = [[s for r in rows for s in r.slots] for _, rows in units]
+        self.pending = ([[s for i in share for s in slots[i]] for share in shares], request_key(slots))
+        return shares[self.group.rank]
+
+    def merge(self, results: list, keys: list[str]) -> list:
+        by_rank, fingerprint = self.pending
+        self.pending = None
+        mine = by_rank[self.group.rank]
+        gathered = self.group.all_gather({"plan": fingerprint, "results": [list(results[s]) for s in mine],
+                                          "error": None})
+        self._check(gathered, fingerprint)
+        remote = {}
+        for rank, part in enumerate(gathered):
+            if rank == self.group.rank:
+                continue
+            for slot, value in zip(by_rank[rank], part["results"]):
+                results[slot] = (float(value[0]), bool(value[1]))
+                remote[keys[slot]] = [float(value[0]), bool(value[1])]
+        if self.cache is not None and hasattr(self.cache, "remember"):
+            self.cache.remember(remote)  # the next call's cache hits, hence its plan, are the same on every rank
+        return results
+
+    def fail(self, exc: BaseException) -> None:
+        """This rank failed between select and merge: tell the others, who wait in merge's gather."""
+        fingerprint = self.pending[1] if self.pending else None
+        self.pending = None
+        self.group.all_gather({"plan": fingerprint, "results": [],
+                               "error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"})
+
+    def _check(self, gathered, fingerprint) -> None:
+        failed = [(r, p["error"]) for r, p in enumerate(gathered) if p["error"] is not None]
+        if failed:
+            rank, message = failed[0]
+            raise DistributedScoringError(f"rank {rank} of {self.group.world_size} failed while scoring: {message}")
+        differing = [r for r, p in enumerate(gathered) if p["plan"] != fingerprint]
+        if differing:
+            raise PlansDiffer(
+                f"ranks {differing} formed other batches than rank {self.group.rank} from the same requests (a "
+                "different cache state or batch budget per rank); their results cannot be merged")
+
+
 class DataParallelScorer:
     """A scorer whose three request calls are split over the ranks of ``group``; every rank gets every result.
 
@@ -304,6 +369,14 @@ class DataParallelScorer:
             cache.use_rank(group.rank)  # each rank appends to its own file; all of them are read back
         if not group.is_main and hasattr(scorer, "progress"):
             scorer.progress = False  # one progress bar per run: the main rank's
+        dealer = None
+        if group.world_size > 1 and hasattr(scorer, "data_parallel") and getattr(scorer, "batch_size", None) != "auto":
+            dealer = BatchDealer(group, cache)
+            scorer.data_parallel = dealer
+        self.__dict__["dealer"] = dealer
+        if group.world_size > 1:
+            # every rank has read the cache files before any rank writes: the same hits, so the same plans
+            group.all_gather(None)
 
     def __getattr__(self, name):
         return getattr(self.__dict__["scorer"], name)
@@ -314,14 +387,24 @@ class DataParallelScorer:
     # the three request types
     def loglikelihood(self, requests: Sequence[tuple[str, str]], name: str | None = None) -> list[tuple[float, bool]]:
         requests = list(requests)
-        shares = shard_loglikelihood(requests, self.group.world_size, getattr(self.scorer, "tokenizer", None))
-        merged = self._run(requests, shares, lambda part: self.scorer.loglikelihood(part, name))
-        return [(float(ll), bool(greedy)) for ll, greedy in merged]
+        def by_groups():
+            shares = shard_loglikelihood(requests, self.group.world_size, getattr(self.scorer, "tokenizer", None))
+            merged = self._run(requests, shares, lambda part: self.scorer.loglikelihood(part, name))
+            return [(float(ll), bool(greedy)) for ll, greedy in merged]
+
+        if self.dealer is not None:
+            return self._dealt(lambda: self.scorer.loglikelihood(requests, name), by_groups)
+        return by_groups()
 
     def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
         texts = list(texts)
-        shares = shard_rolling(texts, self.group.world_size, getattr(self.scorer, "tokenizer", None))
-        return [float(x) for x in self._run(texts, shares, self.scorer.loglikelihood_rolling)]
+        def by_texts():
+            shares = shard_rolling(texts, self.group.world_size, getattr(self.scorer, "tokenizer", None))
+            return [float(x) for x in self._run(texts, shares, self.scorer.loglikelihood_rolling)]
+
+        if self.dealer is not None:
+            return self._dealt(lambda: self.scorer.loglikelihood_rolling(texts), by_texts)
+        return by_texts()
 
     def generate_until(self, requests: Sequence[tuple[str, dict]]) -> list[str]:
         requests = list(requests)
@@ -329,6 +412,27 @@ class DataParallelScorer:
         chunk = size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else DEFAULT_GENERATION_CHUNK
         shares = shard_generation(requests, self.group.world_size, getattr(self.scorer, "tokenizer", None), chunk)
         return self._run(requests, shares, self.scorer.generate_until)
+
+    def _dealt(self, call: Callable[[], list], fallback: Callable[[], list]) -> list:
+        """A call the scorer runs on every rank with the whole request list, dealing out its own batches.
+
+        Ranks whose plans differ (another process wrote to the cache between the ranks' reads, or the
+        batch budget differs) all learn it in the same gather; the call is then dealt out by whole
+        contexts instead, reusing what each rank has just scored from its cache.
+        """
+        try:
+            return call()
+        except PlansDiffer as exc:
+            logger.info("hfx eval: %s; dealing out whole contexts for this call", exc)
+        except Exception as exc:
+            if self.dealer.pending is not None:  # the others wait for this rank's results: send the error
+                self.dealer.fail(exc)
+            raise
+        self.scorer.data_parallel = None
+        try:
+            return fallback()
+        finally:
+            self.scorer.data_parallel = self.dealer
 
     def _run(self, requests: list, shares: list[list[int]], score: Callable[[list], list]) -> list:
         mine = shares[self.group.rank]
