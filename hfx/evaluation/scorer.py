@@ -27,6 +27,8 @@ Scoring differs from lm-eval only in how the work is laid out, not in what is co
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import Sequence
 from contextlib import contextmanager
 from functools import lru_cache
@@ -89,10 +91,18 @@ class CausalLMScorer:
         add_bos_token: bool | None = None,
         seed: int = 1234,
     ):
+        if batch_size is not None and batch_size != "auto" and not (isinstance(batch_size, int) and batch_size >= 1):
+            raise ValueError(f"batch_size must be a positive int, 'auto' or None, got {batch_size!r}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
+        #: how rows per forward are chosen: ``mode`` (fixed / auto-cuda / auto-cpu), ``max_batch_tokens``,
+        #: ``rows`` (the row cap, None: none) and, for auto, ``probe`` (what was tried and measured);
+        #: with ``batch_size="auto"`` it is filled by the first forward that needs it
+        self.batch_info: dict | None = None
+        if batch_size != "auto":
+            self.batch_info = {"mode": "fixed", "max_batch_tokens": max_batch_tokens, "rows": batch_size}
         self.cache = cache
         self.progress = progress
         self.max_length = max_length or resolve_max_length(model, tokenizer)
@@ -241,6 +251,18 @@ class CausalLMScorer:
             row.continuations.append(cont)
             row.slots.append(slot)
         plan = self._plan(list(rows.values()))
+
+        def record(batch, scored):
+            fresh = {}
+            for row, row_results in zip(batch, scored):
+                for slot, result in zip(row.slots, row_results):
+                    results[slot] = result
+                    fresh[keys[slot]] = list(result)
+            if self.cache is not None:
+                self.cache.put_many(fresh)
+
+        if self.batch_info is None and plan:
+            plan = self._resolve_auto_budget(plan, record)  # rows the CPU probe scored are taken out
         units = [(prefix, batch) for prefix, group in plan for batch in self._batches(group, len(prefix))]
         dp = self.data_parallel
         mine = range(len(units)) if dp is None else dp.select([(len(p), b) for p, b in units])
@@ -253,14 +275,7 @@ class CausalLMScorer:
                 group = [b for p, b in units if p is prefix]
                 width = max(r.length for b in group for r in b) - len(prefix)
                 past, past_prefix = SharedPrefix(self.prefix_cache(prefix), max(len(b) for b in group), width), prefix
-            scored = self._forward(batch, prefix, past if prefix else None)
-            fresh = {}
-            for row, row_results in zip(batch, scored):
-                for slot, result in zip(row.slots, row_results):
-                    results[slot] = result
-                    fresh[keys[slot]] = list(result)
-            if self.cache is not None:
-                self.cache.put_many(fresh)
+            record(batch, self._forward(batch, prefix, past if prefix else None))
             bar.update(sum(len(r.slots) for r in batch))
         bar.close()
         if dp is not None:  # the other processes' batches
@@ -281,6 +296,72 @@ class CausalLMScorer:
         if rest:
             groups.append(([], sorted(rest, key=lambda r: (-r.length, r.context))))
         return groups
+
+    # -- batch_size="auto" -------------------------------------------------------------------------
+    def _resolve_auto_budget(self, plan, record):
+        """Choose ``max_batch_tokens`` once, on the first rows scored; returns the plan left to score.
+
+        On CUDA: the largest budget whose worst-case forward fits (:func:`find_token_budget`, halving
+        on out-of-memory as lm-eval's ``batch_size="auto"``); nothing is scored. Elsewhere nothing runs
+        out of memory, it only slows down: the first rows of the largest group are scored in one batch
+        at each budget of :data:`AUTO_CPU_BUDGETS` that fits in half the available memory (until the
+        group runs out), and the budget with the most tokens per second is kept. Those forwards are real work: their results are recorded.
+        """
+        info = {"mode": "auto-cuda" if self.device.type == "cuda" else "auto-cpu", "rows": None, "probe": {}}
+        self.batch_info = info
+        if self.device.type == "cuda":
+
+            def fits(budget: int) -> None:
+                width = min(self.max_length, budget)
+                token = self.prefix_token_id or 0
+                self._forward([_Row([token] * (width - 1), [[token]], [0])] * max(1, budget // width))
+
+            start = AUTO_CUDA_START_ROWS * self.max_length
+            calls = self.forward_calls
+            self.max_batch_tokens = find_token_budget(fits, start, info["probe"])
+            self.forward_calls = calls
+            info["max_batch_tokens"] = self.max_batch_tokens
+            return plan
+        limit = _available_memory()
+        per_token = self._bytes_per_token()
+        candidates = [b for b in AUTO_CPU_BUDGETS if limit is None or b * per_token <= limit / 2] or AUTO_CPU_BUDGETS[:1]
+        info["memory_available"] = limit
+        best = None
+        plan = [(prefix, list(group)) for prefix, group in plan]
+        prefix, group = max(plan, key=lambda g: len(g[1]))  # the largest group: the work that dominates
+        for budget in candidates:
+            if not group:
+                break  # a larger budget would form the same batches as the last one
+            self.max_batch_tokens = budget
+            batch = next(self._batches(group, len(prefix)))
+            past = None
+            if prefix:
+                past = SharedPrefix(self.prefix_cache(prefix), len(batch), batch[0].length - len(prefix))
+            started = time.perf_counter()
+            record(batch, self._forward(batch, prefix, past))
+            seconds = time.perf_counter() - started
+            tokens = sum(r.length - len(prefix) for r in batch)
+            info["probe"][budget] = {"rows": len(batch), "tokens": tokens, "seconds": round(seconds, 4),
+                                     "tokens_per_s": round(tokens / max(seconds, 1e-9), 1)}
+            if best is None or tokens / max(seconds, 1e-9) > best[1]:
+                best = (budget, tokens / max(seconds, 1e-9))
+            del group[: len(batch)]
+        self.max_batch_tokens = best[0] if best is not None else candidates[0]
+        info["max_batch_tokens"] = self.max_batch_tokens
+        return [(prefix, group) for prefix, group in plan if group]
+
+    def _bytes_per_token(self) -> int:
+        """A generous estimate of a forward's peak memory per token in a batch (activations, attention
+        scores over the longest possible row, shared-prefix keys/values)."""
+        config = getattr(self.model.config, "text_config", None) or self.model.config
+        hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 1024)
+        inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+        heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 16)
+        layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 12)
+        elem = next(self.model.parameters()).element_size()
+        attention = (heads + 1) * self.max_length * max(elem, 4)  # scores and the float mask over every key
+        prefix_kv = PREFIX_KV_FACTOR * layers * 2 * hidden * elem
+        return int(elem * (8 * hidden + 3 * inner) + attention + prefix_kv)
 
     def _batches(self, rows: list[_Row], skip: int = 0):
         """Consecutive rows while ``rows × (longest row - skip) ≤ max_batch_tokens`` (and ``≤ batch_size`` rows).
@@ -499,6 +580,52 @@ def _shared_prefix_layer_class():
             return self.keys, self.values
 
     return SharedPrefixLayer
+
+
+#: token budgets the CPU probe of ``batch_size="auto"`` tries, one forward each
+AUTO_CPU_BUDGETS = (1024, 2048, 4096, 8192, 16384)
+#: the CUDA search starts at this many rows of the model's full context length (lm-eval's auto starts at 64)
+AUTO_CUDA_START_ROWS = 64
+
+
+def find_token_budget(fits, start: int, tried: dict | None = None, minimum: int = 16) -> int:
+    """The first of ``start, start/2, start/4, ...`` for which ``fits(budget)`` returns without running
+    out of CUDA memory (lm-eval's ``batch_size="auto"`` search, over tokens per forward).
+
+    ``tried`` records each budget as ``"ok"`` or ``"out of memory"``. A budget below ``minimum``
+    that still does not fit re-raises the error: the model itself does not fit.
+    """
+    budget = int(start)
+    while True:
+        try:
+            fits(budget)
+        except torch.cuda.OutOfMemoryError:
+            if tried is not None:
+                tried[budget] = "out of memory"
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if budget // 2 < minimum:
+                raise
+            budget //= 2
+            continue
+        if tried is not None:
+            tried[budget] = "ok"
+        return budget
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``), or None when unknown."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 #: a shared prefix shorter than this many tokens is not worth its own forward
