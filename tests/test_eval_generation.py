@@ -66,6 +66,7 @@ def setup(tmp_path_factory):
         finally:
             generation.batchable = original
         assert scorer.forward_calls == len(requests)  # one generate call each
+        assert len(set(reference[name])) > len(requests) // 2  # varied answers, not one repeated token
     return {"models": models, "tok": tok, "requests": requests, "reference": reference}
 
 
