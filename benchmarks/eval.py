@@ -312,28 +312,47 @@ def measure_task(key: str, args, model, tok, model_dir: Path, tasks_dir: Path, m
 
 # -- start-up cost ----------------------------------------------------------------------------
 STARTUP_PROBE = r"""
-import json, os, sys, time
-t0 = time.perf_counter()
+import json, sys, time
 marks = {}
-def mark(name):
-    marks[name] = round(time.perf_counter() - t0, 3)
-import torch; mark("import torch")
-import transformers; mark("import transformers")
-import hfx; mark("import hfx")
-from hfx.evaluation import evaluator; mark("import hfx.evaluation")
+def timed(name, fn):
+    started = time.perf_counter(); value = fn(); marks[name] = round(time.perf_counter() - started, 3); return value
+model_dir, task, tasks_dir = sys.argv[1:4]
+timed("import torch", lambda: __import__("torch"))
+timed("import transformers", lambda: __import__("transformers"))
+timed("import datasets", lambda: __import__("datasets"))
+timed("import hfx.evaluation", lambda: __import__("hfx.evaluation"))
+from hfx.evaluation import evaluator
 from hfx.evaluation.catalogue import TaskIndex
 from hfx.evaluation.cache import ContentHashMemo, model_identity
-started = time.perf_counter(); TaskIndex([sys.argv[3]]); marks["task index (this process)"] = round(time.perf_counter() - started, 3)
-started = time.perf_counter()
-plan = evaluator.plan([sys.argv[2]], include_path=[sys.argv[3]], num_fewshot=5, limit=None, seed=1234)
-marks["plan: tasks read, docs and prompts built"] = round(time.perf_counter() - started, 3)
-started = time.perf_counter()
-model, tok, source = evaluator.load_model(sys.argv[1]); marks["load model + tokenizer"] = round(time.perf_counter() - started, 3)
-started = time.perf_counter()
-model_identity(model, tok, source, memo=ContentHashMemo(None)); marks["model identity (hash weights, cold)"] = round(time.perf_counter() - started, 3)
-mark("total")
+timed("task index: plugins + include (1st in process)", lambda: TaskIndex([tasks_dir]))
+timed("task index: again (in-process memo)", lambda: TaskIndex([tasks_dir]))
+timed("plan: task files, documents, prompts", lambda: evaluator.plan([task], include_path=[tasks_dir], num_fewshot=5,
+                                                                      limit=None, seed=1234))
+model, tok, source = timed("load model + tokenizer (with the modeling import)", lambda: evaluator.load_model(model_dir))
+timed("model identity: hash weight files (no memo)", lambda: model_identity(model, tok, source, memo=ContentHashMemo(None)))
+marks["bitsandbytes imported"] = "bitsandbytes" in sys.modules
 print(json.dumps(marks))
 """
+
+LM_EVAL_PROBE = r"""
+import json, sys, time
+marks = {}
+def timed(name, fn):
+    started = time.perf_counter(); value = fn(); marks[name] = round(time.perf_counter() - started, 3); return value
+timed("import torch", lambda: __import__("torch"))
+timed("import transformers", lambda: __import__("transformers"))
+timed("import lm_eval + HFLM", lambda: __import__("lm_eval.models.huggingface"))
+from lm_eval.tasks import TaskManager
+timed("TaskManager: bundled catalogue + include", lambda: TaskManager(include_path=sys.argv[2]))
+from lm_eval.models.huggingface import HFLM
+timed("HFLM(pretrained=DIR): model + tokenizer", lambda: HFLM(pretrained=sys.argv[1], batch_size=16, device="cpu"))
+print(json.dumps(marks))
+"""
+
+
+def _probe(code: str, argv: list[str], env: dict):
+    done = subprocess.run([sys.executable, "-c", code] + argv, env=env, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else {"error": done.stderr[-2000:]}
 
 
 def import_profile(command: list[str], env: dict, top: int = 12) -> dict:
@@ -353,21 +372,21 @@ def import_profile(command: list[str], env: dict, top: int = 12) -> dict:
 
 
 def startup(model_dir: Path, tasks_dir: Path, env: dict, work: Path) -> dict:
-    """Where the fixed cost of one process goes, for hfx eval and lm_eval run."""
+    """Where the fixed cost of one process goes, for hfx eval and lm_eval run (each phase in a fresh interpreter)."""
     out: dict = {}
-    probe = subprocess.run([sys.executable, "-c", STARTUP_PROBE, str(model_dir), "bench_mc", str(tasks_dir)], env=env,
-                           capture_output=True, text=True)
-    out["hfx_phases_s"] = json.loads(probe.stdout.strip().splitlines()[-1]) if probe.returncode == 0 else probe.stderr[-2000:]
+    argv = [str(model_dir), "bench_mc", str(tasks_dir)]
+    out["hfx_phases_cold_s"] = _probe(STARTUP_PROBE, argv, env)  # first process: index cache and page cache cold
+    out["hfx_phases_warm_s"] = _probe(STARTUP_PROBE, argv, env)
     out["hfx_eval_help_s"] = round(timed_process(_script("hfx") + ["eval", "--help"], env, work / "help.log")["wall_s"], 2)
+    out["hfx_eval_limit_1_s"] = timed_process(
+        _script("hfx") + ["eval", "--model", str(model_dir), "--tasks", "bench_mc", "--include-path", str(tasks_dir),
+                          "--no-cache", "--limit", "1"], env, work / "limit1.log")
     out["hfx_imports"] = import_profile(["-m", "hfx.cli", "eval", "--model", str(model_dir), "--tasks", "bench_mc",
                                          "--include-path", str(tasks_dir), "--no-cache", "--limit", "1"], env)
-    lm_probe = ("import time; t0 = time.perf_counter()\nimport lm_eval, lm_eval.models.huggingface\n"
-                "t1 = time.perf_counter()\nfrom lm_eval.tasks import TaskManager\n"
-                f"TaskManager(include_path={str(tasks_dir)!r})\nt2 = time.perf_counter()\n"
-                "print({'import lm_eval + HFLM': round(t1 - t0, 3), 'TaskManager (bundled catalogue + include)': "
-                "round(t2 - t1, 3)})")
-    done = subprocess.run([sys.executable, "-c", lm_probe], env=env, capture_output=True, text=True)
-    out["lm_eval_phases_s"] = done.stdout.strip().splitlines()[-1] if done.returncode == 0 else done.stderr[-2000:]
+    out["lm_eval_phases_s"] = _probe(LM_EVAL_PROBE, [str(model_dir), str(tasks_dir)], env)
+    out["lm_eval_run_limit_1_s"] = timed_process(
+        _script("lm_eval") + ["run", "--model", "hf", "--model_args", f"pretrained={model_dir}", "--tasks", "bench_mc",
+                              "--include_path", str(tasks_dir), "--limit", "1"], env, work / "lm_limit1.log")
     out["lm_eval_imports"] = import_profile(["-m", "lm_eval", "run", "--model", "hf", "--model_args",
                                              f"pretrained={model_dir}", "--tasks", "bench_mc", "--include_path",
                                              str(tasks_dir), "--limit", "1"], env)
@@ -437,27 +456,32 @@ def gpu_skip_reason() -> str | None:
     return None
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny tasks and a 2-layer 64-wide model (< 2 minutes)")
     parser.add_argument("--tasks", default="a,b,c", help="comma-separated subset of a, b, c")
+    parser.add_argument("--docs", type=int, default=None, help="documents per task (default: 200 / 150 / 100, quick: 24 / 20 / 12)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per harness and mode; the median is reported")
     parser.add_argument("--no-whole", dest="whole", action="store_false", help="skip the whole-process runs")
     parser.add_argument("--no-evaluate", dest="evaluate", action="store_false", help="skip the in-process runs")
     parser.add_argument("--startup", action="store_true", help="also profile the fixed cost of one process of each")
     parser.add_argument("--output", default=None,
                         help="JSON path (default benchmarks/results/eval.json, eval_quick.json with --quick)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     keys = [k.strip() for k in args.tasks.split(",") if k.strip()]
     unknown = [k for k in keys if k not in TASKS]
     if unknown or not keys:
         parser.error(f"--tasks {args.tasks!r}: unknown {unknown}; choose from {', '.join(TASKS)}")
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
-    if not (args.whole or args.evaluate):
-        parser.error("--no-whole and --no-evaluate leave nothing to measure")
-    args.sizes = SIZES["quick" if args.quick else "full"]
+    if not (args.whole or args.evaluate or args.startup):
+        parser.error("--no-whole and --no-evaluate leave nothing to measure (add --startup for the start-up profile)")
+    if args.docs is not None and args.docs < 1:
+        parser.error(f"--docs must be at least 1, got {args.docs}")
+    args.sizes = dict(SIZES["quick" if args.quick else "full"])
+    if args.docs is not None:
+        args.sizes.update({key: args.docs for key in TASKS})
     output = Path(args.output or Path(__file__).parent / "results" / f"eval{'_quick' if args.quick else ''}.json")
 
     root = Path(tempfile.mkdtemp(prefix="hfx_bench_eval_"))
@@ -476,18 +500,18 @@ def main() -> None:
         from lm_eval.tasks import TaskManager
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        started = time.perf_counter()
-        manager = TaskManager(include_path=str(tasks_dir))  # what lm_eval run builds: bundled catalogue + include
-        index_s = round(time.perf_counter() - started, 2)
+        # Built before the clock starts. Only the local tasks: the bundled catalogue's index (what every
+        # `lm_eval run` builds, in the whole-process times; --startup times it) does not change evaluate-only.
+        manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         tok = AutoTokenizer.from_pretrained(model_dir)
-        print(f"model: {model_info}; lm-eval task index (outside evaluate-only timing) {index_s} s; "
+        print(f"model: {model_info}; "
               f"torch threads {torch.get_num_threads()}; lm-eval CLI: lm_eval run", flush=True)
 
         report = {"command": "python benchmarks/eval.py " + " ".join(sys.argv[1:]), "machine": machine(),
                   "model": model_info, "lm_eval_cli": "lm_eval run (lm-eval 0.4.13 subcommand)",
                   "lm_eval_batch_size": LM_EVAL_BATCH, "hfx_batching": "default (token budget 4096)",
-                  "lm_eval_task_index_s": index_s, "num_fewshot": SHOTS, "rows": []}
+                  "sizes": args.sizes, "num_fewshot": SHOTS, "rows": []}
 
         def save():
             from hfx.evaluation.results import write_atomic
@@ -495,12 +519,12 @@ def main() -> None:
             report["machine"]["load_average_end"] = list(os.getloadavg())
             write_atomic(output, json.dumps(report, indent=1) + "\n")
 
-        for key in keys:
+        for key in keys if args.whole or args.evaluate else ():
             row = measure_task(key, args, model, tok, model_dir, tasks_dir, manager, work, env)
             report["rows"].append(row)
             print(table([row]).splitlines()[-1], flush=True)
             save()
-        reason = gpu_skip_reason()
+        reason = gpu_skip_reason() if args.whole or args.evaluate else "only --startup asked for"
         if reason:
             print(f"GPU rows skipped: {reason}")
             report["gpu"] = {"skipped": reason}
@@ -519,6 +543,7 @@ def main() -> None:
         print()
         print(table(report["rows"]))
         print(f"\nwritten: {output}")
+        return report
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
