@@ -243,10 +243,10 @@ class CausalLMScorer:
             if not cont:
                 raise ValueError("A continuation encodes to zero tokens; nothing to score.")
             if len(ctx) + len(cont) > self.max_length + 1:
-                # lm-eval truncates such a pair on the left; it then shares its context with nothing
+                # lm-eval truncates such a pair on the left; the cut context is then scored as any other
+                # (choices of one length cut the same: one row)
                 whole = (ctx + cont)[-(self.max_length + 1) :]
-                rows[("truncated", slot)] = _Row(whole[: len(whole) - len(cont)], [cont], [slot])
-                continue
+                ctx = whole[: len(whole) - len(cont)]
             row = rows.setdefault(tuple(ctx), _Row(list(ctx), [], []))
             row.continuations.append(cont)
             row.slots.append(slot)
@@ -510,7 +510,9 @@ class CausalLMScorer:
         try:
             whole = self._forward(rows)
             shared = self._forward(rows, prefix, SharedPrefix(self.prefix_cache(prefix), len(rows), 6))
-        except (TypeError, ValueError, NotImplementedError, AttributeError, IndexError) as error:
+        # a probe of 12 tokens: any failure here means the cached-prefix path is not for this model (a real
+        # fault of the model shows again, unhidden, when the rows are scored whole)
+        except (TypeError, ValueError, RuntimeError, NotImplementedError, AttributeError, IndexError) as error:
             return False, f"a forward after a cached prefix failed ({type(error).__name__}: {error})"
         finally:
             self.forward_calls = calls  # the probe is not part of the work counted
