@@ -22,6 +22,13 @@ Scoring differs from lm-eval only in how the work is laid out, not in what is co
 - **Token-budget batches sorted by length.** Rows are sorted longest first and packed until
   ``rows × longest ≤ max_batch_tokens`` (and at most ``batch_size`` rows). Every row's numbers
   depend only on its own tokens: batch size changes them by float rounding only (< 1e-5).
+  ``batch_size="auto"`` picks the budget once (:meth:`CausalLMScorer._resolve_auto_budget`) and
+  says what it picked in ``batch_info``.
+- **A shared token prefix computed once.** Rows whose contexts start with the same long run of
+  tokens (a ``first_n`` few-shot block) are grouped (:func:`shared_prefix_groups`); the prefix's
+  keys/values are computed once (:meth:`CausalLMScorer.prefix_cache`) and each row's remaining
+  tokens attend to them (:class:`SharedPrefix`), with position ids continuing after the prefix.
+  Models are checked once for this (:attr:`CausalLMScorer.shares_prefixes`); others score whole rows.
 """
 
 from __future__ import annotations
