@@ -82,8 +82,10 @@ def test_batched_greedy_equals_one_at_a_time(setup, monkeypatch, model_name, bat
         return finish(tokenizer, tokens, until)
 
     def spy_prefix(scorer, prefix):
+        result = forward_prefix(scorer, prefix)
+        assert result.shared  # rows attend to one copy of the prefix (SDPA models take the interface)
         prefixes.append(len(prefix))
-        return forward_prefix(scorer, prefix)
+        return result
 
     def spy_decode(scorer, batch, start, prefix_kv, spec, *args):
         batches.append((len(batch), max(len(item.prompt) for item in batch) - start + spec.max_new))
@@ -102,6 +104,30 @@ def test_batched_greedy_equals_one_at_a_time(setup, monkeypatch, model_name, bat
         if batch_size is None and rows > 1:
             assert rows * tokens <= max_batch_tokens
     assert scorer.forward_calls < len(setup["requests"]) * 12  # prefix + one per batch step, not per request step
+
+
+@pytest.mark.parametrize("queries", [1, 3])
+@pytest.mark.parametrize("masked", [True, False])
+def test_shared_prefix_attention_equals_attention_over_the_concatenated_keys(queries, masked):
+    """One prefix copy for every row, grouped-query heads, left pads after the prefix, or SDPA's causal None."""
+    torch.manual_seed(0)
+    rows, heads, kv_heads, dim, shared, own = 3, 4, 2, 8, 5, 4
+    query = torch.randn(rows, heads, queries, dim)
+    key, value = torch.randn(rows, kv_heads, own, dim), torch.randn(rows, kv_heads, own, dim)
+    prefix = (torch.randn(1, kv_heads, shared, dim), torch.randn(1, kv_heads, shared, dim))
+    total = shared + own
+    allowed = (torch.arange(total)[None, :] <= torch.arange(total - queries, total)[:, None])[None, None].repeat(rows, 1, 1, 1)
+    if masked:
+        allowed[1, :, :, shared : shared + 2] = False  # row 1: two pads between the prefix and its tokens
+    generation._SHARED.current = prefix
+    got, _ = generation._shared_prefix_attention(types.SimpleNamespace(), query, key, value, allowed if masked else None,
+                                                 scaling=0.3)
+    keys = torch.cat([prefix[0].expand(rows, -1, -1, -1), key], 2).repeat_interleave(heads // kv_heads, 1)
+    values = torch.cat([prefix[1].expand(rows, -1, -1, -1), value], 2).repeat_interleave(heads // kv_heads, 1)
+    expected = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=allowed, scale=0.3)
+    assert got.shape == (rows, queries, heads, dim)
+    torch.testing.assert_close(got, expected.transpose(1, 2), atol=1e-6, rtol=1e-5)
+    assert generation._SHARED.current is None  # one prefix per attention call
 
 
 def test_shared_prefix_is_checked_per_prompt():

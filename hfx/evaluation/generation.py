@@ -13,9 +13,12 @@ first stop string. Greedy requests are computed in batches that return exactly t
   max_batch_tokens`` (and at most ``batch_size`` rows when that is an int).
 - **A shared prefix computed once.** The longest token prefix shared by most prompts of a group
   (a ``first_n`` few-shot block: the same description and shots for every document) is run once;
-  its keys/values are copied to every row of every batch that shares it. The rest of each prompt
-  is left-padded *after* the prefix: the attention mask hides the gap and per-row position ids
-  continue from the prefix, so each row sees exactly the positions it has alone.
+  every row of every batch that shares it attends to that one copy of its keys/values (an
+  attention function registered with transformers for SDPA/eager models: prefix scores for all
+  rows in one matrix product, one softmax over prefix and own keys), else to a copy per row.
+  The rest of each prompt is left-padded *after* the prefix: the attention mask hides the gap
+  and per-row position ids continue from the prefix, so each row sees exactly the positions it
+  has alone.
 - **Finished rows leave the batch.** A row that produced a stop string or EOS is done and is
   dropped from the batch (and its cache rows) at once; the batch stops when no row is left.
 - **A plain greedy loop** over a ``DynamicCache`` with only the last position's logits computed,
@@ -32,6 +35,7 @@ forward, and one per decoding step of a batch (one ``generate`` call counts one)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -275,16 +279,37 @@ def _eos_ids(model) -> set[int]:
     return {int(e) for e in eos} if isinstance(eos, (list, tuple)) else {int(eos)}
 
 
-def _forward_prefix(scorer, prefix: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Keys and values of the shared prefix, one ``(keys, values)`` per layer, batch of one."""
+@dataclass
+class _Prefix:
+    """A shared prefix's keys/values (one ``(keys, values)`` per layer, batch of one).
+
+    ``shared``: the model's attention goes through transformers' attention interface, so the rows
+    attend to this one copy (:func:`_shared_prefix_attention`); otherwise it is copied into each row.
+    """
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    shared: bool
+
+
+def _forward_prefix(scorer, prefix: list[int]) -> _Prefix:
+    """Run the shared prefix once, through the shared-prefix attention when the model takes it.
+
+    With no prefix registered that attention is plain causal attention, so the keys/values are
+    right either way; it counts its calls, and only a model that called it once per layer
+    (no attention code of its own bypassing the interface) gets ``shared=True``.
+    """
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=scorer.model.config)
+    model = scorer.model
+    cache = DynamicCache(config=model.config)
     ids = torch.tensor([prefix], dtype=torch.long, device=scorer.device)
     scorer.forward_calls += 1
-    scorer.model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(len(prefix), device=scorer.device)[None],
-                 past_key_values=cache, use_cache=True, **_keep_last(scorer.model))
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    _SHARED.calls, _SHARED.current = 0, None
+    with _shared_prefix_attention_on(model) as switched:
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(len(prefix), device=scorer.device)[None],
+              past_key_values=cache, use_cache=True, **_keep_last(model))
+    shared = switched and _SHARED.calls == len(cache.layers)
+    return _Prefix([(layer.keys, layer.values) for layer in cache.layers], shared)
 
 
 def _keep_last(model) -> dict:
@@ -299,8 +324,8 @@ def _batches(scorer, rows: list[_Pending], start: int, max_new: int, prefix_kv):
     """
     cap = scorer.batch_size if isinstance(scorer.batch_size, int) and scorer.batch_size > 0 else None
     kv_per_token = 0
-    if prefix_kv:
-        kv_per_token = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in prefix_kv) / start
+    if prefix_kv is not None and not prefix_kv.shared:
+        kv_per_token = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in prefix_kv.kv) / start
     free = _free_memory(scorer.device) if kv_per_token else None
     batch: list[_Pending] = []
     for row in rows:
@@ -340,7 +365,7 @@ def _decode(scorer, batch: list[_Pending], start: int, prefix_kv, spec: _Spec, e
     """Greedy-decode one batch in place (``item.tokens``); rows leave the batch as they finish."""
     from transformers import DynamicCache
 
-    model, tokenizer, device = scorer.model, scorer.tokenizer, scorer.device
+    model, tokenizer = scorer.model, scorer.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tails = [item.prompt[start:] for item in batch]
     width, n = max(len(t) for t in tails), len(batch)
@@ -355,10 +380,20 @@ def _decode(scorer, batch: list[_Pending], start: int, prefix_kv, spec: _Spec, e
         positions[b, width - m :] = torch.arange(start, start + m)
     next_position = torch.tensor([start + len(t) for t in tails])
     cache = DynamicCache(config=model.config)
-    layer_class, capacity = _preallocated_layer(), start + width + spec.max_new
-    cache.layers = [layer_class(capacity) for _ in cache.layers]
-    for layer, (keys, values) in enumerate(prefix_kv or ()):
-        cache.update(keys.expand(n, *keys.shape[1:]), values.expand(n, *values.shape[1:]), layer)
+    layer_class = _preallocated_layer()
+    if prefix_kv is not None and prefix_kv.shared:
+        cache.layers = [layer_class(width + spec.max_new, prefix) for prefix in prefix_kv.kv]
+    else:
+        cache.layers = [layer_class(start + width + spec.max_new) for _ in cache.layers]
+        for layer, (keys, values) in enumerate(prefix_kv.kv if prefix_kv is not None else ()):
+            cache.update(keys.expand(n, *keys.shape[1:]), values.expand(n, *values.shape[1:]), layer)
+    with _shared_prefix_attention_on(model, prefix_kv is not None and prefix_kv.shared):
+        _decode_loop(scorer, batch, cache, ids, mask, positions, next_position, spec, eos_ids, keep_last)
+
+
+def _decode_loop(scorer, batch, cache, ids, mask, positions, next_position, spec, eos_ids, keep_last):
+    model, tokenizer, device = scorer.model, scorer.tokenizer, scorer.device
+    n = len(batch)
     extra = {"logits_to_keep": 1} if keep_last else {}
     mask = mask.to(device)
     active = list(range(n))
@@ -407,9 +442,10 @@ def _preallocated_layer():
         shared prefix copied into every row that copy dominated a decoding step.
         """
 
-        def __init__(self, capacity: int):
+        def __init__(self, capacity: int, prefix: tuple[torch.Tensor, torch.Tensor] | None = None):
             super().__init__()
-            self.capacity, self.length = capacity, 0
+            self.capacity, self.length, self.prefix = capacity, 0, prefix
+            self.offset = prefix[0].shape[-2] if prefix is not None else 0
 
         def lazy_initialization(self, key_states, value_states):
             self.dtype, self.device = key_states.dtype, key_states.device
@@ -428,10 +464,13 @@ def _preallocated_layer():
             self.value_store[:, :, self.length : end] = value_states
             self.length = end
             self.keys, self.values = self.key_store[:, :, :end], self.value_store[:, :, :end]
+            # with a shared prefix only the rows' own keys are returned; the attention that follows
+            # (_shared_prefix_attention) takes the prefix from here
+            _SHARED.current = self.prefix
             return self.keys, self.values
 
         def get_seq_length(self) -> int:
-            return self.length
+            return self.offset + self.length
 
         def batch_select_indices(self, indices):
             if self.is_initialized:
@@ -439,6 +478,88 @@ def _preallocated_layer():
                 self.keys, self.values = self.key_store[:, :, : self.length], self.value_store[:, :, : self.length]
 
     return PreallocatedLayer
+
+
+class _SharedState:
+    """The prefix the cache layer just handed out, for the attention call that follows it."""
+
+    current: tuple[torch.Tensor, torch.Tensor] | None = None
+    calls: int = 0
+
+
+_SHARED = _SharedState()
+_ATTENTION_NAME = "hfx_shared_prefix"
+
+
+@contextlib.contextmanager
+def _shared_prefix_attention_on(model, on: bool = True):
+    """Route the model's attention through :func:`_shared_prefix_attention` (yields whether it did).
+
+    Only for a model whose attention is plain SDPA or eager (what the function reproduces);
+    masks are built as for SDPA. The model's own implementation is restored afterwards.
+    """
+    config = model.config
+    previous = getattr(config, "_attn_implementation", None)
+    if not on or previous not in ("sdpa", "eager"):
+        yield False
+        return
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(_ATTENTION_NAME, _shared_prefix_attention)
+    AttentionMaskInterface.register(_ATTENTION_NAME, sdpa_mask)
+    config._attn_implementation = _ATTENTION_NAME
+    try:
+        yield True
+    finally:
+        config._attn_implementation = previous
+        _SHARED.current = None
+
+
+def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention over ``[shared prefix] + [each row's own keys]`` with the prefix held once.
+
+    Every row's queries meet the one prefix copy in a single matrix product (instead of reading
+    a copy per row), then one softmax over prefix and own scores, exactly as attention over the
+    concatenated keys; grouped-query heads share their key head as ``repeat_kv`` does.
+    """
+    for name in ("softcap", "s_aux", "sliding_window"):
+        if kwargs.get(name) is not None:
+            raise RuntimeError(f"hfx's shared-prefix attention does not implement {name}")
+    _SHARED.calls += 1
+    prefix, _SHARED.current = _SHARED.current, None
+    rows, heads, q, dim = query.shape
+    kv_heads, own = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    scaling = dim**-0.5 if scaling is None else scaling
+    grouped = query.reshape(rows, kv_heads, group * q, dim)
+    scores = [torch.matmul(grouped, key.transpose(-1, -2))]
+    shared = 0
+    if prefix is not None:
+        prefix_keys, prefix_values = prefix[0][0], prefix[1][0]
+        shared = prefix_keys.shape[-2]
+        flat = grouped.transpose(0, 1).reshape(kv_heads, rows * group * q, dim)
+        scores.insert(0, torch.matmul(flat, prefix_keys.transpose(-1, -2)).reshape(kv_heads, rows, group * q, shared)
+                      .transpose(0, 1))
+    scores = torch.cat(scores, dim=-1).float() * scaling
+    total = shared + own
+    if attention_mask is None:  # SDPA's "plain causal" case: query i is the i-th of the last q keys
+        allowed = (torch.arange(total, device=query.device)[None, :]
+                   <= torch.arange(total - q, total, device=query.device)[:, None])[None, None]
+    else:
+        allowed = attention_mask[..., -total:]
+    if allowed.dtype == torch.bool:
+        allowed = allowed.expand(rows, 1, q, total)[:, :, None].expand(rows, 1, group, q, total)
+        scores = scores.masked_fill(~allowed.reshape(rows, 1, group * q, total), float("-inf"))
+    else:  # an additive float mask
+        scores = scores + allowed.expand(rows, 1, q, total)[:, :, None].expand(rows, 1, group, q, total).reshape(
+            rows, 1, group * q, total).float()
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    out = torch.matmul(probs[..., shared:], value)
+    if shared:
+        flat = probs[..., :shared].transpose(0, 1).reshape(kv_heads, rows * group * q, shared)
+        out = out + torch.matmul(flat, prefix_values).reshape(kv_heads, rows, group * q, dim).transpose(0, 1)
+    return out.reshape(rows, heads, q, dim).transpose(1, 2).contiguous(), None
 
 
 SAMPLING_OPTIONS = ("temperature", "top_p", "top_k", "min_p", "typical_p")
