@@ -514,6 +514,11 @@ class CausalLMScorer:
         rows = [_Row(base[:9], [base[9:11], base[11:12]], [0, 1]), _Row(base[:6] + base[8:10], [base[10:12]], [2])]
         prefix = base[:6]
         calls = self.forward_calls
+        # Three forwards of a few tokens: on CPU one thread, as waking a second one for each of their
+        # hundreds of small ops costs more than they compute (20x on a loaded 2-core machine).
+        threads = torch.get_num_threads()
+        if self.device.type == "cpu":
+            torch.set_num_threads(1)
         try:
             whole = self._forward(rows)
             shared = self._forward(rows, prefix, SharedPrefix(self.prefix_cache(prefix), len(rows), 6))
@@ -523,6 +528,7 @@ class CausalLMScorer:
             return False, f"a forward after a cached prefix failed ({type(error).__name__}: {error})"
         finally:
             self.forward_calls = calls  # the probe is not part of the work counted
+            torch.set_num_threads(threads)
         dtype = next(self.model.parameters()).dtype
         tolerance = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
         diff = max(abs(a[0] - b[0]) for x, y in zip(whole, shared) for a, b in zip(x, y))
