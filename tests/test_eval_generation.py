@@ -41,7 +41,7 @@ def _hfx_model(vocab_size):
 def _requests(rng):
     shots = "\n\n".join(f"Q: {_sentence(rng, 5)}\nA: {_sentence(rng, 2)}" for _ in range(3))
     requests = []
-    for i in range(24):
+    for i in range(16):
         question = f"Q: {_sentence(rng, rng.randint(1, 10))}\nA:"
         context = question if i % 5 == 0 else shots + "\n\n" + question
         if i == 7:
