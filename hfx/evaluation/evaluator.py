@@ -897,13 +897,15 @@ def evaluate(
     chat = bool(apply_chat_template or fewshot_as_multiturn or system_instruction is not None)
     if is_path and tokenizer is None:
         tokenizer = _early_tokenizer(model, add_bos, args, needed=chat)
-    if not is_path:
+    if not is_path and chat:  # chat prompts are rendered by it: checked before the tasks
         _check_tokenizer(tokenizer, "tokenizer")
     fmt = _chat_format(tokenizer, apply_chat_template, fewshot_as_multiturn, system_instruction)
     includes = [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path)
     plan_ = plan(tasks, include_path=includes, allow_code=allow_code, num_fewshot=num_fewshot, limit=limit,
                  seed=seeds[3], samples=samples, prompt_format=fmt, gen_kwargs=gen)
     settle(plan_, skip_unsupported)
+    if not is_path and not chat:  # a task that cannot run is named before the tokenizer is tried
+        _check_tokenizer(tokenizer, "tokenizer")
     if write_out and (group is None or group.is_main):
         print_prompts(plan_)
     resolved = list(plan_.tasks.values())
