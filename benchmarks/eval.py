@@ -417,6 +417,16 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cpu_time_lines(rows: list[dict]) -> str:
+    """Ratios of CPU seconds (user + sys): less swayed than wall time by other jobs on a shared machine."""
+    lines = []
+    for r in rows:
+        parts = [f"{part} {r[f'{part}_cpu_ratio']:.2f}x" for part in ("whole", "eval") if f"{part}_cpu_ratio" in r]
+        if parts:
+            lines.append(f"CPU-time ratio (lm-eval / hfx), {r['task']} {r['name']} {r['device']}: " + ", ".join(parts))
+    return "\n".join(lines)
+
+
 def machine() -> dict:
     import lm_eval  # noqa: F401
     import torch
@@ -542,7 +552,8 @@ def main(argv: list[str] | None = None) -> dict:
         save()
         print()
         print(table(report["rows"]))
-        print(f"\nwritten: {output}")
+        print(cpu_time_lines(report["rows"]))
+        print(f"load average at the end: {report['machine']['load_average_end']}; written: {output}")
         return report
     finally:
         shutil.rmtree(root, ignore_errors=True)
