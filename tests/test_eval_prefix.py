@@ -204,7 +204,9 @@ def test_auto_batch_size_gives_the_fixed_budget_numbers_and_says_what_it_chose(w
     assert info["mode"] == "auto-cpu" and info["max_batch_tokens"] in AUTO_CPU_BUDGETS and info["rows"] is None
     assert list(info["probe"]) == list(AUTO_CPU_BUDGETS[: len(info["probe"])]) and len(info["probe"]) >= 2
     assert all(p["tokens"] > 0 and p["tokens_per_s"] > 0 for p in info["probe"].values())
-    assert fixed.batch_info == {"mode": "fixed", "max_batch_tokens": 512, "rows": None}
+    assert {k: fixed.batch_info[k] for k in ("mode", "max_batch_tokens", "rows")} == {
+        "mode": "fixed", "max_batch_tokens": 512, "rows": None}
+    assert fixed.batch_info["prefix_kv_keys_in_memory"] > 0  # the shared-prefix batches' memory bound
     with pytest.raises(ValueError, match="batch_size must be a positive int, 'auto' or None, got 'big'"):
         CausalLMScorer(model, tok, batch_size="big")
 

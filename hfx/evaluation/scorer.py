@@ -118,6 +118,7 @@ class CausalLMScorer:
         self.prefix_token_id = bos if bos is not None else tokenizer.eos_token_id
         self.forward_calls = 0
         self._shares_prefixes: bool | None = None
+        self._kv_key_memory: int | None = None
         self.seed = seed
         self.warnings: list[str] = []
         # lm-eval's HFLM(add_bos_token=...): None keeps the tokenizer's default special tokens
@@ -370,20 +371,42 @@ class CausalLMScorer:
         prefix_kv = PREFIX_KV_FACTOR * layers * 2 * hidden * elem
         return int(elem * (8 * hidden + 3 * inner) + attention + prefix_kv)
 
+    def _prefix_kv_keys(self) -> int:
+        """How many keys (rows × (prefix + tail)) a shared-prefix batch may hold per layer: at most
+        ``PREFIX_KV_FACTOR × max_batch_tokens``, and their keys/values in every layer within half the
+        free device memory (CUDA) or a quarter of the available memory (elsewhere). Measured once."""
+        if self._kv_key_memory is None:
+            config = getattr(self.model.config, "text_config", None) or self.model.config
+            hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 1024)
+            heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 16)
+            kv_heads = getattr(config, "num_key_value_heads", None) or heads
+            head_dim = getattr(config, "head_dim", None) or hidden // heads
+            layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 12)
+            per_key = layers * 2 * kv_heads * head_dim * next(self.model.parameters()).element_size()
+            if self.device.type == "cuda":
+                free = torch.cuda.mem_get_info(self.device)[0] // 2
+            else:
+                free = (_available_memory() or 1 << 40) // 4
+            self._kv_key_memory = max(1, free // per_key)
+            if self.batch_info is not None:
+                self.batch_info["prefix_kv_keys_in_memory"] = self._kv_key_memory
+        return min(PREFIX_KV_FACTOR * self.max_batch_tokens, self._kv_key_memory)
+
     def _batches(self, rows: list[_Row], skip: int = 0):
         """Consecutive rows while ``rows × (longest row - skip) ≤ max_batch_tokens`` (and ``≤ batch_size`` rows).
 
         With a shared prefix of ``skip`` tokens, every row also holds the prefix's keys/values:
-        the rows of a batch are then also limited to ``rows × longest ≤ PREFIX_KV_FACTOR × max_batch_tokens``.
+        the rows of a batch are then also limited to ``rows × longest ≤`` :meth:`_prefix_kv_keys`.
         """
         batch: list[_Row] = []
         cap = self.batch_size if isinstance(self.batch_size, int) else None
+        kv_keys = self._prefix_kv_keys() if skip else None
         for row in rows:
             longest = batch[0].length if batch else row.length
             n = len(batch) + 1
             over = n * (longest - skip) > self.max_batch_tokens
             if skip:
-                over = over or n * longest > PREFIX_KV_FACTOR * self.max_batch_tokens
+                over = over or n * longest > kv_keys
             if batch and ((cap is not None and len(batch) >= cap) or over):
                 yield batch
                 batch = []
@@ -648,6 +671,7 @@ MIN_SHARED_PREFIX = 32
 #: nor a group saving fewer than this many tokens of computation, ``(rows - 1) × prefix``
 MIN_SHARED_SAVING = 512
 #: with a shared prefix, ``rows × (prefix + longest tail)`` keys per layer stay under this × max_batch_tokens
+#: (and within memory: :meth:`CausalLMScorer._prefix_kv_keys`)
 PREFIX_KV_FACTOR = 8
 
 
