@@ -313,7 +313,8 @@ class CausalLMScorer:
         on out-of-memory as lm-eval's ``batch_size="auto"``); nothing is scored. Elsewhere nothing runs
         out of memory, it only slows down: the first rows of the largest group are scored in one batch
         at each budget of :data:`AUTO_CPU_BUDGETS` that fits in half the available memory (until the
-        group runs out), and the budget with the most tokens per second is kept. Those forwards are real work: their results are recorded.
+        group runs out, or a budget is clearly slower than the best so far: :data:`AUTO_CPU_STOP`),
+        and the budget with the most tokens per second is kept. Those forwards are real work: their results are recorded.
         """
         info = {"mode": "auto-cuda" if self.device.type == "cuda" else "auto-cpu", "rows": None, "probe": {}}
         self.batch_info = info
@@ -351,9 +352,12 @@ class CausalLMScorer:
             tokens = sum(r.length - len(prefix) for r in batch)
             info["probe"][budget] = {"rows": len(batch), "tokens": tokens, "seconds": round(seconds, 4),
                                      "tokens_per_s": round(tokens / max(seconds, 1e-9), 1)}
-            if best is None or tokens / max(seconds, 1e-9) > best[1]:
-                best = (budget, tokens / max(seconds, 1e-9))
+            rate = tokens / max(seconds, 1e-9)
             del group[: len(batch)]
+            if best is not None and rate < AUTO_CPU_STOP * best[1]:
+                break  # past the best: larger budgets only get slower (cache misses), so stop paying for them
+            if best is None or rate > best[1]:
+                best = (budget, rate)
         self.max_batch_tokens = best[0] if best is not None else candidates[0]
         info["max_batch_tokens"] = self.max_batch_tokens
         return [(prefix, group) for prefix, group in plan if group]
@@ -622,6 +626,8 @@ def _shared_prefix_layer_class():
 
 #: token budgets the CPU probe of ``batch_size="auto"`` tries, one forward each
 AUTO_CPU_BUDGETS = (1024, 2048, 4096, 8192, 16384)
+#: the CPU probe stops at the first budget slower than this fraction of the best one so far
+AUTO_CPU_STOP = 0.85
 #: the CUDA search starts at this many rows of the model's full context length (lm-eval's auto starts at 64)
 AUTO_CUDA_START_ROWS = 64
 
