@@ -232,3 +232,26 @@ def test_max_length_reaches_the_scorer_and_the_cache_key(world, tmp_path):
     assert short["config"]["model_identity"] != full["config"]["model_identity"]
     assert _lls(rec["tiny_mc3"]) != _lls(rec_full["tiny_mc3"])  # 3-shot prompts are left-truncated at 16 tokens
     assert json.dumps(short["config"]["model_args"]) == '{"max_length": 16}'
+
+
+def test_cache_identity_holds_the_devices_the_loaded_model_computes_on(world):
+    import copy
+
+    from hfx.evaluation.evaluator import _identity_extras, placement_types
+    from hfx.evaluation.cache import ContentHashMemo
+
+    cpu, _ = _run(world, model=world["model"], tokenizer=world["tok"], limit=1)
+    explicit, _ = _run(world, model=world["model"], tokenizer=world["tok"], limit=1, device="cpu")
+    assert cpu["config"]["model_identity"] == explicit["config"]["model_identity"]  # CPU caches keep their key
+    memo = ContentHashMemo(None)
+    assert _identity_extras("base", adapter=None, memo=memo, devices=["cpu"], max_length=None) == "base"
+    # a model spread by device_map / parallelize (or already on a GPU, given without device=) is not a CPU run
+    spread = copy.deepcopy(world["model"])
+    spread.hf_device_map = {"transformer": 0, "lm_head": "cpu"}
+    assert placement_types(spread) == ["cpu", "cuda"]
+    mixed, _ = _run(world, model=spread, tokenizer=world["tok"], limit=1)
+    assert mixed["config"]["model_identity"] != cpu["config"]["model_identity"]
+    import hashlib
+
+    old_cuda_key = hashlib.blake2b(b"base\ndevice:cuda", digest_size=16).hexdigest()  # what --device cuda keyed before
+    assert _identity_extras("base", adapter=None, memo=memo, devices=["cuda"], max_length=None) == old_cuda_key

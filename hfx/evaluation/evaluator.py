@@ -742,16 +742,38 @@ def _chat_record(fmt, apply_chat_template, fewshot_as_multiturn, system_instruct
             "system_instruction_sha": sha(system_instruction), "fewshot_as_multiturn": bool(fewshot_as_multiturn)}
 
 
-def _identity_extras(identity: str, *, adapter: Path | None, memo: ContentHashMemo, device, max_length) -> str:
+def placement_types(model) -> list[str]:
+    """The device types the loaded ``model`` computes on: its first parameter's, and every one its
+    ``hf_device_map`` (device_map / parallelize) names (an integer is a CUDA index)."""
+    found = set()
+    first = _device_of(model)
+    if first is not None:
+        found.add(torch.device(first).type)
+    for where in (getattr(model, "hf_device_map", None) or {}).values():
+        if isinstance(where, int) and not isinstance(where, bool):
+            found.add("cuda")
+        elif isinstance(where, torch.device):
+            found.add(where.type)
+        elif isinstance(where, str):
+            try:
+                found.add(torch.device(where).type)
+            except (RuntimeError, ValueError):  # accelerate's "disk" offload
+                found.add(where.split(":")[0])
+    return sorted(found)
+
+
+def _identity_extras(identity: str, *, adapter: Path | None, memo: ContentHashMemo, devices, max_length) -> str:
     """Fold what the base model's identity does not see into the cache key: the adapter's files, the device
-    (a GPU's kernels round differently from the CPU's), an explicit max_length (left truncation)."""
+    types the model computes on (a GPU's kernels round differently from the CPU's; a CPU-only model adds
+    nothing, so CPU caches keep their key), an explicit max_length (left truncation)."""
     extras = []
     if adapter is not None:
         from .cache import identity_files
 
         extras += [f"adapter:{f.name}:{memo.hash(f)}" for f in identity_files(adapter)]
-    if device is not None and torch.device(device).type != "cpu":
-        extras.append(f"device:{torch.device(device).type}")
+    devices = [d for d in (devices or ()) if d != "cpu"] and list(devices)
+    if devices:
+        extras.append(f"device:{','.join(devices)}")
     if max_length is not None:
         extras.append(f"max_length:{max_length}")
     if not extras:
@@ -938,7 +960,8 @@ def evaluate(
     memo = ContentHashMemo(None if cache_dir is False else (cache_dir or default_cache_dir()))
     hashing_started = time.perf_counter()
     identity = model_identity(model, tokenizer, source, memo=memo, add_bos_token=add_bos, bnb_cpu_path=bnb_path)
-    identity = _identity_extras(identity, adapter=adapter, memo=memo, device=device, max_length=args.max_length)
+    identity = _identity_extras(identity, adapter=adapter, memo=memo, devices=placement_types(model),
+                                max_length=args.max_length)
     memo.save()
     identity_cost = {"files_hashed": memo.hashed, "seconds": round(time.perf_counter() - hashing_started, 3)}
     if cache_dir is not False:
