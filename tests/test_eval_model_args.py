@@ -255,3 +255,40 @@ def test_cache_identity_holds_the_devices_the_loaded_model_computes_on(world):
 
     old_cuda_key = hashlib.blake2b(b"base\ndevice:cuda", digest_size=16).hexdigest()  # what --device cuda keyed before
     assert _identity_extras("base", adapter=None, memo=memo, devices=["cuda"], max_length=None) == old_cuda_key
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--gen-kwargs", "max_gen_toks=abc"], "gen_kwargs: max_gen_toks must be a positive integer, got 'abc'"),
+    (["--gen-kwargs", "num_beams=x"], "gen_kwargs: num_beams must be a positive integer, got 'x'"),
+    (["--gen-kwargs", "max_gen_toks=0"], "max_gen_toks must be a positive integer, got 0"),
+    (["--gen-kwargs", "do_sample=yes"], "do_sample must be True or False, got 'yes'"),
+    (["--gen-kwargs", "temperature=hot"], "temperature must be a number >= 0, got 'hot'"),
+    (["--gen-kwargs", "top_p=2"], "top_p must be a number in [0, 1], got 2"),
+    (["--gen-kwargs", "top_k=0.5"], "top_k must be an integer >= 0, got 0.5"),
+    (["--gen-kwargs", '{"until": [1]}'], "until must be a string or a list of strings, got [1]"),
+    (["--gen-kwargs", "max_gen_toks=5000"], "task 'tiny_gen': max_gen_toks=5000 leaves no room for the prompt: "
+                                            "the model's max_length is 256 (from its config)"),
+    (["--model-args", "max_length=4"], "max_gen_toks=6 leaves no room for the prompt: the model's max_length is 4 "
+                                       "(--model-args max_length)"),
+])
+def test_bad_gen_kwargs_are_one_line_before_the_model_loads(world, extra, fragment, monkeypatch, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from hfx.cli import main
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(SystemExit) as info:
+        main(["eval", "--model", str(world["dir"]), "--tasks", "tiny_gen", "--include-path", str(world["tasks"]),
+              "--no-cache", "--limit", "1", *extra])
+    assert info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines()
+              if line.strip() and not line.startswith(("usage:", " ", "hfx: warning:"))
+              and not line.rstrip().endswith(("/s]", "?it/s]"))]
+    assert len(errors) == 1 and fragment in errors[0], errors
+
+
+def test_generation_room_is_checked_for_a_model_object_too(world):
+    with pytest.raises(EvaluationInputError, match="max_gen_toks=300 leaves no room for the prompt: the model's "
+                                                   r"max_length is 256 \(from its config\)"):
+        _run(world, model=world["model"], tokenizer=world["tok"], task="tiny_gen", limit=1,
+             gen_kwargs="max_gen_toks=300")

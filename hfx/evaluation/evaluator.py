@@ -421,10 +421,58 @@ def _prepare(task: Task, num_fewshot, limit, seed, indices: list[int] | None = N
     return k, docs, len(all_docs), task.contexts(docs, k, seed, prompt_format=prompt_format)
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_gen_kwargs(gen_kwargs: dict | None, what: str = "gen_kwargs") -> None:
+    """The types of the generation options hfx and ``generate`` read, as one :class:`EvaluationInputError` line."""
+    for key, value in (gen_kwargs or {}).items():
+        problem = None
+        if value is None and key not in ("max_gen_toks", "max_new_tokens", "num_beams"):
+            continue  # not set: generate's own default
+        if key in ("max_gen_toks", "max_new_tokens", "num_beams"):
+            if not _is_int(value) or value < 1:
+                problem = "a positive integer"
+        elif key == "until":
+            if not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+                problem = "a string or a list of strings"
+        elif key == "do_sample":
+            if not isinstance(value, bool):
+                problem = "True or False"
+        elif key in ("temperature", "top_p"):
+            if not _is_number(value) or value < 0 or (key == "top_p" and value > 1):
+                problem = "a number >= 0" if key == "temperature" else "a number in [0, 1]"
+        elif key == "top_k":
+            if not _is_int(value) or value < 0:
+                problem = "an integer >= 0"
+        if problem is not None:
+            raise EvaluationInputError(f"{what}: {key} must be {problem}, got {value!r}.")
+
+
+def _max_gen_toks(task: Task) -> int:
+    kwargs = task.config.generation_kwargs or {}
+    return kwargs.get("max_gen_toks", kwargs.get("max_new_tokens", 256))
+
+
+def check_generation_room(plan_: Plan, max_length: int, where: str) -> None:
+    """Every generate_until task's max_gen_toks below the model's ``max_length`` (room for the prompt)."""
+    for name, task in plan_.tasks.items():
+        if task.output_type != "generate_until":
+            continue
+        check_gen_kwargs(task.config.generation_kwargs, f"task {name!r} generation_kwargs")
+        wanted = _max_gen_toks(task)
+        if wanted >= max_length:
+            raise EvaluationInputError(f"task {name!r}: max_gen_toks={wanted} leaves no room for the prompt: the "
+                                       f"model's max_length is {max_length} ({where}); give --gen-kwargs "
+                                       f"max_gen_toks below it.")
+
+
 def with_gen_kwargs(task: Task, gen_kwargs: dict | None) -> Task:
     """A copy of a generate_until ``task`` whose generation_kwargs are updated by ``gen_kwargs`` (lm-eval's --gen_kwargs)."""
     if not gen_kwargs or task.output_type != "generate_until":
         return task
+    check_gen_kwargs(gen_kwargs)
     merged = {**(task.config.generation_kwargs or {}), **gen_kwargs}
     if isinstance(merged.get("until"), str):
         merged["until"] = [merged["until"]]
@@ -884,6 +932,7 @@ def evaluate(
     seeds = parse_seeds(seed)
     samples = parse_samples(samples)
     gen = parse_pairs(gen_kwargs, "gen_kwargs") or None
+    check_gen_kwargs(gen)
     if system_instruction is not None and not isinstance(system_instruction, str):
         raise EvaluationInputError(f"system_instruction must be a string, got {system_instruction!r}.")
     if fewshot_as_multiturn is None:  # lm-eval's CLI: on whenever a chat template is applied
@@ -930,6 +979,13 @@ def evaluate(
         _check_tokenizer(tokenizer, "tokenizer")
     if write_out and (group is None or group.is_main):
         print_prompts(plan_)
+    if config_ is not None:  # the context length the scorer will use, from the config: before the weights load
+        from types import SimpleNamespace
+
+        from .scorer import resolve_max_length
+
+        length = args.max_length or resolve_max_length(SimpleNamespace(config=config_), tokenizer)
+        check_generation_room(plan_, length, "--model-args max_length" if args.max_length else "from its config")
     resolved = list(plan_.tasks.values())
     needs_lm = any(OUTPUT_TYPES[t.output_type].needs_causal_lm for t in resolved if t.output_type in OUTPUT_TYPES)
     model_name = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
@@ -971,6 +1027,8 @@ def evaluate(
         add_bos_token=add_bos, seed=seeds[2] if seeds[2] is not None else DEFAULT_FEWSHOT_SEED,
         max_length=args.max_length,
     )
+    check_generation_room(plan_, scorer.max_length, "--model-args max_length" if args.max_length else
+                          "from its config")
     backend = scorer
     world_size = 1 if group is None else group.world_size
     if world_size > 1:
@@ -995,9 +1053,14 @@ def evaluate(
         "world_size": world_size,
         **_chat_record(fmt, apply_chat_template, fewshot_as_multiturn, system_instruction),
     }
-    results, records = _run_plan(plan_, backend, limit=limit, seed=seeds, config=config,
-                                 skip_unsupported=skip_unsupported, bootstrap_iters=bootstrap_iters,
-                                 predict_only=predict_only)
+    try:
+        results, records = _run_plan(plan_, backend, limit=limit, seed=seeds, config=config,
+                                     skip_unsupported=skip_unsupported, bootstrap_iters=bootstrap_iters,
+                                     predict_only=predict_only)
+    except ValueError as exc:  # generation's own max_gen_toks check (a class: task's requests): bad input
+        if type(exc) is ValueError and str(exc).startswith("max_gen_toks="):
+            raise EvaluationInputError(_one_line(exc)) from None
+        raise
     batch_info = getattr(scorer, "batch_info", None)
     if batch_info:
         results["config"]["batch_info"] = batch_info
