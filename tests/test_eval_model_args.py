@@ -292,3 +292,45 @@ def test_generation_room_is_checked_for_a_model_object_too(world):
                                                    r"max_length is 256 \(from its config\)"):
         _run(world, model=world["model"], tokenizer=world["tok"], task="tiny_gen", limit=1,
              gen_kwargs="max_gen_toks=300")
+
+
+@pytest.mark.parametrize("extra, model_args, gen_kwargs", [
+    (["--model-args", '{"dtype": "float32"}', "--trust-remote-code"], {"dtype": "float32", "trust_remote_code": True},
+     None),
+    (["--model-args", "dtype=float32", "--trust-remote-code"], {"dtype": "float32", "trust_remote_code": True}, None),
+    (["--trust-remote-code"], {"trust_remote_code": True}, None),
+    (["--model-args", "dtype=float32", "--model-args", "max_length=64", "--gen-kwargs", "max_gen_toks=3",
+      "--gen-kwargs", "do_sample=false"], "dtype=float32,max_length=64", "max_gen_toks=3,do_sample=false"),
+    (["--model-args", "dtype=float32", "max_length=64", "--model-args", '{"revision": "main"}'],
+     {"dtype": "float32", "max_length": 64, "revision": "main"}, None),
+])
+def test_repeated_model_args_gen_kwargs_and_trust_remote_code_all_reach_evaluate(world, extra, model_args,
+                                                                                  gen_kwargs, monkeypatch):
+    import hfx.evaluation
+    from hfx.cli import main
+
+    seen = {}
+
+    def fake(*args, **kwargs):
+        seen.update(kwargs)
+        raise hfx.evaluation.EvaluationInputError("stop here")
+
+    monkeypatch.setattr(hfx.evaluation, "evaluate", fake)
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", str(world["dir"]), "--tasks", "tiny_gen", "--no-cache", *extra])
+    assert seen["model_args"] == model_args and seen["gen_kwargs"] == gen_kwargs
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--model-args", '{"trust_remote_code": false}', "--trust-remote-code"],
+     "--trust-remote-code and --model-args trust_remote_code=False disagree"),
+    (["--model-args", "dtype=float32", "--model-args", '{"dtype": "float16"}'], "'dtype' is given twice"),
+    (["--gen-kwargs", "max_gen_toks=3", "--gen-kwargs", "max_gen_toks=4"], "'max_gen_toks' is given twice"),
+])
+def test_contradicting_repeats_are_one_line(world, extra, fragment, capsys):
+    from hfx.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["eval", "--model", str(world["dir"]), "--tasks", "tiny_gen", "--include-path", str(world["tasks"]),
+              "--no-cache", *extra])
+    assert info.value.code == 2 and fragment in capsys.readouterr().err

@@ -20,8 +20,9 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--model", default=None,
                         help="local directory or hub id of a causal LM (with its tokenizer); or --model-args pretrained=")
-    parser.add_argument("--model-args", nargs="+", default=None, metavar="KEY=VALUE",
-                        help="lm-eval's model arguments, 'k=v,k=v' or 'k=v k=v': pretrained, dtype (float32, float16, "
+    parser.add_argument("--model-args", nargs="+", action="extend", default=None, metavar="KEY=VALUE",
+                        help="lm-eval's model arguments, 'k=v,k=v' or 'k=v k=v' (repeats add up) or a JSON object: "
+                        "pretrained, dtype (float32, float16, "
                         "bfloat16, auto), revision, trust_remote_code, peft=ADAPTER_DIR, add_bos_token, max_length, "
                         "device_map, parallelize, attn_implementation, load_in_4bit, load_in_8bit, bnb_4bit_*")
     parser.add_argument("--device", default=None,
@@ -43,8 +44,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--seed", default=None, metavar="SEEDS",
                         help="lm-eval's seeds: one integer for all four, or random,numpy,torch,fewshot (None leaves "
                         "one unset); default 0,1234,1234,1234")
-    parser.add_argument("--gen-kwargs", nargs="+", default=None, metavar="KEY=VALUE",
-                        help="merged into every generate_until task's generation_kwargs, e.g. max_gen_toks=64")
+    parser.add_argument("--gen-kwargs", nargs="+", action="extend", default=None, metavar="KEY=VALUE",
+                        help="merged into every generate_until task's generation_kwargs, e.g. max_gen_toks=64 "
+                        "(repeats add up)")
     parser.add_argument("--predict-only", action="store_true",
                         help="run and keep the samples (implies --log-samples), compute no metrics")
     parser.add_argument("--apply-chat-template", nargs="?", const=True, default=False, metavar="NAME",
@@ -103,6 +105,37 @@ def _joined(values) -> str | None:
     return ",".join(values)
 
 
+def _merged(values, what: str):
+    """Every ``--model-args`` / ``--gen-kwargs`` value (repeats included) as one: the ``k=v,k=v`` text, or a dict
+    when one of them is a JSON object; a key given twice is refused (EvaluationInputError)."""
+    if not values or not any(v.lstrip().startswith("{") for v in values):
+        return _joined(values)
+    from hfx.evaluation.model_args import parse_pairs
+
+    merged: dict = {}
+    for value in values:
+        for key, item in parse_pairs(value, what).items():
+            if key in merged:
+                from hfx.evaluation import EvaluationInputError
+
+                raise EvaluationInputError(f"{what}: {key!r} is given twice ({merged[key]!r} and {item!r}); "
+                                           "give it once.")
+            merged[key] = item
+    return merged
+
+
+def _with_trust_remote_code(model_args):
+    """``--trust-remote-code`` as the model argument ``trust_remote_code=True``, whatever form --model-args took."""
+    from hfx.evaluation import EvaluationInputError
+    from hfx.evaluation.model_args import parse_pairs
+
+    merged = parse_pairs(model_args, "--model-args")
+    if merged.get("trust_remote_code", True) is not True:
+        raise EvaluationInputError(f"--trust-remote-code and --model-args trust_remote_code="
+                                   f"{merged['trust_remote_code']!r} disagree; give one.")
+    return {**merged, "trust_remote_code": True}
+
+
 def _check_args(args: argparse.Namespace) -> None:
     """Every argument checked before a task file is read or the model is touched."""
     from hfx.commands import usage_error
@@ -129,8 +162,8 @@ def _check_args(args: argparse.Namespace) -> None:
     if not [t for t in args.tasks.split(",") if t.strip()]:
         usage_error("eval", f"--tasks {args.tasks!r} names no task; give comma-separated task or tag names, "
                     "e.g. --tasks embedded_facts,embedded_arithmetic (hfx plugins lists the task plugins)")
-    if args.model is None and "pretrained=" not in (_joined(args.model_args) or "") and not (
-            (_joined(args.model_args) or "").lstrip().startswith("{")):
+    if args.model is None and "pretrained=" not in (_joined(args.model_args) or "") and not any(
+            v.lstrip().startswith("{") for v in args.model_args or ()):
         usage_error("eval", "the following arguments are required: --model (or --model-args pretrained=...)")
     if args.model is not None and not args.model.strip():
         usage_error("eval", "--model is empty; give a model folder or hub id")
@@ -160,11 +193,11 @@ def run(args: argparse.Namespace) -> int:
     )
     from hfx.evaluation.results import OutputPathError, samples_path
 
-    model_args = _joined(args.model_args)
-    if args.trust_remote_code:
-        model_args = ",".join(x for x in (model_args, "trust_remote_code=True") if x) if not (
-            model_args or "").lstrip().startswith("{") else model_args
     try:
+        model_args = _merged(args.model_args, "--model-args")
+        if args.trust_remote_code:
+            model_args = _with_trust_remote_code(model_args)
+        gen_kwargs = _merged(args.gen_kwargs, "--gen-kwargs")
         if args.output:
             check_output_path(args.output)
         results, records = evaluate(
@@ -186,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             samples=args.samples,
             predict_only=args.predict_only,
-            gen_kwargs=_joined(args.gen_kwargs),
+            gen_kwargs=gen_kwargs,
             apply_chat_template=args.apply_chat_template,
             fewshot_as_multiturn=args.fewshot_as_multiturn,
             system_instruction=args.system_instruction,
