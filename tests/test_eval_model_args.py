@@ -334,3 +334,26 @@ def test_contradicting_repeats_are_one_line(world, extra, fragment, capsys):
         main(["eval", "--model", str(world["dir"]), "--tasks", "tiny_gen", "--include-path", str(world["tasks"]),
               "--no-cache", *extra])
     assert info.value.code == 2 and fragment in capsys.readouterr().err
+
+
+def test_seeds_are_set_before_the_tasks_are_built(world, tmp_path):
+    """lm-eval seeds random / numpy / torch at the top of simple_evaluate: a process_docs hook drawing from the
+    global generators sees the seeded states, whatever ran before."""
+    import random
+
+    (tmp_path / "shuffle.py").write_text("import random\n\ndef docs(dataset):\n"
+                                         "    return dataset.select(random.sample(range(len(dataset)), len(dataset)))\n")
+    (tmp_path / "shuf.yaml").write_text((world["tasks"] / "mc0.yaml").read_text().replace("tiny_mc0", "tiny_shuf")
+                                        + "\nprocess_docs: !function shuffle.docs\n")
+
+    def docs(state, seed):
+        random.seed(state)
+        _, records = evaluate(world["model"], "tiny_shuf", tokenizer=world["tok"], include_path=tmp_path, limit=4,
+                              seed=seed, allow_code=True, cache_dir=False, progress=False, return_records=True)
+        return [r["doc"] for r in records["tiny_shuf"]]
+
+    first = docs(111, 7)
+    assert first == docs(222, 7)
+    expected = random.Random(7).sample(range(16), 16)[:4]  # the hook's draw right after random.seed(7)
+    test = [json.loads(line) for line in (world["root"] / "test.jsonl").open()]
+    assert first == [test[i] for i in expected]

@@ -963,6 +963,9 @@ def evaluate(
         device = str(group.device)  # each data-parallel rank on its own GPU (cuda:LOCAL_RANK), or the CPU
     if not is_path and device is not None and _device_of(model) is not None:
         check_dtype_on_device(next(model.parameters()).dtype, device)
+    # lm-eval's simple_evaluate seeds python random, numpy and torch before it builds the tasks (a class: task
+    # or a process_docs hook drawing from the global generators sees these states); None leaves one unset
+    _set_seeds(seeds)
     # the tokenizer is cheap and chat prompts need it: loaded before the tasks are planned
     user_tokenizer = tokenizer is not None
     chat = bool(apply_chat_template or fewshot_as_multiturn or system_instruction is not None)
@@ -1003,14 +1006,6 @@ def evaluate(
         model = model.to(device)
     # A 4-bit model computes in its compute dtype on every CPU (bitsandbytes' fused CPU kernel is bf16).
     bnb_path = pin_bnb_cpu_path(model)
-    if seeds[0] is not None:
-        random.seed(seeds[0])
-    if seeds[1] is not None:
-        import numpy as np
-
-        np.random.seed(seeds[1])
-    if seeds[2] is not None:
-        torch.manual_seed(seeds[2])
     cache = None
     # With the cache off nothing is written anywhere: the memo then lives for this call only.
     memo = ContentHashMemo(None if cache_dir is False else (cache_dir or default_cache_dir()))
@@ -1070,6 +1065,17 @@ def evaluate(
     results["config"]["cache_hits"] = cache.hits if cache is not None else 0
     results["config"]["warnings"] = plan_.warnings + list(getattr(scorer, "warnings", []))
     return (results, records) if return_records else results
+
+
+def _set_seeds(seeds) -> None:
+    if seeds[0] is not None:
+        random.seed(seeds[0])
+    if seeds[1] is not None:
+        import numpy as np
+
+        np.random.seed(seeds[1])
+    if seeds[2] is not None:
+        torch.manual_seed(seeds[2])
 
 
 def _device_of(model) -> str | None:
