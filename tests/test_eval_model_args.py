@@ -357,3 +357,20 @@ def test_seeds_are_set_before_the_tasks_are_built(world, tmp_path):
     expected = random.Random(7).sample(range(16), 16)[:4]  # the hook's draw right after random.seed(7)
     test = [json.loads(line) for line in (world["root"] / "test.jsonl").open()]
     assert first == [test[i] for i in expected]
+
+
+def test_an_unset_torch_seed_does_not_reuse_sampled_generations_of_seed_1234(world, tmp_path):
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "sample.yaml").write_text(
+        (world["tasks"] / "gen.yaml").read_text().replace("tiny_gen", "tiny_sample")
+        .replace("do_sample: false", "do_sample: true\n  temperature: 5.0"))
+
+    def hits(seed):
+        results = evaluate(world["model"], "tiny_sample", tokenizer=world["tok"], include_path=tmp_path / "tasks",
+                           limit=3, seed=seed, cache_dir=tmp_path / "cache", progress=False)
+        return results["config"]["cache_hits"]
+
+    assert hits(None) == 0
+    assert hits("0,1234,1234,1234") == 3  # the default seeds keep their keys
+    assert hits("0,1234,None,1234") == 0  # torch slot unset: its own sampled generations
+    assert hits("0,1234,None,1234") == 3

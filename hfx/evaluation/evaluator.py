@@ -1019,7 +1019,7 @@ def evaluate(
         cache = ResultCache(cache_dir or default_cache_dir(), identity)
     scorer = CausalLMScorer(
         model, tokenizer, batch_size=batch_size, max_batch_tokens=max_batch_tokens, cache=cache, progress=progress,
-        add_bos_token=add_bos, seed=seeds[2] if seeds[2] is not None else DEFAULT_FEWSHOT_SEED,
+        add_bos_token=add_bos, seed=seeds[2],  # the raw torch slot: None keys sampled generations apart from 1234
         max_length=args.max_length,
     )
     check_generation_room(plan_, scorer.max_length, "--model-args max_length" if args.max_length else
