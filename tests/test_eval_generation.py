@@ -15,7 +15,7 @@ import torch
 from hfx.evaluation import evaluate, generation
 from hfx.evaluation.cache import ResultCache
 from hfx.evaluation.generation import batchable, shared_prefix
-from hfx.evaluation.scorer import CausalLMScorer
+from hfx.evaluation.scorer import CausalLMScorer, shared_prefix_groups
 from tests.test_eval import _gpt2, _sentence, lm_eval_reference
 
 SPECS = [
@@ -141,6 +141,24 @@ def test_shared_prefix_is_checked_per_prompt():
     assert shared_prefix([block, block]) == (19, [0, 1])  # every prompt keeps a token of its own
     assert shared_prefix([block[:5] + [1], block[:5] + [2]]) == (0, [])  # too short to be worth a forward
     assert shared_prefix([block]) == (0, [])
+    # a short prefix shared by many (5 tokens × 39 saved) does not hide a long one shared by two: only
+    # prefixes of the minimum length compete (the scorer's choice, one helper for both)
+    many = [block[:5] + [i, i] for i in range(40)] + [block + [1], block + [2]]
+    assert shared_prefix(many) == (20, [40, 41])
+    assert shared_prefix(many) == shared_prefix_groups(many, min_prefix=8, min_saving=1)[0]
+
+
+def test_generation_and_the_scorer_bound_memory_by_one_probe(monkeypatch):
+    """Free memory is one function for both: CUDA's free memory plus what torch holds reserved but unused."""
+    from hfx.evaluation import scorer as scoring
+
+    assert generation.free_memory is scoring.free_memory
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 8000))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 700)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 200)
+    assert scoring.free_memory(torch.device("cuda", 0)) == 1500
+    host = scoring.free_memory(torch.device("cpu"))
+    assert host is None or host > 0
 
 
 def test_generation_matches_lm_eval_on_a_few_shot_task(setup, tmp_path):

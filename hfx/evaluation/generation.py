@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -46,9 +45,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .cache import request_key
+from .prefixes import prefix_groups
+from .scorer import free_memory
 
-#: a prefix shorter than this is not worth a separate forward and a cache copy per row
-MIN_SHARED_PREFIX = 8
+#: generation shares no prefix shorter than this many tokens: not worth a separate forward and a cache copy
+#: per row (the scorer has its own threshold: :data:`hfx.evaluation.scorer.SCORER_MIN_SHARED_PREFIX`)
+GENERATION_MIN_SHARED_PREFIX = 8
 
 #: ``generation_config`` fields that change what greedy decoding picks; a non-default value of any
 #: of them sends the request through ``generate`` so it stays exactly what ``generate`` returns
@@ -214,40 +216,18 @@ def batchable(model, options: dict, pending: Sequence[_Pending] = ()) -> bool:
     return all(type(layer) is DynamicLayer for layer in layers)
 
 
-def shared_prefix(prompts: Sequence[Sequence[int]], minimum: int = MIN_SHARED_PREFIX) -> tuple[int, list[int]]:
-    """``(length, indices)``: the token prefix whose sharing saves the most prompt tokens, and who shares it.
+def shared_prefix(prompts: Sequence[Sequence[int]], minimum: int = GENERATION_MIN_SHARED_PREFIX) -> tuple[int, list[int]]:
+    """``(length, indices)``: the token prefix of at least ``minimum`` tokens whose sharing saves the
+    most prompt tokens, and who shares it; ``(0, [])`` when none does.
 
-    Shared means equal token ids, checked for every prompt (BPE may merge across the few-shot
-    boundary; left truncation changes the start), so prompts that differ are simply left out.
-    Among prompts sorted by their ids, a set sharing ``h`` leading tokens is a run of neighbours
-    whose common prefixes are all ``>= h``: the best ``(len(run) - 1) × h`` is the largest
-    rectangle under the neighbours' common-prefix lengths. Each prompt keeps at least one token
-    of its own (the forward of its last token gives the first generated one).
+    The first group of :func:`hfx.evaluation.prefixes.prefix_groups` (as the scorer chooses its
+    groups): shared means equal token ids, checked for every prompt (BPE may merge across the
+    few-shot boundary; left truncation changes the start), so prompts that differ are simply left
+    out, and each prompt keeps at least one token of its own (the forward of its last token gives
+    the first generated one).
     """
-    if len(prompts) < 2:
-        return 0, []
-    order = sorted(range(len(prompts)), key=lambda i: prompts[i])
-    heights = []
-    for a, b in zip(order, order[1:]):
-        x, y = prompts[a], prompts[b]
-        limit = min(len(x), len(y)) - 1
-        n = 0
-        while n < limit and x[n] == y[n]:
-            n += 1
-        heights.append(n)
-    best = (0, 0, 0, 0)  # saved tokens, height, first pair, last pair
-    stack: list[tuple[int, int]] = []  # (first pair, height), heights increasing
-    for i, h in enumerate(heights + [0]):
-        start = i
-        while stack and stack[-1][1] >= h:
-            start, top = stack.pop()
-            if (i - start) * top > best[0]:
-                best = ((i - start) * top, top, start, i - 1)
-        stack.append((start, h))
-    _, height, first, last = best
-    if height < minimum:
-        return 0, []
-    return height, sorted(order[first : last + 2])
+    groups = prefix_groups(prompts, minimum, max_groups=1)
+    return groups[0] if groups else (0, [])
 
 
 def _greedy_batches(scorer, pending: list[_Pending], spec: _Spec):
@@ -326,7 +306,7 @@ def _batches(scorer, rows: list[_Pending], start: int, max_new: int, prefix_kv):
     kv_per_token = 0
     if prefix_kv is not None and not prefix_kv.shared:
         kv_per_token = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in prefix_kv.kv) / start
-    free = _free_memory(scorer.device) if kv_per_token else None
+    free = free_memory(scorer.device) if kv_per_token else None
     batch: list[_Pending] = []
     for row in rows:
         longest = len(batch[0].prompt) if batch else len(row.prompt)
@@ -340,25 +320,6 @@ def _batches(scorer, rows: list[_Pending], start: int, max_new: int, prefix_kv):
         batch.append(row)
     if batch:
         yield batch
-
-
-def _free_memory(device: torch.device) -> float | None:
-    """Bytes free for the cache: CUDA's free memory (with what torch holds unused), else the host's
-    ``MemAvailable`` (reclaimable page cache counts as free), else None (unknown: no limit)."""
-    if device.type == "cuda":
-        held = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return float(torch.cuda.mem_get_info(device)[0] + held)
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def _decode(scorer, batch: list[_Pending], start: int, prefix_kv, spec: _Spec, eos_ids: set[int], keep_last: bool):

@@ -45,6 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .cache import ResultCache, request_key
+from .prefixes import prefix_groups
 
 TOKENIZER_INFINITY = 1000000000000000019884624838656
 logger = logging.getLogger(__name__)
@@ -331,7 +332,7 @@ class CausalLMScorer:
             self.forward_calls = calls
             info["max_batch_tokens"] = self.max_batch_tokens
             return plan
-        limit = _available_memory()
+        limit = free_memory(self.device)
         per_token = self._bytes_per_token()
         candidates = [b for b in AUTO_CPU_BUDGETS if limit is None or b * per_token <= limit / 2] or AUTO_CPU_BUDGETS[:1]
         info["memory_available"] = limit
@@ -377,9 +378,20 @@ class CausalLMScorer:
 
     def _prefix_kv_keys(self) -> int:
         """How many keys (rows × (prefix + tail)) a shared-prefix batch may hold per layer: at most
-        ``PREFIX_KV_FACTOR × max_batch_tokens``, and their keys/values in every layer within half the
-        free device memory (CUDA) or a quarter of the available memory (elsewhere). Measured once."""
-        if self._kv_key_memory is None:
+        ``PREFIX_KV_FACTOR × max_batch_tokens``, and within :meth:`kv_key_memory`."""
+        return min(PREFIX_KV_FACTOR * self.max_batch_tokens, self.kv_key_memory())
+
+    def kv_key_memory(self, agreed: int | None = None) -> int:
+        """How many keys' keys/values (every layer) fit in half the free device memory (CUDA) or a
+        quarter of the available memory (elsewhere): :func:`free_memory`, measured once, on first use.
+
+        ``agreed`` replaces the measurement: data-parallel ranks measure once each and all keep the
+        smallest (:class:`~hfx.evaluation.distributed.DataParallelScorer`), so that every rank forms
+        the same shared-prefix batches. Recorded in ``batch_info["prefix_kv_keys_in_memory"]``.
+        """
+        if agreed is not None:
+            self._kv_key_memory = max(1, int(agreed))
+        elif self._kv_key_memory is None:
             config = getattr(self.model.config, "text_config", None) or self.model.config
             hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 1024)
             heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 16)
@@ -387,14 +399,12 @@ class CausalLMScorer:
             head_dim = getattr(config, "head_dim", None) or hidden // heads
             layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 12)
             per_key = layers * 2 * kv_heads * head_dim * next(self.model.parameters()).element_size()
-            if self.device.type == "cuda":
-                free = torch.cuda.mem_get_info(self.device)[0] // 2
-            else:
-                free = (_available_memory() or 1 << 40) // 4
+            free = free_memory(self.device)
+            free = (1 << 40 if free is None else free) // (2 if self.device.type == "cuda" else 4)
             self._kv_key_memory = max(1, free // per_key)
-            if self.batch_info is not None:
-                self.batch_info["prefix_kv_keys_in_memory"] = self._kv_key_memory
-        return min(PREFIX_KV_FACTOR * self.max_batch_tokens, self._kv_key_memory)
+        if self.batch_info is not None:
+            self.batch_info["prefix_kv_keys_in_memory"] = self._kv_key_memory
+        return self._kv_key_memory
 
     def _batches(self, rows: list[_Row], skip: int = 0):
         """Consecutive rows while ``rows × (longest row - skip) ≤ max_batch_tokens`` (and ``≤ batch_size`` rows).
@@ -557,11 +567,29 @@ class CausalLMScorer:
             self.forward_calls = calls  # the probe is not part of the work counted
             torch.set_num_threads(threads)
         dtype = next(self.model.parameters()).dtype
-        tolerance = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
         diff = max(abs(a[0] - b[0]) for x, y in zip(whole, shared) for a, b in zip(x, y))
+        tolerance = prefix_probe_tolerance(dtype, max(abs(a[0]) for x in whole for a in x))
         if not diff <= tolerance:
             return False, f"log-likelihoods after a cached prefix differ by {diff:.3g} from whole rows"
         return True, ""
+
+
+def prefix_probe_tolerance(dtype: torch.dtype, scale: float) -> float:
+    """The largest difference the prefix-sharing probe accepts between a log-likelihood of magnitude
+    ``scale`` scored after a cached prefix and the same one scored whole.
+
+    Both paths compute the same sums, only in another order (attention over cached plus own keys
+    instead of one sequence, other matrix shapes), so they differ by float rounding alone: a few
+    ulps per operation, carried through the layers into a log-probability whose error scales with
+    its magnitude. In fp32 (eps 1.2e-7) that is ~1e-7 relative (1e-6 measured at |ll| ≈ 10 on
+    the test models); ``1e-5 × max(1, |ll|)``, about 80 ulps of the result, is the bound, the
+    precision the docs promise against lm-eval. A cache laid out wrong (positions, masks, a prefix
+    not attended) moves log-probabilities by far more. In reduced precision (bf16 eps 7.8e-3, fp16
+    9.8e-4) the rounding of every activation is of that order: ``max(5e-2, 4 eps × |ll|)``.
+    """
+    if dtype in (torch.float32, torch.float64):
+        return 1e-5 * max(1.0, scale)
+    return max(5e-2, 4 * torch.finfo(dtype).eps * scale)
 
 
 class SharedPrefix:
@@ -657,8 +685,17 @@ def find_token_budget(fits, start: int, tried: dict | None = None, minimum: int 
         return budget
 
 
-def _available_memory() -> int | None:
-    """Bytes of memory available to new allocations (Linux ``MemAvailable``), or None when unknown."""
+def free_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation on ``device`` can take, or None when unknown (no limit).
+
+    CUDA: the driver's free memory plus what PyTorch's caching allocator holds reserved but
+    unallocated (it hands that out before asking the driver). Elsewhere: the host's ``MemAvailable``
+    (reclaimable page cache counts as free), else the free physical pages. The scorer's and
+    generation's memory bounds both use it.
+    """
+    if device is not None and torch.device(device).type == "cuda":
+        held = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0] + max(held, 0))
     try:
         with open("/proc/meminfo") as handle:
             for line in handle:
@@ -672,8 +709,10 @@ def _available_memory() -> int | None:
         return None
 
 
-#: a shared prefix shorter than this many tokens is not worth its own forward
-MIN_SHARED_PREFIX = 32
+#: the scorer shares no prefix shorter than this many tokens: a group's prefix costs its own forward and a
+#: copy of its keys/values per row of the group's largest batch (generation has its own threshold:
+#: :data:`hfx.evaluation.generation.GENERATION_MIN_SHARED_PREFIX`)
+SCORER_MIN_SHARED_PREFIX = 32
 #: nor a group saving fewer than this many tokens of computation, ``(rows - 1) × prefix``
 MIN_SHARED_SAVING = 512
 #: with a shared prefix, ``rows × (prefix + longest tail)`` keys per layer stay under this × max_batch_tokens
@@ -682,58 +721,19 @@ PREFIX_KV_FACTOR = 8
 
 
 def shared_prefix_groups(
-    contexts: Sequence[Sequence[int]], min_prefix: int = MIN_SHARED_PREFIX, min_saving: int = MIN_SHARED_SAVING
+    contexts: Sequence[Sequence[int]], min_prefix: int = SCORER_MIN_SHARED_PREFIX,
+    min_saving: int = MIN_SHARED_SAVING,
 ) -> list[tuple[int, list[int]]]:
     """Groups of contexts worth scoring after one shared token prefix: ``(prefix length, indices)``.
 
-    The prefix is a common prefix of the token lists, so a context joins a group only when its own
-    tokens start with it: a document whose first tokens merged with the shots' last ones (BPE), or a
-    context cut on the left at max_length, simply does not match and is scored whole. Each prefix
-    leaves at least the last token of every member's context to the member's own forward (its
-    logits score the first continuation token).
-
-    Sorted lexicographically, contexts sharing a prefix are adjacent, and the longest common prefix
-    of a run is the minimum of its neighbours' common prefixes; the run saving the most computation,
-    ``(members - 1) × prefix``, is the largest rectangle under that histogram. Groups are taken
-    greedily until none has a prefix of ``min_prefix`` tokens saving ``min_saving`` tokens.
+    :func:`hfx.evaluation.prefixes.prefix_groups` with the scorer's thresholds: groups are taken
+    greedily, the one saving the most computation ``(members - 1) × prefix`` first, until none has a
+    prefix of ``min_prefix`` tokens saving ``min_saving`` tokens. A context joins a group only when
+    its own tokens start with the prefix (a BPE merge across the shots' boundary, or a left cut at
+    max_length, is scored whole), and each prefix leaves the last token of every member's context
+    to the member's own forward (its logits score the first continuation token).
     """
-    order = sorted(range(len(contexts)), key=lambda i: list(contexts[i]))
-    lcp = []
-    for a, b in zip(order, order[1:]):
-        x, y = contexts[a], contexts[b]
-        limit = min(len(x), len(y)) - 1
-        k = 0
-        while k < limit and x[k] == y[k]:
-            k += 1
-        lcp.append(k)
-    groups, segments = [], [(0, len(order) - 1)]
-    while segments:
-        lo, hi = segments.pop()
-        if hi <= lo:
-            continue
-        best = _largest_rectangle(lcp, lo, hi - 1, min_prefix)
-        if best is None:
-            continue
-        height, first, last = best  # lcp[first..last] >= height: rows order[first .. last + 1]
-        if (last - first + 1) * height < min_saving:
-            continue
-        groups.append((height, [order[i] for i in range(first, last + 2)]))
-        segments += [(lo, first - 1), (last + 2, hi)]
-    return groups
-
-
-def _largest_rectangle(heights: list[int], lo: int, hi: int, floor: int):
-    """``(height, first, last)`` of the largest ``(last - first + 1) × min(heights[first..last])``, heights ≥ floor."""
-    best, stack = None, []  # stack of (start index, height), heights increasing
-    for i in range(lo, hi + 2):
-        h = heights[i] if i <= hi and heights[i] >= floor else 0
-        start = i
-        while stack and stack[-1][1] >= h:
-            start, top = stack.pop()
-            if top and (best is None or (i - start) * top > (best[2] - best[1] + 1) * best[0]):
-                best = (top, start, i - 1)
-        stack.append((start, h))
-    return best
+    return prefix_groups(contexts, min_prefix, min_saving)
 
 
 def block_mask(block: torch.Tensor, positions: torch.Tensor, prefix: int = 0) -> torch.Tensor:
