@@ -267,6 +267,37 @@ def test_ranks_that_form_other_batches_fall_back_and_one_that_fails_stops_every_
     assert "rank 1 of 2 failed while scoring: RuntimeError: out of memory on this rank" in str(errors[0])
 
 
+def test_differing_plans_fall_back_before_any_batch_runs_and_ranks_agree_on_the_memory_bound(tiny_gpt2):
+    """The plans' fingerprints meet in a gather inside select, before any forward: ranks whose batches
+    differ run none of them, and deal out contexts at once. The shared-prefix memory bound is the
+    smallest rank's on every rank, so it cannot make their plans differ."""
+    from hfx.evaluation.scorer import CausalLMScorer
+
+    model, tok = tiny_gpt2
+    requests = mc_requests(random.Random(6), docs=6, shots="Question: the cat is big\nAnswer: B\n\n" * 3)
+    expected = CausalLMScorer(model, tok, progress=False, max_batch_tokens=128).loglikelihood(requests)
+
+    def body(rank, group):
+        scorer = CausalLMScorer(copy.deepcopy(model), tok, progress=False, max_batch_tokens=128 * (rank + 1))
+        scorer._kv_key_memory = 5000 + 1000 * rank  # as measured on this rank
+        scorer._shares_prefixes = True  # the probe's forwards are not the call's work
+        forwards, inner = [], scorer._forward
+        def counted(rows, prefix=(), past=None):
+            forwards.append(scorer.data_parallel is not None)  # True: a forward of the dealt-batches attempt
+            return inner(rows, prefix, past)
+        scorer._forward = counted
+        backend = DataParallelScorer(scorer, group)
+        return backend.loglikelihood(requests), forwards, scorer.kv_key_memory(), scorer.batch_info
+
+    out, errors = run_ranks(2, body)
+    assert errors == [None, None]
+    for got, forwards, bound, info in out:
+        assert [g for _, g in got] == [g for _, g in expected]
+        assert [x for x, _ in got] == pytest.approx([x for x, _ in expected], abs=1e-5, rel=0)
+        assert forwards and not any(forwards)  # every forward ran after the fallback
+        assert bound == 5000 and info["prefix_kv_keys_in_memory"] == 5000
+
+
 # -- the cache with several writers ---------------------------------------------------------------
 def test_cache_reads_the_single_process_file_and_every_rank_file(tmp_path):
     (tmp_path / "ident.jsonl").write_text('{"k": "old", "v": [-1.5, true]}\n')  # a cache from before ranks

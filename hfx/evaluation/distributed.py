@@ -18,8 +18,10 @@ How requests are dealt out keeps what makes the scorer fast:
   batches), the same on every rank; whole *batches* are then dealt out, costliest first, to the
   rank with the fewest tokens so far (LPT), through the scorer's ``data_parallel`` hook. A batch
   is computed exactly as one process computes it, so every log-likelihood is bitwise one process's.
-  The plans are fingerprinted: ranks that formed different batches stop with an error instead of
-  merging the wrong rows. Each rank also remembers (in memory) what the others scored, so the cache
+  Ranks bound shared-prefix batches by the same memory (the smallest rank's, agreed once when the
+  wrapper is built). The plans are fingerprinted and compared in one small gather before any
+  forward: ranks that formed different batches (another cache state) deal the call out by context
+  groups instead, before any work is done, never merging the wrong rows. Each rank also remembers (in memory) what the others scored, so the cache
   and hence the next call's plan stay the same on every rank.
 - With ``batch_size="auto"`` (a budget each rank measures for itself) and on scorers without the
   hook, requests sharing a context form one *context group*, dealt out whole by token count. A
@@ -28,8 +30,10 @@ How requests are dealt out keeps what makes the scorer fast:
   bits (one fp32 ulp: ~4e-6 at -40); metrics are equal unless two choices tie to within that.
 - ``generate_until``: requests with the same generation kwargs are sorted by prompt length and cut
   into chunks of the scorer's batch size; whole chunks are dealt out, so each rank's batches are
-  runs of similar lengths, as one process would form them. Greedy generations are per row and do
-  not depend on the batch.
+  runs of similar lengths, as one process would form them. Greedy decoding is per row, but a
+  rank's batches may be padded to other widths than one process's: as for log-likelihoods, float
+  rounding can then differ in the last bits and flip an argmax between two near-tied tokens, so a
+  generation can differ from one process's where the model is that undecided.
 
 The result cache is shared: every rank reads every writer's file of the same model identity and
 appends to its own (:class:`~hfx.evaluation.cache.ResultCache`), so a killed N-process run resumes,
@@ -306,7 +310,11 @@ class BatchDealer:
         costs = [len(rows) * (max(r.length for r in rows) - skip) for skip, rows in units]
         shares = deal(costs, self.group.world_size)
         slots = [[s for r in rows for s in r.slots] for _, rows in units]
-        self.pending = ([[s for i in share for s in slots[i]] for share in shares], request_key(slots))
+        fingerprint = request_key(slots)
+        # one small gather before any forward: ranks that formed other batches all learn it here, and the
+        # call is dealt out by contexts before any batch has run
+        self._check(self.group.all_gather({"plan": fingerprint, "error": None}), fingerprint)
+        self.pending = ([[s for i in share for s in slots[i]] for share in shares], fingerprint)
         return shares[self.group.rank]
 
     def merge(self, results: list, keys: list[str]) -> list:
@@ -375,8 +383,14 @@ class DataParallelScorer:
             scorer.data_parallel = dealer
         self.__dict__["dealer"] = dealer
         if group.world_size > 1:
-            # every rank has read the cache files before any rank writes: the same hits, so the same plans
-            group.all_gather(None)
+            # every rank has read the cache files before any rank writes: the same hits, so the same plans;
+            # and every rank bounds its shared-prefix batches by the same memory (the smallest rank's), so
+            # that it forms the same batches
+            measure = getattr(scorer, "kv_key_memory", None) if dealer is not None else None
+            bound = measure() if callable(measure) else None
+            bounds = [b for b in group.all_gather(bound) if b is not None]
+            if bound is not None and bounds:
+                measure(min(bounds))
 
     def __getattr__(self, name):
         return getattr(self.__dict__["scorer"], name)
