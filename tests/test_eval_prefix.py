@@ -19,6 +19,7 @@ from hfx.evaluation.scorer import (
     AUTO_CPU_BUDGETS,
     CausalLMScorer,
     find_token_budget,
+    prefix_probe_tolerance,
     shared_prefix_groups,
 )
 from tests.test_eval import _gpt2, _hfx_causal, _sentence, lm_eval_reference
@@ -185,6 +186,27 @@ def test_models_that_cannot_take_a_cached_prefix_are_scored_whole(world, caplog,
     assert plain.shares_prefixes is False
     assert any("no cross-document prefix sharing" in r.message and reason in r.message for r in caplog.records)
     assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in expected], abs=1e-5)
+
+
+def test_the_probe_accepts_fp32_rounding_only(world, monkeypatch):
+    """fp32: 1e-5 relative to the log-likelihood (~80 ulps), so a shared-prefix path off by 2e-4 at |ll| ≈ 10
+    (what the old 1e-3 let through) is refused; reduced precision gets a bound from its own epsilon."""
+    assert prefix_probe_tolerance(torch.float32, 0.3) == 1e-5
+    assert prefix_probe_tolerance(torch.float32, 12.0) == pytest.approx(1.2e-4)
+    assert prefix_probe_tolerance(torch.float16, 1.0) == 5e-2
+    assert prefix_probe_tolerance(torch.bfloat16, 20.0) == pytest.approx(4 * 2**-7 * 20)
+    model, tok = world["models"]["gpt2"]
+    exact = CausalLMScorer(model, tok, progress=False)
+    assert exact.shares_prefixes
+    off = CausalLMScorer(model, tok, progress=False)
+    inner = off._forward
+
+    def shifted(rows, prefix=(), past=None):
+        out = inner(rows, prefix, past)
+        return [[(ll + (2e-4 if prefix else 0.0), g) for ll, g in row] for row in out] if prefix else out
+
+    monkeypatch.setattr(off, "_forward", shifted)
+    assert off.shares_prefixes is False
 
 
 def test_auto_batch_size_gives_the_fixed_budget_numbers_and_says_what_it_chose(world):
