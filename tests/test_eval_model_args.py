@@ -237,8 +237,8 @@ def test_max_length_reaches_the_scorer_and_the_cache_key(world, tmp_path):
 def test_cache_identity_holds_the_devices_the_loaded_model_computes_on(world):
     import copy
 
-    from hfx.evaluation.evaluator import _identity_extras, placement_types
     from hfx.evaluation.cache import ContentHashMemo
+    from hfx.evaluation.evaluator import _identity_extras, placement_types
 
     cpu, _ = _run(world, model=world["model"], tokenizer=world["tok"], limit=1)
     explicit, _ = _run(world, model=world["model"], tokenizer=world["tok"], limit=1, device="cpu")
@@ -266,10 +266,10 @@ def test_cache_identity_holds_the_devices_the_loaded_model_computes_on(world):
     (["--gen-kwargs", "top_p=2"], "top_p must be a number in [0, 1], got 2"),
     (["--gen-kwargs", "top_k=0.5"], "top_k must be an integer >= 0, got 0.5"),
     (["--gen-kwargs", '{"until": [1]}'], "until must be a string or a list of strings, got [1]"),
-    (["--gen-kwargs", "max_gen_toks=5000"], "task 'tiny_gen': max_gen_toks=5000 leaves no room for the prompt: "
-                                            "the model's max_length is 256 (from its config)"),
-    (["--model-args", "max_length=4"], "max_gen_toks=6 leaves no room for the prompt: the model's max_length is 4 "
-                                       "(--model-args max_length)"),
+    (["--gen-kwargs", "max_gen_toks=5000"], ("task 'tiny_gen': max_gen_toks=5000 leaves no room for the prompt: "
+                                             "the model's max_length is 256 (from its config)")),
+    (["--model-args", "max_length=4"], ("max_gen_toks=6 leaves no room for the prompt: the model's max_length is 4 "
+                                        "(--model-args max_length)")),
 ])
 def test_bad_gen_kwargs_are_one_line_before_the_model_loads(world, extra, fragment, monkeypatch, capsys):
     from transformers import AutoModelForCausalLM
@@ -374,3 +374,26 @@ def test_an_unset_torch_seed_does_not_reuse_sampled_generations_of_seed_1234(wor
     assert hits("0,1234,1234,1234") == 3  # the default seeds keep their keys
     assert hits("0,1234,None,1234") == 0  # torch slot unset: its own sampled generations
     assert hits("0,1234,None,1234") == 3
+
+
+def test_one_definition_each_for_the_chat_record_and_the_class_output_type(world):
+    import inspect
+
+    from hfx.evaluation import class_tasks, evaluator
+    from hfx.evaluation.chat import prompt_config
+
+    source = inspect.getsource(evaluator)
+    assert "CLASS_OUTPUT_TYPE = " not in source and evaluator.CLASS_OUTPUT_TYPE is class_tasks.CLASS_OUTPUT_TYPE
+    assert not hasattr(evaluator, "_chat_record")
+    assert all("ImportError" not in inspect.getsource(f) for f in (evaluator._process_group, evaluator._chat_format))
+    plain, _ = _run(world, model=world["model"], tokenizer=world["tok"], limit=1)
+    system, _ = _run(world, model=world["model"], tokenizer=world["tok"], limit=1, system_instruction="Be brief.")
+    assert {k: plain["config"][k] for k in prompt_config(None)} == prompt_config(None)
+    assert system["config"]["system_instruction"] == system["system_instruction"] == "Be brief."
+    assert system["config"]["system_instruction_sha"] == hashlib_sha("Be brief.")
+
+
+def hashlib_sha(text):
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -33,6 +33,8 @@ from ..quantization import pin_bnb_cpu_path
 from ..safe_paths import blocking_parent
 from .cache import ContentHashMemo, ResultCache, default_cache_dir, model_identity
 from .catalogue import TaskIndex
+from .chat import prompt_config, prompt_format
+from .class_tasks import CLASS_OUTPUT_TYPE
 from .groups import GroupNode, TaskRef
 from .metrics import BOOTSTRAP_ITERS, get_metric
 from .model_args import ModelArgs, check_adapter, check_dtype_on_device, parse_pairs, resolve_device
@@ -48,8 +50,6 @@ from .output_types import (  # noqa: F401  (OutputType, register_output_type re-
 from .results import build_results, group_leaves, groups_preorder
 from .scorer import CausalLMScorer, is_causal_lm
 from .tasks import Task, TaskError
-
-CLASS_OUTPUT_TYPE = "class"  # class_tasks' output type (that module imports this one's dependencies)
 
 DEFAULT_FEWSHOT_SEED = 1234
 #: lm-eval's four seed slots (python ``random``, numpy, torch, few-shot) and their defaults
@@ -744,50 +744,18 @@ def _check_placement(args: ModelArgs, device: str | None, device_given: bool) ->
                                    "on one device).")
 
 
-def _launched_world() -> int:
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
-
-
 def _process_group(device: str | None, placement):
     """The data-parallel group (``hfx.evaluation.distributed``); one process when not launched by torchrun/accelerate."""
-    try:
-        from .distributed import process_group
-    except ImportError as exc:
-        if _launched_world() > 1:
-            raise EvaluationInputError(f"launched with WORLD_SIZE={_launched_world()} but data-parallel evaluation "
-                                       f"is not available in this build ({exc}).") from None
-        return None
+    from .distributed import process_group
+
     return process_group(device, device_map=placement)
 
 
 def _chat_format(tokenizer, apply_chat_template, fewshot_as_multiturn, system_instruction):
     if not apply_chat_template and not fewshot_as_multiturn and system_instruction is None:
         return None
-    try:
-        from .chat import prompt_format
-    except ImportError as exc:
-        raise EvaluationInputError(f"apply_chat_template / fewshot_as_multiturn / system_instruction need "
-                                   f"hfx.evaluation.chat, which this build lacks ({exc}).") from None
     return prompt_format(tokenizer, apply_chat_template=apply_chat_template, fewshot_as_multiturn=fewshot_as_multiturn,
                          system_instruction=system_instruction)
-
-
-def _chat_record(fmt, apply_chat_template, fewshot_as_multiturn, system_instruction) -> dict:
-    """lm-eval's record of prompt formatting: template text and sha256, system instruction and its sha256."""
-    if fmt is not None and callable(getattr(fmt, "config", None)):
-        return dict(fmt.config())
-    template = getattr(fmt, "chat_template", None) if apply_chat_template else None
-    if template is not None and not isinstance(template, str):
-        template = str(template)
-
-    def sha(text):
-        return hashlib.sha256(text.encode("utf-8")).hexdigest() if text else None
-
-    return {"chat_template": template, "chat_template_sha": sha(template), "system_instruction": system_instruction,
-            "system_instruction_sha": sha(system_instruction), "fewshot_as_multiturn": bool(fewshot_as_multiturn)}
 
 
 def placement_types(model) -> list[str]:
@@ -1046,7 +1014,7 @@ def evaluate(
         "samples": samples,
         "predict_only": predict_only,
         "world_size": world_size,
-        **_chat_record(fmt, apply_chat_template, fewshot_as_multiturn, system_instruction),
+        **prompt_config(fmt),  # lm-eval's record of prompt formatting: template, system instruction, their sha256
     }
     try:
         results, records = _run_plan(plan_, backend, limit=limit, seed=seeds, config=config,
