@@ -397,3 +397,13 @@ def hashlib_sha(text):
     import hashlib
 
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_a_pickled_only_adapter_is_refused_before_anything_loads(world, adapter, tmp_path):
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(adapter["run"] / "adapter" / "adapter_config.json", pickled)
+    (pickled / "adapter_model.bin").write_bytes(b"not unpickled")
+    with pytest.raises(EvaluationInputError, match="only a pickled adapter_model.bin; hfx loads weights from "
+                                                   "safetensors only"):
+        check_adapter(pickled, world["dir"])

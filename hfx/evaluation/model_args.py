@@ -376,6 +376,10 @@ def check_adapter(path: str | os.PathLike, base: str | os.PathLike, base_config=
                 raise _error(f"--model-args peft={path}: the adapter was trained on {recorded} ({key}={theirs[key]!r}), "
                              f"not on this base model ({key}={mine[key]!r}).")
     adapter_files = sorted(folder.glob("adapter_model*.safetensors"))
+    if not adapter_files and any(folder.glob("adapter_model*.bin")):
+        raise _error(f"--model-args peft={path}: the adapter's weights are only a pickled adapter_model.bin; hfx "
+                     "loads weights from safetensors only (save it with save_pretrained(..., "
+                     "safe_serialization=True), or convert it).")
     base_files = sorted(base_dir.glob("*.safetensors")) if base_dir.is_dir() else []
     if not adapter_files or not base_files:
         return folder
