@@ -259,6 +259,7 @@ def test_cache_identity_holds_the_devices_the_loaded_model_computes_on(world):
 
 @pytest.mark.parametrize("extra, fragment", [
     (["--gen-kwargs", "max_gen_toks=abc"], "gen_kwargs: max_gen_toks must be a positive integer, got 'abc'"),
+    (["--gen-kwargs", "max_gen_tok=4"], "unknown generation option 'max_gen_tok' (did you mean 'max_gen_toks'?)"),
     (["--gen-kwargs", "num_beams=x"], "gen_kwargs: num_beams must be a positive integer, got 'x'"),
     (["--gen-kwargs", "max_gen_toks=0"], "max_gen_toks must be a positive integer, got 0"),
     (["--gen-kwargs", "do_sample=yes"], "do_sample must be True or False, got 'yes'"),

@@ -115,7 +115,8 @@ ROWS = {
     "samples-not-json": (["--samples", "{tiny: 1}"], "is not valid JSON"),
     "samples-bad-indices": (["--samples", '{"tiny_mc3": [1, -2]}'], "must be a non-empty list of document indices"),
     "samples-and-limit": (["--samples", '{"tiny_mc3": [1]}', "--limit", "2"], "--samples and --limit both choose"),
-    "limit-fraction-over-one": (["--limit", "2.5"], "--limit must be at least 1, got 2.5"),
+    "limit-fraction-over-one": (["--limit", "2.5"], "--limit 2.5: give a whole number of documents (>= 1) or a fraction"),
+    "output-folder-to-be": (["--output", "{root}/not_yet/"], "names a folder; give a file name"),
     "model-args-unknown-key": (["--model-args", "dtype=float32,peft_path=x"],
                                "unknown key 'peft_path' (did you mean 'peft'?); valid keys: pretrained"),
     "model-args-bad-dtype": (["--model-args", "dtype=float8"], "dtype='float8' is not a dtype"),
@@ -154,3 +155,13 @@ def test_python_api_limit_fraction_and_samples_refusals(world):
         evaluate(world["dir"], "tiny_mc3", limit=0.5, samples={"tiny_mc3": [0]}, cache_dir=False)
     with pytest.raises(EvaluationInputError, match=r"batch_size must be an integer >= 1 \(or None\), got 'max'; or 'auto'"):
         evaluate(world["dir"], "tiny_mc3", batch_size="max", cache_dir=False)
+
+
+def test_auto_batch_size_is_recorded_when_every_request_comes_from_the_cache(world, tmp_path):
+    run = dict(include_path=world["tasks"], limit=2, cache_dir=tmp_path, progress=False, batch_size="auto")
+    first = evaluate(world["dir"], "tiny_mc3", **run)
+    again = evaluate(world["dir"], "tiny_mc3", **run)
+    assert first["config"]["batch_info"]["mode"] == "auto-cpu" and first["config"]["batch_info"]["max_batch_tokens"]
+    assert again["config"]["cache_hits"] > 0
+    assert again["config"]["batch_info"]["mode"] == "auto" and "nothing was scored" in again["config"]["batch_info"]["note"]
+    assert again["results"]["tiny_mc3"]["acc,none"] == first["results"]["tiny_mc3"]["acc,none"]

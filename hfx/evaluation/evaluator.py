@@ -426,7 +426,24 @@ def _is_number(value) -> bool:
 
 
 def check_gen_kwargs(gen_kwargs: dict | None, what: str = "gen_kwargs") -> None:
-    """The types of the generation options hfx and ``generate`` read, as one :class:`EvaluationInputError` line."""
+    """The types of the generation options hfx and ``generate`` read, as one :class:`EvaluationInputError` line.
+
+    A key that is neither lm-eval's (``until``, ``max_gen_toks``) nor a ``GenerationConfig``
+    attribute would make ``generate`` fail after the model has loaded: it is refused here.
+    """
+    if gen_kwargs:
+        import difflib
+
+        from transformers import GenerationConfig
+
+        known = set(GenerationConfig().to_dict()) | {"until", "max_gen_toks", "max_new_tokens"}
+        for key in gen_kwargs:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise EvaluationInputError(f"{what}: unknown generation option {key!r}{hint}; give lm-eval's until / "
+                                           "max_gen_toks or a transformers GenerationConfig attribute (do_sample, "
+                                           "temperature, top_p, top_k, num_beams, repetition_penalty, ...).")
     for key, value in (gen_kwargs or {}).items():
         problem = None
         if value is None and key not in ("max_gen_toks", "max_new_tokens", "num_beams"):
@@ -1025,6 +1042,9 @@ def evaluate(
             raise EvaluationInputError(_one_line(exc)) from None
         raise
     batch_info = getattr(scorer, "batch_info", None)
+    if batch_info is None and batch_size == "auto":  # every request came from the cache (or none was scored)
+        batch_info = {"mode": "auto", "max_batch_tokens": None, "rows": None,
+                      "note": "nothing was scored in this run, so no budget was probed"}
     if batch_info:
         results["config"]["batch_info"] = batch_info
     for key in ("chat_template", "chat_template_sha", "system_instruction", "system_instruction_sha",

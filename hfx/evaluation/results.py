@@ -362,7 +362,10 @@ def check_output_path(path: str | os.PathLike, what: str = "--output") -> Path:
     ``path`` must not be a directory, and its nearest existing parent must be a writable
     directory (missing folders below it are created when the file is written).
     """
+    given = str(path)
     path = Path(path).expanduser()
+    if given.endswith(("/", os.sep)) and not path.is_dir():
+        raise OutputPathError(f"{what} {given!r} names a folder; give a file name, e.g. {str(path / 'results.json')!r}.")
     if str(path) in ("", ".") or path.is_dir():
         raise OutputPathError(f"{what} {str(path)!r} is a directory; give a file name, e.g. {str(path / 'results.json')!r}.")
     blocked = blocking_parent(path)
