@@ -147,6 +147,9 @@ def _check_args(args: argparse.Namespace) -> None:
             usage_error("eval", f"{flag} must be at least {minimum}, got {value}")
     limit = args.limit
     if limit is not None and not (0 < limit < 1 or (limit >= 1 and float(limit).is_integer())):
+        if float(limit).is_integer() or limit < 1:
+            usage_error("eval", f"--limit must be at least 1, got {limit} (or a fraction 0 < x < 1 of each task's "
+                        "documents)")
         usage_error("eval", f"--limit {limit}: give a whole number of documents (>= 1) or a fraction 0 < x < 1 "
                     "of each task's documents")
     if args.bootstrap_iters < 0:
