@@ -29,6 +29,16 @@ Scoring differs from lm-eval only in how the work is laid out, not in what is co
   keys/values are computed once (:meth:`CausalLMScorer.prefix_cache`) and each row's remaining
   tokens attend to them (:class:`SharedPrefix`), with position ids continuing after the prefix.
   Models are checked once for this (:attr:`CausalLMScorer.shares_prefixes`); others score whole rows.
+
+**Models whose attention takes only a key padding mask** (hfx's long-context backends
+``hfx_sliding_window`` / ``hfx_block_sparse`` / ``hfx_lsh``, flash attention: their
+``AttentionMaskInterface`` function returns a 2-D mask, :func:`takes_key_padding_mask_only`) cannot
+take the 4-D block mask, so each (context, continuation) gets its own right-padded row under a 2-D
+mask. That is the sequence lm-eval feeds the model, so the numbers equal scoring each request
+alone wherever the backend's outputs do not depend on the padding. A shared prefix is still
+computed once when the backend decodes from a KV cache (``hfx_sliding_window``; the probe finds
+out): the tails then attend to prefix + tail keys under one 2-D mask, and a document's choices
+share their context that way.
 """
 
 from __future__ import annotations
@@ -62,6 +72,34 @@ class _Row:
     @property
     def length(self) -> int:
         return len(self.context) + sum(len(c) - 1 for c in self.continuations)
+
+
+def takes_key_padding_mask_only(model) -> bool:
+    """Whether the model's attention implementation takes a 2-D key padding mask rather than a 4-D one.
+
+    Asked of the implementation's own ``AttentionMaskInterface`` function (what transformers calls
+    to build the model's masks): given one padded key, a 2-D answer means the backend reads
+    padding alone and builds its pattern itself (hfx's long-context backends, flash attention),
+    so a 4-D mask passed in would be refused or misread. Any other answer (4-D tensor, BlockMask,
+    no mask function) keeps the scorer's packed rows.
+    """
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
+
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    name = getattr(config, "_attn_implementation", None)
+    if not isinstance(name, str) or name not in ALL_MASK_ATTENTION_FUNCTIONS:
+        return False
+    keep = torch.tensor([[False, True, True]])
+    try:
+        mask = ALL_MASK_ATTENTION_FUNCTIONS[name](
+            batch_size=1, q_length=2, kv_length=3, q_offset=1, kv_offset=0, mask_function=causal_mask_function,
+            attention_mask=keep, allow_is_causal_skip=True, dtype=torch.float32, config=config, use_vmap=False,
+            device=torch.device("cpu"),
+        )
+    except (TypeError, ValueError, RuntimeError, NotImplementedError):  # one this probe cannot call: default layout
+        return False
+    return isinstance(mask, torch.Tensor) and mask.dim() == 2
 
 
 def resolve_max_length(model, tokenizer, default: int = 2048) -> int:
@@ -119,6 +157,7 @@ class CausalLMScorer:
         self.prefix_token_id = bos if bos is not None else tokenizer.eos_token_id
         self.forward_calls = 0
         self._shares_prefixes: bool | None = None
+        self._key_padding_only: bool | None = None
         self._kv_key_memory: int | None = None
         self.seed = seed
         self.warnings: list[str] = []
@@ -256,7 +295,8 @@ class CausalLMScorer:
                 # (choices of one length cut the same: one row)
                 whole = (ctx + cont)[-(self.max_length + 1) :]
                 ctx = whole[: len(whole) - len(cont)]
-            row = rows.setdefault(tuple(ctx), _Row(list(ctx), [], []))
+            # a key-padding-only attention takes no block mask: one row per continuation
+            row = rows.setdefault((slot,) if self.key_padding_only else tuple(ctx), _Row(list(ctx), [], []))
             row.continuations.append(cont)
             row.slots.append(slot)
         plan = self._plan(list(rows.values()))
@@ -459,7 +499,11 @@ class CausalLMScorer:
             spans.append(row_spans)
         input_ids = torch.tensor(ids, dtype=torch.long).view(n, width)
         positions = torch.tensor(pos, dtype=torch.long).view(n, width)
-        allowed = block_mask(torch.tensor(block, dtype=torch.long).view(n, width), positions, skip)
+        block = torch.tensor(block, dtype=torch.long).view(n, width)
+        if self.key_padding_only:  # rows of one continuation each: the key padding mask over prefix + row
+            allowed = torch.cat([torch.ones(n, skip, dtype=torch.bool), block >= 0], dim=1)
+        else:
+            allowed = block_mask(block, positions, skip)
         logprobs, greedy = self._scored_positions(
             input_ids, positions, allowed, torch.tensor(gather_rows), torch.tensor(gather_cols), torch.tensor(targets),
             past,
@@ -471,8 +515,13 @@ class CausalLMScorer:
 
     @torch.no_grad()
     def _scored_positions(self, input_ids, positions, allowed, rows, cols, targets, past=None):
-        dtype = next(self.model.parameters()).dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+        """Log-probabilities and greedy flags at ``(rows, cols)``; ``allowed`` is a 3-D block mask or a 2-D
+        key padding mask (passed as the model's ``attention_mask`` as it is)."""
+        if allowed.dim() == 2:
+            mask = allowed.long()
+        else:
+            dtype = next(self.model.parameters()).dtype
+            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
         cache = {"use_cache": False}
         if past is not None:
             cache = {"past_key_values": past.cache(input_ids.shape[0]), "use_cache": True}
@@ -524,6 +573,21 @@ class CausalLMScorer:
         return out.past_key_values
 
     @property
+    def key_padding_only(self) -> bool:
+        """Whether the model's attention takes only a 2-D key padding mask (:func:`takes_key_padding_mask_only`,
+        checked once): then every continuation is scored in a row of its own."""
+        if self._key_padding_only is None:
+            self._key_padding_only = takes_key_padding_mask_only(self.model)
+        return self._key_padding_only
+
+    @property
+    def decodes_from_cache(self) -> bool:
+        """Whether generation may decode from a KV cache: always, except for a key-padding-only attention
+        that failed the prefix probe (``hfx_block_sparse`` and ``hfx_lsh`` need the whole sequence in every
+        forward); those generate by a full forward per step."""
+        return not self.key_padding_only or self.shares_prefixes
+
+    @property
     def shares_prefixes(self) -> bool:
         """Whether this model scores rows after a cached prefix exactly as without it (checked once).
 
@@ -549,6 +613,11 @@ class CausalLMScorer:
         vocab = self.model.get_output_embeddings().weight.shape[0]
         base = [(7 * i + 3) % vocab for i in range(12)]
         rows = [_Row(base[:9], [base[9:11], base[11:12]], [0, 1]), _Row(base[:6] + base[8:10], [base[10:12]], [2])]
+        if self.key_padding_only:
+            global_ids = getattr(config, "global_attention_token_ids", None)
+            if global_ids:  # a global token in a tail would need the whole sequence as keys
+                return False, f"global tokens {list(global_ids)} need every key in one forward"
+            rows = [_Row(r.context, [c], [s]) for r in rows for c, s in zip(r.continuations, r.slots)]
         prefix = base[:6]
         calls = self.forward_calls
         # Three forwards of a few tokens: on CPU one thread, as waking a second one for each of their
