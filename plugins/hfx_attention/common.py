@@ -104,6 +104,55 @@ def global_flags(kwargs: dict, config, batch: int, length: int, device, name: st
     return flags
 
 
+def sequence_ids(kwargs: dict, batch: int, q_length: int, kv_length: int, device, name: str) -> torch.Tensor | None:
+    """Which packed sequence each token belongs to: int64 (batch, length), or None for one sequence per row.
+
+    Padding-free batches (``DataCollatorWithFlattening``) put several sequences in one row. Their boundaries
+    come as the flash-attention varlen kwargs ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (cumulative lengths over
+    the flattened ``batch * length`` tokens) or, failing those, as ``position_ids`` restarts: a position that
+    does not continue the previous one by +1 starts a new sequence (how transformers itself detects packing).
+    Only a full forward is packed; with fewer queries than keys (cached decoding) positions continue the
+    cache and every row is one sequence.
+    """
+    if q_length != kv_length:
+        return None
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None or cu_k is not None:
+        if cu_q is not None and cu_k is not None and not torch.equal(cu_q.to(cu_k.device), cu_k):
+            raise ValueError(
+                f"{name} is self-attention: cu_seq_lens_q {cu_q.tolist()} and cu_seq_lens_k {cu_k.tolist()} must be equal."
+            )
+        cu = (cu_k if cu_q is None else cu_q).to(device=device, dtype=torch.long)
+        total = batch * q_length
+        if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu.diff() < 0).any()):
+            raise ValueError(
+                f"{name}: cu_seq_lens must be a 1-D non-decreasing tensor from 0 to batch * length = {total} "
+                f"(cumulative sequence lengths over the flattened tokens); got {cu.tolist()}."
+            )
+        rows = torch.arange(1, batch, device=device) * q_length
+        if not bool(torch.isin(rows, cu).all()):
+            raise ValueError(
+                f"{name}: a packed sequence crosses a batch row (rows of {q_length} tokens, cu_seq_lens {cu.tolist()}); "
+                "every multiple of the row length must be a sequence boundary."
+            )
+        ids = torch.searchsorted(cu[1:], torch.arange(total, device=device), right=True).view(batch, q_length)
+        return ids if bool((ids != ids[:, :1]).any()) else None
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None or position_ids.dim() > 2:
+        return None  # no positions, or multi-axis (rope-per-axis) positions: nothing to read boundaries from
+    position_ids = position_ids.to(device).view(-1, position_ids.shape[-1])
+    if position_ids.shape[-1] != q_length or position_ids.shape[0] not in (1, batch):
+        raise ValueError(
+            f"{name}: position_ids of shape {tuple(position_ids.shape)} do not match the queries "
+            f"(batch, length)=({batch}, {q_length})."
+        )
+    starts = position_ids[:, 1:] - position_ids[:, :-1] != 1
+    if not bool(starts.any()):
+        return None
+    ids = F.pad(starts.long(), (1, 0)).cumsum(-1)
+    return ids.expand(batch, -1)
+
+
 def attach_global_token_ids(model) -> None:
     """Make ``config.global_attention_token_ids`` work on a stock model: a forward pre-hook turns the ids
     found in ``input_ids`` into the ``global_attention_mask`` keyword (OR-ed with one given explicitly)."""
@@ -163,11 +212,12 @@ def gather_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 2, index[:, None, :, None].expand(b, h, index.shape[1], d))
 
 
-def with_global_keys(k_tiles, v_tiles, allowed, key, value, keep, index, valid, causal: bool, chunk: int):
+def with_global_keys(k_tiles, v_tiles, allowed, key, value, keep, index, valid, causal: bool, chunk: int, segments=None):
     """Append the global keys to every tile: each query also sees every global key (causal: the earlier ones).
 
     k_tiles/v_tiles (B, H, T, L, d), allowed (B, 1 or H, T, c, L); index/valid (B, g) from :func:`global_index`.
-    The tiles' own columns must already exclude global keys, so that none is counted twice.
+    The tiles' own columns must already exclude global keys, so that none is counted twice. With packed
+    ``segments`` (B, n) from :func:`sequence_ids`, a global key is seen only by queries of its own sequence.
     """
     batch, heads, tiles = k_tiles.shape[:3]
     g_keys = gather_positions(key, index)[:, :, None].expand(-1, -1, tiles, -1, -1)
@@ -176,6 +226,9 @@ def with_global_keys(k_tiles, v_tiles, allowed, key, value, keep, index, valid, 
     if causal:
         positions = torch.arange(tiles * chunk, device=key.device).view(tiles, chunk, 1)
         g_allowed = g_allowed & (index[:, None, None, :] <= positions)
+    if segments is not None:
+        q_segments = F.pad(segments, (0, tiles * chunk - segments.shape[1]), value=-1).view(batch, tiles, chunk, 1)
+        g_allowed = g_allowed & (torch.gather(segments, 1, index)[:, None, None, :] == q_segments)
     g_allowed = g_allowed.expand(batch, tiles, chunk, -1).unsqueeze(1).expand(-1, allowed.shape[1], -1, -1, -1)
     return (
         torch.cat([g_keys, k_tiles], dim=3),
@@ -184,12 +237,15 @@ def with_global_keys(k_tiles, v_tiles, allowed, key, value, keep, index, valid, 
     )
 
 
-def global_rows(query, key, value, index, valid, keep, causal: bool, scaling: float, dropout: float) -> torch.Tensor:
-    """Global queries attend to every (allowed) key: (B, H, g, d) outputs, one dense row each."""
+def global_rows(query, key, value, index, valid, keep, causal: bool, scaling: float, dropout: float, segments=None) -> torch.Tensor:
+    """Global queries attend to every (allowed) key: (B, H, g, d) outputs, one dense row each.
+    With packed ``segments`` (B, n), only to the keys of their own sequence."""
     rows = gather_positions(query, index)
     allowed = keep[:, None, None, :] & valid[:, None, :, None]
     if causal:
         allowed = allowed & (torch.arange(key.shape[2], device=key.device) <= index[:, None, :, None])
+    if segments is not None:
+        allowed = allowed & (segments[:, None, None, :] == torch.gather(segments, 1, index)[:, None, :, None])
     return F.scaled_dot_product_attention(rows, key, value, attn_mask=allowed, dropout_p=dropout, scale=scaling)
 
 

@@ -35,6 +35,7 @@ from .common import (
     padding_mask,
     scatter_rows,
     sdpa_tiles,
+    sequence_ids,
     with_global_keys,
 )
 
@@ -55,6 +56,12 @@ def check_window(window, where: str = "attention_window") -> None:
 
 def sliding_window_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """``AttentionInterface`` function: query (B, H, q, d), key/value (B, H_kv, kv, d) -> (B, q, H, d), None."""
+    if "sliding_window" in kwargs:
+        # A transformers model that passes its own per-layer window (Mistral, Qwen2, Gemma, ModernBERT):
+        # its semantics, not Longformer's. See model_windows.py.
+        from .model_windows import model_window_attention
+
+        return model_window_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     config = getattr(module, "config", None)
     window = layer_setting(config, "attention_window", getattr(module, "layer_idx", None), DEFAULT_WINDOW)
     check_window(window)
@@ -68,17 +75,23 @@ def sliding_window_attention(module, query, key, value, attention_mask, scaling=
             f"{NAME}: global tokens need the full sequence as keys; incremental decoding with a window-bounded "
             f"KV cache ({length} new queries, {key.shape[2]} keys) has dropped them."
         )
+    segments = sequence_ids(kwargs, batch, length, key.shape[2], query.device, NAME)
     key, value = expand_kv(query, key, value)
     scaling = head_dim**-0.5 if scaling is None else scaling
-    out = banded_attention(query, key, value, keep, flags, window // 2, causal, scaling, dropout)
+    out = banded_attention(query, key, value, keep, flags, window // 2, causal, scaling, dropout, segments=segments)
     return out, None
 
 
-def banded_attention(query, key, value, keep, flags, half: int, causal: bool, scaling: float, dropout: float):
+def banded_attention(query, key, value, keep, flags, half: int, causal: bool, scaling: float, dropout: float, segments=None):
     """Band of half-width ``half`` plus global tokens. query (B, H, n, d); key/value (B, H, K, d), K >= n
-    (causal decoding: the n queries are the last n of the K keys). Returns (B, n, H, d)."""
+    (causal decoding: the n queries are the last n of the K keys). Returns (B, n, H, d).
+
+    ``segments`` (B, n) int, from :func:`common.sequence_ids`: packed sequences, none of which sees another
+    (global tokens included); only with as many keys as queries."""
     batch, heads, length, head_dim = query.shape
     offset = key.shape[2] - length
+    if segments is not None and offset:
+        raise ValueError(f"{NAME}: packed sequences need as many keys as queries; got {length} queries, {key.shape[2]} keys.")
     chunk = min(max(half, MIN_CHUNK), length)
     tiles = -(-length // chunk)
     padded = tiles * chunk
@@ -98,16 +111,23 @@ def banded_attention(query, key, value, keep, flags, half: int, causal: bool, sc
     relative = torch.arange(span, device=query.device) - torch.arange(chunk, device=query.device)[:, None]
     band = (relative >= 0) & (relative <= half + after)
     local_keys = flag_tiles(keep if flags is None else keep & ~flags)
-    allowed = (band & local_keys[:, :, None, :]).unsqueeze(1)
+    allowed = band & local_keys[:, :, None, :]
+    if segments is not None:
+        q_segments = F.pad(segments, (0, padded - length), value=-1).view(batch, tiles, chunk, 1)
+        k_segments = F.pad(segments, (half, right), value=-2).unfold(1, span, chunk)[:, :, None, :]
+        allowed = allowed & (q_segments == k_segments)
+    allowed = allowed.unsqueeze(1)
 
     if flags is not None:
         index, valid = global_index(flags)
-        k_tiles, v_tiles, allowed = with_global_keys(k_tiles, v_tiles, allowed, key, value, keep, index, valid, causal, chunk)
+        k_tiles, v_tiles, allowed = with_global_keys(
+            k_tiles, v_tiles, allowed, key, value, keep, index, valid, causal, chunk, segments=segments
+        )
 
     out = sdpa_tiles(q_tiles, k_tiles, v_tiles, allowed, scaling, dropout)
     out = out.permute(0, 2, 3, 1, 4).reshape(batch, padded, heads, head_dim)[:, :length]
     if flags is not None:
-        rows = global_rows(query, key, value, index, valid, keep, causal, scaling, dropout)
+        rows = global_rows(query, key, value, index, valid, keep, causal, scaling, dropout, segments=segments)
         out = scatter_rows(out, index, valid, rows)
     return out
 
