@@ -24,6 +24,15 @@ first stop string. Greedy requests are computed in batches that return exactly t
 - **A plain greedy loop** over a ``DynamicCache`` with only the last position's logits computed,
   instead of ``generate``'s per-step machinery.
 
+**Models whose attention takes only a key padding mask** (hfx's long-context backends; the scorer's
+:attr:`~hfx.evaluation.scorer.CausalLMScorer.key_padding_only`): a shared prefix would leave a gap
+of padding between it and the left-padded rest of a prompt, which a sliding window counts as
+distance, so none is shared; left padding itself is exact (the window is measured between key
+slots and padded keys are never attended). Backends that cannot decode from a KV cache
+(``hfx_block_sparse``, ``hfx_lsh``: :attr:`~hfx.evaluation.scorer.CausalLMScorer.decodes_from_cache`)
+decode greedily by a full forward over each right-padded row at every step, the logits taken at
+each row's last real token: what ``generate(..., use_cache=False)`` returns one request at a time.
+
 Sampling (``do_sample: true``), beam search and any generation option or model
 ``generation_config`` setting that changes greedy decoding (repetition penalty, bad words, ...)
 keep the one-request-at-a-time ``generate`` path: sampled requests each draw from their own seeded
@@ -123,10 +132,12 @@ def generate_until(scorer, requests: Sequence[tuple[str, dict]]) -> list[str]:
     bar = tqdm(total=sum(len(g) for _, g in groups.values()), desc="generate_until",
                disable=not scorer.progress or not groups)
     for spec, pending in groups.values():
-        if batchable(scorer.model, spec.options, pending):
+        if not batchable(scorer.model, spec.options, pending, scorer.key_padding_only):
+            finished = ([one] for one in _one_at_a_time(scorer, pending, spec))
+        elif scorer.decodes_from_cache:
             finished = _greedy_batches(scorer, pending, spec)
         else:
-            finished = ([one] for one in _one_at_a_time(scorer, pending, spec))
+            finished = _full_forward_batches(scorer, pending, spec)
         for batch in finished:
             fresh = {}
             for item in batch:
@@ -172,11 +183,13 @@ def _generate(scorer, ids: torch.Tensor, max_new: int, until: list[str], options
             return torch.tensor([any(s and s in text for s in until)], device=input_ids.device)
 
     scorer.forward_calls += 1
+    no_cache = {} if scorer.decodes_from_cache else {"use_cache": False}  # a backend that needs every key per forward
     result = scorer.model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
         max_new_tokens=max_new,
         **options,
+        **no_cache,
         stopping_criteria=StoppingCriteriaList([StopStrings()]),
         pad_token_id=scorer.tokenizer.pad_token_id if scorer.tokenizer.pad_token_id is not None else scorer.tokenizer.eos_token_id,
     )
@@ -184,13 +197,15 @@ def _generate(scorer, ids: torch.Tensor, max_new: int, until: list[str], options
 
 
 # -- the batched greedy path ------------------------------------------------------------------------
-def batchable(model, options: dict, pending: Sequence[_Pending] = ()) -> bool:
+def batchable(model, options: dict, pending: Sequence[_Pending] = (), key_padding_only: bool = False) -> bool:
     """True when plain greedy decoding over a ``DynamicCache`` returns what ``generate`` would.
 
     That needs greedy options with nothing else, a model whose ``generation_config`` adds nothing
     that changes greedy picks, a decoder-only model whose forward takes ``position_ids`` and
     ``past_key_values``, and a full-attention cache (sliding-window or recurrent layers are not
-    copied row by row here).
+    copied row by row here). An hfx model whose attention takes only a key padding mask
+    (``key_padding_only``) is exempt from the last: its backend bounds the window itself, so a
+    full cache holds keys it never attends and changes nothing.
     """
     if options != {"do_sample": False} or any(not item.prompt for item in pending):
         return False
@@ -209,6 +224,8 @@ def batchable(model, options: dict, pending: Sequence[_Pending] = ()) -> bool:
         for name in _GREEDY_CHANGING:
             if getattr(generation_config, name, None) != getattr(defaults, name, None):
                 return False
+    if key_padding_only and getattr(config, "model_type", None) == "hfx":
+        return True
     try:
         layers = DynamicCache(config=config).layers
     except Exception:  # a config the cache cannot read: leave it to generate
@@ -233,7 +250,8 @@ def shared_prefix(prompts: Sequence[Sequence[int]], minimum: int = GENERATION_MI
 def _greedy_batches(scorer, pending: list[_Pending], spec: _Spec):
     """Yield finished batches of ``pending`` (their ``tokens`` filled), longest prompts first."""
     model = scorer.model
-    length, sharing = shared_prefix([item.prompt for item in pending])
+    # no shared prefix under a key-padding-only attention: the padding gap after it would count as distance
+    length, sharing = (0, []) if scorer.key_padding_only else shared_prefix([item.prompt for item in pending])
     prefix_kv = None
     if length:
         prefix = pending[sharing[0]].prompt[:length]
@@ -248,6 +266,51 @@ def _greedy_batches(scorer, pending: list[_Pending], spec: _Spec):
         for batch in _batches(scorer, rows, start, spec.max_new, kv):
             _decode(scorer, batch, start, kv, spec, eos_ids, keep_last)
             yield batch
+
+
+def _full_forward_batches(scorer, pending: list[_Pending], spec: _Spec):
+    """Yield finished batches of ``pending``, decoded by a full forward per step (no KV cache).
+
+    For attention that needs every key in each forward (``hfx_block_sparse``, ``hfx_lsh``): each
+    step runs the right-padded rows ``prompt + generated so far`` under their 2-D mask and takes the
+    logits at each row's last real token only. Rows are budgeted as the cached path
+    (``rows × (prompt + max_gen_toks) ≤ max_batch_tokens``) and leave the batch as they finish.
+    """
+    eos_ids = _eos_ids(scorer.model)
+    rows = sorted(pending, key=lambda item: (-len(item.prompt), item.prompt))
+    for batch in _batches(scorer, rows, 0, spec.max_new, None):
+        _decode_full(scorer, batch, spec, eos_ids)
+        yield batch
+
+
+def _decode_full(scorer, batch: list[_Pending], spec: _Spec, eos_ids: set[int]) -> None:
+    model, tokenizer, device = scorer.model, scorer.tokenizer, scorer.device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    stops = [s for s in spec.until if s]
+    active = list(batch)
+    while active:
+        rows = [item.prompt + item.tokens for item in active]
+        n, width = len(rows), max(len(r) for r in rows)
+        ids = torch.full((n, width), pad, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for b, row in enumerate(rows):
+            ids[b, : len(row)] = torch.tensor(row)
+            mask[b, : len(row)] = 1
+        positions = torch.arange(width)[None].expand(n, width)
+        last = torch.tensor([len(r) - 1 for r in rows])
+        scorer.forward_calls += 1
+        with scorer._hidden_kept_at(torch.arange(n), last):
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                           use_cache=False).logits[0]
+        still = []
+        for item, token in zip(active, logits.argmax(-1).tolist()):
+            item.tokens.append(token)
+            if token in eos_ids or len(item.tokens) >= spec.max_new:
+                continue
+            if stops and any(s in tokenizer.decode(item.tokens) for s in stops):
+                continue
+            still.append(item)
+        active = still
 
 
 def _eos_ids(model) -> set[int]:
