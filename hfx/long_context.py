@@ -3,9 +3,18 @@
 The position-embedding table is extended by copying the learned rows over and over (so every new
 position starts from an embedding the model already knows), and the checkpoint is switched to
 ``hfx_sliding_window`` attention with the first token ([CLS] / <s>) global. The result stays a stock
-BERT/RoBERTa checkpoint: ``config.json`` gains ``attention_window`` and ``global_attention_token_ids``;
-:func:`load_long_model` loads it with the right backend. On an input of at most
-``attention_window/2 + 1`` tokens every token still sees every other one, so outputs equal the original's.
+BERT/RoBERTa checkpoint: ``config.json`` gains ``attention_window``, ``global_attention_token_ids`` and
+``attn_implementation: "hfx_sliding_window"``, the key transformers' ``from_pretrained`` reads the
+attention implementation from, so after ``import hfx`` a plain ``AutoModel.from_pretrained(folder)``
+runs the long backend (without ``import hfx`` transformers refuses the name it does not know). On an
+input of at most ``attention_window/2 + 1`` tokens every token still sees every other one, so outputs
+equal the original's.
+
+Loading: hfx's own loaders (``hfx eval``, ``hfx finetune``, :func:`load_long_model`, the
+``hfx-zero-shot-classification`` pipeline) go through :func:`long_load_kwargs` and
+:func:`prepare_long_model`: the saved backend by default (an explicit ``attn_implementation`` wins),
+older conversions (``attention_window`` + ``global_attention_token_ids`` but no ``attn_implementation``)
+upgraded to ``hfx_sliding_window``, and the always-global token ids made active by a forward pre-hook.
 """
 
 from __future__ import annotations
@@ -20,6 +29,12 @@ from pathlib import Path
 from .safe_paths import blocking_parent, remove_entry
 
 BACKEND = "hfx_sliding_window"
+#: The ``config.json`` key ``PreTrainedConfig`` turns into ``config._attn_implementation`` on load (an
+#: ``attn_implementation=`` keyword still wins). transformers does not write it back on save: a plain
+#: config attribute of that name, which :func:`prepare_long_model` sets, does.
+CONFIG_KEY = "attn_implementation"
+#: What marks a conversion in config.json, also one written before ``attn_implementation`` was.
+LONG_CONFIG_KEYS = ("attention_window", "global_attention_token_ids")
 #: Model types whose checkpoints convert: learned absolute position embeddings at
 #: ``embeddings.position_embeddings`` and attention dispatched through transformers' AttentionInterface.
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert")
@@ -32,6 +47,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
 
 class ConvertLongError(ValueError):
     """A conversion that cannot be done as asked (source, settings or output); nothing was written."""
+
+
+class LongModelError(ValueError):
+    """A long-context checkpoint that cannot load with the backend its config names (one line, with the fix)."""
 
 
 def _model_class(config):
@@ -192,6 +211,7 @@ def convert_to_long(
     config.attention_window = attention_window
     config.global_attention_token_ids = list(global_token_ids)
     long = model_class._from_config(config, attn_implementation=BACKEND)
+    setattr(long.config, CONFIG_KEY, BACKEND)  # written to config.json: from_pretrained then picks the backend
     missing, unexpected = long.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith(("position_ids", "token_type_ids"))]
     if missing or unexpected:
@@ -253,15 +273,106 @@ def _replace_folder(new: Path, output: Path, replaced: list[str]) -> None:
         aside.rmdir()
 
 
-def load_long_model(path: str | Path, model_class=None, **kwargs):
-    """Load a converted checkpoint with ``hfx_sliding_window`` and its always-global token ids active."""
-    from transformers import AutoConfig
+def hfx_backends() -> list[str]:
+    """The installed hfx attention backends (entry points of group ``hfx.attention``)."""
+    from .registry import registry
 
+    return registry.names("attention")
+
+
+def is_long_config(config) -> bool:
+    """Whether ``config`` is a convert-long checkpoint's (also one converted before ``attn_implementation``)."""
+    return (getattr(config, "model_type", None) in SUPPORTED_MODEL_TYPES
+            and all(getattr(config, key, None) is not None for key in LONG_CONFIG_KEYS))
+
+
+def saved_backend(config) -> str | None:
+    """The hfx backend a checkpoint's config (as read from its folder) asks for, or None.
+
+    ``attn_implementation`` in config.json names it; a conversion without that key (written before
+    it existed) gets ``hfx_sliding_window``, the backend it was converted for. hfx models choose by
+    ``attention_type`` and are left alone, as is a config.json naming a non-hfx implementation.
+    """
+    if config is None or getattr(config, "model_type", None) == "hfx":
+        return None
+    named = getattr(config, "_attn_implementation", None)
+    if isinstance(named, str):
+        return named if named.startswith("hfx_") else None
+    return BACKEND if is_long_config(config) else None
+
+
+def check_backend(name: str, where: str) -> None:
+    """Refuse, before any weights load, an ``hfx_*`` backend that is not installed (transformers' own
+    message would list only its built-in implementations)."""
+    installed = hfx_backends()
+    if name.startswith("hfx_") and name not in installed:
+        raise LongModelError(
+            f"{where}: attn_implementation={name!r} is not an installed hfx attention backend (installed: "
+            f"{installed or 'none'}); install the plugin that provides it, or pass attn_implementation='sdpa' "
+            "for dense attention."
+        )
+
+
+def long_load_kwargs(config, attn_implementation: str | None = None, where: str = "model") -> dict:
+    """``from_pretrained`` keywords choosing the attention of the checkpoint whose config is ``config``.
+
+    An explicit ``attn_implementation`` wins; otherwise the checkpoint's own hfx backend
+    (:func:`saved_backend`), which upgrades an older conversion. Empty for any other checkpoint, so
+    transformers' default applies.
+    """
+    name = attn_implementation or saved_backend(config)
+    if name is None:
+        return {}
+    check_backend(name, where)
+    return {"attn_implementation": name}
+
+
+def prepare_long_model(model, warn_dense: bool = False):
+    """Finish a stock model running an hfx backend as hfx loads it; returns ``model``.
+
+    - its ``global_attention_token_ids`` become active: a forward pre-hook
+      (:func:`hfx_attention.attach_global_token_ids`) on the bare encoder (``model.base_model``),
+      which heads call and hfx's encoder evaluators call directly; attached once;
+    - ``config.attn_implementation`` is set, so a ``save_pretrained`` (an ``hfx finetune`` output,
+      a re-saved older conversion) loads with the backend again.
+
+    ``warn_dense``: for a model object an hfx tool was handed, warn in one line when its config marks
+    a conversion but it runs another (dense) implementation, since nothing else would say so.
+    """
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) == "hfx":
+        return model
+    running = getattr(config, "_attn_implementation", None)
+    if running not in hfx_backends():
+        if warn_dense and is_long_config(config):
+            warnings.warn(
+                f"this {config.model_type} model is a convert-long checkpoint (attention_window="
+                f"{config.attention_window}) but runs {running!r} attention, not {BACKEND!r}: inputs longer than "
+                f"{config.attention_window // 2 + 1} tokens give other outputs than the long model; load it with "
+                f"hfx.long_context.load_long_model(path) (or from_pretrained(path) after `import hfx`).",
+                stacklevel=3,
+            )
+        return model
     from hfx_attention import attach_global_token_ids
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel's wrapped model
+    base = getattr(inner, "base_model", inner)
+    if getattr(config, "global_attention_token_ids", None) and not getattr(base, "_hfx_global_token_hook", False):
+        attach_global_token_ids(base)
+        base._hfx_global_token_hook = True
+    setattr(config, CONFIG_KEY, running)
+    return model
+
+
+def load_long_model(path: str | Path, model_class=None, **kwargs):
+    """Load a converted checkpoint with its long backend (``hfx_sliding_window``) and its always-global
+    token ids active; ``attn_implementation=`` chooses another implementation."""
+    from transformers import AutoConfig
 
     import hfx  # noqa: F401  (registers the backend with transformers)
 
-    model_class = model_class or _model_class(AutoConfig.from_pretrained(path))
-    model = model_class.from_pretrained(path, attn_implementation=BACKEND, **kwargs)
-    attach_global_token_ids(model)
-    return model
+    config = AutoConfig.from_pretrained(path)
+    model_class = model_class or _model_class(config)
+    kwargs.update(long_load_kwargs(config, kwargs.pop("attn_implementation", None) or saved_backend(config) or BACKEND,
+                                   where=str(path)))
+    return prepare_long_model(model_class.from_pretrained(path, **kwargs))

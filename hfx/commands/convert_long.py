@@ -11,9 +11,12 @@ def add_parser(subparsers) -> None:
         help="extend a BERT/RoBERTa checkpoint to long inputs (sliding window + global [CLS])",
         description="Copy the learned position embeddings until max_position_embeddings is reached (as the "
         "Longformer paper did for RoBERTa) and switch attention to hfx_sliding_window with the [CLS]/<s> token "
-        "global. The output is a stock checkpoint; load it with hfx.long_context.load_long_model(path), or "
-        "from_pretrained(path, attn_implementation='hfx_sliding_window'). Inputs of at most attention_window/2 + 1 "
-        "tokens give the same outputs as the original model.",
+        "global. The output is a stock checkpoint whose config.json names attn_implementation=hfx_sliding_window: "
+        "hfx eval, hfx finetune and hfx.long_context.load_long_model(path) load it with the long backend and the "
+        "global tokens active; plain transformers code (AutoModel.from_pretrained, pipeline) does too after "
+        "`import hfx` (without it transformers refuses the name), then needs "
+        "hfx_attention.attach_global_token_ids(model) once for the global tokens. Inputs of at most "
+        "attention_window/2 + 1 tokens give the same outputs as the original model.",
     )
     parser.add_argument("source", help="directory of the saved short model (config.json + weights)")
     parser.add_argument("output", help="new (or empty) folder to write the long model to")
@@ -45,5 +48,5 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(2) from None
     files = sorted(p.name for p in out.iterdir() if p.name != MARKER_FILE)
     print(f"wrote {out}: {len(files)} files ({', '.join(files)}); max_position_embeddings={args.max_position_embeddings}, "
-          f"attention_window={args.attention_window}")
+          f"attention_window={args.attention_window}; loads with hfx_sliding_window after `import hfx`")
     return 0
