@@ -75,13 +75,90 @@ def hash_buckets(key, keep, num_hashes: int, num_buckets: int, seed) -> torch.Te
     """(B, H, num_hashes, n) bucket of every key in every round; padded keys get the extra bucket num_buckets."""
     heads, head_dim = key.shape[1], key.shape[3]
     rotation = rotations(heads, head_dim, num_hashes, num_buckets, seed, key.device, key.dtype)
-    rotated = torch.einsum("bhtd,hdrk->bhrtk", key.detach(), rotation)
-    buckets = torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)
+    batch, _, length, _ = key.shape
+    rotated = torch.matmul(key.detach(), rotation.reshape(heads, head_dim, -1))  # (B, H, n, rounds * half)
+    rotated = rotated.view(batch, heads, length, num_hashes, num_buckets // 2)
+    # argmax over [kR, -kR] without building it: where -kR holds the larger maximum take argmax of -kR
+    # (argmin of kR), else argmax of kR; ties go to the first half, as argmax's first maximum would.
+    low, high = torch.aminmax(rotated, dim=-1)
+    flip = high < -low
+    buckets = rotated.mul_(torch.where(flip, -1.0, 1.0).to(rotated.dtype)[..., None]).argmax(dim=-1)
+    buckets = (buckets + flip * (num_buckets // 2)).transpose(2, 3)
     return buckets.masked_fill(~keep[:, None, None, :], num_buckets)
 
 
+def real_lengths(keep: torch.Tensor) -> torch.Tensor:
+    """(B,) position of each row's last real key + 1 (0 for a row without one)."""
+    positions = torch.arange(1, keep.shape[1] + 1, device=keep.device)
+    return (positions * keep).amax(dim=1)
+
+
+class _ChunkAttention(torch.autograd.Function):
+    """Softmax attention of N independent chunks (queries (N, c, d) against their windows (N, W, d)),
+    returning the output and, if asked, each query's log-sum-exp.
+
+    One pass each for scores, masks, softmax and the weighted sum; the backward is written out (four
+    batched matmuls and one fused pass) instead of being recorded op by op, which in particular gives the
+    log-sum-exp's gradient (the softmax itself) for free: it folds into the softmax backward's row term.
+    Keys where ``blocked`` is True score ``fill``, keys where ``own`` is True score ``own_fill`` (applied
+    second); neither carries a gradient, as with ``masked_fill``.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, blocked, own, scaling, fill, own_fill, want_lse):
+        scores = torch.baddbmm(query.new_empty(()), query, key.transpose(1, 2), beta=0, alpha=scaling)
+        if blocked is not None:
+            scores.masked_fill_(blocked, fill)
+        if own is not None:
+            scores.masked_fill_(own, own_fill)
+        probs = torch.softmax(scores, dim=-1)
+        # log-sum-exp from the softmax just taken: the largest weight is exp(max - lse), so no second pass.
+        lse = scores.amax(dim=-1).sub_(probs.amax(dim=-1).log_()) if want_lse else None
+        del scores
+        out = torch.bmm(probs, value)
+        ctx.save_for_backward(query, key, value, probs, out, blocked, own)
+        ctx.scaling = scaling
+        return out if lse is None else (out, lse)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse=None):
+        query, key, value, probs, out, blocked, own = ctx.saved_tensors
+        grad_value = torch.bmm(probs.transpose(1, 2), grad_out)
+        grad_probs = torch.bmm(grad_out, value.transpose(1, 2))
+        row = (grad_out * out).sum(dim=-1, keepdim=True)
+        if grad_lse is not None:
+            row = row - grad_lse[..., None]
+        grad_scores = grad_probs.sub_(row).mul_(probs)
+        for mask in (blocked, own):
+            if mask is not None:  # overwritten scores do not depend on query or key
+                grad_scores.masked_fill_(mask, 0)
+        grad_query = torch.baddbmm(query.new_empty(()), grad_scores, key, beta=0, alpha=ctx.scaling)
+        grad_key = torch.baddbmm(key.new_empty(()), grad_scores.transpose(1, 2), query, beta=0, alpha=ctx.scaling)
+        return grad_query, grad_key, grad_value, None, None, None, None, None, None
+
+
+def chunk_attention(query, key, value, blocked, own, scaling, fill, own_fill, want_lse, dropout):
+    """(out, lse or None) of :class:`_ChunkAttention`; with dropout the same steps are recorded by autograd."""
+    if dropout == 0:
+        result = _ChunkAttention.apply(query, key, value, blocked, own, scaling, fill, own_fill, want_lse)
+        return result if want_lse else (result, None)
+    scores = torch.baddbmm(query.new_empty(()), query, key.transpose(1, 2), beta=0, alpha=scaling)
+    if blocked is not None:
+        scores = scores.masked_fill(blocked, fill)
+    if own is not None:
+        scores = scores.masked_fill(own, own_fill)
+    probs = torch.softmax(scores, dim=-1)
+    lse = torch.logsumexp(scores, dim=-1) if want_lse else None
+    return torch.bmm(F.dropout(probs, p=dropout, training=True), value), lse
+
+
 def lsh_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """``AttentionInterface`` function: query (B, H, n, d), key/value (B, H_kv, n, d) -> (B, n, H, d), None."""
+    """``AttentionInterface`` function: query (B, H, n, d), key/value (B, H_kv, n, d) -> (B, n, H, d), None.
+
+    Every row is laid out as it would be alone: its own padded length, bucket
+    count, chunk boundaries and circular neighbours, so its real-token outputs do not depend on padding
+    or on the other rows of the batch. Positions past a row's last real token output zeros.
+    """
     s = settings(getattr(module, "config", None))
     causal = is_causal(module, kwargs)
     batch, heads, length, head_dim = query.shape
@@ -90,48 +167,110 @@ def lsh_attention(module, query, key, value, attention_mask, scaling=None, dropo
     key, value = expand_kv(query, key, value)
     scaling = head_dim**-0.5 if scaling is None else scaling
     chunk, rounds = s["lsh_attn_chunk_length"], s["num_hashes"]
-    padded = -(-length // chunk) * chunk
-    num_buckets = s["num_buckets"] or automatic_buckets(padded, chunk)
+    before, after = s["lsh_num_chunks_before"], s["lsh_num_chunks_after"]
+    device = query.device
 
-    query, key, value = (F.pad(x, (0, 0, 0, padded - length)) for x in (query, key, value))
-    keep = F.pad(keep, (0, padded - length), value=False)
-    buckets = hash_buckets(key, keep, rounds, num_buckets, s["hash_seed"])
-    round_offset = (num_buckets + 1) * torch.arange(rounds, device=query.device)[:, None]
-    order = torch.sort((buckets + round_offset).flatten(2), dim=-1, stable=True).indices
-    positions = order % padded  # (B, H, rounds * padded): token at each sorted slot
+    lengths = real_lengths(keep)
+    lengths_list = lengths.tolist()
+    padded_list = [max(-(-n // chunk), 1) * chunk for n in lengths_list]
+    padded = max(padded_list)  # P_max
+    tiles = padded // chunk  # T_max: chunks per round in the batch layout
+    real = torch.arange(length, device=device) < lengths[:, None]  # (B, n)
+    if not bool(real.all()):  # what lies past a row's real length is not part of the row
+        zero = ~real[:, None, :, None]
+        query, key, value = (x.masked_fill(zero, 0) for x in (query, key, value))
+    if padded > length:
+        query, key, value = (F.pad(x, (0, 0, 0, padded - length)) for x in (query, key, value))
+        keep = F.pad(keep, (0, padded - length), value=False)
+    elif padded < length:
+        query, key, value, keep = query[:, :, :padded], key[:, :, :padded], value[:, :, :padded], keep[:, :padded]
+    own = torch.as_tensor(padded_list, device=device)  # P_b
+    outside = torch.arange(padded, device=device) >= own[:, None]  # (B, P_max): not in the row alone
 
-    def sort(x):
-        return torch.gather(x, 2, positions[..., None].expand(-1, -1, -1, head_dim)).view(batch, heads, -1, chunk, head_dim)
+    # Buckets: each row with its own count (num_buckets=None: from its own padded length); rows that share a
+    # count share one rotation draw. Positions outside a row sort after its padding bucket, so every round's
+    # first P_b sorted slots are exactly the row alone's.
+    counts = [s["num_buckets"] or automatic_buckets(p, chunk) for p in padded_list]
+    top = max(counts)
+    buckets = torch.empty(batch, heads, rounds, padded, dtype=torch.long, device=device)
+    for count in sorted(set(counts)):
+        rows = [b for b, c in enumerate(counts) if c == count]
+        index = torch.as_tensor(rows, device=device)
+        got = hash_buckets(key[index], keep[index], rounds, count, s["hash_seed"])
+        got = got.masked_fill(outside[index][:, None, None, :], count + 1)
+        if len(rows) == batch:
+            buckets = got
+        else:
+            buckets[index] = got
+    round_offset = (top + 2) * torch.arange(rounds, device=device)[:, None]
+    order = torch.sort((buckets + round_offset).flatten(2), dim=-1, stable=True).indices  # (B, H, R * P_max)
+    positions = order % padded  # token at each sorted slot
 
-    def around(x):
-        """Each chunk next to its neighbours (circular, as Reformer), along the key axis."""
-        shifts = range(-s["lsh_num_chunks_before"], s["lsh_num_chunks_after"] + 1)
-        return torch.cat([x.roll(-shift, dims=2) for shift in shifts], dim=3)
+    # Neighbour chunks: chunk j of round r of row b is the row alone's chunk g = r * T_b + j; its neighbour at
+    # shift t is g' = (g + t) mod (R * T_b), found in the batch layout at (g' // T_b) * T_max + g' % T_b.
+    own_tiles = own // chunk  # T_b
+    slot_round = torch.arange(rounds * tiles, device=device) // tiles
+    slot_tile = torch.arange(rounds * tiles, device=device) % tiles
+    g = slot_round * own_tiles[:, None] + slot_tile  # (B, R * T_max)
+    shifts = torch.arange(-before, after + 1, device=device)
+    total = (rounds * own_tiles)[:, None, None]
+    g_shift = (g[:, :, None] + shifts) % total
+    neighbour = (g_shift // own_tiles[:, None, None]) * tiles + g_shift % own_tiles[:, None, None]
+    mine = (slot_tile[None] < own_tiles[:, None])[:, :, None]  # chunks past a row's own look at themselves
+    neighbour = torch.where(mine, neighbour, torch.arange(rounds * tiles, device=device)[None, :, None])
+    window = shifts.numel() * chunk
 
-    q_chunks, k_chunks, v_chunks = sort(query), around(sort(key)), around(sort(value))
-    q_pos = positions.view(batch, heads, -1, chunk)
-    k_pos = around(q_pos)
-    scores = torch.matmul(q_chunks, k_chunks.transpose(-1, -2)) * scaling
-    allowed = torch.gather(keep[:, None, :].expand(-1, heads, -1), 2, k_pos.flatten(2)).view(k_pos.shape)
-    allowed = allowed[..., None, :]
-    if causal:
-        allowed = allowed & (k_pos[..., None, :] <= q_pos[..., None])
+    # Sorted queries and the keys/values of each chunk's window, gathered straight from the unsorted tensors.
+    base = (torch.arange(batch * heads, device=device) * padded).view(batch, heads, 1)
+    q_pos = positions.view(batch, heads, rounds * tiles, chunk)
+    chunk_of = neighbour[:, None].expand(batch, heads, -1, -1).flatten(2)  # (B, H, R*T_max*shifts)
+    k_pos = q_pos.gather(2, chunk_of[..., None].expand(-1, -1, -1, chunk)).view(batch, heads, rounds * tiles, window)
+
+    def rows_of(x, index):
+        """x (B, H, P_max, d) at index (B, H, m) -> (B * H * m, d): one row copy each, no expanded gather index."""
+        return x.reshape(batch * heads * padded, head_dim).index_select(0, (index + base).flatten())
+
+    q_chunks = rows_of(query, positions).view(batch, heads, rounds * tiles, chunk, head_dim)
+    k_win = rows_of(key, k_pos.flatten(2)).view(batch, heads, rounds * tiles, window, head_dim)
+    v_win = rows_of(value, k_pos.flatten(2)).view(batch, heads, rounds * tiles, window, head_dim)
+
     half = query.dtype == torch.float16
-    scores = scores.masked_fill(~allowed, -1e4 if half else -1e9)
+    blocked = own = None
+    masked = keep | outside  # in the row alone every key of its P_b slots is real: nothing to mask
+    if causal or not bool(masked.all()):
+        allowed = torch.gather(keep[:, None, :].expand(-1, heads, -1), 2, k_pos.flatten(2)).view(k_pos.shape)[..., None, :]
+        if causal:
+            allowed = allowed & (k_pos[..., None, :] <= q_pos[..., None])
+        blocked = ~allowed  # (B, H, R * T_max, 1 or c, W): broadcast over the queries unless causal
+        blocked = blocked.reshape(-1, blocked.shape[3], window)
     if s["lsh_exclude_self"]:
-        scores = scores.masked_fill(k_pos[..., None, :] == q_pos[..., None], -1e3 if half else -1e5)
-    # Normalise with softmax (max subtracted), not exp(scores - logsumexp) as Reformer: a query whose only
+        own = (k_pos[..., None, :] == q_pos[..., None]).reshape(-1, chunk, window)
+    # Normalised with softmax (max subtracted), not exp(scores - logsumexp) as Reformer: a query whose only
     # admissible key is itself has every score at the -1e5 self value, where float32 spacing is 2**-7 (bf16:
     # 512), so the rounded log-sum-exp would leave weights summing to 1 +- 0.4% (bf16: 2 with two copies).
-    logits = torch.logsumexp(scores, dim=-1, keepdim=True)
-    probs = F.dropout(torch.softmax(scores, dim=-1), p=dropout, training=dropout > 0)
-    out = torch.matmul(probs, v_chunks).view(batch, heads, rounds * padded, head_dim)
+    out, logits = chunk_attention(
+        q_chunks.view(-1, chunk, head_dim), k_win.view(-1, window, head_dim), v_win.view(-1, window, head_dim),
+        blocked, own, scaling, -1e4 if half else -1e9, -1e3 if half else -1e5, rounds > 1, dropout,
+    )
+    out = out.reshape(batch * heads * rounds * padded, head_dim)
 
-    undo = torch.argsort(order, dim=-1)
-    out = torch.gather(out, 2, undo[..., None].expand(-1, -1, -1, head_dim)).view(batch, heads, rounds, padded, head_dim)
-    logits = torch.gather(logits.view(batch, heads, -1), 2, undo).view(batch, heads, rounds, padded, 1)
-    out = (out * torch.softmax(logits, dim=2)).sum(2)
-    return out[:, :, :length].transpose(1, 2), None
+    # Back to token order: slot of (round r, position p) is the inverse of the sort.
+    undo = torch.empty_like(order).scatter_(2, order, torch.arange(rounds * padded, device=device).expand_as(order))
+    slots = (undo + (torch.arange(batch * heads, device=device) * rounds * padded).view(batch, heads, 1)).flatten()
+    out = out.index_select(0, slots).view(batch, heads, rounds, padded, head_dim)
+    if rounds > 1:
+        logits = logits.reshape(-1).index_select(0, slots).view(batch, heads, rounds, padded, 1)
+        out = (out * torch.softmax(logits, dim=2)).sum(2)
+    else:
+        out = out[:, :, 0]
+    out = out.transpose(1, 2)
+    if padded >= length:
+        out = out[:, :length]
+    else:
+        out = F.pad(out, (0, 0, 0, 0, 0, length - padded))
+    if not bool(real.all()):
+        out = out.masked_fill(~real[:, :, None, None], 0)
+    return out, None
 
 
 def validate(config) -> None:
