@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from ..checkpoint_check import CheckpointError, check_model_dir
+from ..long_context import prepare_long_model
 from ..quantization import pin_bnb_cpu_path
 from ..safe_paths import blocking_parent
 from .cache import ContentHashMemo, ResultCache, default_cache_dir, model_identity
@@ -311,7 +312,7 @@ def load_model(
     hub = args.hub_kwargs()
     config = check_model_path(path, hub)
     if not causal:
-        return load_encoder(path)
+        return load_encoder(path, attn_implementation=args.attn_implementation)
     _check_causal_config(path, hub)
     adapter = check_adapter(args.peft, path, config) if args.peft is not None else None
     if tokenizer is None:
@@ -321,6 +322,7 @@ def load_model(
         loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
         raise CheckpointError(f"--model {path}: the model cannot be loaded: {_one_line(exc)}") from None
+    prepare_long_model(loaded)  # a convert-long checkpoint: its global token ids active
     if adapter is not None:
         loaded = _load_adapter(loaded, adapter, tokenizer, args)
     if device is not None and "device_map" not in kwargs and not args.quantized:
@@ -939,6 +941,7 @@ def evaluate(
     source = adapter = config_ = None
     if is_path:
         config_ = check_model_path(model, args.hub_kwargs())  # a missing or damaged model fails before the tasks
+        args.attention_kwargs(config_)  # and a long-context backend that is not installed
         if args.peft is not None:
             adapter = check_adapter(args.peft, model, config_)
         if not args.quantized:
@@ -989,6 +992,8 @@ def evaluate(
         )
     elif device is not None and not getattr(model, "hf_device_map", None):
         model = model.to(device)
+    if not is_path:  # a convert-long model object: its global token ids active, or a warning that it runs dense
+        prepare_long_model(model, warn_dense=True)
     # A 4-bit model computes in its compute dtype on every CPU (bitsandbytes' fused CPU kernel is bf16).
     bnb_path = pin_bnb_cpu_path(model)
     cache = None

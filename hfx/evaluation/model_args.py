@@ -228,6 +228,20 @@ class ModelArgs:
             out["trust_remote_code"] = self.trust_remote_code
         return out
 
+    def attention_kwargs(self, config=None, where: str = "--model") -> dict[str, Any]:
+        """``attn_implementation`` of the load: the given one, else a convert-long checkpoint's own backend.
+
+        transformers reads ``attn_implementation`` from config.json itself; naming it here also
+        upgrades conversions written before that key (see :func:`hfx.long_context.long_load_kwargs`),
+        and an hfx backend that is not installed is refused in one line before the weights load.
+        """
+        from ..long_context import LongModelError, long_load_kwargs
+
+        try:
+            return long_load_kwargs(config, self.attn_implementation, where=where)
+        except LongModelError as exc:
+            raise _error(str(exc)) from None
+
     def from_pretrained_kwargs(self, device: str | None = None, config=None) -> dict[str, Any]:
         """Keyword arguments of ``AutoModelForCausalLM.from_pretrained`` for this load on ``device``.
 
@@ -236,8 +250,7 @@ class ModelArgs:
         place it themselves (the two together with ``--device`` are refused earlier).
         """
         kwargs: dict[str, Any] = {"dtype": self.torch_dtype(config), **self.hub_kwargs()}
-        if self.attn_implementation is not None:
-            kwargs["attn_implementation"] = self.attn_implementation
+        kwargs.update(self.attention_kwargs(config))
         quantization = self.quantization_config()
         if quantization is not None:
             kwargs["quantization_config"] = quantization

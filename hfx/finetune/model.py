@@ -122,12 +122,17 @@ def build_skeleton(model_class, model_config) -> nn.Module:
 
 
 def load_model(config: FinetuneConfig, task: str, model_config, gradient_checkpointing: bool) -> nn.Module:
-    kwargs = {"config": model_config, "trust_remote_code": config.trust_remote_code, "dtype": torch.float32}
+    """The model to train; a convert-long checkpoint with its long backend and global token ids (so
+    the saved model, or the merged one, loads with that backend again)."""
+    from ..long_context import long_load_kwargs, prepare_long_model
+
+    kwargs = {"config": model_config, "trust_remote_code": config.trust_remote_code, "dtype": torch.float32,
+              **long_load_kwargs(model_config, where=f"--model {config.model}")}
     if config.quantized:
         kwargs["quantization_config"] = quantization_config(config, task)
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": _local_device()}
-    model = model_class_for(task).from_pretrained(config.model, **kwargs)
+    model = prepare_long_model(model_class_for(task).from_pretrained(config.model, **kwargs))
     if task == "causal-lm" and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = model.config.eos_token_id
     if config.quantized:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint_check import CheckpointError, check_model_dir, file_problem, weights_problem
+from ..long_context import long_load_kwargs
 from ..safe_paths import blocking_parent, remove_entry, replace_folder
 from .config import FinetuneConfig
 from .data import DataError, check_data, collator_for, prepare_data
@@ -131,6 +132,7 @@ def finetune(config: FinetuneConfig | None = None, *, callbacks=None, **kwargs) 
     output = Path(config.output)
     plan = check_output_dir(config) if main_process else OutputPlan()
     model_config, tokenizer = _load_config_and_tokenizer(config)
+    long_load_kwargs(model_config, where=f"--model {config.model}")  # a long backend not installed: refused first
     task = resolve_task(config, model_config)
     checked = check_data(config, task, tokenizer)
     if config.quantized:

@@ -102,15 +102,20 @@ def run_zero_shot(task, docs, contexts, backend) -> list[dict]:
     ]
 
 
-def load_encoder(path: str):
-    """``(model, tokenizer, source_path)`` for a checkpoint, with the head it was saved with."""
+def load_encoder(path: str, attn_implementation: str | None = None):
+    """``(model, tokenizer, source_path)`` for a checkpoint, with the head it was saved with.
+
+    A convert-long checkpoint loads with its long backend and global token ids (see
+    ``AutoModelForZeroShot``); ``attn_implementation`` (``--model-args``) chooses another.
+    """
     from pathlib import Path
 
     from transformers import AutoTokenizer
 
     from .pipelines import AutoModelForZeroShot
 
-    return AutoModelForZeroShot.from_pretrained(path), AutoTokenizer.from_pretrained(path), \
+    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    return AutoModelForZeroShot.from_pretrained(path, **kwargs), AutoTokenizer.from_pretrained(path), \
         path if Path(path).is_dir() else None
 
 

@@ -29,20 +29,26 @@ class AutoModelForZeroShot:
 
     transformers tries a pipeline's model classes in order; any of the Auto classes would load an
     MLM checkpoint under a freshly initialised classification head (or the reverse) without failing.
+    A convert-long checkpoint loads with its long backend and its global token ids active
+    (``hfx.long_context``); an ``attn_implementation=`` keyword chooses another implementation.
     """
 
     @staticmethod
     def from_pretrained(path, **kwargs):
         from transformers import AutoConfig
 
-        architectures = AutoConfig.from_pretrained(path).architectures or []
+        from ...long_context import long_load_kwargs, prepare_long_model
+
+        config = AutoConfig.from_pretrained(path)
+        architectures = config.architectures or []
         auto_class = AutoModel
         if any(a.endswith("ForSequenceClassification") for a in architectures):
             auto_class = AutoModelForSequenceClassification
         elif any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in architectures):
             auto_class = AutoModelForMaskedLM
         kwargs.pop("_from_pipeline", None)
-        return auto_class.from_pretrained(path, **kwargs)
+        kwargs.update(long_load_kwargs(config, kwargs.pop("attn_implementation", None), where=str(path)))
+        return prepare_long_model(auto_class.from_pretrained(path, **kwargs))
 
 
 class HfxZeroShotClassificationPipeline(Pipeline):
