@@ -29,6 +29,15 @@ def padding_mask(
     **kwargs,
 ) -> torch.Tensor | None:
     """``AttentionMaskInterface`` function: the key padding mask of the keys the layer will see."""
+    if int(q_offset) + q_length != kv_offset + kv_length:
+        # The queries are not the last keys: a pre-allocated StaticCache (empty slots, ring order on sliding
+        # layers) or keys from elsewhere (cross-attention, prefix tuning). The backends would misplace them.
+        raise ValueError(
+            f"hfx long-context attention: queries at {int(q_offset)}..{int(q_offset) + q_length - 1} against "
+            f"{kv_length} key slots from {kv_offset}: the queries must be the last keys (self-attention with the "
+            "default dynamic KV cache). A static cache (cache_implementation='static') or cross-attention needs "
+            "attn_implementation='sdpa'."
+        )
     if attention_mask is None:
         return None
     # With a window-bounded cache the keys are the last kv_length tokens seen so far.
