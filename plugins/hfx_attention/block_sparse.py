@@ -183,22 +183,28 @@ def _attend(query, key, value, keep, extra, block_size, num_random, seed, layer,
     if extra_only is not None and not bool(extra_only.any()):
         extra_only = None
 
-    out = query.new_zeros(b, length, heads, head_dim)
+    out = None
     if num_tiles:
-        out = _tiles(query, key, value, keep, extra_only, tiles, slots, valid, block_size, causal, scaling, dropout)
-        if not causal:  # the first and last block come from the global rows below
-            out = F.pad(out, (0, 0, 0, 0, block_size, length - (num_blocks - 1) * block_size))
+        if _split_ready(query, keep, extra_only, dropout):
+            index, layout_valid = (t.to(device) for t in block_layout(num_blocks, heads, num_random, seed, layer, causal))
+            out = _split_tiles(query, key, value, tiles, index, layout_valid, block_size, causal, scaling)
         else:
-            out = out[:, :length]
-    elif causal:
-        raise AssertionError("a causal layout always has tiles")
-
-    # Global query rows attend to every key (causal: every earlier key). Causal block 0 is exact as a tile.
-    flags = block_global[None].expand(b, -1) if not causal else torch.zeros(b, length, dtype=torch.bool, device=device)
-    if extra_only is not None:
-        flags = flags | extra_only
-    if not bool(flags.any()):
-        return out
+            out = _tiles(query, key, value, keep, extra_only, tiles, slots, valid, block_size, causal, scaling, dropout)
+    if causal:  # block 0's rows are exact as a tile: only extra global tokens need dense rows
+        out = out[:, :length]
+        if extra_only is None:
+            return out
+        flags = extra_only
+    else:
+        # the global rows of the first and the last block are contiguous: sliced and concatenated, no gather
+        first_rows = min(block_size, length)
+        rows = torch.cat([query[:, :, :first_rows], query[:, :, max((num_blocks - 1) * block_size, first_rows) :]], dim=2)
+        rows = _attend_all_keys(rows, key, value, None, keep, scaling, dropout, rep).transpose(1, 2)
+        out = torch.cat([rows[:, :first_rows], *([] if out is None else [out]), rows[:, first_rows:]], dim=1)
+        if extra_only is None:
+            return out
+        flags = extra_only
+    # extra global tokens attend to every key (causal: every earlier key)
     index, index_valid = global_index(flags)
     rows = _dense_rows(query, key, value, index, index_valid, keep, causal, scaling, dropout, rep)
     return scatter_rows(out, index, index_valid, rows)
@@ -281,25 +287,215 @@ def _tiles(query, key, value, keep, extra_only, tiles, slots, valid, block_size,
 
 
 def _dense_rows(query, key, value, index, valid, keep, causal, scaling, dropout, rep):
-    """Global query rows (b, g) against all keys: (b, H, g, d). Grouped heads share their key head by
-    stacking the group's query rows, so keys are never repeated."""
-    b, heads, length, head_dim = query.shape
-    rows = gather_positions(query, index)  # (b, H, g, d)
-    g = rows.shape[2]
+    """Global query rows at index (b, g) against all keys: (b, H, g, d)."""
+    length = query.shape[2]
     allowed = valid[:, None, :, None]
-    if keep is not None:
-        allowed = allowed & keep[:, None, None, :]
     if causal:
         allowed = allowed & (torch.arange(length, device=query.device) <= index[:, None, :, None])
+    return _attend_all_keys(gather_positions(query, index), key, value, allowed, keep, scaling, dropout, rep)
+
+
+def _attend_all_keys(rows, key, value, allowed, keep, scaling, dropout, rep):
+    """Query rows (b, H, g, d) against every key, ``allowed`` (b, 1, g, 1 | L) or None further restricting
+    them. Grouped heads share their key head by stacking the group's rows, so keys are never repeated."""
+    b, heads, g, head_dim = rows.shape
+    length = key.shape[2]
+    if keep is not None:
+        allowed = keep[:, None, None, :] if allowed is None else allowed & keep[:, None, None, :]
     mask = None
-    if not bool(allowed.all()):
+    if allowed is not None and not bool(allowed.all()):
         allowed = allowed.expand(b, 1, g, length)
-        mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill_(~allowed, float("-inf"))
+        mask = torch.zeros(allowed.shape, dtype=rows.dtype, device=rows.device).masked_fill_(~allowed, float("-inf"))
         mask = mask.repeat(1, 1, rep, 1)
     out = F.scaled_dot_product_attention(
         rows.reshape(b, key.shape[1], rep * g, head_dim), key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
     )
     return out.view(b, heads, g, head_dim)
+
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _split_ready(query, keep, extra_only, dropout) -> bool:
+    """The split path needs the CPU flash kernel's log-sum-exp; masks with holes, extra global tokens,
+    dropout and other devices take the gathered-tile path."""
+    return (
+        _FLASH_CPU is not None and _FLASH_CPU_BACKWARD is not None and query.device.type == "cpu"
+        and query.dtype in (torch.float32, torch.bfloat16) and keep is None and extra_only is None and not dropout
+    )
+
+
+class _Part:
+    """One group of key blocks every tile reads: its keys/values (built from the padded banks), the query
+    layout it uses (``stacked``: the heads sharing a key head stacked along the query axis), its additive
+    mask and which query rows have any key at all (the CPU kernel reports log-sum-exp 0 for empty rows)."""
+
+    def __init__(self, kind, mask, has_key, stacked):
+        self.kind, self.mask, self.has_key, self.stacked = kind, mask, has_key, stacked
+
+
+class _SplitTiles(torch.autograd.Function):
+    """Tiles of query blocks against their band, random and global key blocks, as three flash-attention
+    calls merged by log-sum-exp instead of one call on gathered, concatenated keys.
+
+    The band is an overlapping strided view of the padded keys (no copy), the global blocks one small
+    copy broadcast over tiles (stride 0), and only the random blocks are gathered (and re-gathered in
+    backward rather than saved). Backward feeds each call the merged output and log-sum-exp, which gives
+    each part exactly its share of the joint softmax's gradient; the band's gradient is folded back with
+    shifted adds, the random blocks' with one ``index_add_``.
+    """
+
+    @staticmethod
+    def forward(ctx, q_tiles, k_pad, v_pad, plan):
+        outs, lses = [], []
+        for part in plan["parts"]:
+            q, k, v = _part_inputs(part, q_tiles, k_pad, v_pad, plan)
+            out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=part.mask, scale=plan["scale"])
+            lse = lse.reshape(q_tiles.shape[:3]).masked_fill(~part.has_key, float("-inf"))
+            outs.append(out.view(q_tiles.shape))
+            lses.append(lse)
+        lse = torch.logsumexp(torch.stack(lses), dim=0)
+        lse = lse.masked_fill(lse == float("-inf"), 0.0)
+        out = sum(torch.exp(part_lse - lse)[..., None] * part_out.float() for part_lse, part_out in zip(lses, outs))
+        out = out.to(q_tiles.dtype)
+        ctx.save_for_backward(q_tiles, k_pad, v_pad, out, lse)
+        ctx.plan = plan
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q_tiles, k_pad, v_pad, out, lse = ctx.saved_tensors
+        plan = ctx.plan
+        grad_out = grad_out.contiguous()
+        grad_q = torch.zeros_like(q_tiles)
+        grad_k, grad_v = torch.zeros_like(k_pad), torch.zeros_like(v_pad)
+        rows, blocks, block, head_dim = k_pad.shape[0], plan["bank_blocks"], plan["block_size"], k_pad.shape[-1]
+        grad_k_blocks, grad_v_blocks = grad_k.view(rows, blocks, block, head_dim), grad_v.view(rows, blocks, block, head_dim)
+        tiles, first = q_tiles.shape[0], plan["first_tile"]
+        for part in plan["parts"]:
+            q, k, v = _part_inputs(part, q_tiles, k_pad, v_pad, plan)
+            shape = q.shape
+            gq, gk, gv = _FLASH_CPU_BACKWARD(
+                grad_out.view(shape), q, k, v, out.view(shape), lse.view(shape[:3]), 0.0, False,
+                attn_mask=part.mask, scale=plan["scale"],
+            )
+            grad_q += gq.view(q_tiles.shape)
+            if part.kind == "band":
+                for j in range(plan["band_blocks"]):
+                    piece = slice(j * block, (j + 1) * block)
+                    grad_k_blocks[:, first + j : first + j + tiles] += gk[:, :, piece].transpose(0, 1)
+                    grad_v_blocks[:, first + j : first + j + tiles] += gv[:, :, piece].transpose(0, 1)
+            elif part.kind == "random":
+                grad_k.view(-1, block, head_dim).index_add_(0, plan["random_rows"], gk.reshape(-1, block, head_dim))
+                grad_v.view(-1, block, head_dim).index_add_(0, plan["random_rows"], gv.reshape(-1, block, head_dim))
+            else:
+                ids = plan["global_blocks"]
+                grad_k_blocks[:, ids] += gk.sum(0).view(rows, len(ids), block, head_dim)
+                grad_v_blocks[:, ids] += gv.sum(0).view(rows, len(ids), block, head_dim)
+        return grad_q, grad_k, grad_v, None
+
+
+def _part_inputs(part, q_tiles, k_pad, v_pad, plan):
+    """(query, key, value) of one part, in the (tiles, batch x heads, rows, d) layout of the kernel."""
+    tiles, rows = q_tiles.shape[:2]
+    block, head_dim = plan["block_size"], k_pad.shape[-1]
+    if part.kind == "band":
+        span = plan["band_blocks"] * block
+        strides = (block * head_dim, k_pad.stride(0), head_dim, 1)
+        offset = k_pad.storage_offset() + plan["first_tile"] * block * head_dim
+        return q_tiles, k_pad.as_strided((tiles, rows, span, head_dim), strides, offset), v_pad.as_strided(
+            (tiles, rows, span, head_dim), strides, offset
+        )
+    if part.kind == "random":
+        heads_rows = rows * plan["rep"]
+        q = q_tiles.view(tiles, heads_rows, block, head_dim)
+        index = plan["random_rows"]
+
+        def gather(bank):
+            return bank.view(-1, block, head_dim).index_select(0, index).view(tiles, heads_rows, -1, head_dim)
+
+        return q, gather(k_pad), gather(v_pad)
+    ids = plan["global_blocks"]
+    blocks = plan["bank_blocks"]
+
+    def globals_of(bank):
+        return bank.view(rows, blocks, block, head_dim)[:, ids].reshape(rows, -1, head_dim).expand(tiles, -1, -1, -1)
+
+    return q_tiles, globals_of(k_pad), globals_of(v_pad)
+
+
+def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor | None:
+    if bool(allowed.all()):
+        return None
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
+def _split_tiles(query, key, value, tiles, index, valid, block_size, causal, scaling):
+    """Outputs (b, T * block_size, H, d) of the query blocks ``tiles`` through :class:`_SplitTiles`.
+
+    index/valid: :func:`block_layout` of the row length (band slots first, then the random ones)."""
+    b, heads, length, head_dim = query.shape
+    kv_heads = key.shape[1]
+    rep = heads // kv_heads
+    device, dtype = query.device, query.dtype
+    num_blocks = -(-length // block_size)
+    bank_blocks = num_blocks + 2  # one empty block on each side: the band never leaves the bank
+    num_tiles, first = len(tiles), int(tiles[0])
+    band_blocks = 2 if causal else 3
+    global_ids = [0] if causal or num_blocks == 1 else [0, num_blocks - 1]
+    offsets = torch.arange(block_size, device=device)
+    query_pos = (tiles[:, None] * block_size + offsets)[:, None, :, None]  # (T, 1, c, 1)
+
+    def stacked_rows(allowed):  # (T, 1, c, K) -> (T, 1, rep * c, K): the query rows of a key head's group
+        return allowed if allowed.shape[2] == 1 or rep == 1 else allowed.repeat(1, 1, rep, 1)
+
+    def part(kind, allowed, stacked):
+        allowed = stacked_rows(allowed) if stacked else allowed
+        has_key = allowed.any(-1)  # (T, 1, 1 | rep*c), broadcast against the merged (T, b*H_kv, rep*c)
+        return _Part(kind, _additive(allowed, dtype), has_key, stacked)
+
+    parts = []
+    band = tiles[:, None] - 1 + torch.arange(band_blocks, device=device)  # (T, slots)
+    band_ok = (band >= 0) & (band < num_blocks) & ~(band[..., None] == torch.tensor(global_ids, device=device)).any(-1)
+    band_pos = (band[..., None] * block_size + offsets).flatten(-2)  # (T, slots * c)
+    band_allowed = (band_ok.repeat_interleave(block_size, -1) & (band_pos < length))[:, None, None, :]
+    if causal:
+        band_allowed = band_allowed & (band_pos[:, None, None, :] <= query_pos)
+    parts.append(part("band", band_allowed, True))
+
+    random_rows = None
+    if index.shape[-1] > band_blocks:
+        random_ids, random_ok = index[:, tiles, band_blocks:], valid[0, tiles, band_blocks:]
+        if bool(random_ok.any()):
+            kv_of_head = torch.arange(heads, device=device) // rep
+            base = (torch.arange(b, device=device)[:, None] * kv_heads + kv_of_head) * bank_blocks  # (b, H)
+            random_rows = (base[None, :, :, None] + 1 + random_ids.transpose(0, 1)[:, None]).flatten()
+            random_allowed = random_ok.repeat_interleave(block_size, -1)[:, None, None, :]
+            parts.append(part("random", random_allowed, False))
+
+    global_pos = (torch.tensor(global_ids, device=device)[:, None] * block_size + offsets).flatten()
+    global_allowed = (global_pos < length)[None, None, None, :]
+    if causal:
+        global_allowed = global_allowed & (global_pos <= query_pos)
+    parts.append(part("global", global_allowed, True))
+
+    def bank(x):
+        x = F.pad(x, (0, 0, block_size, (num_blocks + 1) * block_size - length))
+        return x.reshape(b * kv_heads, bank_blocks * block_size, head_dim)
+
+    q_tiles = F.pad(query, (0, 0, 0, num_blocks * block_size - length))[:, :, first * block_size : (first + num_tiles) * block_size]
+    q_tiles = q_tiles.reshape(b, kv_heads, rep, num_tiles, block_size, head_dim).permute(3, 0, 1, 2, 4, 5)
+    q_tiles = q_tiles.reshape(num_tiles, b * kv_heads, rep * block_size, head_dim)
+    plan = {
+        "parts": parts, "scale": scaling, "block_size": block_size, "bank_blocks": bank_blocks, "rep": rep,
+        "first_tile": first, "band_blocks": band_blocks, "random_rows": random_rows,
+        "global_blocks": torch.tensor(global_ids, device=device) + 1,
+    }
+    out = _SplitTiles.apply(q_tiles, bank(key), bank(value), plan)
+    out = out.view(num_tiles, b, heads, block_size, head_dim).permute(1, 0, 3, 2, 4)
+    return out.reshape(b, num_tiles * block_size, heads, head_dim)
 
 
 def validate(config) -> None:
