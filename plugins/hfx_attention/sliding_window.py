@@ -38,6 +38,7 @@ from .common import (
     sequence_ids,
     with_global_keys,
 )
+from .flex_route import choose_route, sliding_window_flex
 
 NAME = "hfx_sliding_window"
 DEFAULT_WINDOW = 512
@@ -78,6 +79,8 @@ def sliding_window_attention(module, query, key, value, attention_mask, scaling=
     segments = sequence_ids(kwargs, batch, length, key.shape[2], query.device, NAME)
     key, value = expand_kv(query, key, value)
     scaling = head_dim**-0.5 if scaling is None else scaling
+    if choose_route(config, query, key, value, dropout, NAME) == "flex":  # config.attention_route; see flex_route.py
+        return sliding_window_flex(query, key, value, keep, flags, window // 2, causal, scaling, segments), None
     out = banded_attention(query, key, value, keep, flags, window // 2, causal, scaling, dropout, segments=segments)
     return out, None
 
@@ -87,11 +90,24 @@ def banded_attention(query, key, value, keep, flags, half: int, causal: bool, sc
     (causal decoding: the n queries are the last n of the K keys). Returns (B, n, H, d).
 
     ``segments`` (B, n) int, from :func:`common.sequence_ids`: packed sequences, none of which sees another
-    (global tokens included); only with as many keys as queries."""
+    (global tokens included); only with as many keys as queries.
+
+    On CPU, without global tokens or dropout, a full forward goes through :class:`FlashBand` (zero-copy key
+    windows, PyTorch's fused CPU flash kernel forward and backward); everything else through the tiled SDPA
+    path below, which gives the same numbers."""
     batch, heads, length, head_dim = query.shape
     offset = key.shape[2] - length
     if segments is not None and offset:
         raise ValueError(f"{NAME}: packed sequences need as many keys as queries; got {length} queries, {key.shape[2]} keys.")
+    if flash_band_applies(query, key, flags, dropout):
+        return FlashBand.apply(query, key, value, keep, segments, half, causal, scaling)
+    return tiled_band(query, key, value, keep, flags, half, causal, scaling, dropout, segments)
+
+
+def tiled_band(query, key, value, keep, flags, half: int, causal: bool, scaling: float, dropout: float, segments=None):
+    """The general path: every tile's keys gathered by ``unfold`` and one SDPA call over all tiles."""
+    batch, heads, length, head_dim = query.shape
+    offset = key.shape[2] - length
     chunk = min(max(half, MIN_CHUNK), length)
     tiles = -(-length // chunk)
     padded = tiles * chunk
@@ -130,6 +146,242 @@ def banded_attention(query, key, value, keep, flags, half: int, causal: bool, sc
         rows = global_rows(query, key, value, index, valid, keep, causal, scaling, dropout, segments=segments)
         out = scatter_rows(out, index, valid, rows)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fast CPU path.
+#
+# The profile of the tiled path (one layer, n=8192, attention_window=512) put half of the forward outside the
+# attention kernel: `unfold` + `reshape` copying every key 3x, the bool mask expanded per tile and converted
+# to float inside SDPA, and in backward `unfold_backward` and zero-fills. Here the rows of all batch entries
+# form one stream of tiles of ``chunk`` queries; tile t's keys are the stream window [t*chunk - before,
+# t*chunk + chunk + after), an `as_strided` view of one padded key buffer (no copy), and the same (chunk,
+# span) float band mask is broadcast over every tile. Only "special" tiles (a window that reaches padding, a
+# row or packed-sequence boundary, or the ends of the stream) get a mask of their own. Forward and backward
+# call PyTorch's fused flash-attention CPU kernels directly; the backward recomputes the scores from the
+# saved logsumexp (memory O(n * d) saved, O(window) per tile while it runs) and folds the per-window key
+# gradients back onto the buffer with a few shifted adds.
+
+FLASH_CHUNK = 64  # forward tile rows: a window of 512 computes 576 columns for 513 useful ones
+FLASH_BACKWARD_CHUNK = 64
+# largest key-window gradient the backward holds at once (elements): bounds peak memory, not the result
+BACKWARD_WINDOW_ELEMENTS = 1 << 21
+# above this share of special tiles one materialised mask for every tile is cheaper than gathering windows
+SPECIAL_SHARE = 0.25
+FLASH_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+_flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def flash_band_applies(query, key, flags, dropout: float) -> bool:
+    """The fused CPU kernel has no dropout; global tokens and cached decoding take the tiled path."""
+    return (
+        query.device.type == "cpu"
+        and query.dtype in FLASH_DTYPES
+        and key.dtype == query.dtype
+        and flags is None
+        and not dropout
+        and key.shape[2] == query.shape[2]
+        and query.shape[-1] == key.shape[-1]
+    )
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+class BandPlan:
+    """Geometry and masks of one call: which tiles are plain (the shared band mask is exact for them) and the
+    exact masks of the others. Built once per forward from the key padding and packed-sequence ids."""
+
+    def __init__(self, keep, segments, batch: int, length: int, half: int, causal: bool, dtype, device):
+        self.before, self.after = half, 0 if causal else half
+        reach = self.before + self.after
+        # short sequences: one tile (a power of two, so that it divides the other chunk)
+        small = max(8, 1 << (length - 1).bit_length())
+        self.chunk = min(FLASH_CHUNK, small)
+        self.back_chunk = min(max(FLASH_BACKWARD_CHUNK, self.chunk), max(small, self.chunk))
+        # both tilings cut the same stream: rows padded to a multiple of the larger chunk, and the window
+        # width rounded up to a multiple of it, so that every window starts and ends on a chunk boundary
+        self.row = _round_up(length, self.back_chunk)
+        self.stride_pad = _round_up(reach, self.back_chunk)  # window = chunk + stride_pad columns
+        self.batch, self.length, self.dtype, self.device = batch, length, dtype, device
+        self.stream = batch * self.row
+        self.buffer = self.before + self.stream + self.stride_pad - self.before  # keys, with both pads
+        # per buffer position: attendable key, and the sequence it belongs to (-1: none)
+        valid = torch.zeros(self.buffer, dtype=torch.bool, device=device)
+        inner = valid[self.before : self.before + self.stream].view(batch, self.row)
+        inner[:, :length] = keep
+        sid = torch.full((self.buffer,), -1, dtype=torch.long, device=device)
+        rows = torch.arange(batch, device=device)[:, None]
+        ids = rows.expand(batch, length) if segments is None else rows * (int(segments.max()) + 1) + segments
+        sid[self.before : self.before + self.stream].view(batch, self.row)[:, :length] = ids
+        sid[~valid] = -1
+        self.valid, self.sid = valid, sid
+        self.tilings = {c: self._tiling(c) for c in {self.chunk, self.back_chunk}}
+
+    def _tiling(self, chunk: int) -> dict:
+        """Which tiles of this chunk size are plain; runs of consecutive plain tiles; masks for the rest."""
+        tiles = self.stream // chunk
+        span = chunk + self.stride_pad
+        reach = self.before + self.after
+        starts = torch.arange(tiles, device=self.device) * chunk
+        invalid = F.pad((~self.valid).long().cumsum(0), (1, 0))
+        change = F.pad(F.pad((self.sid[1:] != self.sid[:-1]).long(), (1, 0)).cumsum(0), (1, 0))
+        end = starts + chunk + reach  # the band never reaches further in the window
+        plain = (invalid[end] == invalid[starts]) & (change[end] == change[starts + 1])
+        relative = torch.arange(span, device=self.device) - torch.arange(chunk, device=self.device)[:, None]
+        band = (relative >= 0) & (relative <= reach)
+        band_mask = self._additive(band)[None, None]
+        plain_list = plain.tolist()
+        runs, start = [], None
+        for t, p in enumerate(plain_list + [False]):
+            if p and start is None:
+                start = t
+            elif not p and start is not None:
+                runs.append((start, t))
+                start = None
+        special = torch.nonzero(~plain).flatten()
+        full = special.numel() > SPECIAL_SHARE * tiles or len(runs) > 8
+        masks = None
+        if full or special.numel():
+            picked = torch.arange(tiles, device=self.device) if full else special
+            window = picked[:, None] * chunk + torch.arange(span, device=self.device)  # buffer positions
+            queries = window[:, self.before : self.before + chunk]
+            allowed = band & self.valid[window][:, None, :] & (self.sid[queries][:, :, None] == self.sid[window][:, None, :])
+            masks = self._additive(allowed)[:, None]
+        return {"tiles": tiles, "span": span, "band": band_mask, "runs": [] if full else runs,
+                "special": None if full else special, "full": full, "masks": masks}
+
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, float("-inf"))
+
+    def calls(self, chunk: int, group: int | None = None):
+        """(tile indices or a range, mask, whether the windows are a zero-copy range) per kernel call."""
+        tiling = self.tilings[chunk]
+        if tiling["full"]:
+            pieces = [((0, tiling["tiles"]), tiling["masks"], (0, tiling["tiles"]))]
+        else:
+            pieces = [((a, b), tiling["band"], None) for a, b in tiling["runs"]]
+            if tiling["special"].numel():
+                pieces.append((tiling["special"], tiling["masks"], None))
+        for tiles, mask, mask_range in pieces:
+            if isinstance(tiles, tuple) and group:
+                for a in range(tiles[0], tiles[1], group):
+                    b = min(a + group, tiles[1])
+                    yield (a, b), mask if mask_range is None else mask[a:b]
+            elif isinstance(tiles, tuple):
+                yield tiles, mask
+            elif group:
+                for a in range(0, tiles.numel(), group):
+                    yield tiles[a : a + group], mask[a : a + group]
+            else:
+                yield tiles, mask
+
+    # --- layouts: a stream tensor is (stream, H, d); tiles of it are (tiles, H, chunk, d) views ----------
+    def to_stream(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, n, d) -> (stream, H, d), rows padded with zeros to the row length (a view when possible)."""
+        x = x.transpose(1, 2)
+        if self.row != self.length:
+            x = F.pad(x, (0, 0, 0, 0, 0, self.row - self.length))
+        return x.reshape(self.stream, *x.shape[2:])
+
+    def to_buffer(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, n, d) -> the padded key buffer (buffer, H, d): one copy."""
+        out = x.new_zeros(self.buffer, x.shape[1], x.shape[3])
+        out[self.before : self.before + self.stream].view(self.batch, self.row, *out.shape[1:])[:, : self.length] = x.transpose(1, 2)
+        return out
+
+    def from_stream(self, x: torch.Tensor) -> torch.Tensor:
+        """(stream, H, d) -> (B, n, H, d) view."""
+        return x.view(self.batch, self.row, *x.shape[1:])[:, : self.length]
+
+    @staticmethod
+    def tiles_of(stream: torch.Tensor, chunk: int, tiles) -> torch.Tensor:
+        view = stream.view(-1, chunk, *stream.shape[1:]).transpose(1, 2)
+        return view[tiles[0] : tiles[1]] if isinstance(tiles, tuple) else view.index_select(0, tiles)
+
+    def windows_of(self, buffer: torch.Tensor, chunk: int, tiles) -> torch.Tensor:
+        span = self.tilings[chunk]["span"]
+        heads, dim = buffer.shape[1:]
+        if isinstance(tiles, tuple):
+            a, b = tiles
+            return buffer[a * chunk :].as_strided((b - a, heads, span, dim), (chunk * heads * dim, dim, heads * dim, 1))
+        every = buffer.as_strided((self.stream // chunk, heads, span, dim), (chunk * heads * dim, dim, heads * dim, 1))
+        return every.index_select(0, tiles)
+
+    def fold(self, grad_buffer: torch.Tensor, windows: torch.Tensor, chunk: int, tiles) -> None:
+        """Add per-window key gradients (tiles, H, span, d) back onto the buffer (buffer, H, d)."""
+        pieces = self.tilings[chunk]["span"] // chunk
+        heads, dim = grad_buffer.shape[1:]
+        chunks = grad_buffer.view(-1, chunk, heads, dim)
+        parts = windows.transpose(1, 2).reshape(windows.shape[0], pieces, chunk, heads, dim)
+        for j in range(pieces):
+            if isinstance(tiles, tuple):
+                chunks[tiles[0] + j : tiles[1] + j] += parts[:, j]
+            else:
+                chunks.index_add_(0, tiles + j, parts[:, j])
+
+
+class FlashBand(torch.autograd.Function):
+    """Sliding-window attention through the fused CPU flash kernels; see the section comment above."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, keep, segments, half: int, causal: bool, scaling: float):
+        batch, heads, length, dim = query.shape
+        plan = BandPlan(keep, segments, batch, length, half, causal, query.dtype, query.device)
+        q_stream = plan.to_stream(query)
+        k_buffer, v_buffer = plan.to_buffer(key), plan.to_buffer(value)
+        chunk = plan.chunk
+        out = query.new_empty(plan.stream, heads, dim)
+        lse_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32  # the kernel's choice
+        lse = torch.empty(plan.stream, heads, dtype=lse_dtype, device=query.device)
+        out_tiles, lse_tiles = plan.tiles_of(out, chunk, (0, plan.stream // chunk)), lse.view(-1, chunk, heads).transpose(1, 2)
+        for tiles, mask in plan.calls(chunk):
+            o, m = _flash_forward(
+                plan.tiles_of(q_stream, chunk, tiles), plan.windows_of(k_buffer, chunk, tiles), plan.windows_of(v_buffer, chunk, tiles),
+                attn_mask=mask, scale=scaling,
+            )
+            if isinstance(tiles, tuple):
+                out_tiles[tiles[0] : tiles[1]] = o
+                lse_tiles[tiles[0] : tiles[1]] = m
+            else:
+                out_tiles[tiles] = o
+                lse_tiles[tiles] = m
+        ctx.save_for_backward(q_stream, k_buffer, v_buffer, out, lse)
+        ctx.plan, ctx.scaling, ctx.query_shape = plan, scaling, query.shape
+        return plan.from_stream(out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q_stream, k_buffer, v_buffer, out, lse = ctx.saved_tensors
+        plan, chunk = ctx.plan, ctx.plan.back_chunk
+        heads, dim = q_stream.shape[1:]
+        g_stream = plan.to_stream(grad_out.transpose(1, 2))
+        dq = torch.empty_like(out)
+        dk, dv = torch.zeros_like(k_buffer), torch.zeros_like(v_buffer)
+        span = plan.tilings[chunk]["span"]
+        group = max(1, BACKWARD_WINDOW_ELEMENTS // (heads * span * dim))
+        dq_tiles = plan.tiles_of(dq, chunk, (0, plan.stream // chunk))
+        lse_all = lse.view(-1, chunk, heads).transpose(1, 2)
+        for tiles, mask in plan.calls(chunk, group):
+            pick = (lambda x: x[tiles[0] : tiles[1]]) if isinstance(tiles, tuple) else (lambda x: x.index_select(0, tiles))
+            gq, gk, gv = _flash_backward(
+                plan.tiles_of(g_stream, chunk, tiles), plan.tiles_of(q_stream, chunk, tiles),
+                plan.windows_of(k_buffer, chunk, tiles), plan.windows_of(v_buffer, chunk, tiles),
+                plan.tiles_of(out, chunk, tiles), pick(lse_all), 0.0, False, attn_mask=mask, scale=ctx.scaling,
+            )
+            if isinstance(tiles, tuple):
+                dq_tiles[tiles[0] : tiles[1]] = gq
+            else:
+                dq_tiles[tiles] = gq
+            plan.fold(dk, gk, chunk, tiles)
+            plan.fold(dv, gv, chunk, tiles)
+
+        def unbuffer(x):
+            return x[plan.before : plan.before + plan.stream].view(plan.batch, plan.row, heads, dim)[:, : plan.length].transpose(1, 2)
+
+        return plan.from_stream(dq).transpose(1, 2), unbuffer(dk), unbuffer(dv), None, None, None, None, None
 
 
 def validate(config) -> None:
