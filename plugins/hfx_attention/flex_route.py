@@ -74,13 +74,14 @@ def choose_route(config, query, key, value, dropout: float, name: str) -> str:
     return "flex"
 
 
-@lru_cache(maxsize=1)
-def compiled_flex():
-    """One compiled ``flex_attention`` for the process. Dynamo's default dynamism: the first shape is compiled
-    static, a second length recompiles once with a symbolic length instead of once per length."""
+@lru_cache(maxsize=2)
+def compiled_flex(device_type: str):
+    """One compiled ``flex_attention`` per device type for the process. CUDA: Dynamo's default dynamism (the
+    first shape static, a second length recompiles once with a symbolic length). CPU: static shapes, one
+    compile per shape, because Inductor's C++ Flex template fails to compile with symbolic shapes in torch 2.13."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention)
+    return torch.compile(flex_attention, dynamic=False if device_type == "cpu" else None)
 
 
 def _ordered(blocks: torch.Tensor):
@@ -107,7 +108,7 @@ def tiles(x: torch.Tensor, length: int, fill) -> torch.Tensor:
 
 def run_flex(query, key, value, block_mask, scaling: float) -> torch.Tensor:
     gqa = query.shape[1] != key.shape[1]  # grouped heads: Flex shares each key head, nothing is repeated
-    out = compiled_flex()(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=gqa)
+    out = compiled_flex(query.device.type)(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=gqa)
     return out.transpose(1, 2)  # (B, q, H, d), as the AttentionInterface returns
 
 
@@ -117,26 +118,17 @@ def scalar(value: int, device) -> torch.Tensor:
     return torch.tensor(value, device=device)
 
 
-def sliding_window_flex(query, key, value, keep, flags, half: int, causal: bool, scaling: float, segments=None):
-    """``hfx_sliding_window``'s pattern through Flex: query (B, H, q, d), key/value (B, H, K, d) with the q queries
-    the last q of the K keys; keep (B, K) bool; flags (B, K) bool global tokens or None; segments (B, K) int
-    packed-sequence ids or None. Returns (B, q, H, d). Same semantics as ``sliding_window.banded_attention``."""
-    batch, _, length, _ = query.shape
-    kv_length, device = key.shape[2], query.device
+def sliding_window_tiles(keep, flags, segments, length: int, half: int, causal: bool):
+    """Which FLEX_BLOCK tiles of the sliding-window pattern may hold an allowed pair, and which hold only allowed
+    pairs: two bool (B, q_tiles, kv_tiles), from block arithmetic (O(n^2 / FLEX_BLOCK^2), no (n, n) mask).
+    keep/flags/segments (B, K) as in :func:`sliding_window_flex` (flags, segments may be None); the ``length``
+    queries are the last of the K keys."""
+    batch, kv_length = keep.shape
+    device = keep.device
     offset = kv_length - length
     after = 0 if causal else half
     flags = torch.zeros_like(keep) if flags is None else flags
     segments = torch.zeros(batch, kv_length, dtype=torch.long, device=device) if segments is None else segments
-    half_t, after_t, offset_t = scalar(half, device), scalar(after, device), scalar(offset, device)
-    reach = scalar(0 if causal else kv_length, device)  # how far after its query a key may be
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        q_pos = q_idx + offset_t
-        distance = q_pos - kv_idx
-        allowed = ((distance <= half_t) & (distance >= -after_t)) | flags[b, q_pos] | flags[b, kv_idx]
-        allowed = allowed & (kv_idx <= q_pos + reach) & (segments[b, q_pos] == segments[b, kv_idx])
-        return allowed & keep[b, kv_idx]
-
     q_start = torch.arange(0, length, FLEX_BLOCK, device=device) + offset
     q_end = (q_start + FLEX_BLOCK - 1).clamp(max=kv_length - 1)
     k_start = torch.arange(0, kv_length, FLEX_BLOCK, device=device)
@@ -159,6 +151,30 @@ def sliding_window_flex(query, key, value, keep, flags, half: int, causal: bool,
     full = band_full[None] & same
     if causal:
         full &= (k_end[None] <= q_start[:, None])[None]
+    return blocks, full
+
+
+def sliding_window_flex(query, key, value, keep, flags, half: int, causal: bool, scaling: float, segments=None):
+    """``hfx_sliding_window``'s pattern through Flex: query (B, H, q, d), key/value (B, H, K, d) with the q queries
+    the last q of the K keys; keep (B, K) bool; flags (B, K) bool global tokens or None; segments (B, K) int
+    packed-sequence ids or None. Returns (B, q, H, d). Same semantics as ``sliding_window.banded_attention``."""
+    batch, _, length, _ = query.shape
+    kv_length, device = key.shape[2], query.device
+    offset = kv_length - length
+    after = 0 if causal else half
+    flags = torch.zeros_like(keep) if flags is None else flags
+    segments = torch.zeros(batch, kv_length, dtype=torch.long, device=device) if segments is None else segments
+    half_t, after_t, offset_t = scalar(half, device), scalar(after, device), scalar(offset, device)
+    reach = scalar(0 if causal else kv_length, device)  # how far after its query a key may be
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q_pos = q_idx + offset_t
+        distance = q_pos - kv_idx
+        allowed = ((distance <= half_t) & (distance >= -after_t)) | flags[b, q_pos] | flags[b, kv_idx]
+        allowed = allowed & (kv_idx <= q_pos + reach) & (segments[b, q_pos] == segments[b, kv_idx])
+        return allowed & keep[b, kv_idx]
+
+    blocks, full = sliding_window_tiles(keep, flags, segments, length, half, causal)
     block_mask = block_mask_from_dense(blocks[:, None], full[:, None], mask_mod, length, kv_length)
     return run_flex(query, key, value, block_mask, scaling)
 
@@ -180,6 +196,23 @@ def coarse_counts(blocks: torch.Tensor, block_size: int, length: int) -> tuple[t
     return overlap @ blocks.float() @ overlap.T, per_tile[:, None] * per_tile[None]
 
 
+def block_sparse_tiles(keep, flags, blocks, block_size: int, causal: bool):
+    """FLEX_BLOCK tiles of the block-sparse pattern that may hold an allowed pair / hold only allowed pairs: two
+    bool (B, H, q_tiles, kv_tiles). keep/flags (B, n); blocks (B, H, nb, nb) as in :func:`block_sparse_flex`."""
+    length, device = keep.shape[1], keep.device
+    set_pairs, all_pairs = coarse_counts(blocks, block_size, length)
+    kept = tiles(keep, length, False)
+    coarse = (set_pairs > 0) | tiles(flags, length, False).any(-1)[:, None, :, None]
+    coarse |= tiles(flags & keep, length, False).any(-1)[:, None, None, :]
+    coarse &= kept.any(-1)[:, None, None, :]
+    full = (set_pairs == all_pairs) & kept.all(-1)[:, None, None, :]
+    start = torch.arange(0, length, FLEX_BLOCK, device=device)
+    if causal:
+        coarse &= start[None] <= start[:, None]
+        full &= start[None] < start[:, None]
+    return coarse, full
+
+
 def block_sparse_flex(query, key, value, keep, flags, blocks, block_size: int, causal: bool, scaling: float):
     """``hfx_block_sparse``'s pattern through Flex. query/key/value (B, H, n, d); keep (B, n) bool; flags (B, n)
     bool global tokens (the global blocks included); blocks bool (B | 1, H, nb, nb): the key blocks each query
@@ -197,16 +230,7 @@ def block_sparse_flex(query, key, value, keep, flags, blocks, block_size: int, c
         allowed = (pair | flags[b, q_idx] | flags[b, kv_idx]) & keep[b, kv_idx]
         return allowed & (kv_idx <= q_idx + reach)
 
-    set_pairs, all_pairs = coarse_counts(blocks, block_size, length)
-    kept = tiles(keep, length, False)
-    coarse = (set_pairs > 0) | tiles(flags, length, False).any(-1)[:, None, :, None]
-    coarse |= tiles(flags & keep, length, False).any(-1)[:, None, None, :]
-    coarse &= kept.any(-1)[:, None, None, :]
-    full = (set_pairs == all_pairs) & kept.all(-1)[:, None, None, :]
-    start = torch.arange(0, length, FLEX_BLOCK, device=device)
-    if causal:
-        coarse &= start[None] <= start[:, None]
-        full &= start[None] < start[:, None]
+    coarse, full = block_sparse_tiles(keep, flags, blocks, block_size, causal)
     block_mask = block_mask_from_dense(coarse, full, mask_mod, length, length)
     return run_flex(query, key, value, block_mask, scaling)
 
