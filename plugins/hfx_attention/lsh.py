@@ -93,63 +93,110 @@ def real_lengths(keep: torch.Tensor) -> torch.Tensor:
     return (positions * keep).amax(dim=1)
 
 
-class _ChunkAttention(torch.autograd.Function):
-    """Softmax attention of N independent chunks (queries (N, c, d) against their windows (N, W, d)),
-    returning the output and, if asked, each query's log-sum-exp.
+def chunk_forward(query, key, value, blocked, own, scaling, fill, own_fill):
+    """Softmax attention of N independent chunks, queries (N, c, d) against their windows (N, W, d).
 
-    One pass each for scores, masks, softmax and the weighted sum; the backward is written out (four
-    batched matmuls and one fused pass) instead of being recorded op by op, which in particular gives the
-    log-sum-exp's gradient (the softmax itself) for free: it folds into the softmax backward's row term.
-    Keys where ``blocked`` is True score ``fill``, keys where ``own`` is True score ``own_fill`` (applied
-    second); neither carries a gradient, as with ``masked_fill``.
+    Returns (out, log-sum-exp (N, c), probs or None). Keys where ``blocked`` is True score ``fill``, keys
+    where ``own`` is True score ``own_fill`` (applied second; both replace the score, as ``masked_fill``).
+    Without either mask, on CPU, torch's fused flash kernel does scores, softmax and the weighted sum in one
+    pass over cache-sized blocks and returns the log-sum-exp itself (its exp is a fast approximation, ~1e-7
+    relative, the same as SDPA's on CPU; float64 keeps the exact path); otherwise the scores are materialised.
+    """
+    if blocked is None and own is None and query.device.type == "cpu" and query.dtype != torch.float64:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query[:, None], key[:, None], value[:, None], 0.0, False, scale=scaling
+        )[:2]
+        return out[:, 0], lse[:, 0], None
+    scores = torch.baddbmm(query.new_empty(()), query, key.transpose(1, 2), beta=0, alpha=scaling)
+    if blocked is not None:
+        scores.masked_fill_(blocked, fill)
+    if own is not None:
+        scores.masked_fill_(own, own_fill)
+    # Normalised with softmax (max subtracted), not exp(scores - logsumexp) as Reformer: a query whose only
+    # admissible key is itself has every score at the -1e5 self value, where float32 spacing is 2**-7 (bf16:
+    # 512), so the rounded log-sum-exp would leave weights summing to 1 +- 0.4% (bf16: 2 with two copies).
+    probs = torch.softmax(scores, dim=-1)
+    # log-sum-exp from the softmax just taken: the largest weight is exp(max - lse), so no second pass.
+    lse = scores.amax(dim=-1).sub_(probs.amax(dim=-1).log_())
+    return torch.bmm(probs, value), lse, probs
+
+
+def combine_rounds(out, lse, slots, shape):
+    """Sorted chunk outputs back to token order and the rounds mixed by softmax over their log-sum-exp.
+
+    out (N, c, d) and lse (N, c) in sorted order; ``slots`` (B*H*R*P,) the sorted row of each (round,
+    position); shape (B*H, R, P, d). Returns the (B*H, P, d) result and the (B*H, R, P) weights (None: 1 round).
+    """
+    bh, rounds, padded, head_dim = shape
+    out = out.reshape(-1, head_dim).index_select(0, slots).view(bh, rounds, padded, head_dim)
+    if rounds == 1:
+        return out[:, 0], None
+    lse = lse.reshape(-1).index_select(0, slots).view(bh, rounds, padded)
+    weights = torch.softmax(lse.to(torch.promote_types(lse.dtype, torch.float32)), dim=1).to(out.dtype)
+    return (out * weights[..., None]).sum(1), weights
+
+
+class _LSHRounds(torch.autograd.Function):
+    """Chunk attention of every round plus the rounds' mix, with the backward written out.
+
+    The mix's gradient folds into the attention backward: with w_r the round weights and o the mixed result,
+    round r's output gradient is w_r * g and its log-sum-exp gradient w_r * g . (o_r - o), so the softmax
+    backward's row term rowsum(dO_r * o_r) - dlse_r is rowsum(dO_r * o): the flash backward kernel, handed
+    the mixed result in place of o_r, gives the exact gradient without any per-round bookkeeping.
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, blocked, own, scaling, fill, own_fill, want_lse):
-        scores = torch.baddbmm(query.new_empty(()), query, key.transpose(1, 2), beta=0, alpha=scaling)
-        if blocked is not None:
-            scores.masked_fill_(blocked, fill)
-        if own is not None:
-            scores.masked_fill_(own, own_fill)
-        probs = torch.softmax(scores, dim=-1)
-        # log-sum-exp from the softmax just taken: the largest weight is exp(max - lse), so no second pass.
-        lse = scores.amax(dim=-1).sub_(probs.amax(dim=-1).log_()) if want_lse else None
-        del scores
-        out = torch.bmm(probs, value)
-        ctx.save_for_backward(query, key, value, probs, out, blocked, own)
+    def forward(ctx, query, key, value, blocked, own, slots, sorted_rows, weight_rows, scaling, fill, own_fill, shape):
+        out, lse, probs = chunk_forward(query, key, value, blocked, own, scaling, fill, own_fill)
+        mixed, weights = combine_rounds(out, lse, slots, shape)
+        ctx.save_for_backward(query, key, value, lse, mixed, weights, probs, blocked, own, sorted_rows, weight_rows)
         ctx.scaling = scaling
-        return out if lse is None else (out, lse)
+        return mixed
 
     @staticmethod
-    def backward(ctx, grad_out, grad_lse=None):
-        query, key, value, probs, out, blocked, own = ctx.saved_tensors
+    def backward(ctx, grad):
+        query, key, value, lse, mixed, weights, probs, blocked, own, sorted_rows, weight_rows = ctx.saved_tensors
+        chunks, chunk, head_dim = query.shape
+        grad_out = grad.reshape(-1, head_dim).index_select(0, sorted_rows)
+        if weights is not None:
+            grad_out.mul_(weights.reshape(-1).index_select(0, weight_rows)[:, None])
+        grad_out = grad_out.view(chunks, chunk, head_dim)
+        mixed = mixed.reshape(-1, head_dim).index_select(0, sorted_rows).view(chunks, chunk, head_dim)
+        if probs is None:
+            grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad_out[:, None], query[:, None], key[:, None], value[:, None], mixed[:, None], lse[:, None],
+                0.0, False, scale=ctx.scaling,
+            )
+            return (*(g[:, 0] for g in grads), *[None] * 9)
         grad_value = torch.bmm(probs.transpose(1, 2), grad_out)
-        grad_probs = torch.bmm(grad_out, value.transpose(1, 2))
-        row = (grad_out * out).sum(dim=-1, keepdim=True)
-        if grad_lse is not None:
-            row = row - grad_lse[..., None]
-        grad_scores = grad_probs.sub_(row).mul_(probs)
+        row = (grad_out * mixed).sum(dim=-1, keepdim=True)
+        grad_scores = torch.bmm(grad_out, value.transpose(1, 2)).sub_(row).mul_(probs)
         for mask in (blocked, own):
             if mask is not None:  # overwritten scores do not depend on query or key
                 grad_scores.masked_fill_(mask, 0)
         grad_query = torch.baddbmm(query.new_empty(()), grad_scores, key, beta=0, alpha=ctx.scaling)
         grad_key = torch.baddbmm(key.new_empty(()), grad_scores.transpose(1, 2), query, beta=0, alpha=ctx.scaling)
-        return grad_query, grad_key, grad_value, None, None, None, None, None, None
+        return grad_query, grad_key, grad_value, *[None] * 9
 
 
-def chunk_attention(query, key, value, blocked, own, scaling, fill, own_fill, want_lse, dropout):
-    """(out, lse or None) of :class:`_ChunkAttention`; with dropout the same steps are recorded by autograd."""
+def attend_rounds(query, key, value, blocked, own, order, padded, shape, scaling, fill, own_fill, dropout):
+    """(B*H, P, d) LSH output from the sorted chunks; ``order`` (B*H, R*P) is the sort of (round, position)."""
+    bh, rounds, _, _ = shape
+    device = query.device
+    undo = torch.empty_like(order).scatter_(1, order, torch.arange(rounds * padded, device=device).expand_as(order))
+    slots = (undo + (torch.arange(bh, device=device) * rounds * padded)[:, None]).flatten()
     if dropout == 0:
-        result = _ChunkAttention.apply(query, key, value, blocked, own, scaling, fill, own_fill, want_lse)
-        return result if want_lse else (result, None)
+        sorted_rows = ((order % padded) + (torch.arange(bh, device=device) * padded)[:, None]).flatten()
+        weight_rows = (order + (torch.arange(bh, device=device) * rounds * padded)[:, None]).flatten()
+        return _LSHRounds.apply(query, key, value, blocked, own, slots, sorted_rows, weight_rows, scaling, fill, own_fill, shape)
+    # attention dropout: the same steps, recorded by autograd
     scores = torch.baddbmm(query.new_empty(()), query, key.transpose(1, 2), beta=0, alpha=scaling)
     if blocked is not None:
         scores = scores.masked_fill(blocked, fill)
     if own is not None:
         scores = scores.masked_fill(own, own_fill)
-    probs = torch.softmax(scores, dim=-1)
-    lse = torch.logsumexp(scores, dim=-1) if want_lse else None
-    return torch.bmm(F.dropout(probs, p=dropout, training=True), value), lse
+    out = torch.bmm(F.dropout(torch.softmax(scores, dim=-1), p=dropout, training=True), value)
+    return combine_rounds(out, torch.logsumexp(scores, dim=-1), slots, shape)[0]
 
 
 def lsh_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -184,8 +231,8 @@ def lsh_attention(module, query, key, value, attention_mask, scaling=None, dropo
         keep = F.pad(keep, (0, padded - length), value=False)
     elif padded < length:
         query, key, value, keep = query[:, :, :padded], key[:, :, :padded], value[:, :, :padded], keep[:, :padded]
-    own = torch.as_tensor(padded_list, device=device)  # P_b
-    outside = torch.arange(padded, device=device) >= own[:, None]  # (B, P_max): not in the row alone
+    row_padded = torch.as_tensor(padded_list, device=device)  # P_b
+    outside = torch.arange(padded, device=device) >= row_padded[:, None]  # (B, P_max): not in the row alone
 
     # Buckets: each row with its own count (num_buckets=None: from its own padded length); rows that share a
     # count share one rotation draw. Positions outside a row sort after its padding bucket, so every round's
@@ -208,7 +255,7 @@ def lsh_attention(module, query, key, value, attention_mask, scaling=None, dropo
 
     # Neighbour chunks: chunk j of round r of row b is the row alone's chunk g = r * T_b + j; its neighbour at
     # shift t is g' = (g + t) mod (R * T_b), found in the batch layout at (g' // T_b) * T_max + g' % T_b.
-    own_tiles = own // chunk  # T_b
+    own_tiles = row_padded // chunk  # T_b
     slot_round = torch.arange(rounds * tiles, device=device) // tiles
     slot_tile = torch.arange(rounds * tiles, device=device) % tiles
     g = slot_round * own_tiles[:, None] + slot_tile  # (B, R * T_max)
@@ -245,25 +292,12 @@ def lsh_attention(module, query, key, value, attention_mask, scaling=None, dropo
         blocked = blocked.reshape(-1, blocked.shape[3], window)
     if s["lsh_exclude_self"]:
         own = (k_pos[..., None, :] == q_pos[..., None]).reshape(-1, chunk, window)
-    # Normalised with softmax (max subtracted), not exp(scores - logsumexp) as Reformer: a query whose only
-    # admissible key is itself has every score at the -1e5 self value, where float32 spacing is 2**-7 (bf16:
-    # 512), so the rounded log-sum-exp would leave weights summing to 1 +- 0.4% (bf16: 2 with two copies).
-    out, logits = chunk_attention(
+    out = attend_rounds(
         q_chunks.view(-1, chunk, head_dim), k_win.view(-1, window, head_dim), v_win.view(-1, window, head_dim),
-        blocked, own, scaling, -1e4 if half else -1e9, -1e3 if half else -1e5, rounds > 1, dropout,
+        blocked, own, order.view(batch * heads, -1), padded, (batch * heads, rounds, padded, head_dim), scaling,
+        -1e4 if half else -1e9, -1e3 if half else -1e5, dropout,
     )
-    out = out.reshape(batch * heads * rounds * padded, head_dim)
-
-    # Back to token order: slot of (round r, position p) is the inverse of the sort.
-    undo = torch.empty_like(order).scatter_(2, order, torch.arange(rounds * padded, device=device).expand_as(order))
-    slots = (undo + (torch.arange(batch * heads, device=device) * rounds * padded).view(batch, heads, 1)).flatten()
-    out = out.index_select(0, slots).view(batch, heads, rounds, padded, head_dim)
-    if rounds > 1:
-        logits = logits.reshape(-1).index_select(0, slots).view(batch, heads, rounds, padded, 1)
-        out = (out * torch.softmax(logits, dim=2)).sum(2)
-    else:
-        out = out[:, :, 0]
-    out = out.transpose(1, 2)
+    out = out.view(batch, heads, padded, head_dim).transpose(1, 2)
     if padded >= length:
         out = out[:, :length]
     else:
