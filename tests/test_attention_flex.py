@@ -65,11 +65,13 @@ CONFIG = {sliding_window_attention: {"attention_window": 64}, block_sparse_atten
 
 @compiled
 @pytest.mark.parametrize("causal", [False, True])
-def test_sliding_window_flex_equals_tiled_with_padding_and_globals(causal):
+@pytest.mark.parametrize("with_globals", [True, False])  # without: the CPU reference is the fused flash band path
+def test_sliding_window_flex_equals_tiled_with_padding_and_globals(causal, with_globals):
     flags = torch.zeros(B, N, dtype=torch.long)
     flags[0, [3, 150]] = 1
     flags[1, 7] = 1
-    assert_routes_agree(sliding_window_attention, causal, padded_rows(), global_attention_mask=flags)
+    kwargs = {"global_attention_mask": flags} if with_globals else {}
+    assert_routes_agree(sliding_window_attention, causal, padded_rows(), **kwargs)
 
 
 @compiled
