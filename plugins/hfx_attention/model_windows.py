@@ -24,7 +24,8 @@ query tiles that each see only the keys they may attend.
 
 Refused, with what to use instead: logit soft-capping (``softcap``, Gemma2's
 ``attn_logit_softcapping``), attention sinks (``s_aux``, gpt-oss style), position biases, paged caches
-and cross-attention.
+and cross-attention. Not seen (as with flash-attention, only the padding mask reaches the backend): mask
+overlays a model adds through ``or_mask_function`` / ``block_sequence_ids`` (Gemma3's image-token blocks).
 """
 
 from __future__ import annotations
