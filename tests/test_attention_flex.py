@@ -225,3 +225,13 @@ def test_flex_route_refuses_dropout():
 
 def test_flex_unusable_names_the_reason():
     assert "not on 'meta'" in flex_route.flex_unusable(torch.device("meta"))
+
+
+@pytest.mark.parametrize("attention_type", ["hfx_sliding_window", "hfx_block_sparse"])
+def test_model_config_takes_and_checks_the_route(attention_type):
+    from hfx.configuration_hfx import HfxConfig
+
+    assert HfxConfig(attention_type=attention_type).attention_route == "auto"
+    assert HfxConfig(attention_type=attention_type, attention_route="tiled").attention_route == "tiled"
+    with pytest.raises(ValueError, match=rf"{attention_type}: attention_route must be one of .*got 'gpu'"):
+        HfxConfig(attention_type=attention_type, attention_route="gpu")
