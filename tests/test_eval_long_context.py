@@ -138,6 +138,40 @@ def test_loglikelihood_equals_each_request_scored_alone(models, tok, name, monke
         assert len(shared) == 1 and shared[0] >= 50
 
 
+def _window_model(kind, tok, attn):
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(4)
+    common = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=64, max_position_embeddings=256, initializer_range=0.3, sliding_window=6,
+                  eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    if kind == "mistral":
+        return MistralForCausalLM._from_config(MistralConfig(**common), attn_implementation=attn).eval()
+    # layer 0 full attention, layer 1 a sliding window
+    config = Qwen2Config(**common, use_sliding_window=True, max_window_layers=1)
+    return Qwen2ForCausalLM._from_config(config, attn_implementation=attn).eval()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "hfx_sliding_window"])
+@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
+def test_transformers_sliding_window_models_keep_their_window(tok, kind, attn):
+    """A 4-D block mask would replace these models' own window masks on every layer: they get 2-D-mask rows."""
+    model = _window_model(kind, tok, attn)
+    scorer = CausalLMScorer(model, tok, max_batch_tokens=400, progress=False)
+    requests = _requests(seed=9, shots=12)
+    _assert_lls(scorer.loglikelihood(requests), [_alone(model, *scorer.encode_pair(c, x)) for c, x in requests])
+    assert scorer.key_padding_only
+    gen_kwargs = {"until": ["owl"], "max_gen_toks": 6, "do_sample": False}
+    prompts = [c for c, _ in requests[::6]]
+    want = []
+    for prompt in prompts:
+        ids = torch.tensor([scorer.encode_prompt(prompt)])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+        want.append(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).split("owl")[0])
+    assert scorer.generate_until([(p, gen_kwargs) for p in prompts]) == want
+
+
 @pytest.mark.parametrize("name", ["hfx_sliding_window", "hfx_lsh"])
 def test_auto_batch_size_probe_scores_key_padding_rows(models, tok, name):
     model = models[name]

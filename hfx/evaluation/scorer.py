@@ -102,6 +102,25 @@ def takes_key_padding_mask_only(model) -> bool:
     return isinstance(mask, torch.Tensor) and mask.dim() == 2
 
 
+def has_sliding_window_layers(model) -> bool:
+    """Whether transformers gives some layer of the model window-bounded attention (Mistral, Gemma 2/3,
+    Qwen2 with ``use_sliding_window``, ...), read from the cache layers it builds for the config.
+
+    Such a model takes a 4-D mask handed in as the mask of *every* layer, so the scorer's block
+    mask would silently drop the window; these models get 2-D-mask rows and build their own masks.
+    """
+    from transformers.cache_utils import DynamicCache
+
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    try:
+        layers = DynamicCache(config=config).layers
+    except Exception:  # a config the cache cannot read: no window known
+        return False
+    return any(getattr(layer, "is_sliding", False) for layer in layers)
+
+
 def resolve_max_length(model, tokenizer, default: int = 2048) -> int:
     """The context length lm-eval uses for this model: config attributes, then the tokenizer, then 2048."""
     config = model.config
@@ -574,10 +593,11 @@ class CausalLMScorer:
 
     @property
     def key_padding_only(self) -> bool:
-        """Whether the model's attention takes only a 2-D key padding mask (:func:`takes_key_padding_mask_only`,
-        checked once): then every continuation is scored in a row of its own."""
+        """Whether rows go to the model under a 2-D key padding mask only, each continuation in a row of its
+        own (checked once): the attention takes nothing else (:func:`takes_key_padding_mask_only`), or the
+        model has sliding-window layers that a 4-D mask would override (:func:`has_sliding_window_layers`)."""
         if self._key_padding_only is None:
-            self._key_padding_only = takes_key_padding_mask_only(self.model)
+            self._key_padding_only = takes_key_padding_mask_only(self.model) or has_sliding_window_layers(self.model)
         return self._key_padding_only
 
     @property
