@@ -38,7 +38,8 @@ mask. That is the sequence lm-eval feeds the model, so the numbers equal scoring
 alone wherever the backend's outputs do not depend on the padding. A shared prefix is still
 computed once when the backend decodes from a KV cache (``hfx_sliding_window``; the probe finds
 out): the tails then attend to prefix + tail keys under one 2-D mask, and a document's choices
-share their context that way.
+share their context that way. Models with transformers' own sliding-window layers (Mistral, Qwen2,
+Gemma) get the same rows on any attention: a 4-D mask handed in would replace their window masks.
 """
 
 from __future__ import annotations
