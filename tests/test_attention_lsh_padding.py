@@ -115,28 +115,38 @@ def rounds_reference(query, key, value, blocked, own, order, shape, scaling):
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_rounds_backward_matches_autograd(masked):
+@pytest.mark.parametrize("strided", [False, True])
+def test_rounds_backward_matches_autograd(masked, strided):
     """The hand-written backward (the rounds' mix folded into the attention backward; masked scores without
-    gradient) against autograd through the plain formula in float64. Without masks float32 takes the fused
-    flash kernel: checked against the float64 formula to float32 attention accuracy (its exp is approximate
-    to ~1e-7 relative; sums of O(10) unit-scale terms: 1e-5)."""
+    gradient; windows as strided views of the sorted rows, their gradients folded back) against autograd
+    through the plain formula in float64. Without masks float32 takes the fused flash kernel: checked against
+    the float64 formula to float32 attention accuracy (its exp is approximate to ~1e-7 relative; sums of
+    O(10) unit-scale terms: 1e-5)."""
     torch.manual_seed(2)
-    bh, rounds, padded, c, w, d = 2, 2, 6, 3, 6, 4
-    n = bh * rounds * padded // c
-    q, k, v = (torch.randn(n, rows, d, dtype=torch.float64, requires_grad=True) for rows in (c, w, w))
+    bh, rounds, padded, c, shifts, d = 2, 2, 6, 3, 2, 4
+    tiles, w = rounds * padded // c, shifts * c
+    spans = (tiles, shifts, c) if strided else None
+    q = torch.randn(bh, tiles, c, d, dtype=torch.float64, requires_grad=True)
+    kv_shape = (bh, (tiles + shifts - 1) * c, d) if strided else (bh, tiles, w, d)
+    k, v = (torch.randn(kv_shape, dtype=torch.float64, requires_grad=True) for _ in range(2))
     order = torch.stack([torch.randperm(rounds * padded) for _ in range(bh)])
     blocked = own = None
     if masked:
-        blocked = torch.rand(n, c, w) < 0.3
+        blocked = torch.rand(bh * tiles, c, w) < 0.3
         blocked[0, 1] = True  # a query with every key blocked: uniform weights, no gradient into q or k
-        own = torch.zeros(n, c, w, dtype=torch.bool)
+        own = torch.zeros(bh * tiles, c, w, dtype=torch.bool)
         own[:, torch.arange(c), torch.arange(c)] = True
     shape = (bh, rounds, padded, d)
 
     def ours(q, k, v):
-        return attend_rounds(q, k, v, blocked, own, order, padded, shape, 0.4, -1e9, -1e5, 0.0)
+        return attend_rounds(q, k, v, blocked, own, order, padded, shape, 0.4, -1e9, -1e5, 0.0, spans)
 
-    want = rounds_reference(q, k, v, blocked, own, order, shape, 0.4)
+    def windows(x):  # materialised, the plain way
+        if not strided:
+            return x.reshape(-1, w, d)
+        return torch.stack([x[:, j * c : j * c + w] for j in range(tiles)], 1).reshape(-1, w, d)
+
+    want = rounds_reference(q.reshape(-1, c, d), windows(k), windows(v), blocked, own, order, shape, 0.4)
     g = torch.randn_like(want)
     want_grads = torch.autograd.grad((want * g).sum(), (q, k, v))
     if masked:

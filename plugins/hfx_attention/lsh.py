@@ -93,20 +93,41 @@ def real_lengths(keep: torch.Tensor) -> torch.Tensor:
     return (positions * keep).amax(dim=1)
 
 
-def chunk_forward(query, key, value, blocked, own, scaling, fill, own_fill):
-    """Softmax attention of N independent chunks, queries (N, c, d) against their windows (N, W, d).
+def windows_of(source, spans):
+    """Each chunk's window as a view: source (BH, (chunks + shifts - 1) * c, d) holds the sorted chunks with
+    the wrap-around ones added at both ends, so window j is rows j*c .. (j+shifts)*c; nothing is copied."""
+    chunks, shifts, chunk = spans
+    bh, _, head_dim = source.shape
+    return source.as_strided((bh, chunks, shifts * chunk, head_dim), (source.stride(0), chunk * head_dim, head_dim, 1))
 
-    Returns (out, log-sum-exp (N, c), probs or None). Keys where ``blocked`` is True score ``fill``, keys
-    where ``own`` is True score ``own_fill`` (applied second; both replace the score, as ``masked_fill``).
-    Without either mask, on CPU, torch's fused flash kernel does scores, softmax and the weighted sum in one
-    pass over cache-sized blocks and returns the log-sum-exp itself (its exp is a fast approximation, ~1e-7
-    relative, the same as SDPA's on CPU; float64 keeps the exact path); otherwise the scores are materialised.
+
+def fold_windows(grad, spans):
+    """Adjoint of :func:`windows_of`: (BH, chunks, shifts * c, d) window gradients summed into the source rows."""
+    chunks, shifts, chunk = spans
+    bh, _, _, head_dim = grad.shape
+    grad = grad.reshape(bh, chunks, shifts, chunk, head_dim)
+    out = grad.new_zeros(bh, chunks + shifts - 1, chunk, head_dim)
+    for i in range(shifts):
+        out[:, i : i + chunks] += grad[:, :, i]
+    return out.view(bh, -1, head_dim)
+
+
+def chunk_forward(query, key, value, blocked, own, scaling, fill, own_fill):
+    """Softmax attention of independent chunks: queries (BH, T, c, d) against their windows (BH, T, W, d).
+
+    Returns (out (BH, T, c, d), log-sum-exp (BH, T, c), probs (BH*T, c, W) or None). Keys where ``blocked``
+    (BH*T, 1 or c, W) is True score ``fill``, keys where ``own`` is True score ``own_fill`` (applied second;
+    both replace the score, as ``masked_fill``). Without either mask, on CPU, torch's fused flash kernel does
+    scores, softmax and weighted sum in one pass over cache-sized blocks, reads the windows in place (strided
+    views), and returns the log-sum-exp itself (its exp is a fast approximation, ~1e-7 relative, as SDPA's on
+    CPU; float64 keeps the exact path). Otherwise the scores are materialised.
     """
+    bh, tiles, chunk, head_dim = query.shape
+    window = key.shape[2]
     if blocked is None and own is None and query.device.type == "cpu" and query.dtype != torch.float64:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query[:, None], key[:, None], value[:, None], 0.0, False, scale=scaling
-        )[:2]
-        return out[:, 0], lse[:, 0], None
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False, scale=scaling)[:2]
+        return out, lse, None
+    query, key, value = (x.reshape(bh * tiles, -1, head_dim) for x in (query, key, value))
     scores = torch.baddbmm(query.new_empty(()), query, key.transpose(1, 2), beta=0, alpha=scaling)
     if blocked is not None:
         scores.masked_fill_(blocked, fill)
@@ -118,13 +139,14 @@ def chunk_forward(query, key, value, blocked, own, scaling, fill, own_fill):
     probs = torch.softmax(scores, dim=-1)
     # log-sum-exp from the softmax just taken: the largest weight is exp(max - lse), so no second pass.
     lse = scores.amax(dim=-1).sub_(probs.amax(dim=-1).log_())
-    return torch.bmm(probs, value), lse, probs
+    out = torch.bmm(probs, value)
+    return out.view(bh, tiles, chunk, head_dim), lse.view(bh, tiles, chunk), probs.view(bh * tiles, chunk, window)
 
 
 def combine_rounds(out, lse, slots, shape):
     """Sorted chunk outputs back to token order and the rounds mixed by softmax over their log-sum-exp.
 
-    out (N, c, d) and lse (N, c) in sorted order; ``slots`` (B*H*R*P,) the sorted row of each (round,
+    out (..., c, d) and lse (..., c) in sorted order; ``slots`` (B*H*R*P,) the sorted row of each (round,
     position); shape (B*H, R, P, d). Returns the (B*H, P, d) result and the (B*H, R, P) weights (None: 1 round).
     """
     bh, rounds, padded, head_dim = shape
@@ -143,44 +165,55 @@ class _LSHRounds(torch.autograd.Function):
     round r's output gradient is w_r * g and its log-sum-exp gradient w_r * g . (o_r - o), so the softmax
     backward's row term rowsum(dO_r * o_r) - dlse_r is rowsum(dO_r * o): the flash backward kernel, handed
     the mixed result in place of o_r, gives the exact gradient without any per-round bookkeeping.
+    ``spans`` set: key/value are the extended sorted rows of :func:`windows_of`, else the windows themselves.
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, blocked, own, slots, sorted_rows, weight_rows, scaling, fill, own_fill, shape):
-        out, lse, probs = chunk_forward(query, key, value, blocked, own, scaling, fill, own_fill)
+    def forward(ctx, query, key, value, blocked, own, slots, sorted_rows, weight_rows, spans, scaling, fill, own_fill, shape):
+        k_win, v_win = (key, value) if spans is None else (windows_of(key, spans), windows_of(value, spans))
+        out, lse, probs = chunk_forward(query, k_win, v_win, blocked, own, scaling, fill, own_fill)
         mixed, weights = combine_rounds(out, lse, slots, shape)
         ctx.save_for_backward(query, key, value, lse, mixed, weights, probs, blocked, own, sorted_rows, weight_rows)
-        ctx.scaling = scaling
+        ctx.scaling, ctx.spans = scaling, spans
         return mixed
 
     @staticmethod
     def backward(ctx, grad):
         query, key, value, lse, mixed, weights, probs, blocked, own, sorted_rows, weight_rows = ctx.saved_tensors
-        chunks, chunk, head_dim = query.shape
+        spans = ctx.spans
+        k_win, v_win = (key, value) if spans is None else (windows_of(key, spans), windows_of(value, spans))
+        bh, tiles, chunk, head_dim = query.shape
         grad_out = grad.reshape(-1, head_dim).index_select(0, sorted_rows)
         if weights is not None:
             grad_out.mul_(weights.reshape(-1).index_select(0, weight_rows)[:, None])
-        grad_out = grad_out.view(chunks, chunk, head_dim)
-        mixed = mixed.reshape(-1, head_dim).index_select(0, sorted_rows).view(chunks, chunk, head_dim)
+        grad_out = grad_out.view(query.shape)
+        mixed = mixed.reshape(-1, head_dim).index_select(0, sorted_rows).view(query.shape)
         if probs is None:
-            grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                grad_out[:, None], query[:, None], key[:, None], value[:, None], mixed[:, None], lse[:, None],
-                0.0, False, scale=ctx.scaling,
+            grad_query, grad_key, grad_value = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad_out, query, k_win, v_win, mixed, lse, 0.0, False, scale=ctx.scaling
             )
-            return (*(g[:, 0] for g in grads), *[None] * 9)
-        grad_value = torch.bmm(probs.transpose(1, 2), grad_out)
-        row = (grad_out * mixed).sum(dim=-1, keepdim=True)
-        grad_scores = torch.bmm(grad_out, value.transpose(1, 2)).sub_(row).mul_(probs)
-        for mask in (blocked, own):
-            if mask is not None:  # overwritten scores do not depend on query or key
-                grad_scores.masked_fill_(mask, 0)
-        grad_query = torch.baddbmm(query.new_empty(()), grad_scores, key, beta=0, alpha=ctx.scaling)
-        grad_key = torch.baddbmm(key.new_empty(()), grad_scores.transpose(1, 2), query, beta=0, alpha=ctx.scaling)
-        return grad_query, grad_key, grad_value, *[None] * 9
+        else:
+            q3, k3, v3 = (x.reshape(bh * tiles, -1, head_dim) for x in (query, k_win, v_win))
+            g3, m3 = grad_out.view(-1, chunk, head_dim), mixed.view(-1, chunk, head_dim)
+            grad_value = torch.bmm(probs.transpose(1, 2), g3)
+            row = (g3 * m3).sum(dim=-1, keepdim=True)
+            grad_scores = torch.bmm(g3, v3.transpose(1, 2)).sub_(row).mul_(probs)
+            for mask in (blocked, own):
+                if mask is not None:  # overwritten scores do not depend on query or key
+                    grad_scores.masked_fill_(mask, 0)
+            grad_query = torch.baddbmm(q3.new_empty(()), grad_scores, k3, beta=0, alpha=ctx.scaling)
+            grad_key = torch.baddbmm(k3.new_empty(()), grad_scores.transpose(1, 2), q3, beta=0, alpha=ctx.scaling)
+            grad_query, grad_key, grad_value = (
+                x.view(bh, tiles, -1, head_dim) for x in (grad_query, grad_key, grad_value)
+            )
+        if spans is not None:
+            grad_key, grad_value = fold_windows(grad_key, spans), fold_windows(grad_value, spans)
+        return grad_query.reshape(query.shape), grad_key.reshape(key.shape), grad_value.reshape(value.shape), *[None] * 10
 
 
-def attend_rounds(query, key, value, blocked, own, order, padded, shape, scaling, fill, own_fill, dropout):
-    """(B*H, P, d) LSH output from the sorted chunks; ``order`` (B*H, R*P) is the sort of (round, position)."""
+def attend_rounds(query, key, value, blocked, own, order, padded, shape, scaling, fill, own_fill, dropout, spans=None):
+    """(B*H, P, d) LSH output from the sorted chunks (query (BH, T, c, d); key/value as :class:`_LSHRounds`
+    takes them); ``order`` (B*H, R*P) is the sort of (round, position)."""
     bh, rounds, _, _ = shape
     device = query.device
     undo = torch.empty_like(order).scatter_(1, order, torch.arange(rounds * padded, device=device).expand_as(order))
@@ -188,8 +221,12 @@ def attend_rounds(query, key, value, blocked, own, order, padded, shape, scaling
     if dropout == 0:
         sorted_rows = ((order % padded) + (torch.arange(bh, device=device) * padded)[:, None]).flatten()
         weight_rows = (order + (torch.arange(bh, device=device) * rounds * padded)[:, None]).flatten()
-        return _LSHRounds.apply(query, key, value, blocked, own, slots, sorted_rows, weight_rows, scaling, fill, own_fill, shape)
+        return _LSHRounds.apply(query, key, value, blocked, own, slots, sorted_rows, weight_rows, spans, scaling, fill, own_fill, shape)
     # attention dropout: the same steps, recorded by autograd
+    if spans is not None:
+        key, value = windows_of(key, spans), windows_of(value, spans)
+    head_dim = query.shape[-1]
+    query, key, value = (x.reshape(-1, x.shape[2], head_dim) for x in (query, key, value))
     scores = torch.baddbmm(query.new_empty(()), query, key.transpose(1, 2), beta=0, alpha=scaling)
     if blocked is not None:
         scores = scores.masked_fill(blocked, fill)
@@ -199,12 +236,30 @@ def attend_rounds(query, key, value, blocked, own, order, padded, shape, scaling
     return combine_rounds(out, torch.logsumexp(scores, dim=-1), slots, shape)[0]
 
 
+def take_rows(x, index):
+    """x (B, H, P, d) at positions index (B, H, m) -> (B, H, m, d), one row copy each.
+
+    Reads x in place when it is (B, H, P, d) or a head-transposed (B, P, H, d) tensor (what a projection
+    followed by ``.view(...).transpose(1, 2)`` gives), so no contiguous copy of q, k or v is made first.
+    """
+    batch, heads, length, head_dim = x.shape
+    device = x.device
+    if x.stride(-1) == 1 and x.transpose(1, 2).is_contiguous():
+        flat = x.transpose(1, 2).reshape(-1, head_dim)
+        base = (torch.arange(batch, device=device) * length * heads)[:, None, None] + torch.arange(heads, device=device)[None, :, None]
+        rows = index * heads + base
+    else:
+        flat = x.contiguous().view(-1, head_dim)
+        rows = index + (torch.arange(batch * heads, device=device) * length).view(batch, heads, 1)
+    return flat.index_select(0, rows.flatten()).view(*index.shape, head_dim)
+
+
 def lsh_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """``AttentionInterface`` function: query (B, H, n, d), key/value (B, H_kv, n, d) -> (B, n, H, d), None.
 
-    Every row is laid out as it would be alone: its own padded length, bucket
-    count, chunk boundaries and circular neighbours, so its real-token outputs do not depend on padding
-    or on the other rows of the batch. Positions past a row's last real token output zeros.
+    Every row is laid out as it would be alone: its own padded length, bucket count, chunk boundaries and
+    circular neighbours, so its real-token outputs do not depend on padding or on the other rows of the
+    batch. Positions past a row's last real token output zeros.
     """
     s = settings(getattr(module, "config", None))
     causal = is_causal(module, kwargs)
@@ -218,8 +273,7 @@ def lsh_attention(module, query, key, value, attention_mask, scaling=None, dropo
     device = query.device
 
     lengths = real_lengths(keep)
-    lengths_list = lengths.tolist()
-    padded_list = [max(-(-n // chunk), 1) * chunk for n in lengths_list]
+    padded_list = [max(-(-n // chunk), 1) * chunk for n in lengths.tolist()]
     padded = max(padded_list)  # P_max
     tiles = padded // chunk  # T_max: chunks per round in the batch layout
     real = torch.arange(length, device=device) < lengths[:, None]  # (B, n)
@@ -239,47 +293,46 @@ def lsh_attention(module, query, key, value, attention_mask, scaling=None, dropo
     # first P_b sorted slots are exactly the row alone's.
     counts = [s["num_buckets"] or automatic_buckets(p, chunk) for p in padded_list]
     top = max(counts)
-    buckets = torch.empty(batch, heads, rounds, padded, dtype=torch.long, device=device)
-    for count in sorted(set(counts)):
-        rows = [b for b, c in enumerate(counts) if c == count]
-        index = torch.as_tensor(rows, device=device)
-        got = hash_buckets(key[index], keep[index], rounds, count, s["hash_seed"])
-        got = got.masked_fill(outside[index][:, None, None, :], count + 1)
-        if len(rows) == batch:
-            buckets = got
-        else:
-            buckets[index] = got
+    if len(set(counts)) == 1:
+        buckets = hash_buckets(key, keep, rounds, top, s["hash_seed"])
+    else:
+        buckets = torch.empty(batch, heads, rounds, padded, dtype=torch.long, device=device)
+        for count in sorted(set(counts)):
+            index = torch.as_tensor([b for b, c in enumerate(counts) if c == count], device=device)
+            buckets[index] = hash_buckets(key[index], keep[index], rounds, count, s["hash_seed"])
+    buckets = buckets.masked_fill(outside[:, None, None, :], top + 1)
     round_offset = (top + 2) * torch.arange(rounds, device=device)[:, None]
     order = torch.sort((buckets + round_offset).flatten(2), dim=-1, stable=True).indices  # (B, H, R * P_max)
     positions = order % padded  # token at each sorted slot
-
-    # Neighbour chunks: chunk j of round r of row b is the row alone's chunk g = r * T_b + j; its neighbour at
-    # shift t is g' = (g + t) mod (R * T_b), found in the batch layout at (g' // T_b) * T_max + g' % T_b.
-    own_tiles = row_padded // chunk  # T_b
-    slot_round = torch.arange(rounds * tiles, device=device) // tiles
-    slot_tile = torch.arange(rounds * tiles, device=device) % tiles
-    g = slot_round * own_tiles[:, None] + slot_tile  # (B, R * T_max)
-    shifts = torch.arange(-before, after + 1, device=device)
-    total = (rounds * own_tiles)[:, None, None]
-    g_shift = (g[:, :, None] + shifts) % total
-    neighbour = (g_shift // own_tiles[:, None, None]) * tiles + g_shift % own_tiles[:, None, None]
-    mine = (slot_tile[None] < own_tiles[:, None])[:, :, None]  # chunks past a row's own look at themselves
-    neighbour = torch.where(mine, neighbour, torch.arange(rounds * tiles, device=device)[None, :, None])
-    window = shifts.numel() * chunk
-
-    # Sorted queries and the keys/values of each chunk's window, gathered straight from the unsorted tensors.
-    base = (torch.arange(batch * heads, device=device) * padded).view(batch, heads, 1)
     q_pos = positions.view(batch, heads, rounds * tiles, chunk)
-    chunk_of = neighbour[:, None].expand(batch, heads, -1, -1).flatten(2)  # (B, H, R*T_max*shifts)
-    k_pos = q_pos.gather(2, chunk_of[..., None].expand(-1, -1, -1, chunk)).view(batch, heads, rounds * tiles, window)
+    shifts = before + after + 1
+    window = shifts * chunk
 
-    def rows_of(x, index):
-        """x (B, H, P_max, d) at index (B, H, m) -> (B * H * m, d): one row copy each, no expanded gather index."""
-        return x.reshape(batch * heads * padded, head_dim).index_select(0, (index + base).flatten())
-
-    q_chunks = rows_of(query, positions).view(batch, heads, rounds * tiles, chunk, head_dim)
-    k_win = rows_of(key, k_pos.flatten(2)).view(batch, heads, rounds * tiles, window, head_dim)
-    v_win = rows_of(value, k_pos.flatten(2)).view(batch, heads, rounds * tiles, window, head_dim)
+    if all(p == padded for p in padded_list):
+        # Every row has the batch's layout: the neighbours of chunk j are chunks j-before .. j+after of the
+        # round-major chunk sequence, circularly. The sorted rows are gathered once with the wrapped chunks
+        # added at both ends, and each window is a view into them.
+        spans = (rounds * tiles, shifts, chunk)
+        ext = (torch.arange(rounds * tiles + shifts - 1, device=device) - before) % (rounds * tiles)
+        ext_pos = q_pos[:, :, ext].flatten(2)  # (B, H, (R*T + shifts - 1) * c)
+        k_pos = ext_pos.unfold(2, window, chunk)  # (B, H, R*T, W)
+        k_src, v_src = (take_rows(x, ext_pos).flatten(0, 1) for x in (key, value))
+    else:
+        # Chunk j of round r of row b is the row alone's chunk g = r * T_b + j; its neighbour at shift t is
+        # g' = (g + t) mod (R * T_b), found in the batch layout at (g' // T_b) * T_max + g' % T_b.
+        spans = None
+        own_tiles = row_padded // chunk  # T_b
+        slot_round = torch.arange(rounds * tiles, device=device) // tiles
+        slot_tile = torch.arange(rounds * tiles, device=device) % tiles
+        g = slot_round * own_tiles[:, None] + slot_tile  # (B, R * T_max)
+        g_shift = (g[:, :, None] + torch.arange(-before, after + 1, device=device)) % (rounds * own_tiles)[:, None, None]
+        neighbour = (g_shift // own_tiles[:, None, None]) * tiles + g_shift % own_tiles[:, None, None]
+        mine = (slot_tile[None] < own_tiles[:, None])[:, :, None]  # chunks past a row's own look at themselves
+        neighbour = torch.where(mine, neighbour, torch.arange(rounds * tiles, device=device)[None, :, None])
+        chunk_of = neighbour[:, None].expand(batch, heads, -1, -1).flatten(2)  # (B, H, R*T_max*shifts)
+        k_pos = q_pos.gather(2, chunk_of[..., None].expand(-1, -1, -1, chunk)).view(batch, heads, rounds * tiles, window)
+        k_src, v_src = (take_rows(x, k_pos.flatten(2)).view(batch * heads, rounds * tiles, window, head_dim) for x in (key, value))
+    q_chunks = take_rows(query, positions).view(batch * heads, rounds * tiles, chunk, head_dim)
 
     half = query.dtype == torch.float16
     blocked = own = None
@@ -293,9 +346,8 @@ def lsh_attention(module, query, key, value, attention_mask, scaling=None, dropo
     if s["lsh_exclude_self"]:
         own = (k_pos[..., None, :] == q_pos[..., None]).reshape(-1, chunk, window)
     out = attend_rounds(
-        q_chunks.view(-1, chunk, head_dim), k_win.view(-1, window, head_dim), v_win.view(-1, window, head_dim),
-        blocked, own, order.view(batch * heads, -1), padded, (batch * heads, rounds, padded, head_dim), scaling,
-        -1e4 if half else -1e9, -1e3 if half else -1e5, dropout,
+        q_chunks, k_src, v_src, blocked, own, order.view(batch * heads, -1), padded,
+        (batch * heads, rounds, padded, head_dim), scaling, -1e4 if half else -1e9, -1e3 if half else -1e5, dropout, spans,
     )
     out = out.view(batch, heads, padded, head_dim).transpose(1, 2)
     if padded >= length:
