@@ -45,10 +45,11 @@ from .common import (
     require_full_sequence,
     scatter_rows,
 )
-from .flex_route import block_sparse_flex_rows, choose_route
+from .flex_route import block_sparse_flex_rows, choose_route, route_setting
 
 NAME = "hfx_block_sparse"
-DEFAULTS = {"block_size": 64, "num_random_blocks": 3, "block_sparse_seed": 0, "global_attention_token_ids": None}
+DEFAULTS = {"block_size": 64, "num_random_blocks": 3, "block_sparse_seed": 0, "global_attention_token_ids": None,
+            "attention_route": "auto"}  # flex_route.ROUTES
 
 
 def settings(config) -> tuple[int, int, int]:
@@ -500,6 +501,7 @@ def _split_tiles(query, key, value, tiles, index, valid, block_size, causal, sca
 
 def validate(config) -> None:
     settings(config)
+    route_setting(config, NAME)
     if config.block_size > config.max_position_embeddings:
         raise ValueError(
             f"{NAME}: block_size={config.block_size} exceeds max_position_embeddings={config.max_position_embeddings}; "

@@ -38,7 +38,7 @@ from .common import (
     sequence_ids,
     with_global_keys,
 )
-from .flex_route import choose_route, sliding_window_flex
+from .flex_route import choose_route, route_setting, sliding_window_flex
 
 NAME = "hfx_sliding_window"
 DEFAULT_WINDOW = 512
@@ -385,6 +385,7 @@ class FlashBand(torch.autograd.Function):
 
 
 def validate(config) -> None:
+    route_setting(config, NAME)
     window = config.attention_window
     layers = config.num_hidden_layers
     if isinstance(window, (list, tuple)):
@@ -409,6 +410,6 @@ COMPONENT = Component(
     factory=sliding_window_attention,
     mask_factory=padding_mask,
     description="Longformer sliding window (attention_window = total, even) + global tokens; O(n*w) memory.",
-    config_defaults={"attention_window": DEFAULT_WINDOW, "global_attention_token_ids": None},
+    config_defaults={"attention_window": DEFAULT_WINDOW, "global_attention_token_ids": None, "attention_route": "auto"},
     validate_config=validate,
 )
