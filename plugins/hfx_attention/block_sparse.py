@@ -200,7 +200,10 @@ def _attend(query, key, value, keep, extra, block_size, num_random, seed, layer,
         # the global rows of the first and the last block are contiguous: sliced and concatenated, no gather
         first_rows = min(block_size, length)
         rows = torch.cat([query[:, :, :first_rows], query[:, :, max((num_blocks - 1) * block_size, first_rows) :]], dim=2)
-        rows = _attend_all_keys(rows, key, value, None, keep, scaling, dropout, rep).transpose(1, 2)
+        if _split_ready(query, keep, None, dropout):
+            rows = _split_key_rows(rows, key, value, scaling, rep).transpose(1, 2)
+        else:
+            rows = _attend_all_keys(rows, key, value, None, keep, scaling, dropout, rep).transpose(1, 2)
         out = torch.cat([rows[:, :first_rows], *([] if out is None else [out]), rows[:, first_rows:]], dim=1)
         if extra_only is None:
             return out
@@ -323,7 +326,7 @@ def _split_ready(query, keep, extra_only, dropout) -> bool:
     dropout and other devices take the gathered-tile path."""
     return (
         _FLASH_CPU is not None and _FLASH_CPU_BACKWARD is not None and query.device.type == "cpu"
-        and query.dtype in (torch.float32, torch.bfloat16) and keep is None and extra_only is None and not dropout
+        and query.dtype == torch.float32 and keep is None and extra_only is None and not dropout
     )
 
 
@@ -358,7 +361,10 @@ class _SplitTiles(torch.autograd.Function):
             lses.append(lse)
         lse = torch.logsumexp(torch.stack(lses), dim=0)
         lse = lse.masked_fill(lse == float("-inf"), 0.0)
-        out = sum(torch.exp(part_lse - lse)[..., None] * part_out.float() for part_lse, part_out in zip(lses, outs))
+        # in place where the kernel's fresh outputs allow: every large allocation costs page faults
+        out = outs[0].float().mul_(torch.exp(lses[0] - lse)[..., None])
+        for part_lse, part_out in zip(lses[1:], outs[1:]):
+            out.addcmul_(part_out.float(), torch.exp(part_lse - lse)[..., None])
         out = out.to(q_tiles.dtype)
         ctx.save_for_backward(q_tiles, k_pad, v_pad, out, lse)
         ctx.plan = plan
@@ -370,7 +376,7 @@ class _SplitTiles(torch.autograd.Function):
         q_tiles, k_pad, v_pad, out, lse = ctx.saved_tensors
         plan = ctx.plan
         grad_out = grad_out.contiguous()
-        grad_q = torch.zeros_like(q_tiles)
+        grad_q = None
         grad_k, grad_v = torch.zeros_like(k_pad), torch.zeros_like(v_pad)
         rows, blocks, block, head_dim = k_pad.shape[0], plan["bank_blocks"], plan["block_size"], k_pad.shape[-1]
         grad_k_blocks, grad_v_blocks = grad_k.view(rows, blocks, block, head_dim), grad_v.view(rows, blocks, block, head_dim)
@@ -382,7 +388,7 @@ class _SplitTiles(torch.autograd.Function):
                 grad_out.view(shape), q, k, v, out.view(shape), lse.view(shape[:3]), 0.0, False,
                 attn_mask=part.mask, scale=plan["scale"],
             )
-            grad_q += gq.view(q_tiles.shape)
+            grad_q = gq.view(q_tiles.shape) if grad_q is None else grad_q.add_(gq.view(q_tiles.shape))
             if part.kind == "band":
                 for j in range(plan["band_blocks"]):
                     piece = slice(j * block, (j + 1) * block)
@@ -425,6 +431,63 @@ def _part_inputs(part, q_tiles, k_pad, v_pad, plan):
         return bank.view(rows, blocks, block, head_dim)[:, ids].reshape(rows, -1, head_dim).expand(tiles, -1, -1, -1)
 
     return q_tiles, globals_of(k_pad), globals_of(v_pad)
+
+
+class _SplitKeys(torch.autograd.Function):
+    """A few query rows against every key, the keys cut into chunks that become the kernel's batch
+    (split-KV) and merged by log-sum-exp: the CPU kernel runs many short chunks much faster than one
+    long key axis, and each chunk's key gradient lands in place."""
+
+    @staticmethod
+    def forward(ctx, rows, k_bank, v_bank, mask, chunk, scale):
+        q, k, v = _key_chunks(rows, k_bank, v_bank, chunk)
+        out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+        total = torch.logsumexp(lse, dim=0)  # every chunk holds a real key: no empty rows
+        merged = (out * torch.exp(lse - total)[..., None]).sum(0)
+        ctx.save_for_backward(rows, k_bank, v_bank, mask, merged, total)
+        ctx.chunk, ctx.scale = chunk, scale
+        return merged
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        rows, k_bank, v_bank, mask, merged, total = ctx.saved_tensors
+        q, k, v = _key_chunks(rows, k_bank, v_bank, ctx.chunk)
+        chunks = q.shape[0]
+        gq, gk, gv = _FLASH_CPU_BACKWARD(
+            grad.contiguous().expand(chunks, *grad.shape), q, k, v, merged.expand(chunks, *merged.shape),
+            total.expand(chunks, *total.shape), 0.0, False, attn_mask=mask, scale=ctx.scale,
+        )
+        return gq.sum(0), gk.transpose(0, 1).reshape(k_bank.shape), gv.transpose(0, 1).reshape(v_bank.shape), None, None, None
+
+
+def _key_chunks(rows, k_bank, v_bank, chunk):
+    """rows (R, g, d) broadcast over chunks; banks (R, C * chunk, d) as (C, R, chunk, d) views."""
+    chunks = k_bank.shape[1] // chunk
+
+    def split(bank):
+        return bank.view(bank.shape[0], chunks, chunk, bank.shape[-1]).transpose(0, 1)
+
+    return rows.expand(chunks, *rows.shape), split(k_bank), split(v_bank)
+
+
+def _split_key_rows(rows, key, value, scaling, rep, chunk=512):
+    """Global rows (b, H, g, d) against all keys (b, H_kv, L, d), no masked key, through :class:`_SplitKeys`."""
+    b, heads, g, head_dim = rows.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    chunk = min(chunk, length)
+    chunks = -(-length // chunk)
+    padded = chunks * chunk
+
+    def bank(x):
+        return F.pad(x, (0, 0, 0, padded - length)).reshape(b * kv_heads, padded, head_dim)
+
+    mask = None
+    if padded != length:
+        position = torch.arange(padded, device=key.device).view(chunks, 1, 1, chunk)
+        mask = torch.zeros(position.shape, dtype=key.dtype, device=key.device).masked_fill_(position >= length, float("-inf"))
+    out = _SplitKeys.apply(rows.reshape(b * kv_heads, rep * g, head_dim), bank(key), bank(value), mask, chunk, scaling)
+    return out.view(b, heads, g, head_dim)
 
 
 def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor | None:
