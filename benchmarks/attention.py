@@ -134,13 +134,12 @@ def flex_band():
 
 
 def builders() -> dict:
-    """CPU rows: name -> () -> (module, callable)."""
-    from transformers import BigBirdConfig, LongformerConfig, ReformerConfig
-    from transformers.models.big_bird.modeling_big_bird import BigBirdBlockSparseAttention, BigBirdModel
-    from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
-    from transformers.models.reformer.modeling_reformer import LSHSelfAttention
+    """CPU rows: name -> () -> (module, callable). Each baseline imports its transformers model only when built."""
 
     def longformer():
+        from transformers import LongformerConfig
+        from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
+
         config = LongformerConfig(hidden_size=HIDDEN, num_attention_heads=HEADS, attention_window=[WINDOW], attention_probs_dropout_prob=0.0)
         layer = LongformerSelfAttention(config, 0)
 
@@ -152,6 +151,9 @@ def builders() -> dict:
         return layer, run
 
     def bigbird():
+        from transformers import BigBirdConfig
+        from transformers.models.big_bird.modeling_big_bird import BigBirdBlockSparseAttention, BigBirdModel
+
         config = BigBirdConfig(hidden_size=HIDDEN, num_attention_heads=HEADS, block_size=BLOCK, num_random_blocks=RANDOM_BLOCKS, attention_type="block_sparse")
         layer = BigBirdBlockSparseAttention(config, seed=0)
 
@@ -162,6 +164,9 @@ def builders() -> dict:
         return layer, run
 
     def reformer():
+        from transformers import ReformerConfig
+        from transformers.models.reformer.modeling_reformer import LSHSelfAttention
+
         config = ReformerConfig(hidden_size=HIDDEN, num_attention_heads=HEADS, attention_head_size=HEAD_DIM, lsh_attn_chunk_length=CHUNK,
                                 num_hashes=HASHES, num_buckets=None, hash_seed=0, lsh_attention_probs_dropout_prob=0.0, max_position_embeddings=1 << 16)
         layer = LSHSelfAttention(config)
