@@ -271,6 +271,7 @@ def test_multiple_choice_task_end_to_end_gives_the_one_at_a_time_accuracy(models
     assert results["results"]["long_mc"]["acc,none"] == pytest.approx(sum(correct) / len(correct), abs=1e-12)
 
 
+@pytest.mark.slow
 def test_quickstart_with_lsh_attention_trains_and_evaluates(tmp_path):
     import json
 
