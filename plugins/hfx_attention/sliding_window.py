@@ -155,7 +155,7 @@ def tiled_band(query, key, value, keep, flags, half: int, causal: bool, scaling:
 # attention kernel: `unfold` + `reshape` copying every key 3x, the bool mask expanded per tile and converted
 # to float inside SDPA, and in backward `unfold_backward` and zero-fills. Here the rows of all batch entries
 # form one stream of tiles of ``chunk`` queries; tile t's keys are the stream window [t*chunk - before,
-# t*chunk + chunk + after), an `as_strided` view of one padded key buffer (no copy), and the same (chunk,
+# t*chunk + chunk + after), an `as_strided` view of the key stream itself (no copy), and the same (chunk,
 # span) float band mask is broadcast over every tile. Only "special" tiles (a window that reaches padding, a
 # row or packed-sequence boundary, or the ends of the stream) get a mask of their own. Forward and backward
 # call PyTorch's fused flash-attention CPU kernels directly; the backward recomputes the scores from the
@@ -163,9 +163,9 @@ def tiled_band(query, key, value, keep, flags, half: int, causal: bool, scaling:
 # gradients back onto the buffer with a few shifted adds.
 
 FLASH_CHUNK = 64  # forward tile rows: a window of 512 computes 576 columns for 513 useful ones
-FLASH_BACKWARD_CHUNK = 64
+FLASH_BACKWARD_CHUNK = 128  # backward tiles: measured faster than 64 (fewer, larger window gradients to fold)
 # largest key-window gradient the backward holds at once (elements): bounds peak memory, not the result
-BACKWARD_WINDOW_ELEMENTS = 1 << 21
+BACKWARD_WINDOW_ELEMENTS = 1 << 19
 # above this share of special tiles one materialised mask for every tile is cheaper than gathering windows
 SPECIAL_SHARE = 0.25
 FLASH_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -230,6 +230,8 @@ class BandPlan:
         change = F.pad(F.pad((self.sid[1:] != self.sid[:-1]).long(), (1, 0)).cumsum(0), (1, 0))
         end = starts + chunk + reach  # the band never reaches further in the window
         plain = (invalid[end] == invalid[starts]) & (change[end] == change[starts + 1])
+        # plain windows are views of the key stream itself: the whole window must lie inside it
+        plain = plain & (starts >= self.before) & (starts + span <= self.before + self.stream)
         relative = torch.arange(span, device=self.device) - torch.arange(chunk, device=self.device)[:, None]
         band = (relative >= 0) & (relative <= reach)
         band_mask = self._additive(band)[None, None]
@@ -284,13 +286,7 @@ class BandPlan:
         x = x.transpose(1, 2)
         if self.row != self.length:
             x = F.pad(x, (0, 0, 0, 0, 0, self.row - self.length))
-        return x.reshape(self.stream, *x.shape[2:])
-
-    def to_buffer(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, n, d) -> the padded key buffer (buffer, H, d): one copy."""
-        out = x.new_zeros(self.buffer, x.shape[1], x.shape[3])
-        out[self.before : self.before + self.stream].view(self.batch, self.row, *out.shape[1:])[:, : self.length] = x.transpose(1, 2)
-        return out
+        return x.reshape(self.stream, *x.shape[2:]).contiguous()
 
     def from_stream(self, x: torch.Tensor) -> torch.Tensor:
         """(stream, H, d) -> (B, n, H, d) view."""
@@ -301,14 +297,29 @@ class BandPlan:
         view = stream.view(-1, chunk, *stream.shape[1:]).transpose(1, 2)
         return view[tiles[0] : tiles[1]] if isinstance(tiles, tuple) else view.index_select(0, tiles)
 
-    def windows_of(self, buffer: torch.Tensor, chunk: int, tiles) -> torch.Tensor:
+    def windows_of(self, keys: torch.Tensor, chunk: int, tiles) -> torch.Tensor:
+        """Each tile's keys (tiles, H, span, d) from the key stream or, with every tile masked, the padded
+        buffer. A range: an `as_strided` view (no copy). Special tiles: gathered rows of the stream, positions
+        outside it clamped (their mask drops them)."""
         span = self.tilings[chunk]["span"]
-        heads, dim = buffer.shape[1:]
+        heads, dim = keys.shape[1:]
+        shift = 0 if keys.shape[0] == self.buffer else self.before  # buffer row r = stream row r - before
         if isinstance(tiles, tuple):
             a, b = tiles
-            return buffer[a * chunk :].as_strided((b - a, heads, span, dim), (chunk * heads * dim, dim, heads * dim, 1))
-        every = buffer.as_strided((self.stream // chunk, heads, span, dim), (chunk * heads * dim, dim, heads * dim, 1))
-        return every.index_select(0, tiles)
+            offset = keys.storage_offset() + (a * chunk - shift) * heads * dim
+            return keys.as_strided((b - a, heads, span, dim), (chunk * heads * dim, dim, heads * dim, 1), offset)
+        positions = tiles[:, None] * chunk - self.before + torch.arange(span, device=keys.device)
+        rows = keys.index_select(0, positions.clamp_(0, self.stream - 1).flatten())
+        return rows.view(tiles.numel(), span, heads, dim).transpose(1, 2)
+
+    def to_buffer(self, stream: torch.Tensor) -> torch.Tensor:
+        """(stream, H, d) -> (buffer, H, d) with zero padding on both sides: one copy."""
+        out = stream.new_zeros(self.buffer, *stream.shape[1:])
+        out[self.before : self.before + self.stream] = stream
+        return out
+
+    def key_source(self, stream: torch.Tensor, chunk: int) -> torch.Tensor:
+        return self.to_buffer(stream) if self.tilings[chunk]["full"] else stream
 
     def fold(self, grad_buffer: torch.Tensor, windows: torch.Tensor, chunk: int, tiles) -> None:
         """Add per-window key gradients (tiles, H, span, d) back onto the buffer (buffer, H, d)."""
@@ -330,16 +341,16 @@ class FlashBand(torch.autograd.Function):
     def forward(ctx, query, key, value, keep, segments, half: int, causal: bool, scaling: float):
         batch, heads, length, dim = query.shape
         plan = BandPlan(keep, segments, batch, length, half, causal, query.dtype, query.device)
-        q_stream = plan.to_stream(query)
-        k_buffer, v_buffer = plan.to_buffer(key), plan.to_buffer(value)
+        q_stream, k_stream, v_stream = plan.to_stream(query), plan.to_stream(key), plan.to_stream(value)
         chunk = plan.chunk
+        k_src, v_src = plan.key_source(k_stream, chunk), plan.key_source(v_stream, chunk)
         out = query.new_empty(plan.stream, heads, dim)
         lse_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32  # the kernel's choice
         lse = torch.empty(plan.stream, heads, dtype=lse_dtype, device=query.device)
         out_tiles, lse_tiles = plan.tiles_of(out, chunk, (0, plan.stream // chunk)), lse.view(-1, chunk, heads).transpose(1, 2)
         for tiles, mask in plan.calls(chunk):
             o, m = _flash_forward(
-                plan.tiles_of(q_stream, chunk, tiles), plan.windows_of(k_buffer, chunk, tiles), plan.windows_of(v_buffer, chunk, tiles),
+                plan.tiles_of(q_stream, chunk, tiles), plan.windows_of(k_src, chunk, tiles), plan.windows_of(v_src, chunk, tiles),
                 attn_mask=mask, scale=scaling,
             )
             if isinstance(tiles, tuple):
@@ -348,18 +359,20 @@ class FlashBand(torch.autograd.Function):
             else:
                 out_tiles[tiles] = o
                 lse_tiles[tiles] = m
-        ctx.save_for_backward(q_stream, k_buffer, v_buffer, out, lse)
+        ctx.save_for_backward(q_stream, k_stream, v_stream, out, lse)
         ctx.plan, ctx.scaling, ctx.query_shape = plan, scaling, query.shape
         return plan.from_stream(out)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q_stream, k_buffer, v_buffer, out, lse = ctx.saved_tensors
+        q_stream, k_stream, v_stream, out, lse = ctx.saved_tensors
         plan, chunk = ctx.plan, ctx.plan.back_chunk
         heads, dim = q_stream.shape[1:]
         g_stream = plan.to_stream(grad_out.transpose(1, 2))
         dq = torch.empty_like(out)
-        dk, dv = torch.zeros_like(k_buffer), torch.zeros_like(v_buffer)
+        # key gradients are folded in window coordinates: a buffer with the windows' padding on both sides
+        dk, dv = (k_stream.new_zeros(plan.buffer, heads, dim) for _ in range(2))
+        k_src, v_src = plan.key_source(k_stream, chunk), plan.key_source(v_stream, chunk)
         span = plan.tilings[chunk]["span"]
         group = max(1, BACKWARD_WINDOW_ELEMENTS // (heads * span * dim))
         dq_tiles = plan.tiles_of(dq, chunk, (0, plan.stream // chunk))
@@ -368,7 +381,7 @@ class FlashBand(torch.autograd.Function):
             pick = (lambda x: x[tiles[0] : tiles[1]]) if isinstance(tiles, tuple) else (lambda x: x.index_select(0, tiles))
             gq, gk, gv = _flash_backward(
                 plan.tiles_of(g_stream, chunk, tiles), plan.tiles_of(q_stream, chunk, tiles),
-                plan.windows_of(k_buffer, chunk, tiles), plan.windows_of(v_buffer, chunk, tiles),
+                plan.windows_of(k_src, chunk, tiles), plan.windows_of(v_src, chunk, tiles),
                 plan.tiles_of(out, chunk, tiles), pick(lse_all), 0.0, False, attn_mask=mask, scale=ctx.scaling,
             )
             if isinstance(tiles, tuple):
