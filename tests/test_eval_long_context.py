@@ -136,6 +136,8 @@ def test_loglikelihood_equals_each_request_scored_alone(models, tok, name, monke
     else:  # the sliding window decodes from a KV cache: the few-shot prefix is computed once
         assert scorer.shares_prefixes and scorer.decodes_from_cache
         assert len(shared) == 1 and shared[0] >= 50
+    # one batch: the shortest rows padded to the longest (several times their length) beside them
+    _assert_lls(CausalLMScorer(model, tok, max_batch_tokens=1 << 16, progress=False).loglikelihood(requests), want)
 
 
 def _window_model(kind, tok, attn):
