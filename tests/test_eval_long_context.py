@@ -25,7 +25,8 @@ BACKENDS = {
     "hfx_block_sparse": dict(block_size=4, num_random_blocks=1),
     "hfx_lsh": dict(lsh_attn_chunk_length=4, hash_seed=3, num_hashes=2),
 }
-MODELS = [*BACKENDS, "llama_sliding_window", "gpt2_sliding_window"]
+MODELS = [*BACKENDS, "llama_sliding_window", "gpt2_sliding_window", "llama_lsh"]
+NO_KV_CACHE = ("hfx_block_sparse", "hfx_lsh", "llama_lsh")
 
 
 def _sentence(rng, n):
@@ -59,17 +60,20 @@ def _model(name, tok):
             attention_type=name, **BACKENDS[name],
         )
         return hfx.HfxForCausalLM(config).eval()
-    if name == "llama_sliding_window":
+    attn = "hfx_sliding_window"
+    if name.startswith("llama"):
         config = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
                              initializer_range=0.3, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
         model_class = LlamaForCausalLM
+        if name == "llama_lsh":  # the backend's settings as plain config attributes of a stock model
+            attn, config.lsh_attn_chunk_length, config.hash_seed = "hfx_lsh", 4, 5
     else:
         config = GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=32, n_layer=2, n_head=4, initializer_range=0.3,
                             eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
         model_class = GPT2LMHeadModel
     config.attention_window = 8
-    return model_class._from_config(config, attn_implementation="hfx_sliding_window").eval()
+    return model_class._from_config(config, attn_implementation=attn).eval()
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +135,7 @@ def test_loglikelihood_equals_each_request_scored_alone(models, tok, name, monke
     rows = len(requests) + 1  # every continuation its own row (one more row per group for its prefix forward)
     assert scorer.forward_calls < rows / 4  # batched: several padded rows per forward
     shared = [n for n in prefixes if n > 6]  # the probe's own prefix has 6 tokens
-    if name == "hfx_block_sparse" or name == "hfx_lsh":
+    if name in NO_KV_CACHE:
         assert not scorer.shares_prefixes and not scorer.decodes_from_cache and shared == []
     else:  # the sliding window decodes from a KV cache: the few-shot prefix is computed once
         assert scorer.shares_prefixes and scorer.decodes_from_cache
