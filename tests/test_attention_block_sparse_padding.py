@@ -60,8 +60,7 @@ def call(module, q, k, v, keep, **kwargs):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("block", [40, 64])  # 200 real tokens: a multiple of 40, not of 64
 @pytest.mark.parametrize("globals_from", [None, "mask", "token_ids"])
-@pytest.mark.parametrize("kv_heads", [H, 2])
-def test_row_alone_padded_and_in_a_mixed_batch_agree(causal, block, globals_from, kv_heads):
+def test_row_alone_padded_and_in_a_mixed_batch_agree(causal, block, globals_from, kv_heads=2):
     n, lengths = 256, [256, 200, 130]  # the 200-token row next to a longer and a shorter one
     q, k, v, keep = inputs(lengths, n, kv_heads)
     ids = torch.randint(10, 50, (3, n), generator=torch.Generator().manual_seed(1))
@@ -104,6 +103,21 @@ def test_padded_keys_are_never_attended_and_get_no_gradient(causal):
     pad = ~keep[:, None, :, None]
     assert torch.equal(grad_k * pad, torch.zeros_like(grad_k)) and torch.equal(grad_v * pad, torch.zeros_like(grad_v))
     assert grad_k[:, :, :130].abs().min() >= 0 and grad_k[keep[:, None].expand(-1, 2, -1)].abs().max() > 0
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients_equal_the_dense_reference_with_grouped_heads(causal):
+    n, lengths = 200, [200, 161]
+    q, k, v, keep = inputs(lengths, n, 2, seed=6)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    weights = torch.randn(2, n, H, D) * keep[:, :, None, None]
+    got = torch.autograd.grad((call(layer(causal, 32, num_random=3), *leaves, keep) * weights).sum(), leaves)
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    kv = (torch.repeat_interleave(t, 2, 1) for t in ref_leaves[1:])
+    want = dense_reference(ref_leaves[0], *kv, keep, None, causal, 32, 3, 1)
+    want = torch.autograd.grad((want * weights).sum(), ref_leaves)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
 def test_gradients_of_a_padded_batch_equal_per_row_gradients():

@@ -388,15 +388,16 @@ class _SplitTiles(torch.autograd.Function):
                 grad_out.view(shape), q, k, v, out.view(shape), lse.view(shape[:3]), 0.0, False,
                 attn_mask=part.mask, scale=plan["scale"],
             )
-            grad_q = gq.view(q_tiles.shape) if grad_q is None else grad_q.add_(gq.view(q_tiles.shape))
+            gq = gq.reshape(q_tiles.shape)
+            grad_q = gq if grad_q is None else grad_q.add_(gq)
             if part.kind == "band":
                 for j in range(plan["band_blocks"]):
                     piece = slice(j * block, (j + 1) * block)
                     grad_k_blocks[:, first + j : first + j + tiles] += gk[:, :, piece].transpose(0, 1)
                     grad_v_blocks[:, first + j : first + j + tiles] += gv[:, :, piece].transpose(0, 1)
             elif part.kind == "random":
-                grad_k.view(-1, block, head_dim).index_add_(0, plan["random_rows"], gk.reshape(-1, block, head_dim))
-                grad_v.view(-1, block, head_dim).index_add_(0, plan["random_rows"], gv.reshape(-1, block, head_dim))
+                grad_k.view(-1, block, head_dim).index_add_(0, plan["random_rows"], gk.view(-1, block, head_dim))
+                grad_v.view(-1, block, head_dim).index_add_(0, plan["random_rows"], gv.view(-1, block, head_dim))
             else:
                 ids = plan["global_blocks"]
                 grad_k_blocks[:, ids] += gk.sum(0).view(rows, len(ids), block, head_dim)
@@ -416,12 +417,14 @@ def _part_inputs(part, q_tiles, k_pad, v_pad, plan):
             (tiles, rows, span, head_dim), strides, offset
         )
     if part.kind == "random":
+        # every (tile, head) its own batch entry with one head: the kernel's key gradient then comes out
+        # contiguous, ready for index_add_ without a copy
         heads_rows = rows * plan["rep"]
-        q = q_tiles.view(tiles, heads_rows, block, head_dim)
+        q = q_tiles.view(tiles * heads_rows, 1, block, head_dim)
         index = plan["random_rows"]
 
         def gather(bank):
-            return bank.view(-1, block, head_dim).index_select(0, index).view(tiles, heads_rows, -1, head_dim)
+            return bank.view(-1, block, head_dim).index_select(0, index).view(tiles * heads_rows, 1, -1, head_dim)
 
         return q, gather(k_pad), gather(v_pad)
     ids = plan["global_blocks"]
@@ -538,6 +541,8 @@ def _split_tiles(query, key, value, tiles, index, valid, block_size, causal, sca
             random_rows = (base[None, :, :, None] + 1 + random_ids.transpose(0, 1)[:, None]).flatten()
             random_allowed = random_ok.repeat_interleave(block_size, -1)[:, None, None, :]
             parts.append(part("random", random_allowed, False))
+            if parts[-1].mask is not None:  # (T, 1, 1, K) -> one row per (tile, head) batch entry
+                parts[-1].mask = parts[-1].mask.repeat_interleave(b * heads, 0)
 
     global_pos = (torch.tensor(global_ids, device=device)[:, None] * block_size + offsets).flatten()
     global_allowed = (global_pos < length)[None, None, None, :]
@@ -551,7 +556,7 @@ def _split_tiles(query, key, value, tiles, index, valid, block_size, causal, sca
 
     q_tiles = F.pad(query, (0, 0, 0, num_blocks * block_size - length))[:, :, first * block_size : (first + num_tiles) * block_size]
     q_tiles = q_tiles.reshape(b, kv_heads, rep, num_tiles, block_size, head_dim).permute(3, 0, 1, 2, 4, 5)
-    q_tiles = q_tiles.reshape(num_tiles, b * kv_heads, rep * block_size, head_dim)
+    q_tiles = q_tiles.reshape(num_tiles, b * kv_heads, rep * block_size, head_dim).contiguous()
     plan = {
         "parts": parts, "scale": scaling, "block_size": block_size, "bank_blocks": bank_blocks, "rep": rep,
         "first_tile": first, "band_blocks": band_blocks, "random_rows": random_rows,
