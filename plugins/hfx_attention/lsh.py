@@ -105,10 +105,11 @@ def fold_windows(grad, spans):
     """Adjoint of :func:`windows_of`: (BH, chunks, shifts * c, d) window gradients summed into the source rows."""
     chunks, shifts, chunk = spans
     bh, _, _, head_dim = grad.shape
-    grad = grad.reshape(bh, chunks, shifts, chunk, head_dim)
-    out = grad.new_zeros(bh, chunks + shifts - 1, chunk, head_dim)
-    for i in range(shifts):
-        out[:, i : i + chunks] += grad[:, :, i]
+    out = grad.new_empty(bh, chunks + shifts - 1, chunk, head_dim)
+    out[:, :chunks] = grad[:, :, :chunk]  # slices, not a reshape: the flash backward's layout is not contiguous
+    out[:, chunks:].zero_()
+    for i in range(1, shifts):
+        out[:, i : i + chunks] += grad[:, :, i * chunk : (i + 1) * chunk]
     return out.view(bh, -1, head_dim)
 
 
