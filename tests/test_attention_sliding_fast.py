@@ -95,7 +95,7 @@ def test_plan_uses_the_shared_band_mask_for_interior_tiles():
     """n=1024, window 128: only the tiles whose window reaches past either end carry a mask of their own."""
     keep = torch.ones(1, 1024, dtype=torch.bool)
     plan = BandPlan(keep, None, 1, 1024, 64, False, torch.float32, "cpu")
-    tiling = plan.tilings[plan.chunk]
+    tiling = plan.tiling(plan.chunk)
     assert not tiling["full"] and tiling["runs"] == [(1, 15)] and tiling["special"].tolist() == [0, 15]
     assert tiling["band"].shape[:2] == (1, 1)  # broadcast over tiles, never expanded
 

@@ -10,10 +10,12 @@ Semantics (Longformer's, for any model):
   (causal: only by queries at or after them); each key is counted once.
 - padded keys are never attended; outputs at padded query positions are meaningless.
 
-How: queries are cut into tiles of ``chunk`` rows; each tile sees one strided view of the keys,
-``chunk + attention_window`` wide, and the whole stack of tiles goes through SDPA as one batch. Memory is
-O(n * attention_window); no (n, n) tensor exists. Global keys are appended to every tile, global queries
-are one dense row each.
+How: queries are cut into tiles of ``chunk`` rows; each tile sees one strided window of the keys,
+``chunk + attention_window`` wide. On CPU without global tokens or dropout (:class:`FlashBand`) the windows
+are zero-copy views, interior tiles share one broadcast band mask, and PyTorch's fused flash CPU kernels run
+forward and backward. Otherwise every tile goes through SDPA as one batch (:func:`tiled_band`), global
+keys appended to every tile and global queries one dense row each. Memory is O(n * attention_window); no
+(n, n) tensor exists. Packed sequences (``position_ids`` restarts, ``cu_seq_lens_*``) never see each other.
 """
 
 from __future__ import annotations
@@ -218,7 +220,13 @@ class BandPlan:
         sid[self.before : self.before + self.stream].view(batch, self.row)[:, :length] = ids
         sid[~valid] = -1
         self.valid, self.sid = valid, sid
-        self.tilings = {c: self._tiling(c) for c in {self.chunk, self.back_chunk}}
+        self._tilings: dict[int, dict] = {}
+
+    def tiling(self, chunk: int) -> dict:
+        """The layout of one chunk size, built when first asked for (the backward's only if there is one)."""
+        if chunk not in self._tilings:
+            self._tilings[chunk] = self._tiling(chunk)
+        return self._tilings[chunk]
 
     def _tiling(self, chunk: int) -> dict:
         """Which tiles of this chunk size are plain; runs of consecutive plain tiles; masks for the rest."""
@@ -260,7 +268,7 @@ class BandPlan:
 
     def calls(self, chunk: int, group: int | None = None):
         """(tile indices or a range, mask, whether the windows are a zero-copy range) per kernel call."""
-        tiling = self.tilings[chunk]
+        tiling = self.tiling(chunk)
         if tiling["full"]:
             pieces = [((0, tiling["tiles"]), tiling["masks"], (0, tiling["tiles"]))]
         else:
@@ -301,7 +309,7 @@ class BandPlan:
         """Each tile's keys (tiles, H, span, d) from the key stream or, with every tile masked, the padded
         buffer. A range: an `as_strided` view (no copy). Special tiles: gathered rows of the stream, positions
         outside it clamped (their mask drops them)."""
-        span = self.tilings[chunk]["span"]
+        span = self.tiling(chunk)["span"]
         heads, dim = keys.shape[1:]
         shift = 0 if keys.shape[0] == self.buffer else self.before  # buffer row r = stream row r - before
         if isinstance(tiles, tuple):
@@ -319,11 +327,11 @@ class BandPlan:
         return out
 
     def key_source(self, stream: torch.Tensor, chunk: int) -> torch.Tensor:
-        return self.to_buffer(stream) if self.tilings[chunk]["full"] else stream
+        return self.to_buffer(stream) if self.tiling(chunk)["full"] else stream
 
     def fold(self, grad_buffer: torch.Tensor, windows: torch.Tensor, chunk: int, tiles) -> None:
         """Add per-window key gradients (tiles, H, span, d) back onto the buffer (buffer, H, d)."""
-        pieces = self.tilings[chunk]["span"] // chunk
+        pieces = self.tiling(chunk)["span"] // chunk
         heads, dim = grad_buffer.shape[1:]
         chunks = grad_buffer.view(-1, chunk, heads, dim)
         parts = windows.transpose(1, 2).reshape(windows.shape[0], pieces, chunk, heads, dim)
@@ -373,7 +381,7 @@ class FlashBand(torch.autograd.Function):
         # key gradients are folded in window coordinates: a buffer with the windows' padding on both sides
         dk, dv = (k_stream.new_zeros(plan.buffer, heads, dim) for _ in range(2))
         k_src, v_src = plan.key_source(k_stream, chunk), plan.key_source(v_stream, chunk)
-        span = plan.tilings[chunk]["span"]
+        span = plan.tiling(chunk)["span"]
         group = max(1, BACKWARD_WINDOW_ELEMENTS // (heads * span * dim))
         dq_tiles = plan.tiles_of(dq, chunk, (0, plan.stream // chunk))
         lse_all = lse.view(-1, chunk, heads).transpose(1, 2)
