@@ -167,3 +167,19 @@ def test_hfx_model_padded_batch_equals_per_row_runs(causal, make_config):
         again = model(other, attention_mask=mask).last_hidden_state
     real = mask.bool()[:, :, None]
     torch.testing.assert_close(again * real, batch * real, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_general_path_equals_the_fast_path_and_the_reference(causal, monkeypatch):
+    """GPUs, other dtypes and dropout take the gathered-tile path: same numbers as the CPU split path."""
+    from hfx_attention import block_sparse
+
+    q, k, v, keep = inputs([230, 201], 230, 2, seed=7)
+    module = layer(causal, 32, num_random=3)
+    fast = call(module, q, k, v, keep)
+    monkeypatch.setattr(block_sparse, "_split_ready", lambda *args: False)
+    general = call(module, q, k, v, keep)
+    want = dense_reference(q, *(torch.repeat_interleave(t, 2, 1) for t in (k, v)), keep, None, causal, 32, 3, 1)
+    real = keep[:, :, None, None]
+    torch.testing.assert_close(general * real, want * real, atol=1e-5, rtol=0)
+    torch.testing.assert_close(general * real, fast * real, atol=1e-5, rtol=0)
