@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from hfx.registry import Component
 
@@ -101,7 +102,7 @@ def banded_attention(query, key, value, keep, flags, half: int, causal: bool, sc
     offset = key.shape[2] - length
     if segments is not None and offset:
         raise ValueError(f"{NAME}: packed sequences need as many keys as queries; got {length} queries, {key.shape[2]} keys.")
-    if flash_band_applies(query, key, flags, dropout):
+    if flash_band_applies(query, key, value, flags, dropout):
         return FlashBand.apply(query, key, value, keep, segments, half, causal, scaling)
     return tiled_band(query, key, value, keep, flags, half, causal, scaling, dropout, segments)
 
@@ -175,7 +176,7 @@ _flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def flash_band_applies(query, key, flags, dropout: float) -> bool:
+def flash_band_applies(query, key, value, flags, dropout: float) -> bool:
     """The fused CPU kernel has no dropout; global tokens and cached decoding take the tiled path."""
     return (
         query.device.type == "cpu"
@@ -184,7 +185,7 @@ def flash_band_applies(query, key, flags, dropout: float) -> bool:
         and flags is None
         and not dropout
         and key.shape[2] == query.shape[2]
-        and query.shape[-1] == key.shape[-1]
+        and query.shape[-1] == key.shape[-1] == value.shape[-1]
     )
 
 
@@ -372,6 +373,7 @@ class FlashBand(torch.autograd.Function):
         return plan.from_stream(out)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         q_stream, k_stream, v_stream, out, lse = ctx.saved_tensors
         plan, chunk = ctx.plan, ctx.plan.back_chunk
