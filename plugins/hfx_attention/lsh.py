@@ -8,7 +8,8 @@ Semantics (Reformer's, with transformers' config names):
 - tokens are stably sorted by (round, bucket, position); the sorted sequence is cut into chunks of
   ``lsh_attn_chunk_length``; each chunk's queries attend to the keys of the chunk itself,
   ``lsh_num_chunks_before`` chunks before and ``lsh_num_chunks_after`` after (circularly, as Reformer);
-- masked keys (padding; causal: later positions) score -1e9 instead of being removed, as in Reformer;
+- masked keys (padding inside a row; causal: later positions) score -1e9 instead of being removed, as in
+  Reformer;
   ``lsh_exclude_self=True`` gives a token's own key -1e5 (Reformer's rule for tied query/key projections);
 - the rounds are combined with weights softmax over rounds of each round's log-sum-exp; both softmaxes
   subtract the maximum, so a query whose only admissible key is itself gets exactly its own value
@@ -19,6 +20,9 @@ Reformer's shared-QK hashing, since the bucket of a vector does not change when 
 Rotations come from ``hash_seed`` (``None``: fresh ones every call, as Reformer does in training), drawn
 with the same generator call as Reformer, so equal seeds give equal buckets.
 Memory: O(n * num_hashes * chunk * (1 + chunks before + chunks after)).
+
+Padding invariance: everything above is done per row, with the row's own length (its last real token + 1)
+as ``seq_len``: a right-padded row, or a row next to longer ones, gives the outputs it gives alone.
 """
 
 from __future__ import annotations
@@ -80,9 +84,10 @@ def hash_buckets(key, keep, num_hashes: int, num_buckets: int, seed) -> torch.Te
     rotated = rotated.view(batch, heads, length, num_hashes, num_buckets // 2)
     # argmax over [kR, -kR] without building it: where -kR holds the larger maximum take argmax of -kR
     # (argmin of kR), else argmax of kR; ties go to the first half, as argmax's first maximum would.
-    low, high = torch.aminmax(rotated, dim=-1)
-    flip = high < -low
-    buckets = rotated.mul_(torch.where(flip, -1.0, 1.0).to(rotated.dtype)[..., None]).argmax(dim=-1)
+    # (amax and amin are vectorised reductions; aminmax is not, and takes longer than both together)
+    flip = rotated.amax(dim=-1, keepdim=True) < -rotated.amin(dim=-1, keepdim=True)
+    buckets = rotated.mul_(torch.where(flip, -1.0, 1.0).to(rotated.dtype)).argmax(dim=-1)
+    flip = flip[..., 0]
     buckets = (buckets + flip * (num_buckets // 2)).transpose(2, 3)
     return buckets.masked_fill(~keep[:, None, None, :], num_buckets)
 
