@@ -223,13 +223,45 @@ def test_generate_until_equals_greedy_generate_alone(models, tok, name):
     assert scorer.forward_calls <= 10  # one batch: one forward per step, not one generate per request
 
 
-def test_sampled_generation_without_a_kv_cache_runs_one_at_a_time(models, tok):
+def _spy_generate(monkeypatch, model):
+    calls, real = [], model.generate
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    return calls
+
+
+def test_sampled_generation_without_a_kv_cache_runs_one_at_a_time(models, tok, monkeypatch):
+    calls = _spy_generate(monkeypatch, models["hfx_lsh"])
     scorer = CausalLMScorer(models["hfx_lsh"], tok, progress=False)
+    assert not scorer.decodes_from_cache
     gen_kwargs = {"until": ["owl"], "max_gen_toks": 5, "do_sample": True, "temperature": 1.0}
-    first = scorer.generate_until([("the cat is", gen_kwargs), ("a big dog", gen_kwargs)])
-    again = CausalLMScorer(models["hfx_lsh"], tok, progress=False).generate_until(
-        [("the cat is", gen_kwargs), ("a big dog", gen_kwargs)])
+    requests = [("the cat is", gen_kwargs), ("a big dog", gen_kwargs), ("red owl", gen_kwargs)]
+    first = scorer.generate_until(requests)
+    # one generate per request, one row each, every step a full forward (the backend cannot decode from a cache)
+    assert len(calls) == 3
+    assert all(call["use_cache"] is False and call["input_ids"].shape[0] == 1 for call in calls)
+    again = CausalLMScorer(models["hfx_lsh"], tok, progress=False).generate_until(requests)
     assert first == again and all(isinstance(text, str) for text in first)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("name,caches", [("hfx_lsh", False), ("hfx_sliding_window", True)])
+def test_use_cache_in_gen_kwargs_gives_way_to_a_backend_that_cannot_cache(models, tok, monkeypatch, name, caches, use_cache):
+    """lm-eval passes gen_kwargs on to ``generate``, where ``use_cache`` only changes speed: a backend that needs
+    every key per forward overrides it (no "multiple values for keyword argument"); other backends keep it."""
+    calls = _spy_generate(monkeypatch, models[name])
+    scorer = CausalLMScorer(models[name], tok, progress=False)
+    assert scorer.decodes_from_cache is caches
+    prompts = ["the cat is", "a big dog"]
+    greedy = {"until": ["owl"], "max_gen_toks": 4, "do_sample": False}
+    got = scorer.generate_until([(p, {**greedy, "use_cache": use_cache}) for p in prompts])
+    assert len(calls) == 2  # an option beyond do_sample: one generate per request
+    assert all(call["use_cache"] is (use_cache and caches) for call in calls)
+    assert got == CausalLMScorer(models[name], tok, progress=False).generate_until([(p, greedy) for p in prompts])
 
 
 MC_TASK = """task: long_mc

@@ -183,13 +183,16 @@ def _generate(scorer, ids: torch.Tensor, max_new: int, until: list[str], options
             return torch.tensor([any(s and s in text for s in until)], device=input_ids.device)
 
     scorer.forward_calls += 1
-    no_cache = {} if scorer.decodes_from_cache else {"use_cache": False}  # a backend that needs every key per forward
+    # ``use_cache`` in a task's gen_kwargs is a speed knob (lm-eval passes it on to ``generate``, whose
+    # outputs it must not change): a backend that needs every key per forward overrides it with False.
+    options = dict(options)
+    if not scorer.decodes_from_cache:
+        options["use_cache"] = False
     result = scorer.model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
         max_new_tokens=max_new,
         **options,
-        **no_cache,
         stopping_criteria=StoppingCriteriaList([StopStrings()]),
         pad_token_id=scorer.tokenizer.pad_token_id if scorer.tokenizer.pad_token_id is not None else scorer.tokenizer.eos_token_id,
     )
