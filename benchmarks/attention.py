@@ -293,7 +293,7 @@ def ratio(rows, a, b, n, key):
 
 
 def cpu_targets(run: dict) -> list[dict]:
-    """The issue's CPU targets, from one thread count's rows and its own matmul figure."""
+    """The CPU targets (see docs/long-context.md#benchmark), from one thread count's rows and its own matmul figure."""
     rows, dense, out = run["rows"], run["matmul_gflops"], []
     sw, lf, bs, bb, lsh, rf = ("hfx_sliding_window", "longformer (transformers)", "hfx_block_sparse", "bigbird (transformers)",
                                "hfx_lsh", "reformer_lsh (transformers)")
