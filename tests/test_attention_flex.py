@@ -227,6 +227,40 @@ def test_flex_unusable_names_the_reason():
     assert "not on 'meta'" in flex_route.flex_unusable(torch.device("meta"))
 
 
+@pytest.fixture
+def fresh_api_check():
+    flex_route.flex_api_missing.cache_clear()
+    yield
+    flex_route.flex_api_missing.cache_clear()
+
+
+@pytest.mark.usefixtures("fresh_api_check")
+@pytest.mark.parametrize("missing", ["seq_lengths", "enable_gqa"])
+def test_an_older_flex_api_is_a_reason_auto_goes_tiled_and_flex_refuses(monkeypatch, missing):
+    """A torch with the Flex module but without a keyword argument the route passes: found before any forward."""
+    import torch.nn.attention.flex_attention as api
+
+    assert flex_route.flex_api_missing() is None  # the installed torch has both
+    flex_route.flex_api_missing.cache_clear()
+    if missing == "seq_lengths":
+        def old(cls, kv_num_blocks, kv_indices, full_kv_num_blocks=None, full_kv_indices=None, BLOCK_SIZE=128, mask_mod=None):
+            raise AssertionError("never called")
+
+        monkeypatch.setattr(api.BlockMask, "from_kv_blocks", classmethod(old))
+    else:
+        def old(query, key, value, score_mod=None, block_mask=None, scale=None, return_lse=False, kernel_options=None):
+            raise AssertionError("never called")
+
+        monkeypatch.setattr(api, "flex_attention", old)
+    reason = flex_route.flex_unusable(torch.device("cuda"))
+    assert f"takes no {missing}=" in reason
+    config = types.SimpleNamespace(attention_route="auto")
+    full = fake_query(512, "cuda")
+    assert choose_route(config, full, full, full, 0.0, "x") == "tiled"
+    with pytest.raises(ValueError, match=f"attention_route='flex' cannot run: .*takes no {missing}="):
+        choose_route(types.SimpleNamespace(attention_route="flex"), full, full, full, 0.0, "x")
+
+
 @pytest.mark.parametrize("attention_type", ["hfx_sliding_window", "hfx_block_sparse"])
 def test_model_config_takes_and_checks_the_route(attention_type):
     from hfx.configuration_hfx import HfxConfig

@@ -19,6 +19,7 @@ materialise), and the exact token-level pattern is the ``mask_mod``.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import shutil
 from functools import lru_cache
@@ -36,12 +37,40 @@ def route_setting(config, name: str) -> str:
     return route
 
 
+# the keyword arguments this route passes (block_mask_from_dense, run_flex): an older torch that has the module
+# but not these would fail with a TypeError at the first forward
+FLEX_API = (("BlockMask.from_kv_blocks", "seq_lengths"), ("flex_attention", "enable_gqa"))
+
+
+@lru_cache(maxsize=1)
+def flex_api_missing() -> str | None:
+    """Which keyword argument this route needs that the installed Flex API lacks, or None when it has them all."""
+    from torch.nn.attention import flex_attention as module
+
+    for qualified, argument in FLEX_API:
+        target = module
+        for part in qualified.split("."):
+            target = getattr(target, part, None)
+        if target is None:
+            return f"torch {torch.__version__}'s torch.nn.attention.flex_attention has no {qualified}"
+        try:
+            parameters = inspect.signature(target).parameters
+        except (TypeError, ValueError):  # no signature to read: assume it takes what the documented API takes
+            continue
+        if argument not in parameters:
+            return f"torch {torch.__version__}'s {qualified} takes no {argument}= (needed by the Flex route)"
+    return None
+
+
 def flex_unusable(device: torch.device) -> str | None:
     """Why FlexAttention cannot run on ``device`` here, or None when it can."""
     if device.type not in ("cpu", "cuda"):
         return f"FlexAttention is routed only on CPU and CUDA, not on {device.type!r}"
     if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
         return f"torch {torch.__version__} has no torch.nn.attention.flex_attention"
+    missing = flex_api_missing()
+    if missing:
+        return missing
     if device.type == "cuda" and importlib.util.find_spec("triton") is None:
         return "FlexAttention on CUDA compiles with Triton, which is not installed"
     if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "c++", "g++", "clang++") if c):
