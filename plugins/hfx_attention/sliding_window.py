@@ -20,6 +20,8 @@ keys appended to every tile and global queries one dense row each. Memory is O(n
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -204,10 +206,11 @@ class BandPlan:
         small = max(8, 1 << (length - 1).bit_length())
         self.chunk = min(FLASH_CHUNK, small)
         self.back_chunk = min(max(FLASH_BACKWARD_CHUNK, self.chunk), max(small, self.chunk))
-        # both tilings cut the same stream: rows padded to a multiple of the larger chunk, and the window
-        # width rounded up to a multiple of it, so that every window starts and ends on a chunk boundary
+        # both tilings cut the same stream: rows padded to a multiple of the larger chunk (a multiple of the
+        # smaller), and the window width rounded up to a multiple of the forward chunk, so that every window
+        # starts and ends on a forward-chunk boundary
         self.row = _round_up(length, self.back_chunk)
-        self.stride_pad = _round_up(reach, self.back_chunk)  # window = chunk + stride_pad columns
+        self.stride_pad = _round_up(reach, self.chunk)  # window = chunk + stride_pad columns
         self.batch, self.length, self.dtype, self.device = batch, length, dtype, device
         self.stream = batch * self.row
         self.buffer = self.before + self.stream + self.stride_pad - self.before  # keys, with both pads
@@ -332,15 +335,16 @@ class BandPlan:
 
     def fold(self, grad_buffer: torch.Tensor, windows: torch.Tensor, chunk: int, tiles) -> None:
         """Add per-window key gradients (tiles, H, span, d) back onto the buffer (buffer, H, d)."""
-        pieces = self.tiling(chunk)["span"] // chunk
+        size = math.gcd(chunk, self.stride_pad)  # pieces of `size` rows; tile t starts at piece t * step
+        pieces, step = self.tiling(chunk)["span"] // size, chunk // size
         heads, dim = grad_buffer.shape[1:]
-        chunks = grad_buffer.view(-1, chunk, heads, dim)
-        parts = windows.transpose(1, 2).reshape(windows.shape[0], pieces, chunk, heads, dim)
+        chunks = grad_buffer.view(-1, size, heads, dim)
+        parts = windows.transpose(1, 2).reshape(windows.shape[0], pieces, size, heads, dim)
         for j in range(pieces):
             if isinstance(tiles, tuple):
-                chunks[tiles[0] + j : tiles[1] + j] += parts[:, j]
+                chunks[tiles[0] * step + j : tiles[1] * step + j : step] += parts[:, j]
             else:
-                chunks.index_add_(0, tiles + j, parts[:, j])
+                chunks.index_add_(0, tiles * step + j, parts[:, j])
 
 
 class FlashBand(torch.autograd.Function):
