@@ -184,11 +184,17 @@ def _attend(query, key, value, keep, extra, block_size, num_random, seed, layer,
     if extra_only is not None and not bool(extra_only.any()):
         extra_only = None
 
-    out = None
+    out = split_rows = None
+    first_rows = min(block_size, length)
+
+    def global_rows():  # the global rows of the first and the last block are contiguous: sliced and concatenated, no gather
+        return torch.cat([query[:, :, :first_rows], query[:, :, max((num_blocks - 1) * block_size, first_rows) :]], dim=2)
+
     if num_tiles:
         if _split_ready(query, keep, extra_only, dropout):
             index, layout_valid = (t.to(device) for t in block_layout(num_blocks, heads, num_random, seed, layer, causal))
-            out = _split_tiles(query, key, value, tiles, index, layout_valid, block_size, causal, scaling)
+            out, split_rows = _split_tiles(query, key, value, tiles, index, layout_valid, block_size, causal, scaling,
+                                           rows=None if causal else global_rows())
         else:
             out = _tiles(query, key, value, keep, extra_only, tiles, slots, valid, block_size, causal, scaling, dropout)
     if causal:  # block 0's rows are exact as a tile: only extra global tokens need dense rows
@@ -197,13 +203,12 @@ def _attend(query, key, value, keep, extra, block_size, num_random, seed, layer,
             return out
         flags = extra_only
     else:
-        # the global rows of the first and the last block are contiguous: sliced and concatenated, no gather
-        first_rows = min(block_size, length)
-        rows = torch.cat([query[:, :, :first_rows], query[:, :, max((num_blocks - 1) * block_size, first_rows) :]], dim=2)
-        if _split_ready(query, keep, None, dropout):
-            rows = _split_key_rows(rows, key, value, scaling, rep).transpose(1, 2)
+        if split_rows is not None:
+            rows = split_rows.transpose(1, 2)
+        elif _split_ready(query, keep, None, dropout):
+            rows = _split_key_rows(global_rows(), key, value, scaling, rep).transpose(1, 2)
         else:
-            rows = _attend_all_keys(rows, key, value, None, keep, scaling, dropout, rep).transpose(1, 2)
+            rows = _attend_all_keys(global_rows(), key, value, None, keep, scaling, dropout, rep).transpose(1, 2)
         out = torch.cat([rows[:, :first_rows], *([] if out is None else [out]), rows[:, first_rows:]], dim=1)
         if extra_only is None:
             return out
@@ -344,20 +349,28 @@ class _SplitTiles(torch.autograd.Function):
     calls merged by log-sum-exp instead of one call on gathered, concatenated keys.
 
     The band is an overlapping strided view of the padded keys (no copy), the global blocks one small
-    copy broadcast over tiles (stride 0), and only the random blocks are gathered (and re-gathered in
-    backward rather than saved). Backward feeds each call the merged output and log-sum-exp, which gives
-    each part exactly its share of the joint softmax's gradient; the band's gradient is folded back with
-    shifted adds, the random blocks' with one ``index_add_``.
+    copy read as one key head shared by all tiles (the kernel's grouped-query heads: their key gradient
+    comes out summed over tiles), and only the random blocks are gathered (and re-gathered in backward
+    rather than saved). Backward feeds each call the merged output and log-sum-exp, which gives each part
+    exactly its share of the joint softmax's gradient; the band's gradient is folded back with shifted
+    adds, the random blocks' with one ``index_add_``.
+
+    Given ``rows`` (the global query rows, (R, g, d)), the same Function also runs them against every
+    key, split-KV over chunk views of the same padded banks (as :class:`_SplitKeys`, without copies of
+    its own), their key gradients added in place into the banks' gradients; it returns (tiles' output,
+    rows' output or an empty tensor).
     """
 
     @staticmethod
-    def forward(ctx, q_tiles, k_pad, v_pad, plan):
+    def forward(ctx, q_tiles, k_pad, v_pad, rows, plan):
         outs, lses = [], []
         for part in plan["parts"]:
             q, k, v = _part_inputs(part, q_tiles, k_pad, v_pad, plan)
             out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=part.mask, scale=plan["scale"])
+            if part.kind == "global":  # (rows, tiles, ...) -> the tiles' layout
+                out, lse = out.transpose(0, 1), lse.transpose(0, 1)
             lse = lse.reshape(q_tiles.shape[:3]).masked_fill(~part.has_key, float("-inf"))
-            outs.append(out.view(q_tiles.shape))
+            outs.append(out.reshape(q_tiles.shape))
             lses.append(lse)
         lse = torch.logsumexp(torch.stack(lses), dim=0)
         lse = lse.masked_fill(lse == float("-inf"), 0.0)
@@ -366,14 +379,20 @@ class _SplitTiles(torch.autograd.Function):
         for part_lse, part_out in zip(lses[1:], outs[1:]):
             out.addcmul_(part_out.float(), torch.exp(part_lse - lse)[..., None])
         out = out.to(q_tiles.dtype)
-        ctx.save_for_backward(q_tiles, k_pad, v_pad, out, lse)
+        merged = total = None
+        if rows is not None:  # the global rows against every key, split-KV over the same padded banks
+            q, k, v = _bank_chunks(rows, k_pad, v_pad, plan)
+            row_out, row_lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=plan["key_mask"], scale=plan["scale"])
+            total = torch.logsumexp(row_lse, dim=0)  # every chunk holds a real key: no empty rows
+            merged = (row_out * torch.exp(row_lse - total)[..., None]).sum(0)
+        ctx.save_for_backward(q_tiles, k_pad, v_pad, out, lse, rows, merged, total)
         ctx.plan = plan
-        return out
+        return out, (merged if merged is not None else out.new_zeros(0))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        q_tiles, k_pad, v_pad, out, lse = ctx.saved_tensors
+    def backward(ctx, grad_out, grad_rows):
+        q_tiles, k_pad, v_pad, out, lse, row_q, merged, total = ctx.saved_tensors
         plan = ctx.plan
         grad_out = grad_out.contiguous()
         grad_q = None
@@ -383,12 +402,15 @@ class _SplitTiles(torch.autograd.Function):
         tiles, first = q_tiles.shape[0], plan["first_tile"]
         for part in plan["parts"]:
             q, k, v = _part_inputs(part, q_tiles, k_pad, v_pad, plan)
-            shape = q.shape
+            if part.kind == "global":  # the tiles as grouped query heads of one key head: (rows, tiles, ...) views
+                part_grad, part_out, part_lse = grad_out.transpose(0, 1), out.transpose(0, 1), lse.transpose(0, 1)
+            else:
+                shape = q.shape
+                part_grad, part_out, part_lse = grad_out.view(shape), out.view(shape), lse.view(shape[:3])
             gq, gk, gv = _FLASH_CPU_BACKWARD(
-                grad_out.view(shape), q, k, v, out.view(shape), lse.view(shape[:3]), 0.0, False,
-                attn_mask=part.mask, scale=plan["scale"],
+                part_grad, q, k, v, part_out, part_lse, 0.0, False, attn_mask=part.mask, scale=plan["scale"],
             )
-            gq = gq.reshape(q_tiles.shape)
+            gq = gq.transpose(0, 1) if part.kind == "global" else gq.reshape(q_tiles.shape)
             grad_q = gq if grad_q is None else grad_q.add_(gq)
             if part.kind == "band":
                 for j in range(plan["band_blocks"]):
@@ -400,9 +422,35 @@ class _SplitTiles(torch.autograd.Function):
                 grad_v.view(-1, block, head_dim).index_add_(0, plan["random_rows"], gv.view(-1, block, head_dim))
             else:
                 ids = plan["global_blocks"]
-                grad_k_blocks[:, ids] += gk.sum(0).view(rows, len(ids), block, head_dim)
-                grad_v_blocks[:, ids] += gv.sum(0).view(rows, len(ids), block, head_dim)
-        return grad_q, grad_k, grad_v, None
+                grad_k_blocks[:, ids] += gk.view(rows, len(ids), block, head_dim)
+                grad_v_blocks[:, ids] += gv.view(rows, len(ids), block, head_dim)
+        grad_row_q = None
+        if row_q is not None:  # split-KV backward: each chunk's key gradient lands in place in the bank's gradient
+            q, k, v = _bank_chunks(row_q, k_pad, v_pad, plan)
+            chunks = q.shape[0]
+            grad_row_q, gk, gv = _FLASH_CPU_BACKWARD(
+                grad_rows.contiguous().expand(chunks, *grad_rows.shape), q, k, v, merged.expand(chunks, *merged.shape),
+                total.expand(chunks, *total.shape), 0.0, False, attn_mask=plan["key_mask"], scale=plan["scale"],
+            )
+            grad_row_q = grad_row_q.sum(0)
+            _bank_chunks(None, grad_k, None, plan)[1].add_(gk)
+            _bank_chunks(None, grad_v, None, plan)[1].add_(gv)
+        return grad_q, grad_k, grad_v, grad_row_q, None
+
+
+def _bank_chunks(rows, k_pad, v_pad, plan):
+    """rows (R, g, d) broadcast over the key chunks; the banks' real keys (from their second block on) as
+    (chunks, R, chunk, d) views, the bank's padding beyond the last real key masked by ``plan["key_mask"]``."""
+    chunks, chunk, block = plan["key_chunks"], plan["key_chunk"], plan["block_size"]
+
+    def split(bank):
+        if bank is None:
+            return None
+        head_dim = bank.shape[-1]
+        return bank.as_strided((chunks, bank.shape[0], chunk, head_dim), (chunk * head_dim, bank.stride(0), head_dim, 1),
+                               bank.storage_offset() + block * head_dim)
+
+    return None if rows is None else rows.expand(chunks, *rows.shape), split(k_pad), split(v_pad)
 
 
 def _part_inputs(part, q_tiles, k_pad, v_pad, plan):
@@ -430,10 +478,11 @@ def _part_inputs(part, q_tiles, k_pad, v_pad, plan):
     ids = plan["global_blocks"]
     blocks = plan["bank_blocks"]
 
-    def globals_of(bank):
-        return bank.view(rows, blocks, block, head_dim)[:, ids].reshape(rows, -1, head_dim).expand(tiles, -1, -1, -1)
+    def globals_of(bank):  # (rows, 1, globals, d): one key head shared by every tile (the kernel's grouped heads)
+        return bank.view(rows, blocks, block, head_dim)[:, ids].reshape(rows, 1, -1, head_dim)
 
-    return q_tiles, globals_of(k_pad), globals_of(v_pad)
+    # queries (rows, tiles, rep * c, d), a transposed view: the key gradient comes out summed over tiles
+    return q_tiles.transpose(0, 1), globals_of(k_pad), globals_of(v_pad)
 
 
 class _SplitKeys(torch.autograd.Function):
@@ -499,8 +548,10 @@ def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor | None:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
-def _split_tiles(query, key, value, tiles, index, valid, block_size, causal, scaling):
-    """Outputs (b, T * block_size, H, d) of the query blocks ``tiles`` through :class:`_SplitTiles`.
+def _split_tiles(query, key, value, tiles, index, valid, block_size, causal, scaling, rows=None, chunk=512):
+    """Outputs (b, T * block_size, H, d) of the query blocks ``tiles`` through :class:`_SplitTiles`, and, given
+    global query rows (b, H, g, d), their outputs (b, H, g, d) against every key (else None), from the same
+    padded key/value banks.
 
     index/valid: :func:`block_layout` of the row length (band slots first, then the random ones)."""
     b, heads, length, head_dim = query.shape
@@ -508,7 +559,10 @@ def _split_tiles(query, key, value, tiles, index, valid, block_size, causal, sca
     rep = heads // kv_heads
     device, dtype = query.device, query.dtype
     num_blocks = -(-length // block_size)
-    bank_blocks = num_blocks + 2  # one empty block on each side: the band never leaves the bank
+    chunk = min(chunk, length)
+    key_chunks = -(-length // chunk)
+    # one empty block on each side: the band never leaves the bank; the key chunks of the global rows neither
+    bank_blocks = num_blocks + 2 if rows is None else max(num_blocks + 2, 1 + -(-(key_chunks * chunk) // block_size))
     num_tiles, first = len(tiles), int(tiles[0])
     band_blocks = 2 if causal else 3
     global_ids = [0] if causal or num_blocks == 1 else [0, num_blocks - 1]
@@ -549,22 +603,36 @@ def _split_tiles(query, key, value, tiles, index, valid, block_size, causal, sca
     if causal:
         global_allowed = global_allowed & (global_pos <= query_pos)
     parts.append(part("global", global_allowed, True))
+    if parts[-1].mask is not None:  # (T, 1, 1 | rep*c, K) -> (1, T, ...): the global part runs tiles as heads
+        parts[-1].mask = parts[-1].mask.transpose(0, 1)
 
     def bank(x):
-        x = F.pad(x, (0, 0, block_size, (num_blocks + 1) * block_size - length))
+        x = F.pad(x, (0, 0, block_size, (bank_blocks - 1) * block_size - length))
         return x.reshape(b * kv_heads, bank_blocks * block_size, head_dim)
 
-    q_tiles = F.pad(query, (0, 0, 0, num_blocks * block_size - length))[:, :, first * block_size : (first + num_tiles) * block_size]
+    key_mask = None
+    if rows is not None and key_chunks * chunk != length:
+        position = torch.arange(key_chunks * chunk, device=device).view(key_chunks, 1, 1, chunk)
+        key_mask = torch.zeros(position.shape, dtype=dtype, device=device).masked_fill_(position >= length, float("-inf"))
+
+    end = (first + num_tiles) * block_size
+    q_tiles = query if end <= length else F.pad(query, (0, 0, 0, end - length))  # the pad only where a tile needs it
+    q_tiles = q_tiles[:, :, first * block_size : end]
     q_tiles = q_tiles.reshape(b, kv_heads, rep, num_tiles, block_size, head_dim).permute(3, 0, 1, 2, 4, 5)
     q_tiles = q_tiles.reshape(num_tiles, b * kv_heads, rep * block_size, head_dim).contiguous()
     plan = {
         "parts": parts, "scale": scaling, "block_size": block_size, "bank_blocks": bank_blocks, "rep": rep,
         "first_tile": first, "band_blocks": band_blocks, "random_rows": random_rows,
         "global_blocks": torch.tensor(global_ids, device=device) + 1,
+        "key_chunk": chunk, "key_chunks": key_chunks, "key_mask": key_mask,
     }
-    out = _SplitTiles.apply(q_tiles, bank(key), bank(value), plan)
+    g = None if rows is None else rows.shape[2]
+    if rows is not None:
+        rows = rows.reshape(b * kv_heads, rep * g, head_dim)
+    out, row_out = _SplitTiles.apply(q_tiles, bank(key), bank(value), rows, plan)
     out = out.view(num_tiles, b, heads, block_size, head_dim).permute(1, 0, 3, 2, 4)
-    return out.reshape(b, num_tiles * block_size, heads, head_dim)
+    out = out.reshape(b, num_tiles * block_size, heads, head_dim)
+    return out, (None if rows is None else row_out.view(b, heads, g, head_dim))
 
 
 def validate(config) -> None:
