@@ -53,7 +53,9 @@ def check_episode_spec(groups: dict, n_way: int, k_shot: int, n_query: int, epis
         _check_counts(name, value, minimum)
     if support_groups is not None and set(support_groups) != set(groups):
         only = sorted(set(support_groups) ^ set(groups), key=str)
-        raise ValueError(f"classes {only} are in only one of the support data and the query data.")
+        raise ValueError(f"classes {only} are in only one of the support data and the query data (with hfx eval, "
+                         "--limit or --samples keeps only some query documents and can leave a class out: raise "
+                         "the limit or leave it off).")
     if n_way > len(groups):
         raise ValueError(
             f"n_way={n_way} is larger than the number of classes in the data ({len(groups)}: {list(groups)})."
