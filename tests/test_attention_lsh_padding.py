@@ -187,3 +187,42 @@ def test_hfx_model_padded_batch_equals_each_row_alone(causal, make_config):
                 torch.testing.assert_close(batch.logits[row, :length], solo.logits[0], atol=1e-5, rtol=0)
             else:
                 torch.testing.assert_close(batch.last_hidden_state[row, :length], solo.last_hidden_state[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("source", ["position_ids", "cu_seq_lens"])
+def test_packed_sequences_are_refused(source):
+    """Two sequences in one row would be hashed and chunked together: one clear error instead."""
+    module = layer(lsh_attn_chunk_length=8)
+    q, k, v = (torch.randn(1, H, 32, D) for _ in range(3))
+    cu = torch.tensor([0, 20, 32], dtype=torch.int32)
+    kwargs = {"position_ids": torch.cat([torch.arange(20), torch.arange(12)])[None]} if source == "position_ids" else {
+        "cu_seq_lens_q": cu, "cu_seq_lens_k": cu}
+    with pytest.raises(ValueError, match=r"hfx_lsh does not support packed sequences.*hfx_sliding_window"):
+        lsh_attention(module, q, k, v, None, **kwargs)
+    # left padding with generate's position ids (1 on the pads, then 0, 1, ...): one sequence, not refused
+    keep = torch.arange(32)[None] >= 5
+    position_ids = (keep.long().cumsum(-1) - 1).masked_fill(~keep, 1)
+    out, _ = lsh_attention(module, q, k, v, keep, position_ids=position_ids)
+    torch.testing.assert_close(out, lsh_attention(module, q, k, v, keep)[0], atol=0, rtol=0)
+
+
+def test_grouped_heads_must_divide_the_query_heads():
+    q, k, v = torch.randn(1, 3, 16, D), torch.randn(1, 2, 16, D), torch.randn(1, 2, 16, D)
+    with pytest.raises(ValueError, match=r"hfx_lsh: 3 query heads cannot share 2 key/value heads"):
+        lsh_attention(layer(lsh_attn_chunk_length=8), q, k, v, None)
+
+
+def test_without_the_fused_cpu_kernel_the_exact_path_gives_the_same_result(monkeypatch):
+    """common.flash_cpu_ops() is None on a torch without the private kernels: materialised scores instead."""
+    from hfx_attention import lsh
+
+    module = layer(num_hashes=2, lsh_attn_chunk_length=8, hash_seed=1)
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(2, H, 64, D, requires_grad=True) for _ in range(3))
+    out, _ = lsh_attention(module, q, k, v, None)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    monkeypatch.setattr(lsh, "flash_cpu_ops", lambda: None)
+    exact, _ = lsh_attention(module, q, k, v, None)
+    torch.testing.assert_close(exact, out, atol=rounding_bound(v), rtol=0)
+    for got, want in zip(torch.autograd.grad(exact.square().sum(), (q, k, v)), grads):
+        torch.testing.assert_close(got, want, atol=rounding_bound(want, 32), rtol=0)

@@ -10,6 +10,7 @@ flash and SDPA read too). A dense ``(batch, 1, q, kv)`` mask is never built, so 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,8 @@ def padding_mask(
             f"hfx long-context attention: queries at {int(q_offset)}..{int(q_offset) + q_length - 1} against "
             f"{kv_length} key slots from {kv_offset}: the queries must be the last keys (self-attention with the "
             "default dynamic KV cache). A static cache (cache_implementation='static') or cross-attention needs "
-            "attn_implementation='sdpa'."
+            "attn_implementation='sdpa'; to keep this backend with generate(), use the dynamic cache instead: "
+            "generate(..., cache_implementation=\"dynamic\")."
         )
     if attention_mask is None:
         return None
@@ -179,10 +181,88 @@ def attach_global_token_ids(model) -> None:
     model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def expand_kv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+def check_kv_heads(query: torch.Tensor, key: torch.Tensor, name: str) -> None:
+    """Grouped-query attention: every key/value head serves the same number of query heads."""
+    heads, kv_heads = query.shape[1], key.shape[1]
+    if kv_heads < 1 or heads % kv_heads:
+        raise ValueError(
+            f"{name}: {heads} query heads cannot share {kv_heads} key/value heads; the number of query heads must "
+            "be a multiple of the number of key/value heads (grouped-query attention)."
+        )
+
+
+def expand_kv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, name: str = "hfx long-context attention"):
     """Repeat grouped key/value heads so that every query head has its own."""
+    check_kv_heads(query, key, name)
     n_rep = query.shape[1] // key.shape[1]
     return repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+
+
+def real_lengths(keep: torch.Tensor) -> torch.Tensor:
+    """(B,) position of each row's last real key + 1 (0 for a row without one); keep bool (B, n)."""
+    positions = torch.arange(1, keep.shape[1] + 1, device=keep.device)
+    return (positions * keep).amax(dim=1)
+
+
+def refuse_packed(kwargs: dict, keep: torch.Tensor, name: str) -> None:
+    """Backends that lay out a whole row (hashing, blocks) cannot keep packed sequences apart: one clear error.
+
+    keep bool (B, n), True on real tokens. Only boundaries between real tokens count, so position ids that
+    restart on padding (left padding in ``generate``) are not mistaken for packing."""
+    batch, length = keep.shape
+    ids = sequence_ids(kwargs, batch, length, length, keep.device, name)
+    if ids is None:
+        return
+    first = ids.masked_fill(~keep, ids.numel()).amin(dim=-1)
+    last = ids.masked_fill(~keep, -1).amax(dim=-1)
+    if bool((last > first).any()):
+        raise ValueError(
+            f"{name} does not support packed sequences (several sequences in one row, from position_ids restarts "
+            "or cu_seq_lens_q/cu_seq_lens_k): it would attend across them. Packed rows are supported by "
+            "hfx_sliding_window; use padded rows (one sequence per row, with an attention_mask) or "
+            "attn_implementation='hfx_sliding_window' with this data."
+        )
+
+
+def additive_mask(allowed: torch.Tensor, dtype) -> torch.Tensor:
+    """Bool mask -> additive float mask of ``dtype``: 0 where allowed, -inf elsewhere (same shape and device)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
+@cache
+def flash_cpu_ops():
+    """``(forward, backward)``: PyTorch's private fused flash-attention CPU kernels
+    (``aten._scaled_dot_product_flash_attention_for_cpu`` and its ``_backward``), or ``None`` where this torch
+    lacks them or they do not behave as the backends use them.
+
+    Checked once (cached) on a tiny float32 probe with the call signature the backends use (attention mask
+    and scale as keywords): the output and log-sum-exp must match a direct computation and the backward
+    must return three gradients of the inputs' shapes. Callers take their exact materialised or SDPA path
+    on ``None``."""
+    forward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if forward is None or backward is None:
+        return None
+    try:
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(0)
+            q, k, v = (torch.randn(1, 2, 3, 4, generator=generator) for _ in range(3))
+            mask = torch.zeros(1, 1, 3, 3)
+            mask[..., 2] = float("-inf")
+            out, lse = forward(q, k, v, 0.0, False, attn_mask=mask, scale=0.5)
+            scores = torch.matmul(q, k.transpose(-1, -2)) * 0.5 + mask
+            want_lse = torch.logsumexp(scores, dim=-1)
+            want = torch.matmul(torch.softmax(scores, dim=-1), v)
+            if out.shape != q.shape or lse.shape != want_lse.shape:
+                return None
+            if not (torch.allclose(out, want, atol=1e-4) and torch.allclose(lse, want_lse, atol=1e-4)):
+                return None
+            grads = backward(torch.ones_like(out), q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=0.5)
+            if len(grads) != 3 or any(g.shape != x.shape or not bool(torch.isfinite(g).all()) for g, x in zip(grads, (q, k, v))):
+                return None
+    except Exception:  # a torch build whose kernels refuse the call: the exact paths serve instead
+        return None
+    return forward, backward
 
 
 def sdpa_tiles(query, key, value, allowed, scaling: float, dropout: float) -> torch.Tensor:
@@ -270,7 +350,8 @@ def check_self_attention(query, key, causal: bool, name: str) -> None:
     if query.shape[2] != key.shape[2] and not causal:
         raise ValueError(
             f"{name} is self-attention: {query.shape[2]} queries against {key.shape[2]} keys is only valid for "
-            "causal decoding with a KV cache (cross-attention is not supported)."
+            "causal decoding with a KV cache (cross-attention is not supported: load the model with "
+            "attn_implementation='sdpa' or 'eager')."
         )
 
 
@@ -284,5 +365,6 @@ def require_full_sequence(key: torch.Tensor, length: int, name: str) -> None:
     if key.shape[2] != length:
         raise ValueError(
             f"{name} needs as many keys as queries (no KV-cache decoding, no cross-attention); got {length} "
-            f"queries and {key.shape[2]} keys. Use hfx_sliding_window for incremental decoding."
+            f"queries and {key.shape[2]} keys. For generate(), pass use_cache=False (each new token then runs a full "
+            "forward over the sequence so far), or use hfx_sliding_window for incremental decoding."
         )

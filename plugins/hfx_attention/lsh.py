@@ -29,10 +29,21 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from hfx.registry import Component
 
-from .common import require_full_sequence, check_positive_int, expand_kv, is_causal, key_padding, padding_mask
+from .common import (
+    check_positive_int,
+    expand_kv,
+    flash_cpu_ops,
+    is_causal,
+    key_padding,
+    padding_mask,
+    real_lengths,
+    refuse_packed,
+    require_full_sequence,
+)
 
 NAME = "hfx_lsh"
 DEFAULTS = {
@@ -46,7 +57,24 @@ DEFAULTS = {
 }
 
 
+ROUTES = ("auto", "tiled")  # the tiled path only; flex_route.ROUTES less "flex"
+
+
+def route_setting(config) -> str:
+    """``config.attention_route`` ("auto" when absent), checked as sliding_window / block_sparse check theirs."""
+    route = getattr(config, "attention_route", "auto") if config is not None else "auto"
+    if route == "flex":
+        raise ValueError(
+            f"{NAME} has no Flex route: attention_route must be one of {', '.join(map(repr, ROUTES))}; got 'flex' "
+            "(the Flex route serves hfx_sliding_window and hfx_block_sparse)."
+        )
+    if route not in ROUTES:
+        raise ValueError(f"{NAME}: attention_route must be one of {', '.join(map(repr, ROUTES))}; got {route!r}.")
+    return route
+
+
 def settings(config) -> dict:
+    route_setting(config)
     values = {name: getattr(config, name, default) for name, default in DEFAULTS.items()}
     check_positive_int(values["num_hashes"], "num_hashes", NAME)
     check_positive_int(values["lsh_attn_chunk_length"], "lsh_attn_chunk_length", NAME)
@@ -92,12 +120,6 @@ def hash_buckets(key, keep, num_hashes: int, num_buckets: int, seed) -> torch.Te
     return buckets.masked_fill(~keep[:, None, None, :], num_buckets)
 
 
-def real_lengths(keep: torch.Tensor) -> torch.Tensor:
-    """(B,) position of each row's last real key + 1 (0 for a row without one)."""
-    positions = torch.arange(1, keep.shape[1] + 1, device=keep.device)
-    return (positions * keep).amax(dim=1)
-
-
 def windows_of(source, spans):
     """Each chunk's window as a view: source (BH, (chunks + shifts - 1) * c, d) holds the sorted chunks with
     the wrap-around ones added at both ends, so window j is rows j*c .. (j+shifts)*c; nothing is copied."""
@@ -126,13 +148,16 @@ def chunk_forward(query, key, value, blocked, own, scaling, fill, own_fill):
     both replace the score, as ``masked_fill``). Without either mask, on CPU, torch's fused flash kernel does
     scores, softmax and weighted sum in one pass over cache-sized blocks, reads the windows in place (strided
     views), and returns the log-sum-exp itself (its exp is a fast approximation, ~1e-7 relative, as SDPA's on
-    CPU; float64 keeps the exact path). Otherwise the scores are materialised.
+    CPU; float64 keeps the exact path). Otherwise, or where this torch lacks a working kernel
+    (:func:`common.flash_cpu_ops`), the scores are materialised.
     """
     bh, tiles, chunk, head_dim = query.shape
     window = key.shape[2]
     if blocked is None and own is None and query.device.type == "cpu" and query.dtype != torch.float64:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False, scale=scaling)[:2]
-        return out, lse, None
+        ops = flash_cpu_ops()
+        if ops is not None:
+            out, lse = ops[0](query, key, value, 0.0, False, scale=scaling)[:2]
+            return out, lse, None
     query, key, value = (x.reshape(bh * tiles, -1, head_dim) for x in (query, key, value))
     scores = torch.baddbmm(query.new_empty(()), query, key.transpose(1, 2), beta=0, alpha=scaling)
     if blocked is not None:
@@ -184,6 +209,7 @@ class _LSHRounds(torch.autograd.Function):
         return mixed
 
     @staticmethod
+    @once_differentiable  # the saved probs / log-sum-exp carry no graph: a second derivative would be wrong
     def backward(ctx, grad):
         query, key, value, lse, mixed, weights, probs, blocked, own, sorted_rows, weight_rows = ctx.saved_tensors
         spans = ctx.spans
@@ -194,8 +220,8 @@ class _LSHRounds(torch.autograd.Function):
             grad_out.mul_(weights.reshape(-1).index_select(0, weight_rows)[:, None])
         grad_out = grad_out.view(query.shape)
         mixed = mixed.reshape(-1, head_dim).index_select(0, sorted_rows).view(query.shape)
-        if probs is None:
-            grad_query, grad_key, grad_value = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        if probs is None:  # the forward ran the fused kernel (flash_cpu_ops() is not None)
+            grad_query, grad_key, grad_value = flash_cpu_ops()[1](
                 grad_out, query, k_win, v_win, mixed, lse, 0.0, False, scale=ctx.scaling
             )
         else:
@@ -272,7 +298,8 @@ def lsh_attention(module, query, key, value, attention_mask, scaling=None, dropo
     batch, heads, length, head_dim = query.shape
     require_full_sequence(key, length, NAME)
     keep = key_padding(attention_mask, batch, length, query.device, NAME)
-    key, value = expand_kv(query, key, value)
+    refuse_packed(kwargs, keep, NAME)
+    key, value = expand_kv(query, key, value, NAME)
     scaling = head_dim**-0.5 if scaling is None else scaling
     chunk, rounds = s["lsh_attn_chunk_length"], s["num_hashes"]
     before, after = s["lsh_num_chunks_before"], s["lsh_num_chunks_after"]
@@ -377,4 +404,5 @@ COMPONENT = Component(
     description="Reformer LSH: hash-sorted chunks (num_hashes, num_buckets, lsh_attn_chunk_length, hash_seed).",
     config_defaults=DEFAULTS,
     validate_config=validate,
+    supports_kv_cache=False,  # every call needs the whole sequence (require_full_sequence)
 )

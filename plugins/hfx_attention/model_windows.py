@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import expand_kv, is_causal, key_padding, sequence_ids
+from .common import check_self_attention, expand_kv, is_causal, key_padding, sequence_ids
 from .sliding_window import banded_attention
 
 NAME = "hfx_sliding_window"
@@ -56,17 +56,13 @@ def model_window_attention(module, query, key, value, attention_mask, scaling=No
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"{NAME}: sliding_window must be a positive integer or None (full attention), got {window!r}.")
     causal = is_causal(module, kwargs)
-    if query.shape[2] != key.shape[2] and not causal:
-        raise ValueError(
-            f"{NAME}: {query.shape[2]} queries against {key.shape[2]} keys on a bidirectional layer is cross-attention, "
-            "which this backend does not support; load the model with attn_implementation='sdpa' or 'eager'."
-        )
+    check_self_attention(query, key, causal, NAME)
     batch, _, length, head_dim = query.shape
     kv_length = key.shape[2]
     keep = None if attention_mask is None else key_padding(attention_mask, batch, kv_length, query.device, NAME)
     # Packed rows only without a padding mask, as transformers' sdpa mask reads packed position_ids.
     segments = None if keep is not None else sequence_ids(kwargs, batch, length, kv_length, query.device, NAME)
-    key, value = expand_kv(query, key, value)
+    key, value = expand_kv(query, key, value, NAME)
     scaling = head_dim**-0.5 if scaling is None else scaling
     half = None if window is None or window - 1 >= kv_length - 1 else window - 1  # a window covering all keys is full
     if half is not None:
