@@ -350,8 +350,8 @@ class _SplitTiles(torch.autograd.Function):
 
     The band is an overlapping strided view of the padded keys (no copy), the global blocks one small
     copy read as one key head shared by all tiles (the kernel's grouped-query heads: their key gradient
-    comes out summed over tiles), and only the random blocks are gathered (and re-gathered in backward
-    rather than saved). Backward feeds each call the merged output and log-sum-exp, which gives each part
+    comes out summed over tiles), and only the random blocks are gathered (saved for backward: their
+    re-gather cost time and no less peak memory, which falls in the random part's backward either way). Backward feeds each call the merged output and log-sum-exp, which gives each part
     exactly its share of the joint softmax's gradient; the band's gradient is folded back with shifted
     adds, the random blocks' with one ``index_add_``.
 
@@ -364,8 +364,11 @@ class _SplitTiles(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_tiles, k_pad, v_pad, rows, plan):
         outs, lses = [], []
+        random_kv = (None, None)
         for part in plan["parts"]:
             q, k, v = _part_inputs(part, q_tiles, k_pad, v_pad, plan)
+            if part.kind == "random":
+                random_kv = (k, v)
             out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=part.mask, scale=plan["scale"])
             if part.kind == "global":  # (rows, tiles, ...) -> the tiles' layout
                 out, lse = out.transpose(0, 1), lse.transpose(0, 1)
@@ -385,14 +388,14 @@ class _SplitTiles(torch.autograd.Function):
             row_out, row_lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=plan["key_mask"], scale=plan["scale"])
             total = torch.logsumexp(row_lse, dim=0)  # every chunk holds a real key: no empty rows
             merged = (row_out * torch.exp(row_lse - total)[..., None]).sum(0)
-        ctx.save_for_backward(q_tiles, k_pad, v_pad, out, lse, rows, merged, total)
+        ctx.save_for_backward(q_tiles, k_pad, v_pad, out, lse, rows, merged, total, *random_kv)
         ctx.plan = plan
         return out, (merged if merged is not None else out.new_zeros(0))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, grad_rows):
-        q_tiles, k_pad, v_pad, out, lse, row_q, merged, total = ctx.saved_tensors
+        q_tiles, k_pad, v_pad, out, lse, row_q, merged, total, random_k, random_v = ctx.saved_tensors
         plan = ctx.plan
         grad_out = grad_out.contiguous()
         grad_q = None
@@ -401,7 +404,10 @@ class _SplitTiles(torch.autograd.Function):
         grad_k_blocks, grad_v_blocks = grad_k.view(rows, blocks, block, head_dim), grad_v.view(rows, blocks, block, head_dim)
         tiles, first = q_tiles.shape[0], plan["first_tile"]
         for part in plan["parts"]:
-            q, k, v = _part_inputs(part, q_tiles, k_pad, v_pad, plan)
+            if part.kind == "random":  # the forward's gathered blocks, saved
+                q, k, v = q_tiles.view(random_k.shape[0], 1, -1, q_tiles.shape[-1]), random_k, random_v
+            else:
+                q, k, v = _part_inputs(part, q_tiles, k_pad, v_pad, plan)
             if part.kind == "global":  # the tiles as grouped query heads of one key head: (rows, tiles, ...) views
                 part_grad, part_out, part_lse = grad_out.transpose(0, 1), out.transpose(0, 1), lse.transpose(0, 1)
             else:
@@ -653,4 +659,5 @@ COMPONENT = Component(
     description="BigBird block sparse: sliding + global + seeded random blocks (block_size, num_random_blocks).",
     config_defaults=DEFAULTS,
     validate_config=validate,
+    supports_kv_cache=False,  # every call needs the whole sequence (require_full_sequence)
 )
