@@ -45,6 +45,14 @@ def build_norm(config: HfxConfig) -> nn.Module:
     return norm
 
 
+def backend_supports_kv_cache(attn_implementation) -> bool:
+    """False for an hfx attention plugin that cannot decode from a KV cache (``Component.supports_kv_cache``);
+    True for transformers' own backends and for plugins that do not say otherwise."""
+    if not isinstance(attn_implementation, str) or attn_implementation not in registry.names("attention"):
+        return True
+    return getattr(registry.get("attention", attn_implementation), "supports_kv_cache", True)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -419,6 +427,31 @@ class HfxForCausalLM(HfxPreTrainedModel, GenerationMixin):
         self.model = HfxModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        self._apply_cache_default()
+
+    def _apply_cache_default(self) -> None:
+        """A backend that cannot decode from a KV cache (``hfx_lsh``, ``hfx_block_sparse``) generates with
+        ``use_cache=False`` by default: each new token runs a full forward over the sequence so far.
+
+        The default lives in ``self.generation_config`` (saved in ``generation_config.json``); an explicit
+        ``generate(..., use_cache=True)`` still wins and reaches the backend's error. Switching back to a
+        backend that decodes from a cache restores the model config's ``use_cache``."""
+        if backend_supports_kv_cache(self.config._attn_implementation):
+            if getattr(self, "_hfx_cache_default_off", False):
+                self.generation_config.use_cache = self.config.use_cache
+                self._hfx_cache_default_off = False
+        elif self.generation_config.use_cache is not False:
+            self.generation_config.use_cache = False
+            self._hfx_cache_default_off = True
+
+    def adjust_generation_fn(self, *args, **kwargs):
+        # from_pretrained replaces generation_config with the saved one (which may predate the backend)
+        super().adjust_generation_fn(*args, **kwargs)
+        self._apply_cache_default()
+
+    def set_attn_implementation(self, *args, **kwargs):
+        super().set_attn_implementation(*args, **kwargs)
+        self._apply_cache_default()
 
     @can_return_tuple
     def forward(

@@ -41,6 +41,10 @@ class Component:
     ``config_defaults`` lists the config fields the component reads, with their defaults, so that
     ``HfxConfig`` can document and fill them; ``validate_config(config)`` raises ``ValueError`` for
     values the component cannot work with, at config construction.
+
+    ``supports_kv_cache`` (attention only) is False for a backend that cannot decode from a KV cache (it needs
+    every key of the sequence at each call, e.g. ``hfx_lsh``, ``hfx_block_sparse``): hfx causal LMs using it
+    generate with ``use_cache=False`` by default (each new token runs a full forward).
     """
 
     kind: str
@@ -50,6 +54,7 @@ class Component:
     config_defaults: Mapping[str, Any] = field(default_factory=dict)
     validate_config: Callable[[Any], None] | None = None
     mask_factory: Callable[..., Any] | None = None
+    supports_kv_cache: bool = True
 
     def __post_init__(self):
         if self.kind not in KINDS:

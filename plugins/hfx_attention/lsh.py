@@ -402,7 +402,7 @@ COMPONENT = Component(
     factory=lsh_attention,
     mask_factory=padding_mask,
     description="Reformer LSH: hash-sorted chunks (num_hashes, num_buckets, lsh_attn_chunk_length, hash_seed).",
-    config_defaults=DEFAULTS,
+    config_defaults={**DEFAULTS, "attention_route": "auto"},  # ROUTES: "auto" or "tiled"
     validate_config=validate,
     supports_kv_cache=False,  # every call needs the whole sequence (require_full_sequence)
 )
