@@ -183,3 +183,31 @@ def test_general_path_equals_the_fast_path_and_the_reference(causal, monkeypatch
     real = keep[:, :, None, None]
     torch.testing.assert_close(general * real, want * real, atol=1e-5, rtol=0)
     torch.testing.assert_close(general * real, fast * real, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("source", ["position_ids", "cu_seq_lens"])
+def test_packed_sequences_are_refused(source):
+    """A packed row's blocks, global blocks and random blocks would span its sequences: one clear error."""
+    q, k, v, _ = inputs([96], 96, 2)
+    cu = torch.tensor([0, 40, 96], dtype=torch.int32)
+    kwargs = {"position_ids": torch.cat([torch.arange(40), torch.arange(56)])[None]} if source == "position_ids" else {
+        "cu_seq_lens_q": cu, "cu_seq_lens_k": cu}
+    with pytest.raises(ValueError, match=r"hfx_block_sparse does not support packed sequences.*hfx_sliding_window"):
+        call(layer(False, 16), q, k, v, None, **kwargs)
+    # padded rows with generate's position ids (1 on the pads): one sequence per row, not refused
+    q, k, v, keep = inputs([70, 96], 96, 2)
+    position_ids = (keep.long().cumsum(-1) - 1).masked_fill(~keep, 1)
+    got = call(layer(False, 16), q, k, v, keep, position_ids=position_ids)
+    torch.testing.assert_close(got, call(layer(False, 16), q, k, v, keep), atol=0, rtol=0)
+
+
+def test_without_the_fused_cpu_kernel_the_general_path_serves(monkeypatch):
+    """common.flash_cpu_ops() is None on a torch without the private kernels: the gathered-tile path instead."""
+    from hfx_attention import block_sparse
+
+    q, k, v, keep = inputs([160, 160], 160, 2, seed=3)
+    module = layer(False, 32, num_random=2)
+    fast = call(module, q, k, v, keep)
+    monkeypatch.setattr(block_sparse, "flash_cpu_ops", lambda: None)
+    assert not block_sparse._split_ready(q, None, None, 0.0)
+    torch.testing.assert_close(call(module, q, k, v, keep), fast, atol=1e-5, rtol=0)

@@ -185,3 +185,27 @@ def test_padded_row_in_a_mixed_batch_equals_the_row_alone(monkeypatch, path, cau
     for got, want in zip(grads, want_grads):
         torch.testing.assert_close(got[0, :, :200], want[0, :, :200], atol=rounding_bound(torch.float32, want, 32), rtol=0)
         assert (got[0, :, 200:] == 0).all()
+
+
+def test_without_the_fused_cpu_kernel_the_tiled_path_serves(monkeypatch):
+    """common.flash_cpu_ops() is None on a torch without the private kernels: the plugin still imports and
+    runs, through the tiled SDPA path."""
+    calls = []
+    monkeypatch.setattr(sw.FlashBand, "apply", lambda *a: calls.append(a))
+    monkeypatch.setattr(sw, "flash_cpu_ops", lambda: None)
+    q = torch.randn(1, H, 50, D)
+    assert not sw.flash_band_applies(q, q, q, None, 0.0)
+    out, _ = sliding_window_attention(layer(False, 8), q, q, q, None)
+    assert calls == [] and out.shape == (1, 50, H, D)
+
+
+def test_backward_does_not_hold_the_forward_tile_masks():
+    """The backward tiles by its own chunk: after the forward only that layout may be built (lazily), so what
+    waits for the backward is the O(n * d) saved tensors, not the forward's per-tile float masks."""
+    q, k, v = (torch.randn(2, H, 1024, D, requires_grad=True) for _ in range(3))
+    keep = torch.ones(2, 1024, dtype=torch.bool)
+    out = sw.banded_attention(q, k, v, keep, None, 256, False, 0.25, 0.0)
+    plan = out.grad_fn.plan
+    assert plan.back_chunk != plan.chunk and plan._tilings == {}
+    out.sum().backward()
+    assert list(plan._tilings) == [plan.back_chunk]

@@ -35,13 +35,19 @@ import torch.nn.functional as F
 from hfx.registry import Component
 
 from .common import (
+    additive_mask,
+    check_kv_heads,
     check_positive_int,
+    flash_cpu_ops,
+    fold_strided,
     gather_positions,
     global_flags,
     global_index,
     is_causal,
     key_padding,
     padding_mask,
+    real_lengths,
+    refuse_packed,
     require_full_sequence,
     scatter_rows,
 )
@@ -108,12 +114,6 @@ def tile_slots(num_blocks: int, heads: int, num_random: int, seed: int, layer: i
     return tiles, slots.contiguous(), valid
 
 
-def real_lengths(keep: torch.Tensor) -> torch.Tensor:
-    """(B,) position of each row's last real token + 1 (0 for a row with none)."""
-    positions = torch.arange(1, keep.shape[1] + 1, device=keep.device)
-    return (keep * positions).amax(-1)
-
-
 def block_sparse_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """``AttentionInterface`` function: query (B, H, n, d), key/value (B, H_kv, n, d) -> (B, n, H, d), None."""
     config = getattr(module, "config", None)
@@ -121,9 +121,9 @@ def block_sparse_attention(module, query, key, value, attention_mask, scaling=No
     causal = is_causal(module, kwargs)
     batch, heads, length, head_dim = query.shape
     require_full_sequence(key, length, NAME)
-    if heads % key.shape[1]:
-        raise ValueError(f"{NAME}: {heads} query heads cannot share {key.shape[1]} key/value heads (need a divisor).")
+    check_kv_heads(query, key, NAME)
     keep = key_padding(attention_mask, batch, length, query.device, NAME)
+    refuse_packed(kwargs, keep, NAME)
     extra = global_flags(kwargs, config, batch, length, query.device, NAME)
     scaling = head_dim**-0.5 if scaling is None else scaling
     layer = getattr(module, "layer_idx", None) or 0
@@ -282,8 +282,7 @@ def _tiles(query, key, value, keep, extra_only, tiles, slots, valid, block_size,
             e_allowed = e_allowed & (e_index_p[:, None, None, None, :] <= query_pos)
         shape = (b, heads, num_tiles, allowed.shape[-2], -1)
         allowed = torch.cat([allowed.expand(shape), e_allowed.expand(shape)], dim=-1)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
-    mask = mask.permute(2, 0, 1, 3, 4)  # (T, 1|b, 1|H, 1|c, K)
+    mask = additive_mask(allowed, dtype).permute(2, 0, 1, 3, 4)  # (T, 1|b, 1|H, 1|c, K)
     if mask.shape[1] == 1 and mask.shape[2] == 1:
         mask = mask[:, 0]
     else:  # batch-dependent: tiles x rows as SDPA's batch, heads broadcast where they can be
@@ -314,24 +313,20 @@ def _attend_all_keys(rows, key, value, allowed, keep, scaling, dropout, rep):
     mask = None
     if allowed is not None and not bool(allowed.all()):
         allowed = allowed.expand(b, 1, g, length)
-        mask = torch.zeros(allowed.shape, dtype=rows.dtype, device=rows.device).masked_fill_(~allowed, float("-inf"))
-        mask = mask.repeat(1, 1, rep, 1)
+        mask = additive_mask(allowed, rows.dtype).repeat(1, 1, rep, 1)
     out = F.scaled_dot_product_attention(
         rows.reshape(b, key.shape[1], rep * g, head_dim), key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
     )
     return out.view(b, heads, g, head_dim)
 
 
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-
-
 def _split_ready(query, keep, extra_only, dropout) -> bool:
     """The split path needs the CPU flash kernel's log-sum-exp; masks with holes, extra global tokens,
-    dropout and other devices take the gathered-tile path."""
+    dropout, other devices and a torch without working private CPU flash kernels (:func:`common.flash_cpu_ops`)
+    take the gathered-tile path."""
     return (
-        _FLASH_CPU is not None and _FLASH_CPU_BACKWARD is not None and query.device.type == "cpu"
-        and query.dtype == torch.float32 and keep is None and extra_only is None and not dropout
+        query.device.type == "cpu" and query.dtype == torch.float32 and keep is None and extra_only is None
+        and not dropout and flash_cpu_ops() is not None
     )
 
 
@@ -369,7 +364,7 @@ class _SplitTiles(torch.autograd.Function):
             q, k, v = _part_inputs(part, q_tiles, k_pad, v_pad, plan)
             if part.kind == "random":
                 random_kv = (k, v)
-            out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=part.mask, scale=plan["scale"])
+            out, lse = flash_cpu_ops()[0](q, k, v, 0.0, False, attn_mask=part.mask, scale=plan["scale"])
             if part.kind == "global":  # (rows, tiles, ...) -> the tiles' layout
                 out, lse = out.transpose(0, 1), lse.transpose(0, 1)
             lse = lse.reshape(q_tiles.shape[:3]).masked_fill(~part.has_key, float("-inf"))
@@ -385,7 +380,7 @@ class _SplitTiles(torch.autograd.Function):
         merged = total = None
         if rows is not None:  # the global rows against every key, split-KV over the same padded banks
             q, k, v = _bank_chunks(rows, k_pad, v_pad, plan)
-            row_out, row_lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=plan["key_mask"], scale=plan["scale"])
+            row_out, row_lse = flash_cpu_ops()[0](q, k, v, 0.0, False, attn_mask=plan["key_mask"], scale=plan["scale"])
             total = torch.logsumexp(row_lse, dim=0)  # every chunk holds a real key: no empty rows
             merged = (row_out * torch.exp(row_lse - total)[..., None]).sum(0)
         ctx.save_for_backward(q_tiles, k_pad, v_pad, out, lse, rows, merged, total, *random_kv)
@@ -402,7 +397,7 @@ class _SplitTiles(torch.autograd.Function):
         grad_k, grad_v = torch.zeros_like(k_pad), torch.zeros_like(v_pad)
         rows, blocks, block, head_dim = k_pad.shape[0], plan["bank_blocks"], plan["block_size"], k_pad.shape[-1]
         grad_k_blocks, grad_v_blocks = grad_k.view(rows, blocks, block, head_dim), grad_v.view(rows, blocks, block, head_dim)
-        tiles, first = q_tiles.shape[0], plan["first_tile"]
+        first = plan["first_tile"]
         for part in plan["parts"]:
             if part.kind == "random":  # the forward's gathered blocks, saved
                 q, k, v = q_tiles.view(random_k.shape[0], 1, -1, q_tiles.shape[-1]), random_k, random_v
@@ -413,16 +408,15 @@ class _SplitTiles(torch.autograd.Function):
             else:
                 shape = q.shape
                 part_grad, part_out, part_lse = grad_out.view(shape), out.view(shape), lse.view(shape[:3])
-            gq, gk, gv = _FLASH_CPU_BACKWARD(
+            gq, gk, gv = flash_cpu_ops()[1](
                 part_grad, q, k, v, part_out, part_lse, 0.0, False, attn_mask=part.mask, scale=plan["scale"],
             )
             gq = gq.transpose(0, 1) if part.kind == "global" else gq.reshape(q_tiles.shape)
             grad_q = gq if grad_q is None else grad_q.add_(gq)
             if part.kind == "band":
-                for j in range(plan["band_blocks"]):
-                    piece = slice(j * block, (j + 1) * block)
-                    grad_k_blocks[:, first + j : first + j + tiles] += gk[:, :, piece].transpose(0, 1)
-                    grad_v_blocks[:, first + j : first + j + tiles] += gv[:, :, piece].transpose(0, 1)
+                # (tiles, rows, band_blocks * block, d) -> (rows, tiles, band_blocks, block, d) views
+                fold_strided(grad_k_blocks, gk.transpose(0, 1).unflatten(2, (-1, block)), axis=1, step=1, first=first)
+                fold_strided(grad_v_blocks, gv.transpose(0, 1).unflatten(2, (-1, block)), axis=1, step=1, first=first)
             elif part.kind == "random":
                 grad_k.view(-1, block, head_dim).index_add_(0, plan["random_rows"], gk.view(-1, block, head_dim))
                 grad_v.view(-1, block, head_dim).index_add_(0, plan["random_rows"], gv.view(-1, block, head_dim))
@@ -434,7 +428,7 @@ class _SplitTiles(torch.autograd.Function):
         if row_q is not None:  # split-KV backward: each chunk's key gradient lands in place in the bank's gradient
             q, k, v = _bank_chunks(row_q, k_pad, v_pad, plan)
             chunks = q.shape[0]
-            grad_row_q, gk, gv = _FLASH_CPU_BACKWARD(
+            grad_row_q, gk, gv = flash_cpu_ops()[1](
                 grad_rows.contiguous().expand(chunks, *grad_rows.shape), q, k, v, merged.expand(chunks, *merged.shape),
                 total.expand(chunks, *total.shape), 0.0, False, attn_mask=plan["key_mask"], scale=plan["scale"],
             )
@@ -499,7 +493,7 @@ class _SplitKeys(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, k_bank, v_bank, mask, chunk, scale):
         q, k, v = _key_chunks(rows, k_bank, v_bank, chunk)
-        out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+        out, lse = flash_cpu_ops()[0](q, k, v, 0.0, False, attn_mask=mask, scale=scale)
         total = torch.logsumexp(lse, dim=0)  # every chunk holds a real key: no empty rows
         merged = (out * torch.exp(lse - total)[..., None]).sum(0)
         ctx.save_for_backward(rows, k_bank, v_bank, mask, merged, total)
@@ -512,7 +506,7 @@ class _SplitKeys(torch.autograd.Function):
         rows, k_bank, v_bank, mask, merged, total = ctx.saved_tensors
         q, k, v = _key_chunks(rows, k_bank, v_bank, ctx.chunk)
         chunks = q.shape[0]
-        gq, gk, gv = _FLASH_CPU_BACKWARD(
+        gq, gk, gv = flash_cpu_ops()[1](
             grad.contiguous().expand(chunks, *grad.shape), q, k, v, merged.expand(chunks, *merged.shape),
             total.expand(chunks, *total.shape), 0.0, False, attn_mask=mask, scale=ctx.scale,
         )
@@ -543,15 +537,13 @@ def _split_key_rows(rows, key, value, scaling, rep, chunk=512):
     mask = None
     if padded != length:
         position = torch.arange(padded, device=key.device).view(chunks, 1, 1, chunk)
-        mask = torch.zeros(position.shape, dtype=key.dtype, device=key.device).masked_fill_(position >= length, float("-inf"))
+        mask = additive_mask(position < length, key.dtype)
     out = _SplitKeys.apply(rows.reshape(b * kv_heads, rep * g, head_dim), bank(key), bank(value), mask, chunk, scaling)
     return out.view(b, heads, g, head_dim)
 
 
 def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor | None:
-    if bool(allowed.all()):
-        return None
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+    return None if bool(allowed.all()) else additive_mask(allowed, dtype)
 
 
 def _split_tiles(query, key, value, tiles, index, valid, block_size, causal, scaling, rows=None, chunk=512):
@@ -619,7 +611,7 @@ def _split_tiles(query, key, value, tiles, index, valid, block_size, causal, sca
     key_mask = None
     if rows is not None and key_chunks * chunk != length:
         position = torch.arange(key_chunks * chunk, device=device).view(key_chunks, 1, 1, chunk)
-        key_mask = torch.zeros(position.shape, dtype=dtype, device=device).masked_fill_(position >= length, float("-inf"))
+        key_mask = additive_mask(position < length, dtype)
 
     end = (first + num_tiles) * block_size
     q_tiles = query if end <= length else F.pad(query, (0, 0, 0, end - length))  # the pad only where a tile needs it

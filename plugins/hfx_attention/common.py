@@ -295,6 +295,24 @@ def global_index(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order, torch.gather(flags, 1, order)
 
 
+def fold_strided(dest: torch.Tensor, windows: torch.Tensor, axis: int, step: int, first: int = 0, index=None) -> None:
+    """Adjoint of overlapping strided windows: add each window's gradient onto the rows it was read from.
+
+    ``dest`` (..., N, size, ...) is the source cut into pieces of ``size`` rows, its piece axis at ``axis``;
+    ``windows`` (..., T, pieces, size, ...) the gradients of T windows of ``pieces`` pieces each, with the same
+    leading and trailing dimensions. Window t starts at piece ``(first + t) * step``, or at ``index[t] * step``
+    when ``index`` (T,) gives the windows' tile numbers. Accumulates in place, one shifted add per piece."""
+    lead = (slice(None),) * axis
+    tiles = windows.shape[axis]
+    for j in range(windows.shape[axis + 1]):
+        part = windows.select(axis + 1, j)
+        if index is None:
+            start = first * step + j
+            dest[lead + (slice(start, start + tiles * step, step),)] += part
+        else:
+            dest.index_add_(axis, index * step + j, part)
+
+
 def gather_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (B, H, n, d), index (B, g) -> (B, H, g, d)."""
     b, h, _, d = x.shape

@@ -270,7 +270,8 @@ def block_sparse_flex_rows(query, key, value, keep, extra, block_size: int, num_
     blocks and random blocks, derived from its real length (last real token + 1) as the tiled path derives
     them, so the result does not depend on right-padding; outputs past a row's real length are zeros, as there.
     keep (B, n) bool; extra (B, n) bool extra global tokens or None. Returns (B, n, H, d)."""
-    from .block_sparse import block_layout, real_lengths
+    from .block_sparse import block_layout
+    from .common import real_lengths
 
     batch, heads, length, _ = query.shape
     device = query.device

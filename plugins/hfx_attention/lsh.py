@@ -37,6 +37,7 @@ from .common import (
     check_positive_int,
     expand_kv,
     flash_cpu_ops,
+    fold_strided,
     is_causal,
     key_padding,
     padding_mask,
@@ -132,11 +133,9 @@ def fold_windows(grad, spans):
     """Adjoint of :func:`windows_of`: (BH, chunks, shifts * c, d) window gradients summed into the source rows."""
     chunks, shifts, chunk = spans
     bh, _, _, head_dim = grad.shape
-    out = grad.new_empty(bh, chunks + shifts - 1, chunk, head_dim)
-    out[:, :chunks] = grad[:, :, :chunk]  # slices, not a reshape: the flash backward's layout is not contiguous
-    out[:, chunks:].zero_()
-    for i in range(1, shifts):
-        out[:, i : i + chunks] += grad[:, :, i * chunk : (i + 1) * chunk]
+    out = grad.new_zeros(bh, chunks + shifts - 1, chunk, head_dim)
+    # a view, not a reshape: the flash backward's layout is not contiguous
+    fold_strided(out, grad.unflatten(2, (shifts, chunk)), axis=1, step=1)
     return out.view(bh, -1, head_dim)
 
 

@@ -29,8 +29,11 @@ from torch.autograd.function import once_differentiable
 from hfx.registry import Component
 
 from .common import (
+    additive_mask,
     check_self_attention,
     expand_kv,
+    flash_cpu_ops,
+    fold_strided,
     global_flags,
     global_index,
     global_rows,
@@ -82,7 +85,7 @@ def sliding_window_attention(module, query, key, value, attention_mask, scaling=
             f"KV cache ({length} new queries, {key.shape[2]} keys) has dropped them."
         )
     segments = sequence_ids(kwargs, batch, length, key.shape[2], query.device, NAME)
-    key, value = expand_kv(query, key, value)
+    key, value = expand_kv(query, key, value, NAME)
     scaling = head_dim**-0.5 if scaling is None else scaling
     if choose_route(config, query, key, value, dropout, NAME) == "flex":  # config.attention_route; see flex_route.py
         return sliding_window_flex(query, key, value, keep, flags, window // 2, causal, scaling, segments), None
@@ -174,12 +177,11 @@ BACKWARD_WINDOW_ELEMENTS = 1 << 19
 # above this share of special tiles one materialised mask for every tile is cheaper than gathering windows
 SPECIAL_SHARE = 0.25
 FLASH_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
-_flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
 def flash_band_applies(query, key, value, flags, dropout: float) -> bool:
-    """The fused CPU kernel has no dropout; global tokens and cached decoding take the tiled path."""
+    """The fused CPU kernel has no dropout; global tokens, cached decoding and a torch without working
+    private CPU flash kernels (:func:`common.flash_cpu_ops`) take the tiled path."""
     return (
         query.device.type == "cpu"
         and query.dtype in FLASH_DTYPES
@@ -188,6 +190,7 @@ def flash_band_applies(query, key, value, flags, dropout: float) -> bool:
         and not dropout
         and key.shape[2] == query.shape[2]
         and query.shape[-1] == key.shape[-1] == value.shape[-1]
+        and flash_cpu_ops() is not None
     )
 
 
@@ -232,6 +235,10 @@ class BandPlan:
             self._tilings[chunk] = self._tiling(chunk)
         return self._tilings[chunk]
 
+    def drop_tiling(self, chunk: int) -> None:
+        """Forget one chunk size's layout (its masks), e.g. the forward's once the forward is done."""
+        self._tilings.pop(chunk, None)
+
     def _tiling(self, chunk: int) -> dict:
         """Which tiles of this chunk size are plain; runs of consecutive plain tiles; masks for the rest."""
         tiles = self.stream // chunk
@@ -246,7 +253,7 @@ class BandPlan:
         plain = plain & (starts >= self.before) & (starts + span <= self.before + self.stream)
         relative = torch.arange(span, device=self.device) - torch.arange(chunk, device=self.device)[:, None]
         band = (relative >= 0) & (relative <= reach)
-        band_mask = self._additive(band)[None, None]
+        band_mask = additive_mask(band, self.dtype)[None, None]
         plain_list = plain.tolist()
         runs, start = [], None
         for t, p in enumerate(plain_list + [False]):
@@ -263,12 +270,9 @@ class BandPlan:
             window = picked[:, None] * chunk + torch.arange(span, device=self.device)  # buffer positions
             queries = window[:, self.before : self.before + chunk]
             allowed = band & self.valid[window][:, None, :] & (self.sid[queries][:, :, None] == self.sid[window][:, None, :])
-            masks = self._additive(allowed)[:, None]
+            masks = additive_mask(allowed, self.dtype)[:, None]
         return {"tiles": tiles, "span": span, "band": band_mask, "runs": [] if full else runs,
                 "special": None if full else special, "full": full, "masks": masks}
-
-    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, float("-inf"))
 
     def calls(self, chunk: int, group: int | None = None):
         """(tile indices or a range, mask, whether the windows are a zero-copy range) per kernel call."""
@@ -340,11 +344,10 @@ class BandPlan:
         heads, dim = grad_buffer.shape[1:]
         chunks = grad_buffer.view(-1, size, heads, dim)
         parts = windows.transpose(1, 2).reshape(windows.shape[0], pieces, size, heads, dim)
-        for j in range(pieces):
-            if isinstance(tiles, tuple):
-                chunks[tiles[0] * step + j : tiles[1] * step + j : step] += parts[:, j]
-            else:
-                chunks.index_add_(0, tiles * step + j, parts[:, j])
+        if isinstance(tiles, tuple):
+            fold_strided(chunks, parts, axis=0, step=step, first=tiles[0])
+        else:
+            fold_strided(chunks, parts, axis=0, step=step, index=tiles)
 
 
 class FlashBand(torch.autograd.Function):
@@ -361,8 +364,9 @@ class FlashBand(torch.autograd.Function):
         lse_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32  # the kernel's choice
         lse = torch.empty(plan.stream, heads, dtype=lse_dtype, device=query.device)
         out_tiles, lse_tiles = plan.tiles_of(out, chunk, (0, plan.stream // chunk)), lse.view(-1, chunk, heads).transpose(1, 2)
+        flash_forward = flash_cpu_ops()[0]
         for tiles, mask in plan.calls(chunk):
-            o, m = _flash_forward(
+            o, m = flash_forward(
                 plan.tiles_of(q_stream, chunk, tiles), plan.windows_of(k_src, chunk, tiles), plan.windows_of(v_src, chunk, tiles),
                 attn_mask=mask, scale=scaling,
             )
@@ -373,6 +377,9 @@ class FlashBand(torch.autograd.Function):
                 out_tiles[tiles] = o
                 lse_tiles[tiles] = m
         ctx.save_for_backward(q_stream, k_stream, v_stream, out, lse)
+        if plan.back_chunk != chunk:
+            # the backward tiles by its own chunk: the forward's per-tile masks would only be held until then
+            plan.drop_tiling(chunk)
         ctx.plan, ctx.scaling, ctx.query_shape = plan, scaling, query.shape
         return plan.from_stream(out)
 
@@ -391,9 +398,10 @@ class FlashBand(torch.autograd.Function):
         group = max(1, BACKWARD_WINDOW_ELEMENTS // (heads * span * dim))
         dq_tiles = plan.tiles_of(dq, chunk, (0, plan.stream // chunk))
         lse_all = lse.view(-1, chunk, heads).transpose(1, 2)
+        flash_backward = flash_cpu_ops()[1]
         for tiles, mask in plan.calls(chunk, group):
             pick = (lambda x: x[tiles[0] : tiles[1]]) if isinstance(tiles, tuple) else (lambda x: x.index_select(0, tiles))
-            gq, gk, gv = _flash_backward(
+            gq, gk, gv = flash_backward(
                 plan.tiles_of(g_stream, chunk, tiles), plan.tiles_of(q_stream, chunk, tiles),
                 plan.windows_of(k_src, chunk, tiles), plan.windows_of(v_src, chunk, tiles),
                 plan.tiles_of(out, chunk, tiles), pick(lse_all), 0.0, False, attn_mask=mask, scale=ctx.scaling,
