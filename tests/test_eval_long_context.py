@@ -18,8 +18,8 @@ import hfx
 from hfx.evaluation import evaluate
 from hfx.evaluation.scorer import CausalLMScorer, takes_key_padding_mask_only
 from hfx.tokenizer import train_tokenizer
+from tests.test_eval import MC, _sentence
 
-WORDS = "red blue green cat dog owl baker farmer lives in works as the of a is and big small".split()
 BACKENDS = {
     "hfx_sliding_window": dict(attention_window=8),
     "hfx_block_sparse": dict(block_size=4, num_random_blocks=1),
@@ -27,10 +27,6 @@ BACKENDS = {
 }
 MODELS = [*BACKENDS, "llama_sliding_window", "gpt2_sliding_window", "llama_lsh"]
 NO_KV_CACHE = ("hfx_block_sparse", "hfx_lsh", "llama_lsh")
-
-
-def _sentence(rng, n):
-    return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -264,24 +260,6 @@ def test_use_cache_in_gen_kwargs_gives_way_to_a_backend_that_cannot_cache(models
     assert got == CausalLMScorer(models[name], tok, progress=False).generate_until([(p, greedy) for p in prompts])
 
 
-MC_TASK = """task: long_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    train: {root}/train.jsonl
-    test: {root}/test.jsonl
-output_type: multiple_choice
-training_split: train
-test_split: test
-fewshot_config:
-  sampler: first_n
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_target: label
-doc_to_choice: choices
-num_fewshot: 4
-metric_list:
-  - metric: acc
-"""
 
 
 @pytest.mark.parametrize("name", ["hfx_sliding_window", "hfx_block_sparse", "hfx_lsh"])
@@ -294,7 +272,8 @@ def test_multiple_choice_task_end_to_end_gives_the_one_at_a_time_accuracy(models
             for _ in range(n):
                 handle.write(json.dumps({"question": _sentence(rng, rng.randint(3, 8)), "label": rng.randrange(4),
                                          "choices": [_sentence(rng, rng.randint(1, 3)) for _ in range(4)]}) + "\n")
-    (tmp_path / "long_mc.yaml").write_text(MC_TASK.format(root=tmp_path))
+    (tmp_path / "long_mc.yaml").write_text(MC.format(name="long_mc", root=tmp_path, k=4, splits=(
+        "training_split: train\ntest_split: test\nfewshot_config:\n  sampler: first_n")))
     model = models[name]
     results, records = evaluate(model, ["long_mc"], tokenizer=tok, include_path=tmp_path, cache_dir=False,
                                 progress=False, return_records=True, max_batch_tokens=512)
