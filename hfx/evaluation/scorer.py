@@ -98,7 +98,9 @@ def takes_key_padding_mask_only(model) -> bool:
             attention_mask=keep, allow_is_causal_skip=True, dtype=torch.float32, config=config, use_vmap=False,
             device=torch.device("cpu"),
         )
-    except (TypeError, ValueError, RuntimeError, NotImplementedError):  # one this probe cannot call: default layout
+    except (TypeError, ValueError, RuntimeError, NotImplementedError) as error:
+        # a mask function this probe cannot call: keep the packed 4-D layout, and say why at debug level
+        logger.debug("hfx eval: mask function of %r not probed (%s: %s); packed rows", name, type(error).__name__, error)
         return False
     return isinstance(mask, torch.Tensor) and mask.dim() == 2
 
