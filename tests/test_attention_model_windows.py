@@ -112,16 +112,21 @@ def test_window_bound_is_transformers_mask_function():
         torch.testing.assert_close(got[rows], want[rows], atol=1e-6, rtol=1e-6)
 
 
-def test_gemma3_bidirectional_equals_sdpa():
-    """use_bidirectional_attention: sliding layers see |q - k| < sliding_window (exclusive), full layers all."""
-    config = CAUSAL["gemma3"]()
-    config.use_bidirectional_attention = True
+def hidden_states_equal_sdpa(config):
+    """The same weights under sdpa and hfx_sliding_window give the same last hidden states on a padded batch."""
     reference, model = pair(config, AutoModel)
     ids, mask = padded_batch()
     with torch.no_grad():
         want = reference(ids, attention_mask=mask).last_hidden_state
         got = model(ids, attention_mask=mask).last_hidden_state
     assert_close_on(mask, got, want)
+
+
+def test_gemma3_bidirectional_equals_sdpa():
+    """use_bidirectional_attention: sliding layers see |q - k| < sliding_window (exclusive), full layers all."""
+    config = CAUSAL["gemma3"]()
+    config.use_bidirectional_attention = True
+    hidden_states_equal_sdpa(config)
 
 
 def test_modernbert_local_and_global_layers_equal_sdpa(seen_masks):
@@ -130,12 +135,7 @@ def test_modernbert_local_and_global_layers_equal_sdpa(seen_masks):
         local_attention=WINDOW, global_attn_every_n_layers=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         cls_token_id=1, sep_token_id=2, max_position_embeddings=512,
     )
-    reference, model = pair(config, AutoModel)
-    ids, mask = padded_batch()
-    with torch.no_grad():
-        want = reference(ids, attention_mask=mask).last_hidden_state
-        got = model(ids, attention_mask=mask).last_hidden_state
-    assert_close_on(mask, got, want)
+    hidden_states_equal_sdpa(config)
     # ModernBERT hands over local_attention // 2 + 1 on local layers, None on global ones
     assert {w for _, w, _ in seen_masks} == {WINDOW // 2 + 1, None}
     assert all(m.dim() == 2 for m, _, _ in seen_masks)
