@@ -83,7 +83,7 @@ class HfxConfig(PreTrainedConfig):
     """
 
     model_type = "hfx"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "aux_loss", "aux_stats", "router_logits"]
 
     vocab_size: int = 30522
     hidden_size: int = 768

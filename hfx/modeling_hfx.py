@@ -31,6 +31,7 @@ from transformers.utils import ModelOutput, logging
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
+from . import auxiliary
 from .attention import eager_attention_forward
 from .configuration_hfx import HfxConfig
 from .padding_masks import real_token_mask
@@ -51,6 +52,49 @@ def backend_supports_kv_cache(attn_implementation) -> bool:
     if not isinstance(attn_implementation, str) or attn_implementation not in registry.names("attention"):
         return True
     return getattr(registry.get("attention", attn_implementation), "supports_kv_cache", True)
+
+
+def attention_component(attn_implementation):
+    """The hfx attention plugin behind ``attn_implementation``, or None for transformers' own backends."""
+    if not isinstance(attn_implementation, str) or attn_implementation not in registry.names("attention"):
+        return None
+    return registry.get("attention", attn_implementation)
+
+
+@dataclass
+class HfxModelOutputWithPast(BaseModelOutputWithPast):
+    """``BaseModelOutputWithPast`` plus what components add besides hidden states (see :mod:`hfx.auxiliary`).
+
+    aux_loss: summed auxiliary losses of the last forward (MoE balance / z losses, span penalty), already weighted.
+    aux_stats: per-module statistics stacked by name, e.g. ``expert_counts`` (MoE layers, experts).
+    router_logits: one (tokens, experts) tensor per MoE layer, when ``config.output_router_logits``.
+    """
+
+    aux_loss: torch.Tensor | None = None
+    aux_stats: dict[str, torch.Tensor] | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class HfxCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` whose ``loss`` includes ``aux_loss``; the auxiliary fields as in HfxModelOutputWithPast."""
+
+    aux_loss: torch.Tensor | None = None
+    aux_stats: dict[str, torch.Tensor] | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class HfxMaskedLMOutput(MaskedLMOutput):
+    """``MaskedLMOutput`` whose ``loss`` includes ``aux_loss``; the auxiliary fields as in HfxModelOutputWithPast."""
+
+    aux_loss: torch.Tensor | None = None
+    aux_stats: dict[str, torch.Tensor] | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+
+
+def auxiliary_fields(outputs) -> dict:
+    return {name: getattr(outputs, name, None) for name in ("aux_loss", "aux_stats", "router_logits")}
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -112,6 +156,9 @@ class HfxAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
+        component = attention_component(config.attention_type)
+        if component is not None and component.attach is not None:
+            component.attach(self, config)
 
     def forward(self, hidden_states, attention_mask=None, rotary=None, past_key_values: Cache | None = None, **kwargs):
         input_shape = hidden_states.shape[:-1]
@@ -263,7 +310,14 @@ class HfxModel(HfxPreTrainedModel):
             )
         if self.final_norm is not None:
             hidden_states = self.final_norm(hidden_states, padding_mask)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        collected = auxiliary.collect(auxiliary.auxiliary_modules(self))
+        return HfxModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values,
+            aux_loss=collected.loss,
+            aux_stats=collected.stats or None,
+            router_logits=collected.router_logits,
+        )
 
 
 class HfxPooler(nn.Module):
@@ -336,7 +390,13 @@ class HfxForMaskedLM(HfxPreTrainedModel):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        return HfxMaskedLMOutput(
+            loss=auxiliary.add_to_loss(loss, outputs.aux_loss),
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **auxiliary_fields(outputs),
+        )
 
 
 @dataclass
@@ -404,7 +464,7 @@ class HfxForPreTraining(HfxPreTrainedModel):
             nsp_loss = loss_fct(nsp_logits.view(-1, 2).float(), next_sentence_label.view(-1))
         parts = [part for part in (mlm_loss, nsp_loss) if part is not None]
         return HfxForPreTrainingOutput(
-            loss=sum(parts) if parts else None,
+            loss=auxiliary.add_to_loss(sum(parts), outputs.aux_loss) if parts else None,
             mlm_loss=mlm_loss,
             nsp_loss=nsp_loss,
             prediction_logits=prediction_logits,
@@ -481,12 +541,13 @@ class HfxForCausalLM(HfxPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
-            loss=loss,
+        return HfxCausalLMOutputWithPast(
+            loss=auxiliary.add_to_loss(loss, outputs.aux_loss),
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **auxiliary_fields(outputs),
         )
 
 
@@ -545,7 +606,10 @@ class HfxForSequenceClassification(HfxPreTrainedModel):
         if labels is not None:
             loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
         return SequenceClassifierOutputWithPast(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+            loss=auxiliary.add_to_loss(loss, outputs.aux_loss),
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
 
 
@@ -587,7 +651,10 @@ class HfxForTokenClassification(HfxPreTrainedModel):
         if labels is not None:
             loss = self.loss_function(logits, labels, self.config, **kwargs)
         return TokenClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+            loss=auxiliary.add_to_loss(loss, outputs.aux_loss),
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
 
 
@@ -643,6 +710,7 @@ class HfxForMultipleChoice(HfxPreTrainedModel):
         )
         logits = self.classifier(self.dropout(self.pooler(outputs.last_hidden_state))).view(-1, num_choices)
         loss = CrossEntropyLoss()(logits.float(), labels) if labels is not None else None
+        loss = auxiliary.add_to_loss(loss, outputs.aux_loss)
         return MultipleChoiceModelOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
@@ -651,6 +719,9 @@ class HfxForMultipleChoice(HfxPreTrainedModel):
 __all__ = [
     "HfxPreTrainedModel",
     "HfxModel",
+    "HfxModelOutputWithPast",
+    "HfxCausalLMOutputWithPast",
+    "HfxMaskedLMOutput",
     "HfxForMaskedLM",
     "HfxForPreTraining",
     "HfxForPreTrainingOutput",

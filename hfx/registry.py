@@ -45,6 +45,11 @@ class Component:
     ``supports_kv_cache`` (attention only) is False for a backend that cannot decode from a KV cache (it needs
     every key of the sequence at each call, e.g. ``hfx_lsh``, ``hfx_block_sparse``): hfx causal LMs using it
     generate with ``use_cache=False`` by default (each new token runs a full forward).
+
+    ``attach(module, config)`` (attention only) is called by each hfx attention layer built with this backend,
+    so a backend that learns something per layer (adaptive span's per-head span) can register its parameters
+    on that layer (they are then saved, loaded, trained and counted like the projections). A backend with
+    ``attach`` needs those parameters: used on a stock transformers model it must refuse clearly.
     """
 
     kind: str
@@ -55,6 +60,7 @@ class Component:
     validate_config: Callable[[Any], None] | None = None
     mask_factory: Callable[..., Any] | None = None
     supports_kv_cache: bool = True
+    attach: Callable[[Any, Any], None] | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:

@@ -1,0 +1,82 @@
+"""Auxiliary losses: what a component adds to the training loss besides the head's own loss.
+
+Some components need a term in the loss that is not the task's: a Mixture-of-Experts router's
+load-balancing and z losses, an adaptive attention span's L1 penalty. Such a module implements
+:class:`AuxiliaryOutput`'s one method, ``hfx_auxiliary()``, returning what its *last forward*
+produced. :class:`hfx.modeling_hfx.HfxModel` collects them after its layers, every head adds the
+summed ``aux_loss`` to its loss (when labels are given) and reports it, so the term reaches
+``Trainer`` without any code in the training script.
+
+The values are read from module state set in ``forward``; transformers' gradient checkpointing is
+non-reentrant by default, under which that state keeps its autograd graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Auxiliary:
+    """One module's contribution from its last forward.
+
+    ``loss``: a scalar already weighted by its coefficient (added to the training loss as is).
+    ``stats``: detached tensors for logging, by name (e.g. ``expert_counts``: tokens per expert).
+    ``router_logits``: (tokens, experts) logits, returned when ``config.output_router_logits``.
+    """
+
+    loss: torch.Tensor | None = None
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    router_logits: torch.Tensor | None = None
+
+
+@runtime_checkable
+class AuxiliaryOutput(Protocol):
+    def hfx_auxiliary(self) -> Auxiliary | None: ...
+
+
+@dataclass
+class CollectedAuxiliary:
+    """Every module's contribution, in module order: the summed loss, stacked stats, router logits."""
+
+    loss: torch.Tensor | None = None
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    router_logits: tuple[torch.Tensor, ...] | None = None
+
+
+def auxiliary_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, AuxiliaryOutput)]
+
+
+def collect(modules: list[nn.Module]) -> CollectedAuxiliary:
+    """Sum the losses and stack each stat across modules (one row per module)."""
+    losses, stats, logits = [], {}, []
+    for module in modules:
+        part = module.hfx_auxiliary()
+        if part is None:
+            continue
+        if part.loss is not None:
+            losses.append(part.loss)
+        for name, value in part.stats.items():
+            stats.setdefault(name, []).append(value)
+        if part.router_logits is not None:
+            logits.append(part.router_logits)
+    return CollectedAuxiliary(
+        loss=torch.stack([loss.float() for loss in losses]).sum() if losses else None,
+        stats={name: torch.stack(values) for name, values in stats.items()},
+        router_logits=tuple(logits) if logits else None,
+    )
+
+
+def add_to_loss(loss: torch.Tensor | None, aux_loss: torch.Tensor | None) -> torch.Tensor | None:
+    """The head's loss plus the auxiliary loss; no labels means no loss at all."""
+    if loss is None or aux_loss is None:
+        return loss
+    return loss + aux_loss.to(loss.dtype)
+
+
+__all__ = ["Auxiliary", "AuxiliaryOutput", "CollectedAuxiliary", "auxiliary_modules", "collect", "add_to_loss"]
