@@ -7,6 +7,7 @@ The block itself has one switch, pre- or post-norm; everything else lives in com
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,17 @@ def build_norm(config: HfxConfig) -> nn.Module:
     norm = registry.get("norm", config.norm_type).factory(config, config.hidden_size)
     norm._hfx_norm = True  # lets _init_weights reset any norm plugin's affine parameters
     return norm
+
+
+def build_ffn(config: HfxConfig, layer_idx: int) -> nn.Module:
+    """The feed-forward plugin of block ``layer_idx``; a factory that takes ``layer_idx`` may vary by layer
+    (MoE's ``first_k_dense_replace``), one that does not is called with the config alone."""
+    factory = registry.get("ffn", config.ffn_type).factory
+    try:
+        takes_layer = "layer_idx" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        takes_layer = False
+    return factory(config, layer_idx=layer_idx) if takes_layer else factory(config)
 
 
 def backend_supports_kv_cache(attn_implementation) -> bool:
@@ -193,7 +205,7 @@ class HfxLayer(GradientCheckpointingLayer):
         self.attention_norm = build_norm(config)
         self.attention = HfxAttention(config, layer_idx)
         self.ffn_norm = build_norm(config)
-        self.ffn = registry.get("ffn", config.ffn_type).factory(config)
+        self.ffn = build_ffn(config, layer_idx)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states, attention_mask=None, padding_mask=None, rotary=None, past_key_values=None, **kwargs):

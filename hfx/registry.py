@@ -31,7 +31,8 @@ class Component:
     - ``position``: ``factory(config) -> nn.Module`` whose forward is
       ``forward(inputs_embeds, position_ids) -> (inputs_embeds, rotary)``; ``rotary`` is ``None`` or the
       ``(cos, sin)`` pair that the attention layer applies to queries and keys.
-    - ``ffn``: ``factory(config) -> nn.Module`` mapping ``(batch, seq, hidden)`` to the same shape.
+    - ``ffn``: ``factory(config) -> nn.Module`` (or ``factory(config, layer_idx)``, to vary by block) mapping
+      ``(batch, seq, hidden)`` to the same shape.
     - ``attention``: ``factory`` is the function registered in transformers' ``AttentionInterface``
       (``fn(module, query, key, value, attention_mask, scaling=..., dropout=..., **kwargs)``) and
       ``mask_factory`` the matching ``AttentionMaskInterface`` function.
