@@ -240,6 +240,10 @@ class HfxPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
+        # A component with parameters transformers does not know (stacked experts, learned spans) initialises them
+        # itself, with transformers.initialization functions so that loaded weights are left alone.
+        if hasattr(module, "hfx_init_weights"):
+            module.hfx_init_weights(self.config)
         if getattr(module, "_hfx_norm", False):
             if isinstance(getattr(module, "weight", None), nn.Parameter):
                 init.ones_(module.weight)
