@@ -231,6 +231,9 @@ class HfxPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_record_outputs = {"hidden_states": HfxLayer, "attentions": HfxAttention}
+    # The MoE plugin's experts dispatch through transformers' ExpertsInterface; transformers looks for that
+    # decorator in this file's source, and the experts live in the plugin, so hfx says it explicitly.
+    _can_set_experts_implementation_cached_value = True
 
     def __init__(self, config: HfxConfig, *inputs, **kwargs):
         super().__init__(config, *inputs, **kwargs)
