@@ -154,15 +154,15 @@ def _tiles(query, key, value, keep, segments, table, causal, scaling, dropout, c
     offset = k_len - q_len  # position of the first query among the keys
     tiles = -(-q_len // chunk)
     width = chunk + left + right
-    before = max(0, left - offset)
-    after = max(0, offset + tiles * chunk + right - k_len)
-    start = offset - left + before  # first key of tile 0 in padded coordinates
-    span_len = (tiles - 1) * chunk + width
+    first = offset - left  # first key of tile 0 (negative: before the sequence)
+    end = first + (tiles - 1) * chunk + width  # one past the last key of the last tile
+    before, after = max(0, -first), max(0, end - k_len)
 
-    def windows(x, fill):  # (..., K, *) -> (..., tiles, *, width) over the padded key axis
+    def windows(x, fill):  # (..., K, *) -> (..., tiles, *, width); only the keys in use are read
         dim = x.dim() - (2 if x.dim() == 4 else 1)
-        pad = [0, 0] * (x.dim() - 1 - dim) + [before, after]
-        x = F.pad(x, pad, value=fill).narrow(dim, start, span_len)
+        x = x.narrow(dim, first + before, end - after - first - before)
+        if before or after:
+            x = F.pad(x, [0, 0] * (x.dim() - 1 - dim) + [before, after], value=fill)
         return x.unfold(dim, width, chunk)
 
     q = F.pad(query, (0, 0, 0, tiles * chunk - q_len)).view(batch, heads, tiles, chunk, head_dim)
@@ -180,12 +180,13 @@ def _tiles(query, key, value, keep, segments, table, causal, scaling, dropout, c
     index = torch.where(distance < 0, last, distance.clamp(max=last))
     scores = scores + table[:, index][None, :, None]  # (1, H, 1, c, width)
 
-    allowed = windows(keep, False)  # (B, tiles, width): real keys inside the sequence
-    allowed = allowed[:, :, None, :].expand(batch, tiles, chunk, width)
-    if segments is not None:
-        q_seg = F.pad(segments[:, offset:], (0, tiles * chunk - q_len), value=-1).view(batch, tiles, chunk)
-        allowed = allowed & (q_seg[..., None] == windows(segments, -2)[:, :, None, :])
-    scores = scores.masked_fill(~allowed[:, None], _NEG)
+    if before or after or segments is not None or not bool(keep.all()):  # else every key in every window is real
+        allowed = windows(keep, False)  # (B, tiles, width): real keys inside the sequence
+        allowed = allowed[:, :, None, :].expand(batch, tiles, chunk, width)
+        if segments is not None:
+            q_seg = F.pad(segments[:, offset:], (0, tiles * chunk - q_len), value=-1).view(batch, tiles, chunk)
+            allowed = allowed & (q_seg[..., None] == windows(segments, -2)[:, :, None, :])
+        scores = scores.masked_fill(~allowed[:, None], _NEG)
     weights = torch.softmax(scores, dim=-1).to(value.dtype)
     if dropout > 0.0:
         weights = F.dropout(weights, p=dropout, training=True)
