@@ -2,7 +2,7 @@
 
 - ``AutoConfig``: ``model_type="hfx"`` -> ``HfxConfig``, as soon as transformers' auto-config
   module exists.
-- ``AutoModel`` and seven ``AutoModelFor*`` classes: ``HfxConfig`` -> the hfx model class. The
+- ``AutoModel`` and eight ``AutoModelFor*`` classes: ``HfxConfig`` -> the hfx model class. The
   entry names the class by module and attribute and is resolved on first read, so
   ``hfx.modeling_hfx`` (and with it ``transformers.modeling_utils``) is imported only when a
   model is built or a mapping is listed, as transformers does for its own models.
@@ -30,8 +30,11 @@ MODEL_CLASSES = {
     "AutoModelForTokenClassification": "HfxForTokenClassification",
     "AutoModelForQuestionAnswering": "HfxForQuestionAnswering",
     "AutoModelForMultipleChoice": "HfxForMultipleChoice",
+    "AutoModelForSeq2SeqLM": "HfxForConditionalGeneration",
 }
 MODELING_MODULE = "hfx.modeling_hfx"
+# Classes that live outside MODELING_MODULE, by class name.
+CLASS_MODULES = {"HfxForConditionalGeneration": "hfx.modeling_hfx_seq2seq"}
 
 
 class ClassReference:
@@ -87,7 +90,8 @@ def register_models(modeling_auto: ModuleType) -> None:
         mapping = getattr(modeling_auto, auto_name)._model_mapping
         if not isinstance(mapping._extra_content, ResolvingDict):
             mapping._extra_content = ResolvingDict(mapping._extra_content)
-        mapping.register(HfxConfig, ClassReference(MODELING_MODULE, class_name), exist_ok=True)
+        module = CLASS_MODULES.get(class_name, MODELING_MODULE)
+        mapping.register(HfxConfig, ClassReference(module, class_name), exist_ok=True)
 
 
 def register_attention(module: ModuleType) -> None:
@@ -104,4 +108,4 @@ def install() -> None:
     when_imported("transformers.masking_utils", register_attention)
 
 
-__all__ = ["MODEL_CLASSES", "ClassReference", "ResolvingDict", "install"]
+__all__ = ["MODEL_CLASSES", "CLASS_MODULES", "ClassReference", "ResolvingDict", "install"]
