@@ -416,7 +416,8 @@ class HfxSeq2SeqModel(HfxPreTrainedModel):
             )
         if encoder_outputs is None:
             encoder_outputs = self.encoder(
-                input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, inputs_embeds=inputs_embeds, **kwargs
+                input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, inputs_embeds=inputs_embeds,
+                use_cache=False, **kwargs,
             )
         elif not isinstance(encoder_outputs, BaseModelOutput) and not hasattr(encoder_outputs, "last_hidden_state"):
             encoder_outputs = BaseModelOutput(
