@@ -137,14 +137,14 @@ class PowerNorm(nn.Module):
         leaves it, and the step count, unchanged.
         """
         hidden = x.shape[-1]
-        totals = _global_sum(torch.cat([(x * x * real).sum(0), real.sum().reshape(1)]).float())
+        totals = _global_sum(torch.cat([(x * x * real).sum(0), real.sum().reshape(1)]))  # x: fp32 or wider
         count = totals[-1]
         usable = count > 0
         batch_phi = totals[:hidden] / count.clamp(min=1.0)
         warming = self.num_batches_tracked < self.warmup_steps
         phi = torch.where(warming & usable, batch_phi, self.running_phi)
-        steps = self.num_batches_tracked.to(torch.float32)
-        rate = torch.where(warming, 1.0 / (steps + 1.0), torch.tensor(1.0 - self.alpha_fwd, device=x.device))
+        steps = self.num_batches_tracked.to(x.dtype)
+        rate = torch.where(warming, 1.0 / (steps + 1.0), torch.tensor(1.0 - self.alpha_fwd, dtype=x.dtype, device=x.device))
         self.running_phi.lerp_(batch_phi.to(self.running_phi.dtype), (rate * usable).to(self.running_phi.dtype))
         self.num_batches_tracked += usable.to(self.num_batches_tracked.dtype)
         return torch.sqrt(phi + self.eps)
@@ -153,12 +153,12 @@ class PowerNorm(nn.Module):
     def _advance_nu(self, g: torch.Tensor, z: torch.Tensor, real: torch.Tensor) -> None:
         """nu_t = nu_{t-1} (1 - (1 - alpha_bkw) Gamma_t) + (1 - alpha_bkw) Lambda_t, over real tokens."""
         hidden = z.shape[-1]
-        totals = _global_sum(torch.cat([(g * z * real).sum(0), (z * z * real).sum(0), real.sum().reshape(1)]).float())
+        totals = _global_sum(torch.cat([(g * z * real).sum(0), (z * z * real).sum(0), real.sum().reshape(1)]))
         count = totals[-1]
         lam = totals[:hidden] / count.clamp(min=1.0)
         gam = totals[hidden : 2 * hidden] / count.clamp(min=1.0)
-        rate = (1.0 - self.alpha_bkw) * (count > 0).to(torch.float32)
-        nu = self.running_nu.float()
+        rate = (1.0 - self.alpha_bkw) * (count > 0).to(totals.dtype)
+        nu = self.running_nu.to(totals.dtype)
         self.running_nu.copy_(nu * (1.0 - rate * gam) + rate * lam)
 
     def extra_repr(self) -> str:
