@@ -255,3 +255,30 @@ def test_bad_decoder_layers_is_refused():
     with pytest.raises(ValueError, match="decoder_layers=0 is invalid"):
         config.decoder_layers = 0  # HfxConfig checks the assignment, or else the model refuses it
         HfxForConditionalGeneration(config)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_resize_token_embeddings_resizes_every_embedding_and_keeps_the_ties(share):
+    model = build(tie_encoder_decoder_embeddings=share, tie_word_embeddings=True)
+    model.resize_token_embeddings(120, mean_resizing=False)
+    encoder = model.model.encoder.embeddings.word_embeddings.weight
+    decoder = model.model.decoder.embeddings.word_embeddings.weight
+    assert encoder.shape == decoder.shape == model.lm_head.weight.shape == (120, 32)
+    assert model.lm_head.weight is decoder and (encoder is decoder) == share
+    input_ids, attention_mask = source_batch()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=torch.tensor([[START, 110]] * 2)).logits
+    assert logits.shape == (2, 2, 120)
+
+
+def test_the_docs_example_runs_and_prints_what_the_page_shows(tmp_path):
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "seq2seq.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", page, re.S)[0]
+    shown = re.findall(r"prints\n\n```\n(.*?)```", page, re.S)[0]
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == shown
