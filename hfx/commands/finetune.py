@@ -8,11 +8,13 @@ import json
 EPILOG = """examples:
   hfx finetune --model ./tiny-llama --data train.jsonl --method qlora --output runs/qlora --max-steps 200 --merge
   hfx finetune --model ./hfx-enc --data reviews.csv --task seq-cls --label-field sentiment --output runs/cls
+  hfx finetune --model ./t5-small --data pairs.jsonl --task seq2seq --output runs/s2s   # {"source": ..., "target": ...}
   hfx finetune ... --output runs/qlora --resume          # continue from the last checkpoint
   torchrun --nproc_per_node 2 -m hfx.cli finetune ...    # DDP, one process per device (CPU: gloo)
 
 Records: {"text": ...}, {"prompt": ..., "completion": ...} (loss on the completion only) or
-{"messages": [{"role": ..., "content": ...}, ...]} (rendered with the tokenizer's chat template).
+{"messages": [{"role": ..., "content": ...}, ...]} (rendered with the tokenizer's chat template);
+--task seq2seq (an encoder-decoder): {"source": ..., "target": ...} or {"prompt": ..., "completion": ...}.
 Output: OUTPUT/adapter (PEFT adapter; OUTPUT/model for --method full), OUTPUT/merged with --merge,
 OUTPUT/checkpoint-*, OUTPUT/hfx_finetune_results.json. See docs/finetuning.md."""
 
@@ -23,8 +25,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "finetune",
         help="fine-tune a model: full, LoRA, QLoRA (4-bit) or LLM.int8 + LoRA",
-        description="Fine-tune an hfx model or any AutoModelForCausalLM / AutoModelForSequenceClassification "
-        "checkpoint with Trainer, PEFT and bitsandbytes. Bad input (missing data fields, unusable bitsandbytes, "
+        description="Fine-tune an hfx model or any AutoModelForCausalLM / AutoModelForSequenceClassification / "
+        "AutoModelForSeq2SeqLM checkpoint with Trainer, PEFT and bitsandbytes. Bad input (missing data fields, unusable bitsandbytes, "
         "LoRA targets that match nothing, an output folder holding another run) is reported before the model loads.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -34,12 +36,13 @@ def add_parser(subparsers) -> None:
     need.add_argument("--data", required=True, help="json/jsonl/csv/parquet file, a folder of them, or a hub dataset")
     need.add_argument("--output", required=True, help="run folder (adapter, checkpoints, results)")
     need.add_argument("--method", choices=METHODS, default="lora", help="default: %(default)s")
-    need.add_argument("--task", choices=TASKS, default="auto", help="auto: from the checkpoint's architecture")
+    need.add_argument("--task", choices=TASKS, default="auto", help="auto: from the checkpoint's architecture "
+                      "(seq-cls for a classifier, seq2seq for an encoder-decoder, else causal-lm)")
 
     data = p.add_argument_group("data")
     data.add_argument("--data-format", choices=DATA_FORMATS, default="auto", help="auto: chosen by the columns present")
     for name, default in (("text", "text"), ("prompt", "prompt"), ("completion", "completion"),
-                          ("messages", "messages"), ("label", "label")):
+                          ("messages", "messages"), ("label", "label"), ("source", "source"), ("target", "target")):
         data.add_argument(f"--{name}-field", default=default, help="default: %(default)s")
     data.add_argument("--no-assistant-only-loss", dest="assistant_only_loss", action="store_false",
                       help="chat data: take the loss on every token, not only on the assistant turns")

@@ -50,6 +50,7 @@ from .output_types import (  # noqa: F401  (OutputType, register_output_type re-
 )
 from .results import build_results, group_leaves, groups_preorder
 from .scorer import CausalLMScorer, is_causal_lm
+from .seq2seq import Seq2SeqScorer, is_seq2seq_lm, resolve_backend
 from .tasks import Task, TaskError
 
 DEFAULT_FEWSHOT_SEED = 1234
@@ -261,11 +262,33 @@ def _check_causal_config(path: str, hub_kwargs: dict | None = None) -> None:
     config = _load_config(path, hub_kwargs)
     architectures = getattr(config, "architectures", None) or []
     causal_arch = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    if getattr(config, "is_encoder_decoder", False):
+        raise TaskError(
+            f"{path} is an encoder-decoder {config.model_type!r} model ({architectures or 'no architectures'}); "
+            "backend=causal would load its decoder alone. Evaluate it with --model-args backend=seq2seq (or auto)."
+        )
     # The Auto mapping also holds model types registered at run time (hfx, third parties).
     if type(config) not in AutoModelForCausalLM._model_mapping or (architectures and not causal_arch):
         raise TaskError(
             f"{path} is a {config.model_type!r} model ({architectures or 'no architectures'}), not a causal LM; "
             "loglikelihood / generate_until tasks need one (e.g. *ForCausalLM)."
+        )
+
+
+def _check_seq2seq_config(path: str, hub_kwargs: dict | None = None) -> None:
+    from transformers import AutoModelForSeq2SeqLM
+
+    config = _load_config(path, hub_kwargs)
+    architectures = getattr(config, "architectures", None) or []
+    auto_map = getattr(config, "auto_map", None) or {}
+    known = type(config) in AutoModelForSeq2SeqLM._model_mapping or "AutoModelForSeq2SeqLM" in auto_map
+    if not getattr(config, "is_encoder_decoder", False) or not known:
+        kind = "an encoder-decoder model AutoModelForSeq2SeqLM cannot load" if getattr(
+            config, "is_encoder_decoder", False) else "not an encoder-decoder (config.is_encoder_decoder is False)"
+        raise TaskError(
+            f"{path} is a {config.model_type!r} model ({architectures or 'no architectures'}), {kind}; "
+            "backend=seq2seq needs an AutoModelForSeq2SeqLM checkpoint (T5, BART, hfx HfxForConditionalGeneration). "
+            "Valid backends for this model: causal (or auto)."
         )
 
 
@@ -291,6 +314,7 @@ def load_model(
     model_args: ModelArgs | str | dict | None = None,
     device: str | None = None,
     tokenizer=None,
+    backend: str = "causal",
 ):
     """``(model, tokenizer, source_path)`` from a local directory or hub id, checked first.
 
@@ -301,9 +325,9 @@ def load_model(
     before the text, nothing after it). ``model_args`` (lm-eval's keys, :class:`ModelArgs`) choose
     dtype, revision, quantisation, attention, placement and a PEFT adapter (loaded on the base as
     lm-eval's ``peft=`` does); ``device`` is a resolved ``--device``. Without either the model
-    loads in fp32 on CPU.
+    loads in fp32 on CPU. ``backend="seq2seq"`` loads an encoder-decoder (``AutoModelForSeq2SeqLM``) instead.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     args = ModelArgs.parse(model_args)
     if dtype is not None and args.dtype is None:
@@ -313,13 +337,17 @@ def load_model(
     config = check_model_path(path, hub)
     if not causal:
         return load_encoder(path, attn_implementation=args.attn_implementation)
-    _check_causal_config(path, hub)
+    if backend == "seq2seq":
+        _check_seq2seq_config(path, hub)
+    else:
+        _check_causal_config(path, hub)
     adapter = check_adapter(args.peft, path, config) if args.peft is not None else None
     if tokenizer is None:
         tokenizer = load_tokenizer(path, add_bos_token=add_bos_token, hub_kwargs=hub)
     kwargs = args.from_pretrained_kwargs(device, config)
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        auto_class = AutoModelForSeq2SeqLM if backend == "seq2seq" else AutoModelForCausalLM
+        loaded = auto_class.from_pretrained(path, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
         raise CheckpointError(f"--model {path}: the model cannot be loaded: {_one_line(exc)}") from None
     prepare_long_model(loaded)  # a convert-long checkpoint: its global token ids active
@@ -970,7 +998,10 @@ def evaluate(
         _check_tokenizer(tokenizer, "tokenizer")
     if write_out and (group is None or group.is_main):
         print_prompts(plan_)
-    if config_ is not None:  # the context length the scorer will use, from the config: before the weights load
+    backend_name = resolve_backend(args.backend, config_ if config_ is not None else getattr(model, "config", None))
+    seq2seq = backend_name == "seq2seq"
+    # an encoder-decoder's prompt goes to the encoder whole: max_gen_toks takes no room from it
+    if config_ is not None and not seq2seq:  # the context length the scorer will use, from the config: before the weights load
         from types import SimpleNamespace
 
         from .scorer import resolve_max_length
@@ -983,10 +1014,14 @@ def evaluate(
     if is_path:
         model_name = str(model)
         model, loaded_tokenizer, source = load_model(model, add_bos_token=add_bos, causal=needs_lm, model_args=args,
-                                                     device=device, tokenizer=tokenizer if needs_lm else None)
+                                                     device=device, tokenizer=tokenizer if needs_lm else None,
+                                                     backend=backend_name)
         # an encoder comes with the tokenizer it was saved with
         tokenizer = tokenizer if user_tokenizer or (needs_lm and tokenizer is not None) else loaded_tokenizer
-    elif needs_lm and not is_causal_lm(model):
+    elif needs_lm and seq2seq and not is_seq2seq_lm(model):
+        raise TaskError(f"{type(model).__name__} is not an encoder-decoder LM; backend=seq2seq needs one "
+                        "(e.g. *ForConditionalGeneration), backend=causal a causal LM.")
+    elif needs_lm and not seq2seq and not is_causal_lm(model):
         raise TaskError(
             f"{type(model).__name__} is not a causal LM; loglikelihood / generate_until tasks need one (e.g. *ForCausalLM)."
         )
@@ -1007,13 +1042,15 @@ def evaluate(
     identity_cost = {"files_hashed": memo.hashed, "seconds": round(time.perf_counter() - hashing_started, 3)}
     if cache_dir is not False:
         cache = ResultCache(cache_dir or default_cache_dir(), identity)
-    scorer = CausalLMScorer(
+    scorer_class = Seq2SeqScorer if seq2seq and needs_lm else CausalLMScorer
+    scorer = scorer_class(
         model, tokenizer, batch_size=batch_size, max_batch_tokens=max_batch_tokens, cache=cache, progress=progress,
         add_bos_token=add_bos, seed=seeds[2],  # the raw torch slot: None keys sampled generations apart from 1234
         max_length=args.max_length,
     )
-    check_generation_room(plan_, scorer.max_length, "--model-args max_length" if args.max_length else
-                          "from its config")
+    if not seq2seq:
+        check_generation_room(plan_, scorer.max_length, "--model-args max_length" if args.max_length else
+                              "from its config")
     backend = scorer
     world_size = 1 if group is None else group.world_size
     if world_size > 1:
@@ -1024,6 +1061,7 @@ def evaluate(
     config = {
         "model": model_name,
         "model_args": args.given(),
+        "backend": backend_name,
         "model_identity": identity,
         "batch_size": batch_size,
         "max_batch_tokens": max_batch_tokens,

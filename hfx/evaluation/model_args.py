@@ -3,7 +3,8 @@
 The keys are those of lm-eval 0.4.13's ``hf`` model that change how a causal LM is loaded
 (``pretrained``, ``dtype``/``torch_dtype``, ``revision``, ``trust_remote_code``, ``peft``,
 ``add_bos_token``, ``max_length``, ``device_map``/``parallelize``, ``attn_implementation``,
-``load_in_4bit``/``load_in_8bit`` and the ``bnb_4bit_*`` options). A value is read as lm-eval
+``load_in_4bit``/``load_in_8bit`` and the ``bnb_4bit_*`` options), and ``backend``
+(``auto``/``default``, ``causal``, ``seq2seq``: how the model is loaded and scored). A value is read as lm-eval
 reads it (``True``/``False`` any case, ``None``, integers, quotes keep a string) but then checked
 against what its key needs, so ``revision=1234`` stays the string a revision is, and a typo
 (``trust_remote_code=ture``) is refused instead of silently becoming a truthy string.
@@ -103,6 +104,7 @@ class ModelArgs:
     bnb_4bit_quant_type: str | None = None
     bnb_4bit_compute_dtype: str | None = None
     bnb_4bit_use_double_quant: bool | None = None
+    backend: str | None = None
 
     # -- parsing ----------------------------------------------------------------------------
     @classmethod
@@ -134,6 +136,12 @@ class ModelArgs:
             value = values["max_length"]
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise _error(f"--model-args: max_length must be an integer >= 1, got {value!r}.")
+        if "backend" in values:
+            from .seq2seq import BACKENDS
+
+            if values["backend"] not in BACKENDS:
+                raise _error(f"--model-args: backend={values['backend']!r} is invalid; valid values: "
+                             f"{', '.join(BACKENDS)} (auto/default: seq2seq for an encoder-decoder, else causal).")
         for key in ("pretrained", "revision", "peft", "device_map", "attn_implementation", "dtype",
                     "bnb_4bit_quant_type", "bnb_4bit_compute_dtype"):
             if key in values:

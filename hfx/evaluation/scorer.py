@@ -75,6 +75,22 @@ class _Row:
         return len(self.context) + sum(len(c) - 1 for c in self.continuations)
 
 
+def rolling_windows(tokens: list[int], length: int, prefix_token_id: int):
+    """lm-eval's disjoint rolling windows over ``tokens``: ``(context, continuation)`` pairs, each scored
+    token once; the first window's context is the prefix (BOS, else EOS) token."""
+    if not tokens:
+        return
+    first = min(length, len(tokens))
+    yield [prefix_token_id], tokens[:first]
+    done = first
+    while done < len(tokens):
+        pred_len = min(len(tokens) - done, length)
+        end = done + pred_len
+        window = tokens[max(end - length - 1, 0) : end - 1]
+        yield window[: len(window) - (pred_len - 1)], tokens[end - pred_len : end]
+        done += pred_len
+
+
 def takes_key_padding_mask_only(model) -> bool:
     """Whether the model's attention implementation takes a 2-D key padding mask rather than a 4-D one.
 
@@ -277,18 +293,7 @@ class CausalLMScorer:
         return totals
 
     def _rolling_windows(self, tokens: list[int]):
-        if not tokens:
-            return
-        length = self.max_length
-        first = min(length, len(tokens))
-        yield [self.prefix_token_id], tokens[:first]
-        done = first
-        while done < len(tokens):
-            pred_len = min(len(tokens) - done, length)
-            end = done + pred_len
-            window = tokens[max(end - length - 1, 0) : end - 1]
-            yield window[: len(window) - (pred_len - 1)], tokens[end - pred_len : end]
-            done += pred_len
+        return rolling_windows(tokens, self.max_length, self.prefix_token_id)
 
     def generate_until(self, requests: Sequence[tuple[str, dict]]) -> list[str]:
         """Continuations cut at the first stop string: see :func:`hfx.evaluation.generation.generate_until`."""

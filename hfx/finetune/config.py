@@ -7,8 +7,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 METHODS = ("full", "lora", "qlora", "int8")
-TASKS = ("auto", "causal-lm", "seq-cls")
-DATA_FORMATS = ("auto", "text", "prompt-completion", "chat")
+TASKS = ("auto", "causal-lm", "seq-cls", "seq2seq")
+DATA_FORMATS = ("auto", "text", "prompt-completion", "chat", "source-target")
 QUANT_TYPES = ("nf4", "fp4")
 DTYPES = ("float32", "bfloat16", "float16")
 BF16_CHOICES = ("auto", "yes", "no")
@@ -77,6 +77,8 @@ class FinetuneConfig:
     messages_field: str = "messages"
     assistant_only_loss: bool = True  # chat: loss on the assistant turns only (False: on every token)
     label_field: str = "label"
+    source_field: str = "source"  # seq2seq: the encoder's input
+    target_field: str = "target"  # seq2seq: what the decoder learns to produce
     data_split: str = "train"
     eval_data: str | None = None
     eval_fraction: float = 0.0
@@ -180,6 +182,15 @@ class FinetuneConfig:
             raise ValueError("early_stopping_patience needs evaluation data: set eval_data or eval_fraction.")
         if self.overwrite and self.resume:
             raise ValueError("overwrite and resume exclude each other: overwrite deletes the checkpoints resume needs.")
+        if self.task == "seq2seq" and self.packing:
+            raise ValueError("packing=True is invalid with task='seq2seq'; valid values: packing=False (each "
+                             "source/target pair is its own example, padded per batch).")
+        if self.task == "seq2seq" and self.data_format not in ("auto", "source-target", "prompt-completion"):
+            raise ValueError(f"data_format={self.data_format!r} is invalid with task='seq2seq'; valid values: "
+                             "['auto', 'source-target', 'prompt-completion'] (records with an input and an output text).")
+        if self.task not in ("auto", "seq2seq") and self.data_format == "source-target":
+            raise ValueError(f"data_format='source-target' is invalid with task={self.task!r}; valid values: "
+                             "task='seq2seq' or 'auto' (an encoder-decoder model).")
         if self.merge and self.method == "full":
             raise ValueError("merge applies to adapter methods (lora, qlora, int8); a full fine-tune is already plain.")
         self._check_extra_training_args()

@@ -11,6 +11,9 @@ the columns present, in this order):
 - ``text``: one text field; the loss is taken on every token.
 
 Sequence classification reads ``text_field`` and ``label_field`` (integers or label names).
+Sequence-to-sequence (an encoder-decoder) reads ``source_field`` / ``target_field`` (``source-target``),
+else ``prompt_field`` / ``completion_field``: the source goes to the encoder, the target is the
+decoder's labels (ending in EOS, so that generation learns to stop); the loss is on the target only.
 Every check here runs before the model is loaded, so a misspelt field costs seconds, not a load.
 """
 
@@ -188,6 +191,22 @@ def resolve_format(columns: list[str], config: FinetuneConfig, task: str) -> str
     def missing(*names: str) -> list[str]:
         return [name for name in names if name not in columns]
 
+    if task == "seq2seq":
+        pairs = {"source-target": (config.source_field, config.target_field),
+                 "prompt-completion": (config.prompt_field, config.completion_field)}
+        if config.data_format != "auto":
+            absent = missing(*pairs[config.data_format])
+            if absent:
+                raise DataError(f"data_format={config.data_format!r} needs field(s) {absent}; the data has columns "
+                                f"{columns}.")
+            return config.data_format
+        for data_format, names in pairs.items():
+            if not missing(*names):
+                return data_format
+        raise DataError(
+            f"sequence-to-sequence needs fields {list(pairs['source-target'])} (source_field/target_field) or "
+            f"{list(pairs['prompt-completion'])} (prompt_field/completion_field); the data has columns {columns}."
+        )
     if task == "seq-cls":
         absent = missing(config.text_field, config.label_field)
         if absent:
@@ -230,7 +249,7 @@ def check_data(config: FinetuneConfig, task: str, tokenizer) -> tuple[object, ob
             f"assistant_only_loss needs a fast tokenizer (character offsets); {type(tokenizer).__name__} of "
             f"{config.model} is not one. Pass assistant_only_loss=False (--no-assistant-only-loss)."
         )
-    if task == "causal-lm" and tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+    if task in ("causal-lm", "seq2seq") and tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
         raise DataError(f"the tokenizer of {config.model} has neither a pad nor an eos token to pad batches with.")
     return train, evaluation, data_format
 
@@ -251,6 +270,8 @@ def prepare_data(config: FinetuneConfig, task: str, tokenizer, label_names: list
     if task == "seq-cls":
         label_names = label_names or infer_label_names(train[config.label_field])
         encode = _classification_encoder(config, tokenizer, label_names)
+    elif task == "seq2seq":
+        encode = _seq2seq_encoder(config, tokenizer, data_format)
     else:
         encode = _causal_encoder(config, tokenizer, data_format)
     train = _tokenize(train, encode, config)
@@ -344,6 +365,33 @@ def assistant_spans(tokenizer, messages: list[dict], rendered: str) -> list[tupl
             )
         spans.append((len(before), len(through)))
     return spans
+
+
+def _seq2seq_encoder(config: FinetuneConfig, tokenizer, data_format: str):
+    """Encoder ids from the source (the tokenizer's own special tokens), decoder labels from the target.
+
+    The labels are the tokenizer's encoding of the target when it ends in EOS (T5, BART); a tokenizer
+    that marks no end gets the target's plain tokens plus EOS. Both are cut to ``max_length``, the
+    labels keeping their EOS. The model builds its decoder inputs from the labels (shifted right).
+    """
+    source_field, target_field = ((config.source_field, config.target_field) if data_format == "source-target"
+                                  else (config.prompt_field, config.completion_field))
+    eos = tokenizer.eos_token_id
+
+    def labels_of(target: str) -> list[int]:
+        ids = tokenizer(text_target=target)["input_ids"]
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [eos]
+        if len(ids) > config.max_length:
+            ids = ids[: config.max_length - 1] + ids[-1:]
+        return ids
+
+    def encode(row):
+        source = tokenizer(row[source_field], truncation=True, max_length=config.max_length)
+        return {"input_ids": source["input_ids"], "attention_mask": source["attention_mask"],
+                "labels": labels_of(row[target_field])}
+
+    return encode
 
 
 def _classification_encoder(config: FinetuneConfig, tokenizer, label_names: list[str] | None):

@@ -30,16 +30,71 @@ class TargetModulesError(ValueError):
 
 
 def resolve_task(config: FinetuneConfig, model_config) -> str:
-    """``seq-cls`` for a checkpoint saved as a sequence classifier, otherwise ``causal-lm``."""
+    """``seq-cls`` for a checkpoint saved as a sequence classifier, ``seq2seq`` for an encoder-decoder,
+    otherwise ``causal-lm``."""
     if config.task != "auto":
         return config.task
     architectures = getattr(model_config, "architectures", None) or []
-    return "seq-cls" if any(a.endswith("ForSequenceClassification") for a in architectures) else "causal-lm"
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return "seq-cls"
+    return "seq2seq" if getattr(model_config, "is_encoder_decoder", False) else "causal-lm"
+
+
+def _is_seq2seq_checkpoint(model_config) -> bool:
+    """An encoder-decoder config that ``AutoModelForSeq2SeqLM`` can build (its registry or the config's auto_map)."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    if not getattr(model_config, "is_encoder_decoder", False):
+        return False
+    auto_map = getattr(model_config, "auto_map", None) or {}
+    return type(model_config) in AutoModelForSeq2SeqLM._model_mapping or "AutoModelForSeq2SeqLM" in auto_map
+
+
+def _kind(model_config) -> str:
+    """How the checkpoint is built, in words, for the errors below: its saved head, else its config."""
+    from transformers import AutoModelForCausalLM
+
+    if getattr(model_config, "is_encoder_decoder", False):
+        return "encoder-decoder"
+    architectures = getattr(model_config, "architectures", None) or []
+    if getattr(model_config, "model_type", None) == "hfx":
+        causal = bool(getattr(model_config, "is_decoder", False))
+    elif architectures:
+        causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    else:
+        causal = type(model_config) in AutoModelForCausalLM._model_mapping
+    return "decoder-only" if causal else "encoder-only"
+
+
+def check_task(config: FinetuneConfig, task: str, model_config) -> None:
+    """Refuse a task the checkpoint's architecture cannot train, before data or weights are read.
+
+    ``seq2seq`` needs an encoder-decoder (its encoder reads the source, its decoder the target);
+    ``causal-lm`` on an encoder-decoder would load its decoder alone and drop the encoder.
+    """
+    model_type = getattr(model_config, "model_type", None)
+    architectures = getattr(model_config, "architectures", None) or []
+    kind = _kind(model_config)
+    what = f"--model {config.model} is a {kind} {model_type!r} model ({architectures or 'no architectures'})"
+    if task == "seq2seq" and not _is_seq2seq_checkpoint(model_config):
+        valid = ["causal-lm", "seq-cls"] if kind == "decoder-only" else ["seq-cls"]
+        raise ValueError(
+            f"task='seq2seq' is invalid for this model: {what}; valid values for it: {valid}. "
+            "task='seq2seq' needs an encoder-decoder checkpoint (AutoModelForSeq2SeqLM: T5, BART, hfx "
+            "HfxForConditionalGeneration)."
+        )
+    if task == "causal-lm" and getattr(model_config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"task='causal-lm' is invalid for this model: {what}, and a causal-LM fine-tune would train its decoder "
+            "alone, without the encoder; valid values for it: ['seq2seq'] (or 'auto')."
+        )
 
 
 def model_class_for(task: str):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
+    if task == "seq2seq":
+        return AutoModelForSeq2SeqLM
     return AutoModelForSequenceClassification if task == "seq-cls" else AutoModelForCausalLM
 
 
@@ -162,7 +217,7 @@ def lora_config(config: FinetuneConfig, task: str):
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=config.target_modules or "all-linear",
-        task_type=TaskType.SEQ_CLS if task == "seq-cls" else TaskType.CAUSAL_LM,
+        task_type={"seq-cls": TaskType.SEQ_CLS, "seq2seq": TaskType.SEQ_2_SEQ_LM}.get(task, TaskType.CAUSAL_LM),
     )
 
 

@@ -24,6 +24,7 @@ from .model import (
     add_lora,
     build_skeleton,
     check_bitsandbytes,
+    check_task,
     check_target_modules,
     load_model,
     model_class_for,
@@ -63,7 +64,8 @@ _RUN_OUTPUT = re.compile(
 # Settings that must agree for --resume to continue a run rather than start a different one.
 RUN_IDENTITY = (
     "model", "data", "task", "method", "data_format", "text_field", "prompt_field", "completion_field",
-    "messages_field", "assistant_only_loss", "label_field", "data_split", "eval_fraction", "max_train_samples",
+    "messages_field", "assistant_only_loss", "label_field", "source_field", "target_field", "data_split",
+    "eval_fraction", "max_train_samples",
     "lora_r", "lora_alpha", "lora_dropout", "target_modules",
     "quant_type", "double_quant", "compute_dtype", "quant_storage",
     "max_length", "packing", "batch_size", "grad_accum",
@@ -134,6 +136,7 @@ def finetune(config: FinetuneConfig | None = None, *, callbacks=None, **kwargs) 
     model_config, tokenizer = _load_config_and_tokenizer(config)
     long_load_kwargs(model_config, where=f"--model {config.model}")  # a long backend not installed: refused first
     task = resolve_task(config, model_config)
+    check_task(config, task, model_config)  # e.g. seq2seq on a decoder-only model: refused before the data is read
     checked = check_data(config, task, tokenizer)
     if config.quantized:
         check_bitsandbytes(config)
