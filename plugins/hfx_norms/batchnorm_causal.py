@@ -29,13 +29,13 @@ from hfx_norms.batchnorm import validate as validate_batchnorm
 
 
 def _global_position_sums(sums: torch.Tensor) -> torch.Tensor:
-    """(T, k) per-position sums added over processes; shards may have different lengths (padded to the longest)."""
+    """(T, k) per-position sums added over processes, as (T_max, k): shards may differ in length (padded to the longest)."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return sums
     length = torch.tensor([sums.shape[0]], device=sums.device)
     dist.all_reduce(length, op=dist.ReduceOp.MAX)
     padded = torch.nn.functional.pad(sums, (0, 0, 0, int(length.item()) - sums.shape[0]))
-    return _all_reduce_sum(padded)[: sums.shape[0]]
+    return _all_reduce_sum(padded)
 
 
 class CausalSequenceBatchNorm(SequenceBatchNorm):
@@ -46,7 +46,10 @@ class CausalSequenceBatchNorm(SequenceBatchNorm):
         self.min_tokens = min_tokens
 
     def cumulative_statistics(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None):
-        """Per position t (fp32, (T, H)): mean and biased variance over real tokens at positions <= t; counts (T,).
+        """Per position t (fp32, (T', H)): mean and biased variance over real tokens at positions <= t; counts (T',).
+
+        T' is the longest sequence length over processes (T in one process): its last row holds the whole
+        global batch's statistics.
 
         Accumulated around the running mean, a constant shift that leaves the result unchanged and keeps
         the fp32 difference ``E[x^2] - E[x]^2`` away from cancellation once the running mean is good.
@@ -73,6 +76,7 @@ class CausalSequenceBatchNorm(SequenceBatchNorm):
             real = padding_mask.to(device=hidden_states.device, dtype=torch.bool).unsqueeze(-1)
             hidden_states = torch.where(real, hidden_states, torch.zeros_like(hidden_states))
         mean, var, count = self.cumulative_statistics(hidden_states, padding_mask)
+        length = hidden_states.shape[1]
         # The fallback uses the statistics of earlier steps: after this step's update they would hold later positions.
         running_mean, running_var = self.running_mean.clone(), self.running_var.clone()
         if not _in_backward_replay():
@@ -80,6 +84,7 @@ class CausalSequenceBatchNorm(SequenceBatchNorm):
             total = count[-1]
             unbiased_ok = total >= MIN_TOKENS
             self._update_running(mean[-1].detach(), var[-1].detach(), total.detach(), unbiased_ok)
+        mean, var, count = mean[:length], var[:length], count[:length]
         usable = (count >= self.min_tokens).unsqueeze(-1)
         mean = torch.where(usable, mean, running_mean)
         var = torch.where(usable, var, running_var)
