@@ -1,18 +1,26 @@
-"""LayerNorm vs RMSNorm vs BatchNorm, answered by measurement: the same tiny hfx model, seed, data and steps.
+"""LayerNorm vs RMSNorm vs BatchNorm vs PowerNorm vs DyT, answered by measurement: same tiny model, seed, data, steps.
 
     python examples/compare_norms.py --output-dir runs/norms
     python examples/compare_norms.py --output-dir runs/norms --objective mlm --batch-sizes 32 4 --steps 600
 
 Only ``norm_type`` changes between runs, once per ``--batch-sizes`` entry (the articles' claim is
-that BatchNorm suffers with small batches). Writes OUTPUT_DIR/norms.md (final training loss and
-validation loss per norm and batch size; BatchNorm is evaluated with its running statistics)
-and OUTPUT_DIR/norms.png (training-loss curves).
+that BatchNorm suffers with small batches). Writes OUTPUT_DIR/norms.md and norms.json (final
+training loss, validation loss in eval mode, and the train/eval gap per norm and batch size) and
+OUTPUT_DIR/norms.png (training-loss curves, one panel per batch size).
+
+The train/eval gap is the validation loss with the norms in training mode (batch statistics, as
+during training; dropout stays off) minus the loss in eval mode (running statistics), each batch
+starting from the trained state. Per-token norms (layernorm, rmsnorm, dyt) have none by construction.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,14 +33,14 @@ from hfx.pretraining import (
     TOKENIZER_STYLES,
     loss_history,
     model_config,
-    plot_loss_curves,
     prepare_dataset,
     save_pretrained_atomic,
     training_arguments,
+    write_json_atomic,
 )
 from hfx.tokenizer import train_tokenizer
 
-NORMS = ("layernorm", "rmsnorm", "batchnorm")
+NORMS = ("layernorm", "rmsnorm", "batchnorm", "batchnorm_causal", "powernorm", "dyt")
 
 
 def parse_args(argv=None):
@@ -49,7 +57,24 @@ def parse_args(argv=None):
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    return parser.parse_args(argv)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="an HfxConfig field for every run, e.g. --set dyt_alpha_init=2.0 (value read as JSON, "
+                             "else as a string); repeatable")
+    args = parser.parse_args(argv)
+    args.overrides = dict(_override(parser, item) for item in args.overrides)
+    return args
+
+
+def _override(parser, item: str) -> tuple[str, object]:
+    field, sep, text = item.partition("=")
+    if not sep or not field:
+        parser.error(f"--set {item!r} is invalid; valid values: FIELD=VALUE, e.g. --set powernorm_warmup_steps=50")
+    if field in ("norm_type", "norm_position", "position_embedding_type", "hidden_size"):
+        parser.error(f"--set {field}=... is invalid: {field} is set by the comparison itself (see --norms and --help)")
+    try:
+        return field, json.loads(text)
+    except json.JSONDecodeError:
+        return field, text
 
 
 def model_init(model_class, config):
@@ -57,15 +82,57 @@ def model_init(model_class, config):
     return lambda: model_class(config)
 
 
-def validation_loss(model, dataset, collator, batch_size: int) -> float:
+def validation_loss(model, dataset, collator, batch_size: int, norms_in_train_mode: bool = False) -> float:
+    """Mean loss over ``dataset``; with ``norms_in_train_mode`` the norms use batch statistics (on a copy of the
+    model, restored before every batch so that no batch sees statistics another one moved)."""
     model.eval()
+    if norms_in_train_mode:
+        model = copy.deepcopy(model)
+        trained = copy.deepcopy(model.state_dict())
+        for module in model.modules():
+            if getattr(module, "_hfx_norm", False):
+                module.train()
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(dataset), batch_size):
+            if norms_in_train_mode:
+                model.load_state_dict(trained)
             batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
             total += model(**batch).loss.item()
             count += 1
     return total / count
+
+
+def plot_panels(curves: dict[str, list[tuple[int, float]]], rows: dict[str, dict], path: Path, title: str) -> None:
+    """Training-loss curves, one panel per batch size, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({r["batch_size"] for r in rows.values()}, reverse=True)
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False, sharey=True)
+    for ax, size in zip(axes[0], sizes):
+        for name, points in curves.items():
+            if rows[name]["batch_size"] == size:
+                ax.plot([s for s, _ in points], [loss for _, loss in points], label=rows[name]["norm"])
+        ax.set_title(f"batch size {size}")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0][0].set_ylabel("training loss")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def main(argv=None) -> dict[str, dict]:
@@ -87,7 +154,8 @@ def main(argv=None) -> dict[str, dict]:
     for norm, batch_size in [(n, b) for b in args.batch_sizes for n in args.norms]:
         name = f"{norm}, batch {batch_size}"
         config = model_config(tokenizer, args.max_length, hidden_size=args.hidden_size, norm_type=norm,
-                              norm_position=args.norm_position, position_embedding_type="rotary")
+                              norm_position=args.norm_position, position_embedding_type="rotary",
+                              **args.overrides)
         trainer = Trainer(
             model_init=model_init(OBJECTIVES[args.objective], config),
             args=training_arguments(output_dir / f"run-{norm}-{batch_size}", args.steps, batch_size, args.learning_rate,
@@ -100,21 +168,27 @@ def main(argv=None) -> dict[str, dict]:
         seconds = time.perf_counter() - start
         curves[name] = loss_history(trainer)
         tail = [loss for _, loss in curves[name][-5:]]
+        # Validation at the training batch size: train-mode batch statistics depend on it.
+        eval_loss = validation_loss(trainer.model, validation_set, collator, batch_size)
+        train_mode_loss = validation_loss(trainer.model, validation_set, collator, batch_size, norms_in_train_mode=True)
         rows[name] = {
             "norm": norm,
             "batch_size": batch_size,
             "final_train_loss": sum(tail) / len(tail),
-            "validation_loss": validation_loss(trainer.model, validation_set, collator, 16),
+            "validation_loss": eval_loss,
+            "train_mode_validation_loss": train_mode_loss,
+            "train_eval_gap": train_mode_loss - eval_loss,
             "seconds": seconds,
         }
         print(f"{name}: {rows[name]}", flush=True)
 
-    plot_loss_curves(curves, output_dir / "norms.png", f"{args.objective}, {args.norm_position}-norm, {args.steps} steps")
-    table = "| norm | batch size | final train loss (mean of last 5 logs) | validation loss | train s |\n"
-    table += "|---|---|---|---|---|\n"
+    plot_panels(curves, rows, output_dir / "norms.png", f"{args.objective}, {args.norm_position}-norm, {args.steps} steps")
+    table = ("| norm | batch size | final train loss (mean of last 5 logs) | validation loss (eval mode) "
+             "| train/eval gap | train s |\n")
+    table += "|---|---|---|---|---|---|\n"
     table += "".join(
         f"| {r['norm']} | {r['batch_size']} | {r['final_train_loss']:.3f} | {r['validation_loss']:.3f} "
-        f"| {r['seconds']:.0f} |\n"
+        f"| {r['train_eval_gap']:+.3f} | {r['seconds']:.0f} |\n"
         for r in rows.values()
     )
     command = "python examples/compare_norms.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -122,6 +196,7 @@ def main(argv=None) -> dict[str, dict]:
     tmp = output_dir / ".norms.md.tmp"
     tmp.write_text(text)
     tmp.replace(output_dir / "norms.md")
+    write_json_atomic({"command": command, "runs": list(rows.values())}, output_dir / "norms.json")
     print(table)
     return rows
 

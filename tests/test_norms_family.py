@@ -83,12 +83,22 @@ def test_dyt_alpha_init_survives_model_init_and_checkpoints_keep_learned_alpha(t
 # ---------------------------------------------------------------- PowerNorm
 
 
-def powernorm_reference(steps, weight, bias, eps, alpha_fwd, alpha_bkw, warmup):
-    """The paper's Algorithm 1 in float64, one (x, mask, grad_out) per training step; returns per-step results."""
+def group_scale(x, groups, eps):
+    parts = x.reshape(*x.shape[:-1], groups, -1)
+    return (parts / torch.sqrt(parts.pow(2).mean(-1, keepdim=True) + eps)).reshape(x.shape)
+
+
+def powernorm_reference(steps, weight, bias, eps, alpha_fwd, alpha_bkw, warmup, groups):
+    """The paper's Algorithm 1 in float64, one (x, mask, grad_out) per training step; returns per-step results.
+
+    With ``groups`` each token is first divided by its quadratic mean per channel group (exact gradient through it).
+    """
     hidden = weight.shape[0]
     phi, nu, tracked = torch.ones(hidden, dtype=torch.float64), torch.zeros(hidden, dtype=torch.float64), 0
     results = []
-    for x, mask, dy in steps:
+    for raw, mask, dy in steps:
+        raw = raw.clone().requires_grad_(True)
+        x = group_scale(raw, groups, eps) if groups else raw
         real = x[mask]
         batch_phi = (real**2).mean(0)
         scale = torch.sqrt((batch_phi if tracked < warmup else phi) + eps)
@@ -98,6 +108,8 @@ def powernorm_reference(steps, weight, bias, eps, alpha_fwd, alpha_bkw, warmup):
         tracked += 1
         g = dy * weight
         grad_x = torch.where(mask[..., None], (g - nu * z) / scale, torch.zeros_like(x))
+        (grad_x,) = torch.autograd.grad(x, raw, grad_x)  # through the group scaling, if any
+        z, y = z.detach(), y.detach()
         gamma, lam = (z[mask] ** 2).mean(0), (g[mask] * z[mask]).mean(0)
         nu = nu * (1 - (1 - alpha_bkw) * gamma) + (1 - alpha_bkw) * lam
         results.append(dict(y=y, grad_x=grad_x, grad_weight=(dy * z).sum((0, 1)), grad_bias=dy.sum((0, 1)),
@@ -105,8 +117,10 @@ def powernorm_reference(steps, weight, bias, eps, alpha_fwd, alpha_bkw, warmup):
     return results
 
 
-def test_powernorm_forward_backward_and_statistics_equal_the_algorithm_over_warmup_and_after():
-    fields = dict(powernorm_alpha_fwd=0.8, powernorm_alpha_bkw=0.7, powernorm_warmup_steps=2, powernorm_eps=1e-5)
+@pytest.mark.parametrize("groups", [0, 1, 2])
+def test_powernorm_forward_backward_and_statistics_equal_the_algorithm_over_warmup_and_after(groups):
+    fields = dict(powernorm_alpha_fwd=0.8, powernorm_alpha_bkw=0.7, powernorm_warmup_steps=2, powernorm_eps=1e-5,
+                  powernorm_group_scaling=groups)
     norm = make("powernorm", **fields).double().train()
     affine(norm)
     weight, bias = norm.weight.detach().clone(), norm.bias.detach().clone()
@@ -115,7 +129,7 @@ def test_powernorm_forward_backward_and_statistics_equal_the_algorithm_over_warm
         x, mask = ragged(lengths=lengths, seed=10 + i)
         dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(20 + i), dtype=torch.float64)
         steps.append((x, mask, dy))
-    expected = powernorm_reference(steps, weight, bias, 1e-5, 0.8, 0.7, 2)
+    expected = powernorm_reference(steps, weight, bias, 1e-5, 0.8, 0.7, 2, groups)
     for (x, mask, dy), want in zip(steps, expected):
         norm.zero_grad()
         x = x.clone().requires_grad_(True)
@@ -132,11 +146,12 @@ def test_powernorm_forward_backward_and_statistics_equal_the_algorithm_over_warm
     # eval: the running quadratic mean of the last step
     x, mask = ragged(seed=99)
     y = norm.eval()(x, mask)
+    x = group_scale(x, groups, 1e-5) if groups else x
     torch.testing.assert_close(y, x / torch.sqrt(expected[-1]["phi"] + 1e-5) * weight + bias, rtol=1e-12, atol=1e-12)
 
 
 def test_powernorm_after_warmup_the_forward_uses_the_previous_running_statistic():
-    norm = make("powernorm", powernorm_warmup_steps=0).double().train()
+    norm = make("powernorm", powernorm_warmup_steps=0, powernorm_group_scaling=0).double().train()
     x, mask = ragged()
     y = norm(x, mask)  # psi_{-1} = 1: the input passes unscaled (up to eps)
     torch.testing.assert_close(y[mask], x[mask] / (1 + 1e-5) ** 0.5)
@@ -155,6 +170,7 @@ def test_powernorm_pad_garbage_changes_no_real_output_gradient_or_statistic(garb
             xi = x.masked_fill(~mask[..., None], fill).requires_grad_(True)
             y = norm(xi, mask)
             (y.square() * mask[..., None]).sum().backward()
+            assert torch.isfinite(xi.grad).all()  # pad positions get a zero gradient, not nan
             outputs.append((y[mask].detach(), xi.grad[mask]))
         results.append((outputs, norm.running_phi.clone(), norm.running_nu.clone(), norm.weight.grad.clone()))
     (clean, phi0, nu0, gw0), (dirty, phi1, nu1, gw1) = results
@@ -176,7 +192,8 @@ def test_powernorm_all_padding_batch_leaves_statistics_unchanged_and_frozen_norm
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
     norm.requires_grad_(False)  # what PEFT does to the base model
     y = norm(x, mask)
-    torch.testing.assert_close(y, x * torch.rsqrt(norm.running_phi + norm.eps) * norm.weight + norm.bias)
+    expected = group_scale(x, 1, norm.eps) * torch.rsqrt(norm.running_phi + norm.eps) * norm.weight + norm.bias
+    torch.testing.assert_close(y, expected)
     for k, v in norm.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
 
@@ -297,6 +314,7 @@ def test_batchnorm_causal_pad_garbage_changes_no_real_output_or_statistic(garbag
         xi = x.masked_fill(~mask[..., None], fill).requires_grad_(True)
         y = norm(xi, mask)
         (y.square() * mask[..., None]).sum().backward()
+        assert torch.isfinite(xi.grad).all()
         runs.append((y[mask].detach(), xi.grad[mask], norm.running_mean.clone(), norm.running_var.clone()))
     for a, b in zip(*runs):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
@@ -335,6 +353,7 @@ def test_model_save_load_round_trip_keeps_statistics_fields_and_logits(norm_type
     ("powernorm", "powernorm_alpha_bkw", -0.1, "a number in [0, 1)"),
     ("powernorm", "powernorm_warmup_steps", -1, "an integer >= 0"),
     ("powernorm", "powernorm_eps", 0.0, "a finite number > 0"),
+    ("powernorm", "powernorm_group_scaling", 3, "0 (off) or a divisor of hidden_size=32"),
     ("dyt", "dyt_alpha_init", 0, "a finite number > 0"),
     ("dyt", "dyt_alpha_init", True, "a finite number > 0"),
     ("batchnorm_causal", "batchnorm_causal_min_tokens", 1, "an integer >= 2"),

@@ -15,6 +15,13 @@ fluctuate strongly and their gradients with them. PowerNorm therefore
   statistic is the cumulative average of those batches, so it starts from a real estimate rather
   than its initial 1 (as the authors' implementation does).
 
+The authors' released implementation first divides each token by its quadratic mean over groups of
+channels ("group scaling", a per-token RMSNorm without weight when there is one group), then applies
+the algorithm above. ``powernorm_group_scaling`` is that number of groups: 1 by default, 0 for
+Algorithm 1 alone. Gradients flow through the group scaling exactly (it is per token). In hfx's
+pre-norm models, whose residual stream starts near the embeddings' 0.02 scale, it matters a lot
+(see the norms documentation for measured numbers).
+
 hfx additions: every mean is over real tokens only (``padding_mask``), over all processes when
 ``torch.distributed`` is initialised; statistics are fp32 under bf16/fp16; the forward replayed by
 gradient checkpointing reuses the step's scale and updates nothing; frozen affine parameters
@@ -74,8 +81,12 @@ class PowerNorm(nn.Module):
     """PowerNorm over the feature axis of (batch, seq, hidden) activations, pooling real tokens."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-5, alpha_fwd: float = 0.9, alpha_bkw: float = 0.9,
-                 warmup_steps: int = 100):
+                 warmup_steps: int = 100, group_scaling: int = 1):
         super().__init__()
+        if group_scaling < 0 or (group_scaling and hidden_size % group_scaling):
+            raise ValueError(f"powernorm_group_scaling={group_scaling!r} is invalid; valid values: 0 or a divisor of "
+                             f"hidden_size={hidden_size}.")
+        self.group_scaling = group_scaling
         self.eps = eps
         self.alpha_fwd = alpha_fwd
         self.alpha_bkw = alpha_bkw
@@ -113,6 +124,7 @@ class PowerNorm(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1]).to(dtype)
         if not self.training or self.frozen:
+            x = self._scale_groups(x) if self.group_scaling else x
             out = x * torch.rsqrt(self.running_phi.to(dtype) + self.eps) * self.weight.to(dtype) + self.bias.to(dtype)
             return out.reshape(shape).to(hidden_states.dtype)
         if padding_mask is None:
@@ -121,6 +133,8 @@ class PowerNorm(nn.Module):
             real = padding_mask.reshape(-1, 1).to(device=x.device, dtype=dtype)
             # Zeroed first, so inf/nan in pad positions reach neither the statistics nor any gradient.
             x = torch.where(real.bool(), x, torch.zeros_like(x))
+        if self.group_scaling:
+            x = self._scale_groups(x)
         if _in_backward_replay() and self._step_scale is not None:
             scale = self._step_scale  # checkpointing's recomputation must see what the step's forward saw
         else:
@@ -128,6 +142,11 @@ class PowerNorm(nn.Module):
             self._step_scale = scale
         out = _PowerNormFunction.apply(x, self.weight.to(dtype), self.bias.to(dtype), scale.to(dtype), real, self)
         return out.reshape(shape).to(hidden_states.dtype)
+
+    def _scale_groups(self, x: torch.Tensor) -> torch.Tensor:
+        """Each token divided by its quadratic mean over each group of channels (ordinary autograd)."""
+        groups = x.reshape(x.shape[0], self.group_scaling, -1)
+        return (groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)).reshape(x.shape)
 
     @torch.no_grad()
     def _scale_and_update(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -163,12 +182,13 @@ class PowerNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.weight.shape[0]}, eps={self.eps}, alpha_fwd={self.alpha_fwd}, alpha_bkw={self.alpha_bkw}, "
-                f"warmup_steps={self.warmup_steps}")
+                f"warmup_steps={self.warmup_steps}, group_scaling={self.group_scaling}")
 
 
 def build(config, hidden_size: int) -> nn.Module:
     return PowerNorm(hidden_size, eps=config.powernorm_eps, alpha_fwd=config.powernorm_alpha_fwd,
-                     alpha_bkw=config.powernorm_alpha_bkw, warmup_steps=config.powernorm_warmup_steps)
+                     alpha_bkw=config.powernorm_alpha_bkw, warmup_steps=config.powernorm_warmup_steps,
+                     group_scaling=config.powernorm_group_scaling)
 
 
 def _number(value) -> bool:
@@ -185,6 +205,10 @@ def validate(config) -> None:
     steps = config.powernorm_warmup_steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"powernorm_warmup_steps={steps!r} is invalid; valid values: an integer >= 0.")
+    groups = config.powernorm_group_scaling
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 0 or (groups and config.hidden_size % groups):
+        raise ValueError(f"powernorm_group_scaling={groups!r} is invalid; valid values: 0 (off) or a divisor of "
+                         f"hidden_size={config.hidden_size}.")
 
 
 COMPONENT = Component(
@@ -193,6 +217,6 @@ COMPONENT = Component(
     factory=build,
     description="PowerNorm: running quadratic mean (no centring), approximate backward, warmup (Shen et al. 2020).",
     config_defaults={"powernorm_alpha_fwd": 0.9, "powernorm_alpha_bkw": 0.9, "powernorm_warmup_steps": 100,
-                     "powernorm_eps": 1e-5},
+                     "powernorm_eps": 1e-5, "powernorm_group_scaling": 1},
     validate_config=validate,
 )
