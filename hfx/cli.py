@@ -22,6 +22,7 @@ COMMANDS = {
     "eval": "hfx.commands.evaluate",
     "tasks": "hfx.commands.tasks",
     "convert-long": "hfx.commands.convert_long",
+    "export": "hfx.commands.export",
 }
 
 
