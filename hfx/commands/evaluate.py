@@ -19,12 +19,14 @@ def add_parser(subparsers) -> None:
         formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--model", default=None,
-                        help="local directory or hub id of a causal LM (with its tokenizer); or --model-args pretrained=")
+                        help="local directory or hub id of a causal LM or an encoder-decoder (with its tokenizer); or "
+                        "--model-args pretrained=")
     parser.add_argument("--model-args", nargs="+", action="extend", default=None, metavar="KEY=VALUE",
                         help="lm-eval's model arguments, 'k=v,k=v' or 'k=v k=v' (repeats add up) or a JSON object: "
                         "pretrained, dtype (float32, float16, "
                         "bfloat16, auto), revision, trust_remote_code, peft=ADAPTER_DIR, add_bos_token, max_length, "
-                        "device_map, parallelize, attn_implementation, load_in_4bit, load_in_8bit, bnb_4bit_*")
+                        "device_map, parallelize, attn_implementation, load_in_4bit, load_in_8bit, bnb_4bit_*, "
+                        "backend (auto, causal, seq2seq; auto: seq2seq for an encoder-decoder)")
     parser.add_argument("--device", default=None,
                         help="cpu, cuda, cuda:N, mps or auto (cuda, else mps, else cpu); default: cpu")
     parser.add_argument("--tasks", required=True,
