@@ -61,6 +61,8 @@ class FinetuneConfig:
     ``method``: ``full`` trains every weight; ``lora`` trains low-rank adapters on a frozen base;
     ``qlora`` does the same on a base whose block linears are stored in 4 bit (NF4 + double
     quantisation + bf16 compute unless told otherwise); ``int8`` on an LLM.int8 base.
+    ``task``: ``causal-lm``, ``seq-cls``, ``seq2seq`` (an encoder-decoder: ``source_field`` to the
+    encoder, ``target_field`` as the decoder's labels) or ``auto`` (from the checkpoint).
     """
 
     model: str
