@@ -51,6 +51,10 @@ SHARED_BASE_HEADS = (
 _DATA_FILE_NAMES = {"__file__", "__path__"}
 _DATA_FILE_MODULES = {"importlib.resources", "pkgutil", "pkg_resources", "importlib_resources"}
 CORE_PACKAGE = "hfx"
+#: ``model_type`` of an export. Not "hfx": transformers prefers a model type registered in-process over an
+#: ``auto_map``, even with ``trust_remote_code=True``, so where hfx is imported an export named "hfx" would
+#: silently run the installed hfx code instead of its own.
+EXPORT_MODEL_TYPE = "hfx_export"
 #: What hfx runs leave next to a model: ``hfx finetune`` (hfx.finetune.train RUN_FILE, RESULTS_FILE), pre-training
 #: (hfx.pretraining RUN_ARGS_FILE), Trainer. Named here, not imported: those modules import datasets and Trainer.
 TRAINING_FILES = ("hfx_finetune.json", "hfx_finetune_results.json", "pretrain_args.json", "trainer_state.json",
@@ -167,14 +171,15 @@ class ModuleSet:
             local = alias.asname or alias.name
             if alias.name == "*":
                 out.append((base, f"from .{flat_name(base)} import *"))
-            elif _submodule_exists(base, alias.name):
+            elif _submodule_exists(base, alias.name) and not _init_binds(base, alias.name):
+                # as Python does: the package's attribute first, its submodule only when the package has none
                 out.append((f"{base}.{alias.name}", self._module_alias(f"{base}.{alias.name}", local)))
             elif base == CORE_PACKAGE:
                 out.append(self._core_attribute(alias.name, local, where))
             else:
                 rename = f" as {alias.asname}" if alias.asname else ""
                 out.append((base, f"from .{flat_name(base)} import {alias.name}{rename}"))
-        return out
+        return _merge_imports(out)
 
     def _module_alias(self, module: str, local: str) -> str:
         flat = flat_name(module)
@@ -184,8 +189,7 @@ class ModuleSet:
     def _core_attribute(self, name: str, local: str, where: str) -> tuple[str | None, str]:
         """``from hfx import name``: the hfx module that defines ``name`` (hfx's own ``__init__`` is not exported:
         it installs import hooks), or a literal it assigns (``__version__``)."""
-        init = _locate(CORE_PACKAGE, where)
-        init_tree = ast.parse(init.path.read_text(encoding="utf-8"))
+        init_tree = ast.parse(Path(importlib.util.find_spec(CORE_PACKAGE).origin).read_text(encoding="utf-8"))
         for node in init_tree.body:
             if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
                 for alias in node.names:
@@ -224,6 +228,39 @@ class ModuleSet:
         return header + text
 
 
+def _merge_imports(statements: list[tuple[str | None, str]]) -> list[tuple[str | None, str]]:
+    """Neighbouring ``from .x import a`` and ``from .x import b`` as one ``from .x import a, b``."""
+    merged: list[tuple[str | None, str]] = []
+    for target, statement in statements:
+        if merged and statement.startswith("from .") and " import " in statement:
+            head, _, names = statement.partition(" import ")
+            last_head, _, last_names = merged[-1][1].partition(" import ")
+            if head == last_head and "*" not in (names, last_names) and merged[-1][1].startswith("from ."):
+                merged[-1] = (merged[-1][0], f"{head} import {last_names}, {names}")
+                continue
+        merged.append((target, statement))
+    return merged
+
+
+def set_class_constant(text: str, class_name: str, attribute: str, value) -> str:
+    """``text`` with the constant assigned to ``class_name.attribute`` (``model_type = "hfx"``) replaced by ``value``."""
+    tree = ast.parse(text)
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
+            for statement in node.body:
+                targets = statement.targets if isinstance(statement, ast.Assign) else (
+                    [statement.target] if isinstance(statement, ast.AnnAssign) else [])
+                if any(isinstance(t, ast.Name) and t.id == attribute for t in targets) and isinstance(
+                        statement.value, ast.Constant):
+                    constant = statement.value
+                    lines = text.splitlines(keepends=True)
+                    line = lines[constant.lineno - 1].encode("utf-8")
+                    new = line[: constant.col_offset] + repr(value).encode("utf-8") + line[constant.end_col_offset :]
+                    lines[constant.lineno - 1] = new.decode("utf-8")
+                    return "".join(lines)
+    raise ExportError(f"class {class_name} has no constant `{attribute} = ...` to set; hfx.export needs updating")
+
+
 def _locate(module: str, why: str) -> SourceModule:
     try:
         spec = importlib.util.find_spec(module)
@@ -245,6 +282,24 @@ def _locate(module: str, why: str) -> SourceModule:
 def _is_package(module: str) -> bool:
     spec = importlib.util.find_spec(module)
     return spec is not None and spec.submodule_search_locations is not None
+
+
+def _init_binds(package: str, name: str) -> bool:
+    """Whether the package's ``__init__`` binds ``name`` at its top level (then ``from package import name`` gets
+    that object, not the submodule of the same name: hfx's ``registry`` is the instance, not the module)."""
+    spec = importlib.util.find_spec(package)
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            if any((a.asname or a.name.split(".")[0]) == name for a in node.names):
+                return True
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == name:
+            return True
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+                return True
+    return False
 
 
 def _submodule_exists(package: str, name: str) -> bool:
@@ -525,14 +580,17 @@ def export_model(model_dir, out_dir, *, overwrite: bool = False) -> ExportResult
         config_path = tmp / "config.json"
         saved = json.loads(config_path.read_text(encoding="utf-8"))
         saved["auto_map"] = auto_map
+        saved["model_type"] = EXPORT_MODEL_TYPE
         config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         written_modules = {}
         for module in modules.modules.values():
             text = modules.rewritten(module)
             if module.name == "hfx.registry":
                 text += static_registry_source(components)
-            if module.name == config_module and uses_attention_plugin:
-                text += ATTENTION_REGISTRATION
+            if module.name == config_module:
+                text = set_class_constant(text, type(config).__name__, "model_type", EXPORT_MODEL_TYPE)
+                if uses_attention_plugin:
+                    text += ATTENTION_REGISTRATION
             compile(text, module.flat + ".py", "exec")  # a rewrite that broke the syntax must not be shipped
             (tmp / f"{module.flat}.py").write_text(text, encoding="utf-8")
             written_modules[f"{module.flat}.py"] = module.name
@@ -736,8 +794,8 @@ def model_card(model, result: ExportResult, model_dir: Path, tokenizer_files: li
         f"from transformers import {auto}",
         f"model = {auto}.from_pretrained(\"path/to/{name}\", trust_remote_code=True)",
         "```", "",
-        "Where hfx is installed, the same call with `trust_remote_code=True` uses this folder's code; without it, "
-        "hfx's installed classes.", "",
+        f"`model_type` is `{EXPORT_MODEL_TYPE}`, so this folder always runs its own code (also where hfx is "
+        "installed) and always needs `trust_remote_code=True`.", "",
         "## Architecture", "",
         "| | |", "|---|---|",
         f"| class | `{result.architecture}` ({', '.join(f'`{a}`' for a in result.auto_map if a != 'AutoConfig')}) |",
@@ -770,5 +828,5 @@ def model_card(model, result: ExportResult, model_dir: Path, tokenizer_files: li
     return "\n".join(lines)
 
 
-__all__ = ["ExportError", "ExportResult", "MANIFEST_FILE", "ModuleSet", "export_model", "flat_name",
+__all__ = ["EXPORT_MODEL_TYPE", "ExportError", "ExportResult", "MANIFEST_FILE", "ModuleSet", "export_model", "flat_name",
            "static_registry_source"]
