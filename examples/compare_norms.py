@@ -82,9 +82,17 @@ def model_init(model_class, config):
     return lambda: model_class(config)
 
 
-def validation_loss(model, dataset, collator, batch_size: int, norms_in_train_mode: bool = False) -> float:
-    """Mean loss over ``dataset``; with ``norms_in_train_mode`` the norms use batch statistics (on a copy of the
-    model, restored before every batch so that no batch sees statistics another one moved)."""
+POSITION_BUCKETS = ((0, 1), (1, 4), (4, 16), (16, None))
+"""Token positions grouped for the per-position train/eval gap: early positions have the fewest tokens in a
+causal norm's cumulative statistics."""
+
+
+def validation_loss(model, dataset, collator, batch_size: int, objective: str, norms_in_train_mode: bool = False):
+    """Mean loss over ``dataset`` and the mean token loss per position bucket (``POSITION_BUCKETS``).
+
+    With ``norms_in_train_mode`` the norms use batch statistics (on a copy of the model, restored before
+    every batch so that no batch sees statistics another one moved); dropout stays off.
+    """
     model.eval()
     if norms_in_train_mode:
         model = copy.deepcopy(model)
@@ -93,14 +101,33 @@ def validation_loss(model, dataset, collator, batch_size: int, norms_in_train_mo
             if getattr(module, "_hfx_norm", False):
                 module.train()
     total, count = 0.0, 0
+    position_sums, position_counts = None, None
     with torch.no_grad():
         for start in range(0, len(dataset), batch_size):
             if norms_in_train_mode:
                 model.load_state_dict(trained)
             batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-            total += model(**batch).loss.item()
+            output = model(**batch)
+            total += output.loss.item()
             count += 1
-    return total / count
+            logits, labels = output.logits.float(), batch["labels"]
+            if objective == "clm":  # the logits at position t predict the token at t + 1
+                logits, labels = logits[:, :-1], labels[:, 1:]
+            token_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+            real = labels != -100
+            sums, counts = (token_loss * real).sum(0), real.sum(0)
+            if position_sums is None:
+                position_sums, position_counts = torch.zeros_like(sums), torch.zeros_like(counts)
+            width = min(len(sums), len(position_sums))
+            position_sums[:width] += sums[:width]
+            position_counts[:width] += counts[:width]
+    buckets = {}
+    for low, high in POSITION_BUCKETS:
+        n = position_counts[low:high].sum().item()
+        last = (high or len(position_sums)) - 1
+        if n:
+            buckets[str(low) if last == low else f"{low}-{last}"] = position_sums[low:high].sum().item() / n
+    return total / count, buckets
 
 
 def plot_panels(curves: dict[str, list[tuple[int, float]]], rows: dict[str, dict], path: Path, title: str) -> None:
@@ -169,8 +196,9 @@ def main(argv=None) -> dict[str, dict]:
         curves[name] = loss_history(trainer)
         tail = [loss for _, loss in curves[name][-5:]]
         # Validation at the training batch size: train-mode batch statistics depend on it.
-        eval_loss = validation_loss(trainer.model, validation_set, collator, batch_size)
-        train_mode_loss = validation_loss(trainer.model, validation_set, collator, batch_size, norms_in_train_mode=True)
+        eval_loss, eval_positions = validation_loss(trainer.model, validation_set, collator, batch_size, args.objective)
+        train_mode_loss, train_positions = validation_loss(trainer.model, validation_set, collator, batch_size,
+                                                           args.objective, norms_in_train_mode=True)
         rows[name] = {
             "norm": norm,
             "batch_size": batch_size,
@@ -178,6 +206,8 @@ def main(argv=None) -> dict[str, dict]:
             "validation_loss": eval_loss,
             "train_mode_validation_loss": train_mode_loss,
             "train_eval_gap": train_mode_loss - eval_loss,
+            "train_eval_gap_by_position": {k: train_positions[k] - v for k, v in eval_positions.items()},
+            "validation_loss_by_position": eval_positions,
             "seconds": seconds,
         }
         print(f"{name}: {rows[name]}", flush=True)
@@ -189,6 +219,15 @@ def main(argv=None) -> dict[str, dict]:
     table += "".join(
         f"| {r['norm']} | {r['batch_size']} | {r['final_train_loss']:.3f} | {r['validation_loss']:.3f} "
         f"| {r['train_eval_gap']:+.3f} | {r['seconds']:.0f} |\n"
+        for r in rows.values()
+    )
+    buckets = list(next(iter(rows.values()))["train_eval_gap_by_position"])
+    table += "\nTrain/eval gap (train-mode minus eval-mode token loss) by position:\n\n"
+    table += "| norm | batch size | " + " | ".join(f"positions {b}" for b in buckets) + " |\n"
+    table += "|---|---|" + "---|" * len(buckets) + "\n"
+    table += "".join(
+        f"| {r['norm']} | {r['batch_size']} | "
+        + " | ".join(f"{r['train_eval_gap_by_position'][b]:+.3f}" for b in buckets) + " |\n"
         for r in rows.values()
     )
     command = "python examples/compare_norms.py " + " ".join(argv if argv is not None else sys.argv[1:])
