@@ -131,8 +131,7 @@ def test_aux_loss_is_the_switch_formula_over_real_tokens_averaged_over_moe_layer
     expected = (0.1 * switch + 0.01 * z) / n_moe_layers
     assert aux.loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert aux.stats["balance_loss"].item() == pytest.approx(switch.item(), rel=1e-5)
-    # Perfect balance is 1.0 and the value never drops below it by more than a rounding: E * sum f P >= ... only
-    # when f and P agree; here a check that eval mode reports the stats but adds no loss.
+    # Eval mode reports the same stats but adds no loss.
     module.eval()
     module(x, padding_mask=padding_mask)
     assert module.hfx_auxiliary().loss is None
@@ -235,9 +234,16 @@ def test_4bit_loading_keeps_experts_and_router_in_their_dtype(tmp_path):
 def test_lora_on_expert_parameters_trains_and_merges():
     from peft import LoraConfig, get_peft_model
 
-    model = AutoModelForCausalLM.from_config(moe_config(router_aux_loss_coef=0.0))
+    from hfx.peft_integration import moe_target_parameters
+
+    config = moe_config(router_aux_loss_coef=0.0)
+    assert moe_target_parameters(config) == ["experts.up_proj", "experts.down_proj"]
+    assert moe_target_parameters(moe_config(moe_expert_type="swiglu"))[0] == "experts.gate_up_proj"
+    with pytest.raises(ValueError, match="ffn_type='dense'"):
+        moe_target_parameters(tiny_config())
+    model = AutoModelForCausalLM.from_config(config)
     peft_model = get_peft_model(model, LoraConfig(
-        r=4, lora_alpha=8, target_modules=[], target_parameters=["experts.up_proj", "experts.down_proj"]))
+        r=4, lora_alpha=8, target_modules=[], target_parameters=moe_target_parameters(config)))
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     assert any("experts" in n for n in trainable)
