@@ -64,7 +64,7 @@ CASES = {
 AUTO_CLASS = {"HfxForCausalLM": "AutoModelForCausalLM", "HfxForMaskedLM": "AutoModelForMaskedLM",
               "HfxForConditionalGeneration": "AutoModelForSeq2SeqLM"}
 
-# Runs where hfx is not importable. Prints one JSON line with every job's result.
+# Runs where hfx is not importable; reads the jobs from stdin, prints one JSON line with every job's result.
 CHECKER = textwrap.dedent('''
     import importlib.abc, json, sys
 
@@ -89,7 +89,7 @@ CHECKER = textwrap.dedent('''
 
     torch.set_num_threads(1)
     results = {}
-    for job in json.loads(open(sys.argv[1]).read()):
+    for job in json.loads(sys.stdin.read()):  # sent once the exports exist: importing torch overlapped with them
         auto = getattr(transformers, job["auto"])
         model = auto.from_pretrained(job["export"], trust_remote_code=True).eval()
         inputs = load_file(job["inputs"])
@@ -157,6 +157,11 @@ def _case_inputs(class_name: str, config) -> dict[str, torch.Tensor]:
 def exported(tmp_path_factory):
     """Every available case saved, exported and checked in one hfx-less subprocess: (results, cases, skipped)."""
     root = tmp_path_factory.mktemp("export")
+    (root / "checker.py").write_text(CHECKER)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env.update(HF_MODULES_CACHE=str(root / "modules"), HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    checker = subprocess.Popen([sys.executable, str(root / "checker.py")], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=root)
     site = root / "site"
     add, skipped = _family_entries()
     _write_distribution(site, "hfx-export-test-plugins", {**add, ("norm", "scalenorm"): "hfx_scalenorm:COMPONENT"})
@@ -191,20 +196,19 @@ def exported(tmp_path_factory):
                          "inputs": str(root / name / "inputs.safetensors"),
                          "expected": str(root / name / "expected.safetensors"),
                          "resave": str(root / name / "resaved") if name == "sliding_window" else None})
+    except BaseException:
+        checker.kill()
+        checker.communicate()
+        raise
     finally:
         sys.path.remove(str(site))
         sys.path.remove(str(ROOT / "examples" / "third_party_plugin"))
         importlib.invalidate_caches()
         for kind, component in [*add, ("norm", "scalenorm")]:
             registry.unregister(kind, component)
-    (root / "jobs.json").write_text(json.dumps(jobs))
-    (root / "checker.py").write_text(CHECKER)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    env.update(HF_MODULES_CACHE=str(root / "modules"), HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
-    run = subprocess.run([sys.executable, str(root / "checker.py"), str(root / "jobs.json")], capture_output=True,
-                         text=True, env=env, cwd=root, timeout=300)
-    assert run.returncode == 0, run.stderr[-4000:]
-    return json.loads(run.stdout.strip().splitlines()[-1]), cases, skipped
+    stdout, stderr = checker.communicate(json.dumps(jobs), timeout=300)
+    assert checker.returncode == 0, stderr[-4000:]
+    return json.loads(stdout.strip().splitlines()[-1]), cases, skipped
 
 
 def test_hfx_is_really_blocked_in_the_checker(exported):
