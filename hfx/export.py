@@ -79,6 +79,8 @@ class SourceModule:
     is_package: bool
     source: str = ""
     tree: ast.Module | None = None
+    kept: set[int] = field(default_factory=set)  # ids of import nodes left as they are (optional, absent)
+    blanked: set[int] = field(default_factory=set)  # ids of internal imports under `if TYPE_CHECKING:`
 
     @property
     def package(self) -> str:
@@ -129,11 +131,23 @@ class ModuleSet:
             raise ExportError(f"module {module} ({why}) does not parse: {exc}") from None
         _refuse_data_files(found, why)
         self.modules[module] = found
+        contexts = _import_contexts(found.tree)
         for node in ast.walk(found.tree):
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            context = contexts.get(id(node))
+            if context == "type_checking":  # never runs; following it could pull in half of hfx
+                if self.resolve(found, node) != [(None, None)]:
+                    found.blanked.add(id(node))
+                continue
+            try:
                 for target, _ in self.resolve(found, node):
                     if target is not None:
                         self.add(target, f"imported by {module}")
+            except ExportError:
+                if context != "guarded":
+                    raise
+                found.kept.add(id(node))  # `try: import optional except ImportError:` behaves as without it
         return found
 
     def resolve(self, module: SourceModule, node: ast.Import | ast.ImportFrom) -> list[tuple[str | None, str | None]]:
@@ -210,10 +224,14 @@ class ModuleSet:
         lines = module.source.splitlines(keepends=True)
         edits = []
         for node in ast.walk(module.tree):
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                resolved = self.resolve(module, node)
-                if resolved != [(None, None)]:
-                    edits.append((node, "; ".join(statement for _, statement in resolved)))
+            if not isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) in module.kept:
+                continue
+            if id(node) in module.blanked:
+                edits.append((node, "pass  # hfx export: a type-checking import of hfx code that is not exported"))
+                continue
+            resolved = self.resolve(module, node)
+            if resolved != [(None, None)]:
+                edits.append((node, "; ".join(statement for _, statement in resolved)))
         # Byte offsets (ast columns are UTF-8 byte offsets), applied from the end so earlier ones stay valid.
         encoded = [line.encode("utf-8") for line in lines]
         for node, text in sorted(edits, key=lambda e: (e[0].lineno, e[0].col_offset), reverse=True):
@@ -226,6 +244,36 @@ class ModuleSet:
         header = (f"# Copied by `hfx export` from {module.name} ({module.path.name}); imports of hfx and its plugins\n"
                   "# were rewritten to the modules of this folder.\n")
         return header + text
+
+
+_IMPORT_ERRORS = {"ImportError", "ModuleNotFoundError", "Exception", "BaseException"}
+
+
+def _import_contexts(tree: ast.Module) -> dict[int, str]:
+    """``id(import node) -> "type_checking" | "guarded"`` for imports under ``if TYPE_CHECKING:`` or in the body of
+    a ``try`` whose handlers catch ImportError (an optional dependency)."""
+    contexts: dict[int, str] = {}
+
+    def mark(nodes, label):
+        for statement in nodes:
+            for node in ast.walk(statement):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    contexts.setdefault(id(node), label)
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If):
+            test = node.test
+            name = test.id if isinstance(test, ast.Name) else test.attr if isinstance(test, ast.Attribute) else None
+            if name == "TYPE_CHECKING":
+                mark(node.body, "type_checking")
+        elif isinstance(node, ast.Try) or type(node).__name__ == "TryStar":
+            caught = set()
+            for handler in node.handlers:
+                kinds = handler.type.elts if isinstance(handler.type, ast.Tuple) else [handler.type]
+                caught.update("BaseException" if k is None else getattr(k, "id", getattr(k, "attr", "")) for k in kinds)
+            if caught & _IMPORT_ERRORS:
+                mark(node.body, "guarded")
+    return contexts
 
 
 def _merge_imports(statements: list[tuple[str | None, str]]) -> list[tuple[str | None, str]]:
@@ -606,7 +654,7 @@ def export_model(model_dir, out_dir, *, overwrite: bool = False) -> ExportResult
         result.files = sorted(entry.name for entry in tmp.iterdir()) + [MANIFEST_FILE]
         manifest = {
             "hfx_version": __version__,
-            "source": str(model_dir.resolve()),
+            "source": model_dir.resolve().name,  # the folder's name only: an export may be shared
             "architecture": architecture,
             "auto_map": auto_map,
             "components": [{k: v for k, v in vars(c).items()} for c in components],

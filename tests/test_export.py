@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import hfx
 from hfx.export import EXPORT_MODEL_TYPE, MANIFEST_FILE, ExportError, ModuleSet, export_model
@@ -64,7 +64,7 @@ CASES = {
 AUTO_CLASS = {"HfxForCausalLM": "AutoModelForCausalLM", "HfxForMaskedLM": "AutoModelForMaskedLM",
               "HfxForConditionalGeneration": "AutoModelForSeq2SeqLM"}
 
-# Runs where hfx is not importable; reads the jobs from stdin, prints one JSON line with every job's result.
+# Runs where hfx is not importable; reads the jobs from stdin, writes every job's result to the file in argv[1].
 CHECKER = textwrap.dedent('''
     import importlib.abc, json, sys
 
@@ -103,13 +103,17 @@ CHECKER = textwrap.dedent('''
                 kwargs = {k: v for k, v in inputs.items() if not k.startswith("decoder_")}
                 generated = model.generate(**kwargs, max_new_tokens=4, do_sample=False)
                 out["generate_equal"] = torch.equal(generated, expected["generated"])
+            if job.get("tokens"):
+                tokenizer = transformers.AutoTokenizer.from_pretrained(job["export"])
+                out["tokens_equal"] = tokenizer("the cat sat on the mat")["input_ids"] == job["tokens"]
             if job.get("resave"):
                 model.save_pretrained(job["resave"])
                 again = auto.from_pretrained(job["resave"], trust_remote_code=True).eval()
                 out["resave_max_abs_diff"] = (again(**inputs).logits - expected["logits"]).abs().max().item()
         results[job["name"]] = out
     leaked = sorted(m for m in sys.modules if m.split(".")[0] == "hfx" or m.split(".")[0].startswith("hfx_"))
-    print(json.dumps({"blocked": blocked, "leaked": leaked, "results": results}))
+    with open(sys.argv[1], "w") as handle:
+        json.dump({"blocked": blocked, "leaked": leaked, "results": results}, handle)
 ''')
 
 
@@ -154,13 +158,13 @@ def _case_inputs(class_name: str, config) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, tiny_tokenizer_dir):
     """Every available case saved, exported and checked in one hfx-less subprocess: (results, cases, skipped)."""
     root = tmp_path_factory.mktemp("export")
     (root / "checker.py").write_text(CHECKER)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     env.update(HF_MODULES_CACHE=str(root / "modules"), HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
-    checker = subprocess.Popen([sys.executable, str(root / "checker.py")], stdin=subprocess.PIPE,
+    checker = subprocess.Popen([sys.executable, str(root / "checker.py"), str(root / "report.json")], stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=root)
     site = root / "site"
     add, skipped = _family_entries()
@@ -188,6 +192,11 @@ def exported(tmp_path_factory):
                     kwargs = {k: v for k, v in inputs.items() if not k.startswith("decoder_")}
                     expected["generated"] = model.generate(**kwargs, max_new_tokens=4, do_sample=False)
             model.save_pretrained(root / name / "model")
+            tokens = None
+            if name == "rotary_rmsnorm_pre":  # a model folder with its tokenizer: the export carries it
+                tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+                tokenizer.save_pretrained(root / name / "model")
+                tokens = tokenizer("the cat sat on the mat")["input_ids"]
             result = export_model(root / name / "model", root / name / "export")
             save_file({k: v.contiguous() for k, v in inputs.items()}, str(root / name / "inputs.safetensors"))
             save_file({k: v.contiguous() for k, v in expected.items()}, str(root / name / "expected.safetensors"))
@@ -195,7 +204,8 @@ def exported(tmp_path_factory):
             jobs.append({"name": name, "auto": AUTO_CLASS[class_name], "export": str(root / name / "export"),
                          "inputs": str(root / name / "inputs.safetensors"),
                          "expected": str(root / name / "expected.safetensors"),
-                         "resave": str(root / name / "resaved") if name == "sliding_window" else None})
+                         "resave": str(root / name / "resaved") if name == "sliding_window" else None,
+                         "tokens": tokens})
     except BaseException:
         checker.kill()
         checker.communicate()
@@ -207,8 +217,8 @@ def exported(tmp_path_factory):
         for kind, component in [*add, ("norm", "scalenorm")]:
             registry.unregister(kind, component)
     stdout, stderr = checker.communicate(json.dumps(jobs), timeout=300)
-    assert checker.returncode == 0, stderr[-4000:]
-    return json.loads(stdout.strip().splitlines()[-1]), cases, skipped
+    assert checker.returncode == 0, (stdout + stderr)[-4000:]
+    return json.loads((root / "report.json").read_text()), cases, skipped
 
 
 def test_hfx_is_really_blocked_in_the_checker(exported):
@@ -228,6 +238,8 @@ def test_export_loads_without_hfx_and_gives_the_same_outputs(exported, name):
     assert out["max_abs_diff"] <= ATOL + RTOL * out["scale"], out
     if "generate_equal" in out:
         assert out["generate_equal"]
+    if name == "rotary_rmsnorm_pre":
+        assert out["tokens_equal"]
     if "resave_max_abs_diff" in out:  # the loaded export saved again (transformers copies the code) still loads
         assert out["resave_max_abs_diff"] <= ATOL + RTOL * out["scale"], out
 
@@ -440,6 +452,14 @@ def test_import_rewriting_covers_every_form(tmp_path, monkeypatch):
         from .sub import leaf as the_leaf
         from .sub.leaf import LEAF
         import hfx.padding_masks as masks
+        from typing import TYPE_CHECKING
+
+        if TYPE_CHECKING:
+            from hfx.finetune.config import FinetuneConfig
+        try:
+            from hfx_rewrite_demo.optional_absent import FAST
+        except ImportError:
+            FAST = None
 
 
         def late():
@@ -460,8 +480,11 @@ def test_import_rewriting_covers_every_form(tmp_path, monkeypatch):
         "from .hfx_rewrite_demo__sub__leaf import LEAF\n",
         "from .padding_masks import _hfx_export_self as masks\n",
         "    from .attention import repeat_kv  # a comment stays\n",
+        "    pass  # hfx export: a type-checking import of hfx code that is not exported\n",
+        "    from hfx_rewrite_demo.optional_absent import FAST\n",  # absent at export time: kept, fails the same way
     ):
         assert line in text, line
+    assert "hfx.finetune.config" not in modules.modules
     assert {"hfx.registry", "hfx.auxiliary", "hfx.attention", "hfx.padding_masks", "hfx_rewrite_demo.sub",
             "hfx_rewrite_demo.sub.leaf"} <= set(modules.modules)
     assert "hfx_rewrite_demo" not in modules.modules  # an empty package __init__ nobody imports from is not copied
