@@ -328,3 +328,21 @@ def test_defaults_are_filled_and_saved(tmp_path):
     config.save_pretrained(tmp_path)
     again = hfx.HfxConfig.from_pretrained(tmp_path)
     assert again.router_aux_loss_coef == 0.01 and again.first_k_dense_replace == 0
+
+
+def test_gradient_checkpointing_keeps_the_aux_loss_gradient():
+    """Non-reentrant checkpointing recomputes the block; the aux loss read from module state must still backprop."""
+    model = AutoModelForCausalLM.from_config(moe_config(router_aux_loss_coef=0.5, router_z_loss_coef=0.1)).train()
+    ids = torch.randint(1, 97, (2, 8))
+
+    def gradients():
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    plain = gradients()
+    model.gradient_checkpointing_enable()
+    checkpointed = gradients()
+    assert plain.keys() == checkpointed.keys() and "model.layers.0.ffn.router.weight" in plain
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=1e-6 * plain[name].abs().max().item())
