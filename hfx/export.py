@@ -237,6 +237,11 @@ class ModuleSet:
         for node, text in sorted(edits, key=lambda e: (e[0].lineno, e[0].col_offset), reverse=True):
             first, last = node.lineno - 1, node.end_lineno - 1
             head, tail = encoded[first][: node.col_offset], encoded[last][node.end_col_offset :]
+            if len(head) + len(text) > 110 and ";" not in text and text.startswith("from ."):
+                start, _, names = text.partition(" import ")
+                indent = " " * (len(head) + 4)
+                text = f"{start} import (\n" + "".join(f"{indent}{n},\n" for n in names.split(", ")) + (
+                    " " * len(head) + ")")
             encoded[first : last + 1] = [head + text.encode("utf-8") + tail]
         text = b"".join(encoded).decode("utf-8")
         if module.flat in self.self_imported:
