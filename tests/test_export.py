@@ -273,7 +273,21 @@ def test_export_holds_exactly_the_plugins_its_config_uses(exported):
                        "AutoModelForSeq2SeqLM": "modeling_hfx_seq2seq.HfxForConditionalGeneration"}
 
 
-def test_with_hfx_installed_the_export_uses_its_own_code_and_hfx_is_not_shadowed(exported):
+@pytest.fixture
+def attention_registrations():
+    """transformers' process-wide attention and mask registrations, restored afterwards: loading an export
+    re-registers its attention backends, which must not leak into other tests."""
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    saved = [(interface, dict(interface._global_mapping)) for interface in (AttentionInterface, AttentionMaskInterface)]
+    yield
+    for interface, mapping in saved:
+        interface._global_mapping.clear()
+        interface._global_mapping.update(mapping)
+
+
+def test_with_hfx_installed_the_export_uses_its_own_code_and_hfx_is_not_shadowed(exported, attention_registrations):
     _, cases, _ = exported
     case = cases["sliding_window"]
     export = case["dir"] / "export"
