@@ -32,6 +32,8 @@ _LAZY_ATTRIBUTES = {
         "HfxModel",
         "HfxPreTrainedModel",
     )},
+    "HfxForConditionalGeneration": "hfx.modeling_hfx_seq2seq",
+    "HfxSeq2SeqModel": "hfx.modeling_hfx_seq2seq",
 }
 
 
@@ -56,6 +58,7 @@ __all__ = [
     "Component",
     "HfxConfig",
     "HfxForCausalLM",
+    "HfxForConditionalGeneration",
     "HfxForMaskedLM",
     "HfxForMultipleChoice",
     "HfxForPreTraining",
@@ -65,6 +68,7 @@ __all__ = [
     "HfxForTokenClassification",
     "HfxModel",
     "HfxPreTrainedModel",
+    "HfxSeq2SeqModel",
     "PluginLoadError",
     "registry",
 ]

@@ -53,10 +53,14 @@ FIELD_RULES = {
     **{name: (_positive_number, "a finite number > 0") for name in ("initializer_range", "layer_norm_eps", "rope_theta")},
     "norm_position": (lambda v: v in NORM_POSITIONS, str(list(NORM_POSITIONS))),
     "hidden_act": (lambda v: isinstance(v, str), "a name of transformers' ACT2FN"),
+    "decoder_layers": (lambda v: v is None or _positive_int(v), "None (as many as num_hidden_layers) or an integer > 0"),
 }
 # Checked at construction only: transformers and PEFT assign these (e.g. ``use_cache``) on their own.
-BOOL_FIELDS = ("attention_bias", "is_decoder", "use_cache", "tie_word_embeddings")
-TOKEN_ID_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+BOOL_FIELDS = (
+    "attention_bias", "is_decoder", "use_cache", "tie_word_embeddings", "is_encoder_decoder",
+    "tie_encoder_decoder_embeddings",
+)
+TOKEN_ID_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
 
 
 def _check_field(name: str, value) -> None:
@@ -112,6 +116,11 @@ class HfxConfig(PreTrainedConfig):
     rope_theta: float | int = 10000.0
     ffn_type: str = "dense"
     attention_type: str = "sdpa"
+    # Encoder-decoder (HfxForConditionalGeneration); ignored by the other heads.
+    is_encoder_decoder: bool = False
+    decoder_layers: int | None = None
+    decoder_start_token_id: int | None = None
+    tie_encoder_decoder_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
         self._check_values()
@@ -147,6 +156,11 @@ class HfxConfig(PreTrainedConfig):
                     raise ValueError(
                         f"{name}={value!r} is invalid; valid values: {allowed} in [0, vocab_size={self.vocab_size})."
                     )
+        if self.is_encoder_decoder and self.is_decoder:
+            raise ValueError(
+                "is_decoder=True is invalid with is_encoder_decoder=True; valid values: is_decoder=False (the encoder "
+                "stack attends both ways, the decoder stack is always causal)."
+            )
 
     def _check_shapes(self) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -157,6 +171,9 @@ class HfxConfig(PreTrainedConfig):
             )
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        if self.is_encoder_decoder and self.decoder_layers is None:
+            # transformers reads a flat encoder-decoder config's decoder_layers as the decoder's num_hidden_layers
+            self.decoder_layers = self.num_hidden_layers
         if self.num_attention_heads % self.num_key_value_heads:
             divisors = [h for h in range(1, self.num_attention_heads + 1) if self.num_attention_heads % h == 0]
             raise ValueError(

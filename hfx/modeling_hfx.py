@@ -206,6 +206,8 @@ class HfxLayer(GradientCheckpointingLayer):
         self.attention = HfxAttention(config, layer_idx)
         self.ffn_norm = build_norm(config)
         self.ffn = build_ffn(config, layer_idx)
+        # an FFN that counts tokens (MoE load statistics) is told which ones are padding
+        self._ffn_takes_padding = "padding_mask" in inspect.signature(self.ffn.forward).parameters
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states, attention_mask=None, padding_mask=None, rotary=None, past_key_values=None, **kwargs):
@@ -213,10 +215,13 @@ class HfxLayer(GradientCheckpointingLayer):
             normed = self.attention_norm(hidden_states, padding_mask)
             attended, _ = self.attention(normed, attention_mask, rotary, past_key_values, **kwargs)
             hidden_states = hidden_states + self.dropout(attended)
-            return hidden_states + self.dropout(self.ffn(self.ffn_norm(hidden_states, padding_mask)))
+            return hidden_states + self.dropout(self._ffn(self.ffn_norm(hidden_states, padding_mask), padding_mask))
         attended, _ = self.attention(hidden_states, attention_mask, rotary, past_key_values, **kwargs)
         hidden_states = self.attention_norm(hidden_states + self.dropout(attended), padding_mask)
-        return self.ffn_norm(hidden_states + self.dropout(self.ffn(hidden_states)), padding_mask)
+        return self.ffn_norm(hidden_states + self.dropout(self._ffn(hidden_states, padding_mask)), padding_mask)
+
+    def _ffn(self, hidden_states, padding_mask):
+        return self.ffn(hidden_states, padding_mask=padding_mask) if self._ffn_takes_padding else self.ffn(hidden_states)
 
 
 class HfxPreTrainedModel(PreTrainedModel):

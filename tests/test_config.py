@@ -23,10 +23,10 @@ def test_defaults_and_auto_registration():
     [
         (dict(hidden_size=30, num_attention_heads=4), r"not divisible by num_attention_heads=4.*\[1, 2, 3, 5, 6, 10, 15, 30\]"),
         (dict(norm_position="middle"), r"norm_position='middle' is invalid; valid values: \['pre', 'post'\]"),
-        (dict(norm_type="groupnorm"), r"^norm_type='groupnorm' is invalid: Unknown norm 'groupnorm'.*'batchnorm', 'layernorm', 'rmsnorm'"),
-        (dict(norm_type=None), r"^norm_type=None is invalid: .*'batchnorm', 'layernorm', 'rmsnorm'"),
+        (dict(norm_type="groupnorm"), r"^norm_type='groupnorm' is invalid: Unknown norm 'groupnorm'.*'batchnorm', 'batchnorm_causal', 'dyt', 'layernorm', 'powernorm', 'rmsnorm'"),
+        (dict(norm_type=None), r"^norm_type=None is invalid: .*'batchnorm', 'batchnorm_causal', 'dyt', 'layernorm', 'powernorm', 'rmsnorm'"),
         (dict(position_embedding_type="alibi"), r"^position_embedding_type='alibi' is invalid: .*'learned', 'rotary', 'sinusoidal'"),
-        (dict(ffn_type="moe"), r"^ffn_type='moe' is invalid: Unknown ffn 'moe'.*'dense'"),
+        (dict(ffn_type="mixture"), r"^ffn_type='mixture' is invalid: Unknown ffn 'mixture'.*'dense', 'moe'"),
         (dict(attention_type="flashy"), r"^attention_type='flashy' is invalid: Unknown attention 'flashy'.*'eager'.*'hfx_sliding_window'.*'sdpa'"),
         (dict(num_key_value_heads=3), r"num_key_value_heads=3 must divide num_attention_heads=4; valid values: \[1, 2, 4\]"),
         (dict(num_key_value_heads=0), r"num_key_value_heads=0 is invalid; valid values: None or an integer > 0"),

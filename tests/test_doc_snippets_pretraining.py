@@ -22,7 +22,7 @@ def run_snippet(code: str, cwd: Path) -> str:
     return done.stdout
 
 
-@pytest.mark.parametrize("page", ["pretraining.md", "architecture.md"])
+@pytest.mark.parametrize("page", ["pretraining.md", "architecture.md", "seq2seq.md"])
 def test_every_python_block_runs(page, tmp_path):
     blocks = python_blocks(page)
     assert blocks

@@ -224,9 +224,9 @@ def test_gpt_style_run_trains_and_reloads_as_causal_lm(tmp_path, capsys):
 
 def test_compare_norms_writes_a_table_and_plot_with_every_norm(tmp_path):
     rows = example("compare_norms").main(["--output-dir", str(tmp_path), "--steps", "4", "--batch-sizes", "4"])
-    assert [r["norm"] for r in rows.values()] == ["layernorm", "rmsnorm", "batchnorm"]
+    assert [r["norm"] for r in rows.values()] == ["layernorm", "rmsnorm", "batchnorm", "batchnorm_causal", "powernorm", "dyt"]
     table = (tmp_path / "norms.md").read_text()
-    for norm in ("layernorm", "rmsnorm", "batchnorm"):
+    for norm in ["layernorm", "rmsnorm", "batchnorm", "batchnorm_causal", "powernorm", "dyt"]:
         assert f"| {norm} | 4 |" in table
     assert (tmp_path / "norms.png").read_bytes()[:4] == b"\x89PNG"
 

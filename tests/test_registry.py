@@ -16,9 +16,9 @@ from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 FIRST_PARTY = {
-    "norm": {"layernorm", "rmsnorm", "batchnorm"},
+    "norm": {"layernorm", "rmsnorm", "batchnorm", "batchnorm_causal", "powernorm", "dyt"},
     "position": {"sinusoidal", "learned", "rotary"},
-    "ffn": {"dense"},
+    "ffn": {"dense", "moe"},
 }
 
 
@@ -127,7 +127,7 @@ def test_hfx_plugins_lists_everything_and_flags_broken(fake_plugins, capsys):
 
 
 def test_unknown_name_lists_installed_names():
-    with pytest.raises(ValueError, match=r"Unknown norm 'layernrom'.*'batchnorm', 'layernorm', 'rmsnorm'.*Did you mean \['layernorm'\]"):
+    with pytest.raises(ValueError, match=r"Unknown norm 'layernrom'.*'batchnorm', 'batchnorm_causal', 'dyt', 'layernorm', 'powernorm', 'rmsnorm'.*Did you mean \['layernorm'\]"):
         registry.get("norm", "layernrom")
     with pytest.raises(ValueError, match="valid kinds"):
         registry.names("normalisation")

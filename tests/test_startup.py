@@ -120,7 +120,7 @@ def test_import_hfx_registers_config_models_attention_and_peft(order):
         "AutoModelForTokenClassification": "HfxForTokenClassification",
     }
     assert result["in_mapping_values"] is True
-    assert result["attention"] == result["masks"] == ["hfx_block_sparse", "hfx_lsh", "hfx_sliding_window"]
+    assert result["attention"] == result["masks"] == ["hfx_adaptive_span", "hfx_block_sparse", "hfx_lsh", "hfx_sliding_window"]
     assert result["peft"] == ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
     assert result["pending"] == []
 
