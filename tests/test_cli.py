@@ -106,6 +106,7 @@ ROWS = {
     "finetune-unknown-method": (["finetune", "--model", "{model}", "--data", "{tasks}/docs.jsonl", "--output",
                                  "{root}/out", "--method", "qlorra"], "invalid choice: 'qlorra'"),
     "convert-long-needs-arguments": (["convert-long"], "the following arguments are required"),
+    "export-needs-arguments": (["export"], "the following arguments are required"),
     # plugins
     "plugins-unknown-kind": (["plugins", "--kind", "foo"], "argument --kind: invalid choice: 'foo'"),
     # quickstart: every flag checked before any work

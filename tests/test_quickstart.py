@@ -102,7 +102,7 @@ CLI_ERRORS = [
      "encoder-eval, eval"),
     (["--skip", "tokenizer"], "--skip tokenizer: step 'pretrain' needs what it makes; skip it too or keep 'tokenizer'"),
     (["--skip", "pretrain"], "--skip pretrain: steps 'reload', 'finetune', 'encoder-eval', 'eval' need what it makes"),
-    (["--norm-type", "groupnorm"], "Unknown norm 'groupnorm'. Installed norm components: ['batchnorm', 'layernorm'"),
+    (["--norm-type", "groupnorm"], "Unknown norm 'groupnorm'. Installed norm components: ['batchnorm', 'batchnorm_causal'"),
     (["--hidden-size", "30"], "hidden_size=30 is not divisible by num_attention_heads=4"),
     (["--steps", "0"], "hfx quickstart: error: --steps must be at least 1, got 0"),
     (["--batch-size", "-2"], "--batch-size must be at least 1, got -2"),
