@@ -34,14 +34,6 @@ ATOL, RTOL = 1e-5, 1e-5
 
 # Plugins of the model family: exported when installed, or (not yet installed) through a test-only entry point
 # to their module in plugins/, as long as it imports.
-FAMILY = {
-    ("norm", "powernorm"): "hfx_norms.powernorm:COMPONENT",
-    ("norm", "dyt"): "hfx_norms.dyt:COMPONENT",
-    ("norm", "batchnorm_causal"): "hfx_norms.batchnorm_causal:COMPONENT",
-    ("ffn", "moe"): "hfx_ffn.moe:COMPONENT",
-    ("position", "xl_relative"): "hfx_positions.xl_relative:COMPONENT",
-}
-
 CAUSAL = dict(is_decoder=True)
 CASES = {
     "rotary_rmsnorm_pre": ("HfxForCausalLM", dict(CAUSAL, norm_type="rmsnorm", norm_position="pre",
@@ -128,22 +120,6 @@ def _write_distribution(root: Path, name: str, entries: dict[tuple[str, str], st
     (info / "entry_points.txt").write_text("".join(f"[{g}]\n" + "\n".join(lines) + "\n" for g, lines in groups.items()))
 
 
-def _family_entries() -> tuple[dict, dict]:
-    """Entry points the test adds for family plugins that exist but are not installed; why others are missing."""
-    add, missing = {}, {}
-    for (kind, name), target in FAMILY.items():
-        if name in registry.names(kind):
-            continue
-        module = target.split(":")[0]
-        try:
-            importlib.import_module(module)
-        except Exception as exc:  # a plugin module being written by someone else: its case is skipped, saying why
-            missing[name] = f"{module} does not import: {type(exc).__name__}: {exc}"
-            continue
-        add[(kind, name)] = target
-    return add, missing
-
-
 def _case_inputs(class_name: str, config) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(2, config.vocab_size, (2, 10), generator=generator)
@@ -159,7 +135,7 @@ def _case_inputs(class_name: str, config) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_tokenizer_dir):
-    """Every available case saved, exported and checked in one hfx-less subprocess: (results, cases, skipped)."""
+    """Every case saved, exported and checked in one hfx-less subprocess: (results, cases)."""
     root = tmp_path_factory.mktemp("export")
     (root / "checker.py").write_text(CHECKER)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
@@ -167,19 +143,12 @@ def exported(tmp_path_factory, tiny_tokenizer_dir):
     checker = subprocess.Popen([sys.executable, str(root / "checker.py"), str(root / "report.json")], stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=root)
     site = root / "site"
-    add, skipped = _family_entries()
-    _write_distribution(site, "hfx-export-test-plugins", {**add, ("norm", "scalenorm"): "hfx_scalenorm:COMPONENT"})
+    _write_distribution(site, "hfx-export-test-plugins", {("norm", "scalenorm"): "hfx_scalenorm:COMPONENT"})
     sys.path[:0] = [str(site), str(ROOT / "examples" / "third_party_plugin")]
     importlib.invalidate_caches()
     jobs, cases = [], {}
     try:
         for name, (class_name, overrides) in CASES.items():
-            needed = [(k, overrides[f]) for k, f in (("norm", "norm_type"), ("ffn", "ffn_type"),
-                                                     ("position", "position_embedding_type")) if f in overrides]
-            absent = [n for k, n in needed if n not in registry.names(k)]
-            if absent:
-                skipped[name] = f"{absent} not available: " + "; ".join(skipped.get(n, "") for n in absent)
-                continue
             config = tiny_config(**overrides)
             torch.manual_seed(0)
             model = getattr(hfx, class_name, None) or importlib.import_module(
@@ -214,24 +183,21 @@ def exported(tmp_path_factory, tiny_tokenizer_dir):
         sys.path.remove(str(site))
         sys.path.remove(str(ROOT / "examples" / "third_party_plugin"))
         importlib.invalidate_caches()
-        for kind, component in [*add, ("norm", "scalenorm")]:
-            registry.unregister(kind, component)
+        registry.unregister("norm", "scalenorm")
     stdout, stderr = checker.communicate(json.dumps(jobs), timeout=300)
     assert checker.returncode == 0, (stdout + stderr)[-4000:]
-    return json.loads((root / "report.json").read_text()), cases, skipped
+    return json.loads((root / "report.json").read_text()), cases
 
 
 def test_hfx_is_really_blocked_in_the_checker(exported):
-    report, _, _ = exported
+    report, _ = exported
     assert report["blocked"] == ["hfx", "hfx_norms", "hfx_attention", "hfx_scalenorm"]
     assert report["leaked"] == []
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_export_loads_without_hfx_and_gives_the_same_outputs(exported, name):
-    report, cases, skipped = exported
-    if name not in cases:
-        pytest.skip(skipped.get(name, "not available"))
+    report, cases = exported
     out = report["results"][name]
     assert out["class_module"].startswith("transformers_modules.")
     assert out["config_module"].startswith("transformers_modules.")
@@ -245,7 +211,7 @@ def test_export_loads_without_hfx_and_gives_the_same_outputs(exported, name):
 
 
 def test_export_holds_exactly_the_plugins_its_config_uses(exported):
-    _, cases, _ = exported
+    _, cases = exported
     result = cases["rotary_rmsnorm_pre"]["result"]
     assert {(c.kind, c.name) for c in result.components} == {("norm", "rmsnorm"), ("position", "rotary"),
                                                             ("ffn", "dense")}
@@ -288,7 +254,7 @@ def attention_registrations():
 
 
 def test_with_hfx_installed_the_export_uses_its_own_code_and_hfx_is_not_shadowed(exported, attention_registrations):
-    _, cases, _ = exported
+    _, cases = exported
     case = cases["sliding_window"]
     export = case["dir"] / "export"
     remote = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True).eval()
@@ -307,7 +273,7 @@ def test_with_hfx_installed_the_export_uses_its_own_code_and_hfx_is_not_shadowed
 
 
 def test_model_card_and_manifest(exported):
-    _, cases, _ = exported
+    _, cases = exported
     case = cases["rotary_rmsnorm_pre"]
     export = case["dir"] / "export"
     card = (export / "README.md").read_text()
@@ -323,7 +289,7 @@ def test_model_card_and_manifest(exported):
 
 
 def test_training_run_files_reach_the_model_card(exported, tmp_path):
-    _, cases, _ = exported
+    _, cases = exported
     run = tmp_path / "run"
     model_dir = run / "model"
     model_dir.mkdir(parents=True)
@@ -340,7 +306,7 @@ def test_training_run_files_reach_the_model_card(exported, tmp_path):
 
 
 def test_overwrite_replaces_only_an_earlier_export(exported, tmp_path):
-    _, cases, _ = exported
+    _, cases = exported
     model_dir = cases["rotary_rmsnorm_pre"]["dir"] / "model"
     out = tmp_path / "out"
     export_model(model_dir, out)
@@ -395,7 +361,7 @@ def test_cli_refuses_a_non_empty_folder_with_one_line(tmp_path, capsys):
 def test_cli_exports(exported, tmp_path, capsys):
     from hfx.cli import main
 
-    _, cases, _ = exported
+    _, cases = exported
     assert main(["export", str(cases["batchnorm_mlm"]["dir"] / "model"), str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "components: ffn=dense, norm=batchnorm, position=sinusoidal" in out

@@ -20,18 +20,10 @@ from tests.conftest import tiny_config
 IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def moe_component():
-    """The installed entry point when there is one; otherwise the same component registered in this process."""
+def test_moe_is_found_through_its_installed_entry_point():
     from hfx.registry import registry
-    from hfx_ffn import moe
 
-    local = "moe" not in registry.names("ffn")
-    if local:
-        registry.register(moe.COMPONENT)
-    yield
-    if local:
-        registry.unregister("ffn", "moe")
+    assert registry.get("ffn", "moe").factory.__module__ == "hfx_ffn.moe"
 FP32_TOL = 1e-5
 
 
