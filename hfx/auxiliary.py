@@ -3,16 +3,22 @@
 Some components need a term in the loss that is not the task's: a Mixture-of-Experts router's
 load-balancing and z losses, an adaptive attention span's L1 penalty. Such a module implements
 :class:`AuxiliaryOutput`'s one method, ``hfx_auxiliary()``, returning what its *last forward*
-produced. :class:`hfx.modeling_hfx.HfxModel` collects them after its layers, every head adds the
-summed ``aux_loss`` to its loss (when labels are given) and reports it, so the term reaches
-``Trainer`` without any code in the training script.
+produced, and calls :func:`report` from its forward. :class:`hfx.modeling_hfx.HfxModel` runs its
+layers inside :func:`collecting` and collects the modules that reported, so only modules that ran
+in this forward count, and no module tree is walked on the hot path. Every head adds the summed
+``aux_loss`` to its loss (when labels are given) and reports it, so the term reaches ``Trainer``
+without any code in the training script.
 
 The values are read from module state set in ``forward``; transformers' gradient checkpointing is
-non-reentrant by default, under which that state keeps its autograd graph.
+non-reentrant by default, under which that state keeps its autograd graph (its recomputation in
+backward runs outside :func:`collecting`, so nothing is reported twice).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -48,8 +54,25 @@ class CollectedAuxiliary:
     router_logits: tuple[torch.Tensor, ...] | None = None
 
 
-def auxiliary_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, AuxiliaryOutput)]
+_REPORTED: ContextVar[list[nn.Module] | None] = ContextVar("hfx_auxiliary_reported", default=None)
+
+
+@contextmanager
+def collecting() -> Iterator[list[nn.Module]]:
+    """The modules that call :func:`report` inside this block, in call order, each once."""
+    reported: list[nn.Module] = []
+    token = _REPORTED.set(reported)
+    try:
+        yield reported
+    finally:
+        _REPORTED.reset(token)
+
+
+def report(module: nn.Module) -> None:
+    """Called by a module's forward: its ``hfx_auxiliary()`` counts for the enclosing model forward (if any)."""
+    reported = _REPORTED.get()
+    if reported is not None and not any(m is module for m in reported):
+        reported.append(module)
 
 
 def collect(modules: list[nn.Module]) -> CollectedAuxiliary:
@@ -79,4 +102,4 @@ def add_to_loss(loss: torch.Tensor | None, aux_loss: torch.Tensor | None) -> tor
     return loss + aux_loss.to(loss.dtype)
 
 
-__all__ = ["Auxiliary", "AuxiliaryOutput", "CollectedAuxiliary", "auxiliary_modules", "collect", "add_to_loss"]
+__all__ = ["Auxiliary", "AuxiliaryOutput", "CollectedAuxiliary", "collecting", "report", "collect", "add_to_loss"]

@@ -320,21 +320,22 @@ class HfxModel(HfxPreTrainedModel):
         else:
             mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask)
 
-        for layer in self.layers:
-            hidden_states = layer(
-                hidden_states,
-                attention_mask=mask,
-                padding_mask=padding_mask,
-                rotary=rotary,
-                past_key_values=past_key_values,
-                position_ids=position_ids,
-                # Backends that act on token identity (always-global token ids) read them here.
-                input_ids=input_ids,
-                **kwargs,
-            )
+        with auxiliary.collecting() as reported:
+            for layer in self.layers:
+                hidden_states = layer(
+                    hidden_states,
+                    attention_mask=mask,
+                    padding_mask=padding_mask,
+                    rotary=rotary,
+                    past_key_values=past_key_values,
+                    position_ids=position_ids,
+                    # Backends that act on token identity (always-global token ids) read them here.
+                    input_ids=input_ids,
+                    **kwargs,
+                )
         if self.final_norm is not None:
             hidden_states = self.final_norm(hidden_states, padding_mask)
-        collected = auxiliary.collect(auxiliary.auxiliary_modules(self))
+        collected = auxiliary.collect(reported)
         return HfxModelOutputWithPast(
             last_hidden_state=hidden_states,
             past_key_values=past_key_values,

@@ -303,22 +303,23 @@ class HfxSeq2SeqDecoder(HfxPreTrainedModel):
             position_ids=position_ids,
         )
         cross_mask = cross_attention_mask(self.config, hidden_states, encoder_attention_mask, encoder_hidden_states)
-        for layer in self.layers:
-            hidden_states = layer(
-                hidden_states,
-                encoder_hidden_states,  # positional, for gradient checkpointing
-                attention_mask=mask,
-                cross_attention_mask=cross_mask,
-                padding_mask=padding_mask,
-                rotary=rotary,
-                past_key_values=past_key_values,
-                position_ids=position_ids,
-                input_ids=input_ids,
-                **kwargs,
-            )
+        with auxiliary.collecting() as reported:
+            for layer in self.layers:
+                hidden_states = layer(
+                    hidden_states,
+                    encoder_hidden_states,  # positional, for gradient checkpointing
+                    attention_mask=mask,
+                    cross_attention_mask=cross_mask,
+                    padding_mask=padding_mask,
+                    rotary=rotary,
+                    past_key_values=past_key_values,
+                    position_ids=position_ids,
+                    input_ids=input_ids,
+                    **kwargs,
+                )
         if self.final_norm is not None:
             hidden_states = self.final_norm(hidden_states, padding_mask)
-        collected = auxiliary.collect(auxiliary.auxiliary_modules(self))
+        collected = auxiliary.collect(reported)
         return HfxDecoderOutput(
             last_hidden_state=hidden_states,
             past_key_values=past_key_values if use_cache else None,

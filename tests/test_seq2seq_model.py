@@ -7,7 +7,7 @@ from torch import nn
 from transformers import AutoModel, AutoModelForSeq2SeqLM
 
 import hfx
-from hfx.auxiliary import Auxiliary
+from hfx.auxiliary import Auxiliary, report
 from hfx.modeling_hfx_seq2seq import HfxForConditionalGeneration, shift_tokens_right
 from hfx.registry import Component, registry
 from tests.conftest import tiny_config
@@ -192,6 +192,7 @@ class _PenalisedFFN(nn.Module):
     def forward(self, hidden_states):
         out = self.linear(hidden_states)
         self.last = Auxiliary(loss=0.01 * out.pow(2).mean(), stats={"calls": torch.ones(1)})
+        report(self)
         return out
 
     def hfx_auxiliary(self):

@@ -90,12 +90,17 @@ class AdaptiveSpan(nn.Module):
         # clamp's gradient passes at 0 and 1, so after the projection the spans always get their gradient
         return self.max_span * self.span_ratio.clamp(0.0, 1.0)
 
+    def used(self) -> torch.Tensor:
+        """The spans of this forward: the penalty counts for the enclosing model forward (hfx.auxiliary.report)."""
+        from hfx.auxiliary import report
+
+        report(self)
+        return self.spans()
+
     def hfx_auxiliary(self):
         from hfx.auxiliary import Auxiliary
 
-        if getattr(self.config, "_attn_implementation", NAME) != NAME:
-            return None  # the layer was switched to another backend: no span is in use
-        spans = self.spans()
+        spans = self.spans()  # only reported (see used()) when this backend ran in the forward
         coef = float(_setting(self.config, "adaptive_span_loss_coef"))
         return Auxiliary(loss=coef * spans.mean(), stats={"attention_span": spans.detach()})
 
@@ -218,7 +223,7 @@ def adaptive_span_attention(module, query, key, value, attention_mask, scaling=N
     segments = sequence_ids(kwargs, batch, q_len, key.shape[2], query.device, NAME)
     key, value = expand_kv(query, key, value, NAME)
     scaling = head_dim**-0.5 if scaling is None else scaling
-    out = span_attention(query, key, value, keep, span.spans(), span.ramp, causal, scaling, dropout, segments)
+    out = span_attention(query, key, value, keep, span.used(), span.ramp, causal, scaling, dropout, segments)
     return out, None
 
 

@@ -18,7 +18,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.integrations.moe import use_experts_implementation
 
-from hfx.auxiliary import Auxiliary
+from hfx.auxiliary import Auxiliary, report
 from hfx.registry import Component
 from hfx_ffn.dense import DenseFeedForward
 
@@ -192,6 +192,7 @@ class MoEFeedForward(nn.Module):
             out = out + self.shared_experts(flat)
         real = None if padding_mask is None else padding_mask.reshape(-1).to(flat.device, torch.bool)
         self._last = self._auxiliary(logits, probs, index, real)
+        report(self)
         return out.reshape(shape)
 
     def _auxiliary(self, logits, probs, index, real) -> Auxiliary:
