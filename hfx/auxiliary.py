@@ -2,10 +2,11 @@
 
 Some components need a term in the loss that is not the task's: a Mixture-of-Experts router's
 load-balancing and z losses, an adaptive attention span's L1 penalty. Such a module implements
-:class:`AuxiliaryOutput`'s one method, ``hfx_auxiliary()``, returning what its *last forward*
-produced, and calls :func:`report` from its forward. :class:`hfx.modeling_hfx.HfxModel` runs its
-layers inside :func:`collecting` and collects the modules that reported, so only modules that ran
-in this forward count, and no module tree is walked on the hot path. Every head adds the summed
+one method, ``hfx_auxiliary() -> Auxiliary | None``, returning what its *last forward* produced,
+and calls :func:`report` from its forward (a module that forgets to report adds nothing).
+:class:`hfx.modeling_hfx.HfxModel` runs its layers inside :func:`collecting` and collects the
+modules that reported, so only modules that ran in this forward count, and no module tree is
+walked on the hot path. Every head adds the summed
 ``aux_loss`` to its loss (when labels are given) and reports it, so the term reaches ``Trainer``
 without any code in the training script.
 
@@ -20,7 +21,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -38,11 +38,6 @@ class Auxiliary:
     loss: torch.Tensor | None = None
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
     router_logits: torch.Tensor | None = None
-
-
-@runtime_checkable
-class AuxiliaryOutput(Protocol):
-    def hfx_auxiliary(self) -> Auxiliary | None: ...
 
 
 @dataclass
@@ -102,4 +97,4 @@ def add_to_loss(loss: torch.Tensor | None, aux_loss: torch.Tensor | None) -> tor
     return loss + aux_loss.to(loss.dtype)
 
 
-__all__ = ["Auxiliary", "AuxiliaryOutput", "CollectedAuxiliary", "collecting", "report", "collect", "add_to_loss"]
+__all__ = ["Auxiliary", "CollectedAuxiliary", "collecting", "report", "collect", "add_to_loss"]

@@ -12,6 +12,7 @@ name and error and never breaks the others.
 from __future__ import annotations
 
 import difflib
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
@@ -90,6 +91,7 @@ class PluginRegistry:
     def __init__(self):
         self._loaded: dict[tuple[str, str], Component] = {}
         self._local: dict[tuple[str, str], Component] = {}
+        self._scanned: dict[tuple[str, tuple[str, ...]], dict[str, EntryPoint]] = {}
 
     @staticmethod
     def _check_kind(kind: str) -> None:
@@ -97,11 +99,22 @@ class PluginRegistry:
             raise ValueError(f"Unknown component kind {kind!r}; valid kinds are {list(KINDS)}.")
 
     def _entry_points(self, kind: str) -> dict[str, EntryPoint]:
+        """Read once per ``sys.path`` (scanning every installed distribution costs milliseconds, and models ask
+        per layer); a new folder on ``sys.path`` is seen at once, a plugin installed into a running process after
+        :meth:`refresh`."""
         self._check_kind(kind)
-        found: dict[str, EntryPoint] = {}
-        for ep in entry_points(group=f"hfx.{kind}"):
-            found.setdefault(ep.name, ep)
+        key = (kind, tuple(sys.path))
+        found = self._scanned.get(key)
+        if found is None:
+            found = {}
+            for ep in entry_points(group=f"hfx.{kind}"):
+                found.setdefault(ep.name, ep)
+            self._scanned[key] = found
         return found
+
+    def refresh(self) -> None:
+        """Forget the entry points read so far (after ``pip install`` of a plugin into this running process)."""
+        self._scanned.clear()
 
     def names(self, kind: str) -> list[str]:
         """Installed component names of a kind (metadata only, nothing is imported)."""

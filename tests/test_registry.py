@@ -205,3 +205,13 @@ def test_hfx_plugins_command_shows_the_installed_plugin(scalenorm_installed):
     line = next(line for line in out.stdout.splitlines() if "scalenorm" in line)
     assert "hfx-scalenorm" in line and "0.1.0" in line and "ok" in line
     assert "batchnorm" in out.stdout
+
+
+def test_entry_points_are_read_once_per_sys_path_and_refresh_rereads_them(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "latenorm" not in registry.names("norm")  # this sys.path is now read
+    make_distribution(tmp_path, "late-norms", "0.1", "hfx.norm", {"latenorm": "late_norm:COMPONENT"}, {})
+    assert "latenorm" not in registry.names("norm")  # installed into the running process: not seen yet
+    registry.refresh()
+    assert "latenorm" in registry.names("norm")
+    registry.refresh()

@@ -74,6 +74,7 @@ class AdaptiveSpan(nn.Module):
     def __init__(self, config, num_heads: int):
         super().__init__()
         self.config = config  # read at every call: the penalty applies only while this backend runs
+        self._used: torch.Tensor | None = None  # the spans of the last forward (see used())
         self.max_span = _setting(config, "adaptive_span_max")
         self.ramp = _setting(config, "adaptive_span_ramp")
         self.span_ratio = nn.Parameter(torch.full((num_heads,), float(_setting(config, "adaptive_span_init"))))
@@ -85,7 +86,7 @@ class AdaptiveSpan(nn.Module):
 
     def spans(self) -> torch.Tensor:
         """z per head, in tokens, differentiable. In training, p is first projected onto [0, 1] in place."""
-        if self.training and bool(((self.span_ratio < 0) | (self.span_ratio > 1)).any()):
+        if self.training:
             self.span_ratio.data.clamp_(0.0, 1.0)  # projection step, invisible to autograd (like an optimiser's)
         # clamp's gradient passes at 0 and 1, so after the projection the spans always get their gradient
         return self.max_span * self.span_ratio.clamp(0.0, 1.0)
@@ -95,12 +96,15 @@ class AdaptiveSpan(nn.Module):
         from hfx.auxiliary import report
 
         report(self)
-        return self.spans()
+        self._used = self.spans()
+        return self._used
 
     def hfx_auxiliary(self):
         from hfx.auxiliary import Auxiliary
 
-        spans = self.spans()  # only reported (see used()) when this backend ran in the forward
+        spans = self._used  # set by used(): hfx_auxiliary is only asked after this backend ran in the forward
+        if spans is None:
+            return None
         coef = float(_setting(self.config, "adaptive_span_loss_coef"))
         return Auxiliary(loss=coef * spans.mean(), stats={"attention_span": spans.detach()})
 
@@ -124,12 +128,6 @@ def log_mask_table(spans: torch.Tensor, ramp: int, length: int, dtype=torch.floa
     return torch.where(m > 0, m.clamp_min(_TINY).log(), torch.full_like(m, _NEG))
 
 
-def reach(table: torch.Tensor) -> int:
-    """The largest distance any head attends to (its mask is > 0 there); distance 0 always is."""
-    live = (table > _NEG).any(dim=0)
-    return int(live.nonzero().max())
-
-
 def span_attention(query, key, value, keep, spans, ramp: int, causal: bool, scaling: float, dropout: float = 0.0,
                    segments=None, band: bool = True):
     """query (B, H, q, d), key/value (B, H, K, d) with the q queries the last q keys; keep bool (B, K) real keys;
@@ -139,10 +137,11 @@ def span_attention(query, key, value, keep, spans, ramp: int, causal: bool, scal
     largest span, in tiles of queries."""
     batch, heads, q_len, head_dim = query.shape
     k_len = key.shape[2]
-    max_distance = int(math.ceil(float(spans.detach().max()))) + ramp  # m = 0 here for every head
+    # m_z(x) > 0 exactly for x < ramp + z: the farthest key any head reads is max_distance - 1
+    max_distance = int(math.ceil(float(spans.detach().max()))) + ramp
     # softmax in fp32 (fp64 inputs stay fp64), as eager attention does
     table = log_mask_table(spans, ramp, max_distance + 1, torch.promote_types(query.dtype, torch.float32))
-    far = reach(table)
+    far = max_distance - 1
     left, right = far, (0 if causal else far)
     if not band or left + right + 1 >= k_len:
         chunk, left, right = q_len, k_len - q_len, 0  # one tile: every query against every key

@@ -44,7 +44,11 @@ def expert_width(config) -> int:
 
 
 def num_moe_layers(config) -> int:
-    return config.num_hidden_layers - config.first_k_dense_replace
+    """MoE blocks in the model: both stacks of an encoder–decoder (``first_k_dense_replace`` applies to each)."""
+    stacks = [config.num_hidden_layers]
+    if getattr(config, "is_encoder_decoder", False):
+        stacks.append(config.decoder_layers or config.num_hidden_layers)
+    return sum(max(0, layers - config.first_k_dense_replace) for layers in stacks)
 
 
 @use_experts_implementation(has_gate=False, has_bias=True)
@@ -196,20 +200,21 @@ class MoEFeedForward(nn.Module):
         return out.reshape(shape)
 
     def _auxiliary(self, logits, probs, index, real) -> Auxiliary:
-        if real is not None:
-            logits, probs, index = logits[real], probs[real], index[real]
-        counts = F.one_hot(index, self.num_experts).sum(dim=(0, 1)).float()
-        if index.shape[0] == 0:  # every token is padding: nothing to balance
-            balance = z_loss = probs.new_zeros(())
-        else:
-            share = counts / counts.sum()
-            balance = self.num_experts * (share * probs.mean(dim=0)).sum()
-            z_loss = torch.logsumexp(logits.float(), dim=-1).square().mean()
+        # Real tokens weigh 1 and padding 0: no boolean indexing, so no host sync on the forward path.
+        weight = probs.new_ones(probs.shape[0]) if real is None else real.to(probs.dtype)
+        tokens = weight.sum().clamp_min(1.0)
+        counts = torch.bincount(index.flatten(), weights=weight.repeat_interleave(self.top_k), minlength=self.num_experts)
+        share = counts / counts.sum().clamp_min(1.0)
+        balance = self.num_experts * (share * (probs * weight[:, None]).sum(dim=0) / tokens).sum()
+        z_loss = (torch.logsumexp(logits.float(), dim=-1).square() * weight).sum() / tokens
         loss = None
         if self.training and (self.aux_coef or self.z_coef):
             loss = self.layer_share * (self.aux_coef * balance + self.z_coef * z_loss)
         stats = {"expert_counts": counts.detach(), "balance_loss": balance.detach(), "router_z_loss": z_loss.detach()}
-        return Auxiliary(loss=loss, stats=stats, router_logits=logits if self.output_router_logits else None)
+        router_logits = None
+        if self.output_router_logits:
+            router_logits = logits if real is None else logits[real]
+        return Auxiliary(loss=loss, stats=stats, router_logits=router_logits)
 
     def hfx_auxiliary(self) -> Auxiliary | None:
         return self._last

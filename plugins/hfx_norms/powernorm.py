@@ -33,24 +33,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 from hfx.registry import Component
-
-
-def _in_backward_replay() -> bool:
-    """True while autograd runs a backward pass, i.e. when checkpointing recomputes a forward."""
-    return torch._C._current_graph_task_id() != -1
-
-
-def _global_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over processes of a statistic no gradient flows through (PowerNorm never differentiates its statistics)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        tensor = tensor.clone()
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+from hfx_norms.batchnorm import _all_reduce_sum as _global_sum  # inside autograd.Function: no graph either way
+from hfx_norms.batchnorm import _in_backward_replay
 
 
 class _PowerNormFunction(torch.autograd.Function):
