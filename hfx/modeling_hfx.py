@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -61,9 +62,7 @@ def build_ffn(config: HfxConfig, layer_idx: int) -> nn.Module:
 def backend_supports_kv_cache(attn_implementation) -> bool:
     """False for an hfx attention plugin that cannot decode from a KV cache (``Component.supports_kv_cache``);
     True for transformers' own backends and for plugins that do not say otherwise."""
-    if not isinstance(attn_implementation, str) or attn_implementation not in registry.names("attention"):
-        return True
-    return getattr(registry.get("attention", attn_implementation), "supports_kv_cache", True)
+    return getattr(attention_component(attn_implementation), "supports_kv_cache", True)
 
 
 def attention_component(attn_implementation):
@@ -107,6 +106,11 @@ class HfxMaskedLMOutput(MaskedLMOutput):
 
 def auxiliary_fields(outputs) -> dict:
     return {name: getattr(outputs, name, None) for name in ("aux_loss", "aux_stats", "router_logits")}
+
+
+def ffn_takes_padding(ffn: nn.Module) -> bool:
+    """Whether a feed-forward plugin is told which tokens are padding (one that counts tokens: MoE load statistics)."""
+    return "padding_mask" in inspect.signature(ffn.forward).parameters
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -206,8 +210,7 @@ class HfxLayer(GradientCheckpointingLayer):
         self.attention = HfxAttention(config, layer_idx)
         self.ffn_norm = build_norm(config)
         self.ffn = build_ffn(config, layer_idx)
-        # an FFN that counts tokens (MoE load statistics) is told which ones are padding
-        self._ffn_takes_padding = "padding_mask" in inspect.signature(self.ffn.forward).parameters
+        self._ffn_takes_padding = ffn_takes_padding(self.ffn)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states, attention_mask=None, padding_mask=None, rotary=None, past_key_values=None, **kwargs):
@@ -265,6 +268,16 @@ class HfxPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
 
 
+class StackInputs(NamedTuple):
+    """What a stack's blocks read besides the hidden states (see ``HfxModel._inputs``)."""
+
+    hidden_states: torch.Tensor
+    rotary: tuple[torch.Tensor, torch.Tensor] | None
+    mask: torch.Tensor | None
+    padding_mask: torch.Tensor | None
+    position_ids: torch.Tensor
+
+
 class HfxModel(HfxPreTrainedModel):
     """The bare hfx transformer: hidden states out, no head."""
 
@@ -295,54 +308,72 @@ class HfxModel(HfxPreTrainedModel):
         use_cache: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         if not self.config.is_decoder:
             use_cache = False
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
-        if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-            device = (input_ids if input_ids is not None else inputs_embeds).device
-            position_ids = (torch.arange(seq_len, device=device) + past_seen).unsqueeze(0)
+        inputs = self._inputs(
+            input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids, past_key_values,
+            causal=self.config.is_decoder,
+        )
+        hidden_states, aux_fields = self._run_layers(
+            inputs,
+            past_key_values=past_key_values,
+            # Backends that act on token identity (always-global token ids) read them here.
+            input_ids=input_ids,
+            **kwargs,
+        )
+        return HfxModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values, **aux_fields)
 
+    def _inputs(
+        self, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids, cache, causal,
+        names="input_ids or inputs_embeds",
+    ) -> StackInputs:
+        """Check and embed a stack's inputs; positions continue after what ``cache`` has seen."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError(f"Pass exactly one of {names}.")
+        reference = input_ids if input_ids is not None else inputs_embeds
+        seq_len = reference.shape[1]
+        if position_ids is None:
+            past_seen = cache.get_seq_length() if cache is not None else 0
+            position_ids = (torch.arange(seq_len, device=reference.device) + past_seen).unsqueeze(0)
         padding_mask = padding_mask_for(attention_mask, seq_len)
         hidden_states, rotary = self.embeddings(input_ids, inputs_embeds, token_type_ids, position_ids, padding_mask)
-        if self.config.is_decoder:
+        if causal:
             mask = create_causal_mask(
                 config=self.config,
                 inputs_embeds=hidden_states,
                 attention_mask=attention_mask,
-                past_key_values=past_key_values,
+                past_key_values=cache,
                 position_ids=position_ids,
             )
         else:
             mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask)
+        return StackInputs(hidden_states, rotary, mask, padding_mask, position_ids)
 
+    def _run_layers(self, inputs: StackInputs, *layer_args, **layer_kwargs) -> tuple[torch.Tensor, dict]:
+        """The blocks (each also given ``layer_args`` and ``layer_kwargs``) and the final norm; returns the hidden
+        states and the auxiliary fields of the modules that reported in this forward."""
+        hidden_states = inputs.hidden_states
         with auxiliary.collecting() as reported:
             for layer in self.layers:
                 hidden_states = layer(
                     hidden_states,
-                    attention_mask=mask,
-                    padding_mask=padding_mask,
-                    rotary=rotary,
-                    past_key_values=past_key_values,
-                    position_ids=position_ids,
-                    # Backends that act on token identity (always-global token ids) read them here.
-                    input_ids=input_ids,
-                    **kwargs,
+                    *layer_args,  # positional, for gradient checkpointing
+                    attention_mask=inputs.mask,
+                    padding_mask=inputs.padding_mask,
+                    rotary=inputs.rotary,
+                    position_ids=inputs.position_ids,
+                    **layer_kwargs,
                 )
         if self.final_norm is not None:
-            hidden_states = self.final_norm(hidden_states, padding_mask)
+            hidden_states = self.final_norm(hidden_states, inputs.padding_mask)
         collected = auxiliary.collect(reported)
-        return HfxModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
-            aux_loss=collected.loss,
-            aux_stats=collected.stats or None,
-            router_logits=collected.router_logits,
-        )
+        return hidden_states, {
+            "aux_loss": collected.loss,
+            "aux_stats": collected.stats or None,
+            "router_logits": collected.router_logits,
+        }
 
 
 class HfxPooler(nn.Module):
@@ -499,22 +530,11 @@ class HfxForPreTraining(HfxPreTrainedModel):
         )
 
 
-class HfxForCausalLM(HfxPreTrainedModel, GenerationMixin):
-    """Left-to-right language model (GPT-style). Forces ``is_decoder=True``: a causal LM never sees the future."""
+class HfxGenerationDefaults:
+    """Generation defaults that follow the attention backend, for the heads that generate. Mixed in before
+    HfxPreTrainedModel, so that its overrides of transformers' methods run."""
 
-    _tied_weights_keys = {"lm_head.weight": "model.embeddings.word_embeddings.weight"}
-
-    def __init__(self, config: HfxConfig):
-        if not config.is_decoder:
-            logger.info("HfxForCausalLM sets is_decoder=True (causal attention mask).")
-            config.is_decoder = True
-        super().__init__(config)
-        self.model = HfxModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-        self._apply_cache_default()
-
-    def _apply_cache_default(self) -> None:
+    def _apply_generation_defaults(self) -> None:
         """A backend that cannot decode from a KV cache (``hfx_lsh``, ``hfx_block_sparse``) generates with
         ``use_cache=False`` by default: each new token runs a full forward over the sequence so far.
 
@@ -532,11 +552,27 @@ class HfxForCausalLM(HfxPreTrainedModel, GenerationMixin):
     def adjust_generation_fn(self, *args, **kwargs):
         # from_pretrained replaces generation_config with the saved one (which may predate the backend)
         super().adjust_generation_fn(*args, **kwargs)
-        self._apply_cache_default()
+        self._apply_generation_defaults()
 
     def set_attn_implementation(self, *args, **kwargs):
         super().set_attn_implementation(*args, **kwargs)
-        self._apply_cache_default()
+        self._apply_generation_defaults()
+
+
+class HfxForCausalLM(HfxGenerationDefaults, HfxPreTrainedModel, GenerationMixin):
+    """Left-to-right language model (GPT-style). Forces ``is_decoder=True``: a causal LM never sees the future."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: HfxConfig):
+        if not config.is_decoder:
+            logger.info("HfxForCausalLM sets is_decoder=True (causal attention mask).")
+            config.is_decoder = True
+        super().__init__(config)
+        self.model = HfxModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+        self._apply_generation_defaults()
 
     @can_return_tuple
     def forward(

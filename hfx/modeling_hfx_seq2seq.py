@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPastAndCrossAttentions, Seq2SeqLMOutput
 from transformers.modeling_outputs import Seq2SeqModelOutput
@@ -30,22 +30,18 @@ from .configuration_hfx import HfxConfig
 from .modeling_hfx import (
     HfxAttention,
     HfxEmbeddings,
+    HfxGenerationDefaults,
+    HfxLayer,
     HfxModel,
     HfxPreTrainedModel,
     attention_component,
-    backend_supports_kv_cache,
+    auxiliary_fields,
     build_ffn,
     build_norm,
-    padding_mask_for,
+    ffn_takes_padding,
 )
 
 logger = logging.get_logger(__name__)
-
-
-def decoder_layers(config: HfxConfig) -> int:
-    """Number of decoder blocks: ``decoder_layers``, or as many as the encoder has."""
-    value = getattr(config, "decoder_layers", None)
-    return config.num_hidden_layers if value is None else value
 
 
 def decoder_start_token_id(config: HfxConfig) -> int | None:
@@ -77,10 +73,10 @@ def cross_attention_implementation(config: HfxConfig) -> str:
     return "sdpa" if attention_component(implementation) is not None else implementation
 
 
-def cross_attention_mask(config, decoder_embeds, encoder_attention_mask, encoder_hidden_states):
+def cross_attention_mask(implementation, config, decoder_embeds, encoder_attention_mask, encoder_hidden_states):
     """The mask of decoder queries over encoder keys (only encoder padding is blocked), in the form the
-    cross-attention backend expects; None when nothing is blocked."""
-    if cross_attention_implementation(config) == config._attn_implementation:
+    cross-attention backend ``implementation`` expects; None when nothing is blocked."""
+    if implementation == config._attn_implementation:
         return create_bidirectional_mask(
             config=config,
             inputs_embeds=decoder_embeds,
@@ -103,7 +99,8 @@ def cross_attention_mask(config, decoder_embeds, encoder_attention_mask, encoder
 class HfxCrossAttention(nn.Module):
     """Decoder queries over encoder keys and values. No position encoding: source and target positions are
     unrelated (as in T5 and rotary encoder-decoders). Keys and values are computed once per source and kept
-    in the cross-attention half of an ``EncoderDecoderCache``."""
+    in the cross-attention half of an ``EncoderDecoderCache``. The decoder passes the backend
+    (``cross_attention_implementation``), chosen once per forward."""
 
     def __init__(self, config: HfxConfig, layer_idx: int):
         super().__init__()
@@ -120,7 +117,10 @@ class HfxCrossAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
 
-    def forward(self, hidden_states, encoder_hidden_states, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(
+        self, hidden_states, encoder_hidden_states, attention_mask=None, past_key_values=None, implementation=None,
+        **kwargs,
+    ):
         input_shape = hidden_states.shape[:-1]
         query = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
         cache = past_key_values.cross_attention_cache if isinstance(past_key_values, EncoderDecoderCache) else None
@@ -134,7 +134,7 @@ class HfxCrossAttention(nn.Module):
                 key, value = cache.update(key, value, self.layer_idx)
                 past_key_values.is_updated[self.layer_idx] = True
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(
-            cross_attention_implementation(self.config), eager_attention_forward
+            implementation or cross_attention_implementation(self.config), eager_attention_forward
         )
         out, weights = attention(
             self,
@@ -162,7 +162,10 @@ class HfxDecoderLayer(GradientCheckpointingLayer):
         self.cross_attention = HfxCrossAttention(config, layer_idx)
         self.ffn_norm = build_norm(config)
         self.ffn = build_ffn(config, layer_idx)
+        self._ffn_takes_padding = ffn_takes_padding(self.ffn)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    _ffn = HfxLayer._ffn  # padding is not counted by the FFN (MoE load statistics)
 
     def forward(
         self,
@@ -170,25 +173,26 @@ class HfxDecoderLayer(GradientCheckpointingLayer):
         encoder_hidden_states,
         attention_mask=None,
         cross_attention_mask=None,
+        cross_attention_implementation=None,
         padding_mask=None,
         rotary=None,
         past_key_values=None,
         **kwargs,
     ):
         self_cache = past_key_values.self_attention_cache if isinstance(past_key_values, EncoderDecoderCache) else past_key_values
+        cross = (encoder_hidden_states, cross_attention_mask, past_key_values, cross_attention_implementation)
         if self.pre_norm:
             normed = self.self_attention_norm(hidden_states, padding_mask)
             attended, _ = self.self_attention(normed, attention_mask, rotary, self_cache, **kwargs)
             hidden_states = hidden_states + self.dropout(attended)
-            normed = self.cross_attention_norm(hidden_states, padding_mask)
-            attended, _ = self.cross_attention(normed, encoder_hidden_states, cross_attention_mask, past_key_values)
+            attended, _ = self.cross_attention(self.cross_attention_norm(hidden_states, padding_mask), *cross)
             hidden_states = hidden_states + self.dropout(attended)
-            return hidden_states + self.dropout(self.ffn(self.ffn_norm(hidden_states, padding_mask)))
+            return hidden_states + self.dropout(self._ffn(self.ffn_norm(hidden_states, padding_mask), padding_mask))
         attended, _ = self.self_attention(hidden_states, attention_mask, rotary, self_cache, **kwargs)
         hidden_states = self.self_attention_norm(hidden_states + self.dropout(attended), padding_mask)
-        attended, _ = self.cross_attention(hidden_states, encoder_hidden_states, cross_attention_mask, past_key_values)
+        attended, _ = self.cross_attention(hidden_states, *cross)
         hidden_states = self.cross_attention_norm(hidden_states + self.dropout(attended), padding_mask)
-        return self.ffn_norm(hidden_states + self.dropout(self.ffn(hidden_states)), padding_mask)
+        return self.ffn_norm(hidden_states + self.dropout(self._ffn(hidden_states, padding_mask)), padding_mask)
 
 
 @dataclass
@@ -218,24 +222,20 @@ class HfxSeq2SeqLMOutput(Seq2SeqLMOutput):
     router_logits: tuple[torch.Tensor, ...] | None = None
 
 
-def _merge_auxiliary(encoder_outputs, decoder_outputs) -> dict:
-    """One set of auxiliary fields from both stacks: losses summed, per-module stat rows and router logits
-    concatenated in module order (encoder first)."""
-    losses = [o.aux_loss for o in (encoder_outputs, decoder_outputs) if getattr(o, "aux_loss", None) is not None]
-    stats: dict[str, torch.Tensor] = {}
-    for outputs in (encoder_outputs, decoder_outputs):
-        for name, value in (getattr(outputs, "aux_stats", None) or {}).items():
-            if name in stats and stats[name].shape[1:] == value.shape[1:]:
-                stats[name] = torch.cat([stats[name], value.to(stats[name].device)])
-            elif name in stats:  # rows of different widths cannot stack: keep the decoder's under its own name
-                stats[f"decoder_{name}"] = value
-            else:
-                stats[name] = value
-    logits = [t for o in (encoder_outputs, decoder_outputs) for t in (getattr(o, "router_logits", None) or ())]
+def _merge_auxiliary(*outputs) -> dict:
+    """One set of auxiliary fields from the stacks' outputs (encoder first): losses summed, per-module stat
+    rows and router logits concatenated in module order."""
+    losses, stats, logits = [], {}, []
+    for fields in map(auxiliary_fields, outputs):
+        if fields["aux_loss"] is not None:
+            losses.append(fields["aux_loss"].float())
+        for name, rows in (fields["aux_stats"] or {}).items():
+            stats.setdefault(name, []).append(rows)
+        logits.extend(fields["router_logits"] or ())
     return {
-        "aux_loss": torch.stack([loss.float() for loss in losses]).sum() if losses else None,
-        "aux_stats": stats or None,
-        "router_logits": tuple(logits) if logits else None,
+        "aux_loss": torch.stack(losses).sum() if losses else None,
+        "aux_stats": {name: torch.cat([r.to(parts[0].device) for r in parts]) for name, parts in stats.items()} or None,
+        "router_logits": tuple(logits) or None,
     }
 
 
@@ -253,16 +253,15 @@ class HfxSeq2SeqDecoder(HfxPreTrainedModel):
     def __init__(self, config: HfxConfig):
         super().__init__(config)
         self.embeddings = HfxEmbeddings(config)
-        self.layers = nn.ModuleList([HfxDecoderLayer(config, i) for i in range(decoder_layers(config))])
+        self.layers = nn.ModuleList([HfxDecoderLayer(config, i) for i in range(config.decoder_layers)])
         self.final_norm = build_norm(config) if config.norm_position == "pre" else None
         self.gradient_checkpointing = False
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.embeddings.word_embeddings
-
-    def set_input_embeddings(self, value):
-        self.embeddings.word_embeddings = value
+    get_input_embeddings = HfxModel.get_input_embeddings
+    set_input_embeddings = HfxModel.set_input_embeddings
+    _inputs = HfxModel._inputs
+    _run_layers = HfxModel._run_layers
 
     @merge_with_config_defaults
     @capture_outputs
@@ -278,54 +277,32 @@ class HfxSeq2SeqDecoder(HfxPreTrainedModel):
         use_cache: bool | None = None,
         **kwargs,
     ) -> HfxDecoderOutput:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of decoder_input_ids or decoder_inputs_embeds.")
         if encoder_hidden_states is None:
             raise ValueError("encoder_hidden_states=None is invalid: the decoder cross-attends to the encoder's output.")
-        reference = input_ids if input_ids is not None else inputs_embeds
-        seq_len = reference.shape[1]
         if use_cache and past_key_values is None:
             past_key_values = EncoderDecoderCache(DynamicCache(), DynamicCache())
         elif isinstance(past_key_values, Cache) and not isinstance(past_key_values, EncoderDecoderCache):
             past_key_values = EncoderDecoderCache(past_key_values, DynamicCache())  # self-attention only was given
         self_cache = past_key_values.self_attention_cache if past_key_values is not None else None
-        past_seen = self_cache.get_seq_length() if self_cache is not None else 0
-        if position_ids is None:
-            position_ids = (torch.arange(seq_len, device=reference.device) + past_seen).unsqueeze(0)
-
-        padding_mask = padding_mask_for(attention_mask, seq_len)
-        hidden_states, rotary = self.embeddings(input_ids, inputs_embeds, None, position_ids, padding_mask)
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=hidden_states,
-            attention_mask=attention_mask,
-            past_key_values=self_cache,
-            position_ids=position_ids,
+        inputs = self._inputs(
+            input_ids, inputs_embeds, attention_mask, None, position_ids, self_cache, causal=True,
+            names="decoder_input_ids or decoder_inputs_embeds",
         )
-        cross_mask = cross_attention_mask(self.config, hidden_states, encoder_attention_mask, encoder_hidden_states)
-        with auxiliary.collecting() as reported:
-            for layer in self.layers:
-                hidden_states = layer(
-                    hidden_states,
-                    encoder_hidden_states,  # positional, for gradient checkpointing
-                    attention_mask=mask,
-                    cross_attention_mask=cross_mask,
-                    padding_mask=padding_mask,
-                    rotary=rotary,
-                    past_key_values=past_key_values,
-                    position_ids=position_ids,
-                    input_ids=input_ids,
-                    **kwargs,
-                )
-        if self.final_norm is not None:
-            hidden_states = self.final_norm(hidden_states, padding_mask)
-        collected = auxiliary.collect(reported)
+        implementation = cross_attention_implementation(self.config)
+        cross_mask = cross_attention_mask(
+            implementation, self.config, inputs.hidden_states, encoder_attention_mask, encoder_hidden_states
+        )
+        hidden_states, aux_fields = self._run_layers(
+            inputs,
+            encoder_hidden_states,
+            cross_attention_mask=cross_mask,
+            cross_attention_implementation=implementation,
+            past_key_values=past_key_values,
+            input_ids=input_ids,
+            **kwargs,
+        )
         return HfxDecoderOutput(
-            last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
-            aux_loss=collected.loss,
-            aux_stats=collected.stats or None,
-            router_logits=collected.router_logits,
+            last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None, **aux_fields
         )
 
 
@@ -344,11 +321,7 @@ def _check_seq2seq_config(config: HfxConfig) -> None:
     if not config.is_encoder_decoder:
         logger.info("HfxForConditionalGeneration sets is_encoder_decoder=True.")
         config.is_encoder_decoder = True
-    layers = getattr(config, "decoder_layers", None)
-    if layers is None:
-        config.decoder_layers = config.num_hidden_layers
-    elif not (isinstance(layers, int) and not isinstance(layers, bool) and layers > 0):
-        raise ValueError(f"decoder_layers={layers!r} is invalid; valid values: None (as num_hidden_layers) or an integer > 0.")
+        config._check_shapes()  # fills in what an encoder-decoder config derives (decoder_layers)
     start = decoder_start_token_id(config)
     if start is None:
         raise ValueError(
@@ -380,9 +353,7 @@ class HfxSeq2SeqModel(HfxPreTrainedModel):
         # Sharing the token embedding across stacks is its own switch, independent of tie_word_embeddings.
         if all_submodels:
             return super().get_expanded_tied_weights_keys(all_submodels=True)
-        if not shares_embeddings(self.config):
-            return {}
-        return {"decoder.embeddings.word_embeddings.weight": "encoder.embeddings.word_embeddings.weight"}
+        return dict(self._tied_weights_keys) if shares_embeddings(self.config) else {}
 
     def get_input_embeddings(self):
         return self.encoder.embeddings.word_embeddings
@@ -449,7 +420,7 @@ class HfxSeq2SeqModel(HfxPreTrainedModel):
         )
 
 
-class HfxForConditionalGeneration(HfxPreTrainedModel, GenerationMixin):
+class HfxForConditionalGeneration(HfxGenerationDefaults, HfxPreTrainedModel, GenerationMixin):
     """Encoder-decoder language model (BART / T5 style) for translation, summarisation, any text-to-text task.
 
     ``labels`` are the target tokens (-100 where ignored); the decoder reads them shifted right behind
@@ -468,29 +439,12 @@ class HfxForConditionalGeneration(HfxPreTrainedModel, GenerationMixin):
         self.post_init()
         # transformers maps "*ForConditionalGeneration" to the causal (shifting) loss; seq2seq labels are aligned.
         self.loss_type = "ForMaskedLM"
-        if self.generation_config.decoder_start_token_id is None:
-            self.generation_config.decoder_start_token_id = decoder_start_token_id(config)
-        self._apply_cache_default()
+        self._apply_generation_defaults()
 
-    def _apply_cache_default(self) -> None:
-        """A self-attention backend that cannot decode from a KV cache generates with ``use_cache=False``."""
-        if backend_supports_kv_cache(self.config._attn_implementation):
-            if getattr(self, "_hfx_cache_default_off", False):
-                self.generation_config.use_cache = self.config.use_cache
-                self._hfx_cache_default_off = False
-        elif self.generation_config.use_cache is not False:
-            self.generation_config.use_cache = False
-            self._hfx_cache_default_off = True
-
-    def adjust_generation_fn(self, *args, **kwargs):
-        super().adjust_generation_fn(*args, **kwargs)
+    def _apply_generation_defaults(self) -> None:
         if self.generation_config.decoder_start_token_id is None:
             self.generation_config.decoder_start_token_id = decoder_start_token_id(self.config)
-        self._apply_cache_default()
-
-    def set_attn_implementation(self, *args, **kwargs):
-        super().set_attn_implementation(*args, **kwargs)
-        self._apply_cache_default()
+        super()._apply_generation_defaults()
 
     def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict:
         # The head ties to the decoder's token embedding, which itself may be the encoder's: name the final source.
@@ -583,9 +537,7 @@ class HfxForConditionalGeneration(HfxPreTrainedModel, GenerationMixin):
             encoder_last_hidden_state=outputs.encoder_last_hidden_state,
             encoder_hidden_states=outputs.encoder_hidden_states,
             encoder_attentions=outputs.encoder_attentions,
-            aux_loss=outputs.aux_loss,
-            aux_stats=outputs.aux_stats,
-            router_logits=outputs.router_logits,
+            **auxiliary_fields(outputs),
         )
 
 

@@ -251,11 +251,34 @@ def test_bad_configs_are_refused_before_weights_exist(overrides, message):
         HfxForConditionalGeneration(seq2seq_config(**overrides))
 
 
-def test_bad_decoder_layers_is_refused():
+def test_bad_decoder_layers_is_refused_by_the_config():
+    with pytest.raises(ValueError, match="decoder_layers=0 is invalid"):
+        seq2seq_config(decoder_layers=0)
     config = seq2seq_config()
     with pytest.raises(ValueError, match="decoder_layers=0 is invalid"):
-        config.decoder_layers = 0  # HfxConfig checks the assignment, or else the model refuses it
-        HfxForConditionalGeneration(config)
+        config.decoder_layers = 0  # HfxConfig checks every assignment (from_pretrained's overrides too)
+
+
+def test_decoder_layers_default_to_the_encoders_when_the_model_makes_the_config_encoder_decoder():
+    config = tiny_config(num_hidden_layers=3, decoder_start_token_id=START)
+    assert not config.is_encoder_decoder and config.decoder_layers is None
+    model = HfxForConditionalGeneration(config)
+    assert config.is_encoder_decoder and config.decoder_layers == 3
+    assert len(model.model.decoder.layers) == 3
+
+
+def test_moe_decoder_counts_real_target_tokens_only():
+    model = build(ffn_type="moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+    input_ids, attention_mask = source_batch()  # 7 + 5 real source tokens
+    decoder_input_ids = torch.tensor([[START, 5, 9, 11], [START, 7, 3, 0]])
+    decoder_attention_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])  # 6 real target tokens
+    with torch.no_grad():
+        out = model(
+            input_ids=input_ids, attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+        )
+    # one row per MoE block, encoder's first; top-2: each real token counts twice, padding never
+    assert out.aux_stats["expert_counts"].sum(-1).tolist() == [12 * 2, 6 * 2, 6 * 2]
 
 
 @pytest.mark.parametrize("share", [True, False])
