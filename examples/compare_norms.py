@@ -16,11 +16,8 @@ starting from the trained state. Per-token norms (layernorm, rmsnorm, dyt) have 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,12 +31,15 @@ from hfx.pretraining import (
     loss_history,
     model_config,
     prepare_dataset,
+    save_figure_atomic,
     save_pretrained_atomic,
     training_arguments,
     write_json_atomic,
 )
+from hfx.registry import registry
 from hfx.tokenizer import train_tokenizer
 
+#: The default comparison, in the order docs/norms.md shows; --norms takes any installed norm (registry.names("norm")).
 NORMS = ("layernorm", "rmsnorm", "batchnorm", "batchnorm_causal", "powernorm", "dyt")
 
 
@@ -48,7 +48,8 @@ def parse_args(argv=None):
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--data", default="embedded", help="as in pretrain_*_style.py (default: embedded corpus)")
     parser.add_argument("--objective", default="clm", choices=["clm", "mlm"])
-    parser.add_argument("--norms", nargs="+", default=list(NORMS))
+    parser.add_argument("--norms", nargs="+", default=list(NORMS), choices=registry.names("norm"), metavar="NORM",
+                        help=f"installed norms to compare (default: {' '.join(NORMS)})")
     parser.add_argument("--norm-position", default="pre", choices=["pre", "post"])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 2])
@@ -90,22 +91,38 @@ causal norm's cumulative statistics."""
 def validation_loss(model, dataset, collator, batch_size: int, objective: str, norms_in_train_mode: bool = False):
     """Mean loss over ``dataset`` and the mean token loss per position bucket (``POSITION_BUCKETS``).
 
-    With ``norms_in_train_mode`` the norms use batch statistics (on a copy of the model, restored before
-    every batch so that no batch sees statistics another one moved); dropout stays off.
+    With ``norms_in_train_mode`` the norms use batch statistics, their buffers (running statistics,
+    step counts) restored before every batch so that no batch sees statistics another one moved, and
+    after the last; dropout stays off, and the model is left in eval mode.
     """
     model.eval()
+    trained = {}
     if norms_in_train_mode:
-        model = copy.deepcopy(model)
-        trained = copy.deepcopy(model.state_dict())
+        # a train-mode forward changes buffers only (no_grad: no parameter moves)
+        trained = {name: buffer.clone() for name, buffer in model.named_buffers()}
         for module in model.modules():
             if getattr(module, "_hfx_norm", False):
                 module.train()
+    try:
+        return _validation_loss(model, dataset, collator, batch_size, objective, trained)
+    finally:
+        _restore_buffers(model, trained)
+        model.eval()
+
+
+def _restore_buffers(model, saved: dict) -> None:
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name in saved:
+                buffer.copy_(saved[name])
+
+
+def _validation_loss(model, dataset, collator, batch_size: int, objective: str, trained: dict):
     total, count = 0.0, 0
     position_sums, position_counts = None, None
     with torch.no_grad():
         for start in range(0, len(dataset), batch_size):
-            if norms_in_train_mode:
-                model.load_state_dict(trained)
+            _restore_buffers(model, trained)
             batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
             output = model(**batch)
             total += output.loss.item()
@@ -150,16 +167,7 @@ def plot_panels(curves: dict[str, list[tuple[int, float]]], rows: dict[str, dict
     axes[0][0].set_ylabel("training loss")
     fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_figure_atomic(fig, path)
 
 
 def main(argv=None) -> dict[str, dict]:

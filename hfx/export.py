@@ -20,6 +20,7 @@ written, so ``overwrite`` replaces only an earlier export that holds nothing els
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import importlib.util
 import json
@@ -27,11 +28,10 @@ import os
 import shutil
 import sys
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .safe_paths import blocking_parent, remove_entry
+from .safe_paths import ManifestOutput, check_replaceable_output, swap_folder_in
 
 #: Written into every export: what it holds (``files``), where each module and component came from.
 MANIFEST_FILE = "hfx_export.json"
@@ -65,6 +65,12 @@ class ExportError(ValueError):
     """An export that cannot be made as asked (input, output or a component's source); nothing was written."""
 
 
+#: How OUT_DIR is checked and replaced (:mod:`hfx.safe_paths`), and named in the messages.
+OUTPUT = ManifestOutput(error=ExportError, name="OUT_DIR", folder="OUT_DIR", manifest=MANIFEST_FILE,
+                        writer="hfx export", made="export", foreign_folder="is not an hfx export",
+                        file_hint="export to")
+
+
 # --------------------------------------------------------------------------------------------------
 # Which module files an export needs, and how their imports are rewritten
 
@@ -79,8 +85,8 @@ class SourceModule:
     is_package: bool
     source: str = ""
     tree: ast.Module | None = None
-    kept: set[int] = field(default_factory=set)  # ids of import nodes left as they are (optional, absent)
-    blanked: set[int] = field(default_factory=set)  # ids of internal imports under `if TYPE_CHECKING:`
+    # (import node, its replacement), found while the closure was followed; imports not listed stay as they are
+    edits: list[tuple[ast.Import | ast.ImportFrom, str]] = field(default_factory=list)
 
     @property
     def package(self) -> str:
@@ -137,17 +143,21 @@ class ModuleSet:
                 continue
             context = contexts.get(id(node))
             if context == "type_checking":  # never runs; following it could pull in half of hfx
-                if self.resolve(found, node) != [(None, None)]:
-                    found.blanked.add(id(node))
+                if self.resolve(found, node) != _KEEP:
+                    found.edits.append((node, "pass  # hfx export: a type-checking import of hfx code that is not "
+                                              "exported"))
                 continue
             try:
-                for target, _ in self.resolve(found, node):
+                resolved = self.resolve(found, node)
+                for target, _ in resolved:
                     if target is not None:
                         self.add(target, f"imported by {module}")
             except ExportError:
                 if context != "guarded":
                     raise
-                found.kept.add(id(node))  # `try: import optional except ImportError:` behaves as without it
+                continue  # `try: import optional except ImportError:` behaves as without it: left as it is
+            if resolved != _KEEP:
+                found.edits.append((node, "; ".join(statement for _, statement in resolved)))
         return found
 
     def resolve(self, module: SourceModule, node: ast.Import | ast.ImportFrom) -> list[tuple[str | None, str | None]]:
@@ -170,7 +180,7 @@ class ModuleSet:
                                       f"import ...` or `import {alias.name} as name`")
                 out.append((alias.name, self._module_alias(alias.name, alias.asname)))
             if all(target is None for target, _ in out):
-                return [(None, None)]
+                return _KEEP
             return out
         if node.level:
             base = importlib.util.resolve_name("." * node.level + (node.module or ""), module.package)
@@ -179,7 +189,7 @@ class ModuleSet:
         if not self.is_internal(base):
             if base.split(".")[0] != "__future__":
                 self.requirements.add(base.split(".")[0])
-            return [(None, None)]
+            return _KEEP
         out = []
         for alias in node.names:
             local = alias.asname or alias.name
@@ -203,8 +213,7 @@ class ModuleSet:
     def _core_attribute(self, name: str, local: str, where: str) -> tuple[str | None, str]:
         """``from hfx import name``: the hfx module that defines ``name`` (hfx's own ``__init__`` is not exported:
         it installs import hooks), or a literal it assigns (``__version__``)."""
-        init_tree = ast.parse(Path(importlib.util.find_spec(CORE_PACKAGE).origin).read_text(encoding="utf-8"))
-        for node in init_tree.body:
+        for node in _init_tree(CORE_PACKAGE).body:
             if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
                 for alias in node.names:
                     if (alias.asname or alias.name) == name:
@@ -220,21 +229,12 @@ class ModuleSet:
                           "not found in an hfx module; import it from the module that defines it")
 
     def rewritten(self, module: SourceModule) -> str:
-        """The module's source with each internal import replaced in place (everything else untouched)."""
+        """The module's source with each internal import replaced in place (everything else untouched): the
+        replacements :meth:`add` found."""
         lines = module.source.splitlines(keepends=True)
-        edits = []
-        for node in ast.walk(module.tree):
-            if not isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) in module.kept:
-                continue
-            if id(node) in module.blanked:
-                edits.append((node, "pass  # hfx export: a type-checking import of hfx code that is not exported"))
-                continue
-            resolved = self.resolve(module, node)
-            if resolved != [(None, None)]:
-                edits.append((node, "; ".join(statement for _, statement in resolved)))
         # Byte offsets (ast columns are UTF-8 byte offsets), applied from the end so earlier ones stay valid.
         encoded = [line.encode("utf-8") for line in lines]
-        for node, text in sorted(edits, key=lambda e: (e[0].lineno, e[0].col_offset), reverse=True):
+        for node, text in sorted(module.edits, key=lambda e: (e[0].lineno, e[0].col_offset), reverse=True):
             first, last = node.lineno - 1, node.end_lineno - 1
             head, tail = encoded[first][: node.col_offset], encoded[last][node.end_col_offset :]
             if len(head) + len(text) > 110 and ";" not in text and text.startswith("from ."):
@@ -251,6 +251,8 @@ class ModuleSet:
         return header + text
 
 
+#: What :meth:`ModuleSet.resolve` returns for an import left as it is.
+_KEEP = [(None, None)]
 _IMPORT_ERRORS = {"ImportError", "ModuleNotFoundError", "Exception", "BaseException"}
 
 
@@ -340,9 +342,7 @@ def _is_package(module: str) -> bool:
 def _init_binds(package: str, name: str) -> bool:
     """Whether the package's ``__init__`` binds ``name`` at its top level (then ``from package import name`` gets
     that object, not the submodule of the same name: hfx's ``registry`` is the instance, not the module)."""
-    spec = importlib.util.find_spec(package)
-    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
-    for node in tree.body:
+    for node in _init_tree(package).body:
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             if any((a.asname or a.name.split(".")[0]) == name for a in node.names):
                 return True
@@ -353,6 +353,17 @@ def _init_binds(package: str, name: str) -> bool:
             if any(isinstance(t, ast.Name) and t.id == name for t in targets):
                 return True
     return False
+
+
+def _init_tree(package: str) -> ast.Module:
+    """The package's parsed ``__init__`` (parsed once while the file is unchanged: every import of it asks)."""
+    origin = importlib.util.find_spec(package).origin
+    return _parsed(origin, os.stat(origin).st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _parsed(path: str, mtime_ns: int) -> ast.Module:
+    return ast.parse(Path(path).read_text(encoding="utf-8"), filename=path)
 
 
 def _submodule_exists(package: str, name: str) -> bool:
@@ -494,35 +505,9 @@ class ExportResult:
 
 
 def check_output(out_dir: Path, overwrite: bool) -> list[str]:
-    """Entries an overwrite replaces (empty for a new or empty folder); anything else is refused, naming it."""
-    if out_dir.is_symlink():
-        raise ExportError(f"OUT_DIR {out_dir} is a symbolic link; give the folder itself ({out_dir.resolve()}) or "
-                          "another folder. Nothing was written.")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"OUT_DIR {out_dir} is a file; give a folder to export to.")
-    if not out_dir.exists():
-        blocked = blocking_parent(out_dir)
-        if blocked is not None:
-            raise ExportError(f"OUT_DIR {out_dir} cannot be created: {blocked[0]} is not a writable folder.")
-        return []
-    entries = sorted(entry.name for entry in out_dir.iterdir())
-    if not entries:
-        return []
-    if not overwrite:
-        raise ExportError(f"OUT_DIR {out_dir} is not empty ({_shown(entries)}); pass --overwrite to replace an "
-                          "earlier export, or choose another folder. Nothing was written.")
-    try:
-        written = json.loads((out_dir / MANIFEST_FILE).read_text(encoding="utf-8"))["files"]
-        if not isinstance(written, list):
-            raise TypeError
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
-        raise ExportError(f"--overwrite: {out_dir} is not an hfx export (no readable {MANIFEST_FILE}); nothing was "
-                          "deleted. Choose another folder.") from None
-    foreign = [name for name in entries if name != MANIFEST_FILE and name not in written]
-    if foreign:
-        raise ExportError(f"--overwrite: {out_dir} holds {_shown(foreign)}, which hfx export did not write; nothing "
-                          "was deleted. Move them elsewhere or choose another folder.")
-    return entries
+    """Entries an overwrite replaces (empty for a new or empty folder); anything else is refused, naming it
+    (:func:`hfx.safe_paths.check_replaceable_output` with :data:`OUTPUT`'s wording)."""
+    return check_replaceable_output(out_dir, overwrite, OUTPUT)
 
 
 def read_model_config(model_dir: Path) -> dict:
@@ -669,8 +654,9 @@ def export_model(model_dir, out_dir, *, overwrite: bool = False) -> ExportResult
             "files": sorted(result.files),
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        replaced = check_output(out_dir, overwrite)  # again: files may have been put there meanwhile
-        _swap_in(tmp, out_dir, replaced)
+        # again: files may have been put there meanwhile
+        replaced = check_output(out_dir, overwrite)
+        swap_folder_in(tmp, out_dir, replaced, OUTPUT)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result.files = sorted(result.files)
@@ -744,39 +730,6 @@ def _copy_tokenizer_files(model_dir: Path, tmp: Path) -> list[str]:
                 shutil.copyfile(path, tmp / path.name)
                 copied.append(path.name)
     return copied
-
-
-def _swap_in(new: Path, out_dir: Path, replaced: list[str]) -> None:
-    """Rename ``new`` to ``out_dir``; an earlier export there is moved aside, and only its own files are removed."""
-    if not out_dir.exists():
-        os.replace(new, out_dir)
-        return
-    if not replaced:
-        try:
-            out_dir.rmdir()
-        except OSError:
-            raise ExportError(f"OUT_DIR {out_dir} is no longer empty; nothing was deleted. Choose another folder.") from None
-        os.replace(new, out_dir)
-        return
-    aside = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    os.replace(out_dir, aside)
-    try:
-        os.replace(new, out_dir)
-    except OSError:
-        os.replace(aside, out_dir)
-        raise
-    for name in replaced:
-        remove_entry(aside / name)
-    left = sorted(entry.name for entry in aside.iterdir())
-    if left:
-        warnings.warn(f"the earlier export in {out_dir} also held {_shown(left)}, which hfx export did not write; "
-                      f"they were not deleted and are in {aside}.", stacklevel=3)
-    else:
-        aside.rmdir()
-
-
-def _shown(names: list[str], limit: int = 8) -> str:
-    return str(names if len(names) <= limit else names[:limit] + [f"... {len(names) - limit} more"])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,13 +20,12 @@ upgraded to ``hfx_sliding_window``, and the always-global token ids made active 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import warnings
 from pathlib import Path
 
-from .safe_paths import blocking_parent, remove_entry
+from .safe_paths import ManifestOutput, check_replaceable_output, swap_folder_in
 
 BACKEND = "hfx_sliding_window"
 #: The ``config.json`` key ``PreTrainedConfig`` turns into ``config._attn_implementation`` on load (an
@@ -53,6 +52,12 @@ class LongModelError(ValueError):
     """A long-context checkpoint that cannot load with the backend its config names (one line, with the fix)."""
 
 
+#: How convert-long's output folder is checked and replaced (:mod:`hfx.safe_paths`), and named in its messages.
+OUTPUT = ManifestOutput(error=ConvertLongError, name="output", folder="output folder", manifest=MARKER_FILE,
+                        writer="convert-long", made="conversion", foreign_folder="was not written by hfx convert-long",
+                        file_hint="write the long model to")
+
+
 def _model_class(config):
     import transformers
     from transformers import AutoModel
@@ -66,47 +71,6 @@ def _model_class(config):
 def _position_offset(config) -> int:
     """RoBERTa-style models number positions from pad_token_id + 1; BERT from 0."""
     return config.pad_token_id + 1 if config.model_type in ("roberta", "xlm-roberta", "camembert") else 0
-
-
-def check_output(output: Path, overwrite: bool) -> list[str]:
-    """The entries an overwrite replaces (empty for a new or empty folder); refuses anything else, naming it.
-
-    A symbolic link as ``output`` is refused, whatever it points to: the conversion is renamed into
-    place, which would replace the link rather than write into the folder it names.
-    """
-    if output.is_symlink():
-        raise ConvertLongError(f"output {output} is a symbolic link (to {os.readlink(output)}); give the folder itself "
-                               f"({output.resolve()}) or another folder. Nothing was written.")
-    if output.exists() and not output.is_dir():
-        raise ConvertLongError(f"output {output} is a file; give a folder to write the long model to.")
-    if not output.exists():
-        blocked = blocking_parent(output)
-        if blocked is not None:
-            raise ConvertLongError(f"output {output} cannot be created: {blocked[0]} is not a writable folder.")
-        return []
-    entries = sorted(entry.name for entry in output.iterdir())
-    if not entries:
-        return []
-    if not overwrite:
-        raise ConvertLongError(f"output folder {output} is not empty ({_shown(entries)}); pass --overwrite to replace "
-                               "an earlier conversion, or choose another folder.")
-    marker = output / MARKER_FILE
-    try:
-        written = json.loads(marker.read_text(encoding="utf-8"))["files"]
-        if not isinstance(written, list):
-            raise TypeError
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
-        raise ConvertLongError(f"--overwrite: {output} was not written by hfx convert-long (no readable {MARKER_FILE}); "
-                               "nothing was deleted. Choose another folder.") from None
-    foreign = [name for name in entries if name != MARKER_FILE and name not in written]
-    if foreign:
-        raise ConvertLongError(f"--overwrite: {output} holds {_shown(foreign)}, which convert-long did not write; "
-                               "nothing was deleted. Move them elsewhere or choose another folder.")
-    return entries
-
-
-def _shown(names: list[str], limit: int = 8) -> str:
-    return str(names if len(names) <= limit else names[:limit] + [f"... {len(names) - limit} more"])
 
 
 def _check_source(source: Path):
@@ -191,7 +155,7 @@ def convert_to_long(
     if bad:
         raise ConvertLongError(f"global token id(s) {bad} are outside the vocabulary of {source}: valid ids are 0 to "
                                f"{config.vocab_size - 1}.")
-    replaced = check_output(output, overwrite)
+    replaced = check_replaceable_output(output, overwrite, OUTPUT)
 
     model_class = _model_class(config)
     short = model_class.from_pretrained(source)
@@ -231,46 +195,11 @@ def convert_to_long(
                   "attention_window": attention_window, "global_token_ids": list(global_token_ids), "files": written}
         (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2), encoding="utf-8")
         # again: the conversion took a while, and files may have been put into the output folder meanwhile
-        replaced = check_output(output, overwrite)
-        _replace_folder(tmp, output, replaced)
+        replaced = check_replaceable_output(output, overwrite, OUTPUT)
+        swap_folder_in(tmp, output, replaced, OUTPUT)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output
-
-
-def _replace_folder(new: Path, output: Path, replaced: list[str]) -> None:
-    """Put ``new`` at ``output``; an earlier conversion there is moved aside first.
-
-    Afterwards only ``replaced`` (the marker and the files it lists, as :func:`check_output` found
-    them) is removed from the moved-aside folder, and then the folder once empty. Anything else (put
-    there after the check) is not deleted: the folder stays aside, and a warning names it.
-    """
-    if not output.exists():
-        os.replace(new, output)
-        return
-    aside = output.with_name(f".{output.name}.old-{os.getpid()}")
-    if not replaced:  # an empty folder
-        try:
-            output.rmdir()
-        except OSError:
-            raise ConvertLongError(f"output folder {output} is no longer empty; nothing was deleted. Choose another "
-                                   "folder.") from None
-        os.replace(new, output)
-        return
-    os.replace(output, aside)
-    try:
-        os.replace(new, output)
-    except OSError:
-        os.replace(aside, output)  # put the earlier conversion back
-        raise
-    for name in replaced:
-        remove_entry(aside / name)
-    left = sorted(entry.name for entry in aside.iterdir())
-    if left:
-        warnings.warn(f"the earlier conversion in {output} also held {_shown(left)}, which convert-long did not "
-                      f"write; they were not deleted and are in {aside}.", stacklevel=3)
-    else:
-        aside.rmdir()
 
 
 def hfx_backends() -> list[str]:

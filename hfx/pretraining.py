@@ -33,7 +33,7 @@ from transformers import (
 )
 
 from .configuration_hfx import HfxConfig
-from .safe_paths import blocking_parent, remove_entry, replace_folder
+from .safe_paths import blocking_parent, remove_entry, replace_folder, shown_names
 from .data import (
     DataCollatorForPreTraining,
     build_nsp_pairs,
@@ -208,11 +208,6 @@ _RUN_OUTPUT = re.compile("|".join(f"(?:{pattern})" for pattern in RUN_OUTPUTS))
 _RUN_MARKER = re.compile(r"model|(?:tmp-)?checkpoint-[0-9]+")
 
 
-def _shown(names, limit: int = 8) -> str:
-    names = sorted(names)
-    return str(names if len(names) <= limit else names[:limit] + [f"... {len(names) - limit} more"])
-
-
 def check_output_dir(args: argparse.Namespace) -> list[str]:
     """Check ``--output-dir`` before any data or model work; the entries ``--overwrite`` is to remove.
 
@@ -243,7 +238,7 @@ def check_output_dir(args: argparse.Namespace) -> list[str]:
         foreign = [name for name in entries if not _RUN_OUTPUT.fullmatch(name)]
         if foreign:
             raise OutputDirError(
-                f"--overwrite: {output} holds {_shown(foreign)}, which the pre-training examples do not write; "
+                f"--overwrite: {output} holds {shown_names(foreign)}, which the pre-training examples do not write; "
                 "nothing was deleted. Move them elsewhere or choose another --output-dir"
             )
         doomed = {(output / name).resolve() for name in entries}
@@ -258,7 +253,7 @@ def check_output_dir(args: argparse.Namespace) -> list[str]:
         return entries
     runs = [name for name in entries if _RUN_MARKER.fullmatch(name)]
     if runs and not args.resume:
-        raise OutputDirError(f"--output-dir {output} already holds a run ({_shown(runs)}); pass --resume to "
+        raise OutputDirError(f"--output-dir {output} already holds a run ({shown_names(runs)}); pass --resume to "
                              "continue it or --overwrite to replace it")
     return []
 
@@ -381,8 +376,6 @@ def plot_loss_curves(curves: dict[str, list[tuple[int, float]]], path, title: st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, points in curves.items():
         ax.plot([s for s, _ in points], [loss for _, loss in points], label=name)
@@ -393,6 +386,19 @@ def plot_loss_curves(curves: dict[str, list[tuple[int, float]]], path, title: st
     if len(curves) > 1:
         ax.legend()
     fig.tight_layout()
+    return save_figure_atomic(fig, path)
+
+
+def save_figure_atomic(fig, path) -> Path:
+    """Write the matplotlib figure ``fig`` to ``path`` as a PNG (100 dpi) and close it.
+
+    Saved to a temporary sibling first and renamed into place: ``path`` is the old image or the new
+    one, never a half-written file (the temporary file, ``.STEM.*.png``, is removed on failure).
+    """
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
     os.close(fd)
     try:
@@ -551,6 +557,7 @@ __all__ = [
     "prepare_dataset",
     "resumed_config",
     "run_from_args",
+    "save_figure_atomic",
     "save_pretrained_atomic",
     "training_arguments",
 ]

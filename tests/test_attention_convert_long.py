@@ -204,15 +204,15 @@ def test_convert_long_overwrite_checks_the_output_again_before_replacing(tmp_pat
     out = tmp_path / "long"
     assert main(["convert-long", source, str(out), *CONVERT]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    real_check = long_context.check_output
+    real_check = long_context.check_replaceable_output
 
-    def check_then_add_a_file(output, overwrite):
-        replaced = real_check(output, overwrite)
+    def check_then_add_a_file(output, overwrite, rules):
+        replaced = real_check(output, overwrite, rules)
         if not (out / "notes.txt").exists():
             (out / "notes.txt").write_text("written during the conversion")
         return replaced
 
-    monkeypatch.setattr(long_context, "check_output", check_then_add_a_file)
+    monkeypatch.setattr(long_context, "check_replaceable_output", check_then_add_a_file)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         main(["convert-long", source, str(out), *CONVERT, "--overwrite"])
@@ -229,7 +229,8 @@ def test_convert_long_overwrite_checks_the_output_again_before_replacing(tmp_pat
 
 def test_convert_long_replacement_deletes_only_the_listed_files(tmp_path):
     """What appears after the last check is not deleted with the earlier conversion: it stays aside, named."""
-    from hfx.long_context import _replace_folder
+    from hfx.long_context import OUTPUT
+    from hfx.safe_paths import swap_folder_in
 
     out, new = tmp_path / "long", tmp_path / "new"
     out.mkdir()
@@ -239,7 +240,7 @@ def test_convert_long_replacement_deletes_only_the_listed_files(tmp_path):
         (new / name).write_text("new")
     (out / "late.txt").write_text("mine")
     with pytest.warns(UserWarning) as caught:
-        _replace_folder(new, out, ["config.json", "hfx_convert_long.json", "model.safetensors"])
+        swap_folder_in(new, out, ["config.json", "hfx_convert_long.json", "model.safetensors"], OUTPUT)
     assert {p.name: p.read_text() for p in out.iterdir()} == {
         "config.json": "new", "model.safetensors": "new", "hfx_convert_long.json": "new"}
     [aside] = [p for p in tmp_path.iterdir() if p.name.startswith(".long.old-")]
@@ -250,6 +251,6 @@ def test_convert_long_replacement_deletes_only_the_listed_files(tmp_path):
     aside.rename(tmp_path / "kept")
     new.mkdir()
     (new / "config.json").write_text("newer")
-    _replace_folder(new, out, ["config.json", "hfx_convert_long.json", "model.safetensors"])
+    swap_folder_in(new, out, ["config.json", "hfx_convert_long.json", "model.safetensors"], OUTPUT)
     assert [p.name for p in out.iterdir()] == ["config.json"]
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".long")]

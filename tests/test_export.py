@@ -53,6 +53,8 @@ CASES = {
     "powernorm": ("HfxForMaskedLM", dict(norm_type="powernorm")),
     "batchnorm_causal": ("HfxForCausalLM", dict(CAUSAL, norm_type="batchnorm_causal", norm_position="pre")),
 }
+#: Classes whose exports are also checked with generate() (causal and seq2seq; an MLM does not generate).
+GENERATING_CLASSES = ("HfxForCausalLM", "HfxForConditionalGeneration")
 AUTO_CLASS = {"HfxForCausalLM": "AutoModelForCausalLM", "HfxForMaskedLM": "AutoModelForMaskedLM",
               "HfxForConditionalGeneration": "AutoModelForSeq2SeqLM"}
 
@@ -157,7 +159,7 @@ def exported(tmp_path_factory, tiny_tokenizer_dir):
             inputs = _case_inputs(class_name, config)
             with torch.no_grad():
                 expected = {"logits": model(**inputs).logits}
-                if class_name != "HfxForMaskedLM":
+                if class_name in GENERATING_CLASSES:
                     kwargs = {k: v for k, v in inputs.items() if not k.startswith("decoder_")}
                     expected["generated"] = model.generate(**kwargs, max_new_tokens=4, do_sample=False)
             model.save_pretrained(root / name / "model")
@@ -201,12 +203,21 @@ def test_export_loads_without_hfx_and_gives_the_same_outputs(exported, name):
     out = report["results"][name]
     assert out["class_module"].startswith("transformers_modules.")
     assert out["config_module"].startswith("transformers_modules.")
-    assert out["max_abs_diff"] <= ATOL + RTOL * out["scale"], out
-    if "generate_equal" in out:
-        assert out["generate_equal"]
+    # every check the case asks for ran: a result missing from the report fails here, not passes by absence
+    expected_keys = {"class_module", "config_module", "max_abs_diff", "scale"}
+    if CASES[name][0] in GENERATING_CLASSES:
+        expected_keys.add("generate_equal")
     if name == "rotary_rmsnorm_pre":
+        expected_keys.add("tokens_equal")
+    if name == "sliding_window":
+        expected_keys.add("resave_max_abs_diff")
+    assert set(out) == expected_keys, out
+    assert out["max_abs_diff"] <= ATOL + RTOL * out["scale"], out
+    if "generate_equal" in expected_keys:
+        assert out["generate_equal"]
+    if "tokens_equal" in expected_keys:
         assert out["tokens_equal"]
-    if "resave_max_abs_diff" in out:  # the loaded export saved again (transformers copies the code) still loads
+    if "resave_max_abs_diff" in expected_keys:  # the loaded export saved again (transformers copies the code) loads
         assert out["resave_max_abs_diff"] <= ATOL + RTOL * out["scale"], out
 
 
