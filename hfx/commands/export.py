@@ -31,12 +31,10 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from hfx.commands import usage_error
-    from hfx.export import ExportError, check_output, export_model, read_model_config
+    from hfx.export import ExportError, export_model
 
-    try:
-        read_model_config(Path(args.model_dir))  # both checks before torch is imported
-        check_output(Path(args.out_dir), args.overwrite)
-        result = export_model(args.model_dir, args.out_dir, overwrite=args.overwrite)
+    try:  # export_model checks both folders before it imports torch
+        result = export_model(Path(args.model_dir), Path(args.out_dir), overwrite=args.overwrite)
     except ExportError as exc:
         usage_error("export", str(exc))
     components = ", ".join(f"{c.kind}={c.name}" for c in result.components) or "none"
