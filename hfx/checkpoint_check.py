@@ -72,6 +72,17 @@ def check_model_dir(path: str | os.PathLike, what: str = "--model", need_weights
     return folder
 
 
+def is_seq2seq_checkpoint(config) -> bool:
+    """Whether ``AutoModelForSeq2SeqLM`` can build a model from ``config``: an encoder-decoder config whose
+    type its registry holds (model types registered at run time included) or whose ``auto_map`` names it."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    if not getattr(config, "is_encoder_decoder", False):
+        return False
+    auto_map = getattr(config, "auto_map", None) or {}
+    return type(config) in AutoModelForSeq2SeqLM._model_mapping or "AutoModelForSeq2SeqLM" in auto_map
+
+
 def weights_problem(folder: Path, names: tuple[str, ...] = SAFETENSORS_WEIGHTS + PICKLE_WEIGHTS) -> str | None:
     """Why the weights in ``folder`` cannot be read, or None when a complete set is there."""
     for index_name in (SAFETENSORS_INDEX, PICKLE_INDEX):

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint_check import CheckpointError, check_model_dir
+from ..checkpoint_check import CheckpointError, check_model_dir, is_seq2seq_checkpoint
 from ..long_context import prepare_long_model
 from ..quantization import pin_bnb_cpu_path
 from ..safe_paths import blocking_parent
@@ -276,13 +276,9 @@ def _check_causal_config(path: str, hub_kwargs: dict | None = None) -> None:
 
 
 def _check_seq2seq_config(path: str, hub_kwargs: dict | None = None) -> None:
-    from transformers import AutoModelForSeq2SeqLM
-
     config = _load_config(path, hub_kwargs)
     architectures = getattr(config, "architectures", None) or []
-    auto_map = getattr(config, "auto_map", None) or {}
-    known = type(config) in AutoModelForSeq2SeqLM._model_mapping or "AutoModelForSeq2SeqLM" in auto_map
-    if not getattr(config, "is_encoder_decoder", False) or not known:
+    if not is_seq2seq_checkpoint(config):
         kind = "an encoder-decoder model AutoModelForSeq2SeqLM cannot load" if getattr(
             config, "is_encoder_decoder", False) else "not an encoder-decoder (config.is_encoder_decoder is False)"
         raise TaskError(

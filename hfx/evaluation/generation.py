@@ -91,7 +91,6 @@ class _Spec:
     options: dict
 
 
-@torch.no_grad()
 def generate_until(scorer, requests: Sequence[tuple[str, dict]]) -> list[str]:
     """Continuations, cut at the first stop string (``until`` plus the EOS string).
 
@@ -100,6 +99,34 @@ def generate_until(scorer, requests: Sequence[tuple[str, dict]]) -> list[str]:
     other ``generation_kwargs`` go to ``generate``: greedy unless ``do_sample: true``
     (``temperature: 0`` means greedy, as in lm-eval). Cached requests are not generated again;
     fresh ones are written to the cache batch by batch.
+    """
+
+    def prompt_of(context: str, max_new: int) -> list[int]:
+        if max_new >= scorer.max_length:
+            raise ValueError(f"max_gen_toks={max_new} leaves no room for the prompt: the model's max_length is "
+                             f"{scorer.max_length}; use a max_gen_toks below it")
+        return scorer.encode_prompt(context)[-(scorer.max_length - max_new) :]
+
+    def decode(spec: _Spec, pending: list[_Pending]):
+        if not batchable(scorer.model, spec.options, pending, scorer.key_padding_only):
+            return ([one] for one in _one_at_a_time(scorer, pending, spec))
+        if scorer.decodes_from_cache:
+            return _greedy_batches(scorer, pending, spec)
+        return _full_forward_batches(scorer, pending, spec)
+
+    return serve_requests(scorer, requests, "generate_until", prompt_of, decode)
+
+
+@torch.no_grad()
+def serve_requests(scorer, requests: Sequence[tuple[str, dict]], kind: str, prompt_of, decode) -> list[str]:
+    """What both scorers' ``generate_until`` share: lm-eval's reading of a request, the result cache and the text.
+
+    Each request's ``until`` (plus the EOS string), ``max_gen_toks`` and :func:`generation_options`
+    are read; ``prompt_of(context, max_gen_toks)`` gives its prompt ids. A request found in the cache
+    (keyed by ``kind``, the prompt ids, stops, budget, options and, when sampling, the seed) is not
+    generated again; the others are grouped by equal settings and ``decode(spec, pending)`` yields
+    finished batches of them (``tokens`` filled), each turned into text (:func:`_finish`) and
+    written to the cache at once.
     """
     tokenizer = scorer.tokenizer
     eos = tokenizer.decode(tokenizer.eos_token_id) if tokenizer.eos_token_id is not None else None
@@ -114,13 +141,10 @@ def generate_until(scorer, requests: Sequence[tuple[str, dict]]) -> list[str]:
         max_new = int(kwargs.pop("max_gen_toks", kwargs.pop("max_new_tokens", 256)))
         if max_new < 1:
             raise ValueError(f"max_gen_toks={max_new}: generation needs at least one new token")
-        if max_new >= scorer.max_length:
-            raise ValueError(f"max_gen_toks={max_new} leaves no room for the prompt: the model's max_length is "
-                             f"{scorer.max_length}; use a max_gen_toks below it")
-        prompt = scorer.encode_prompt(context)[-(scorer.max_length - max_new) :]
+        prompt = prompt_of(context, max_new)
         options = generation_options(kwargs)
         # the key holds the prompt's token ids (so the BOS setting) and, when sampling, the seed
-        key = request_key("generate_until", prompt, until, max_new, sorted(options.items()),
+        key = request_key(kind, prompt, until, max_new, sorted(options.items()),
                           scorer.seed if options["do_sample"] else None)
         cached = scorer.cache.get(key) if scorer.cache is not None else None
         if isinstance(cached, str):
@@ -132,13 +156,7 @@ def generate_until(scorer, requests: Sequence[tuple[str, dict]]) -> list[str]:
     bar = tqdm(total=sum(len(g) for _, g in groups.values()), desc="generate_until",
                disable=not scorer.progress or not groups)
     for spec, pending in groups.values():
-        if not batchable(scorer.model, spec.options, pending, scorer.key_padding_only):
-            finished = ([one] for one in _one_at_a_time(scorer, pending, spec))
-        elif scorer.decodes_from_cache:
-            finished = _greedy_batches(scorer, pending, spec)
-        else:
-            finished = _full_forward_batches(scorer, pending, spec)
-        for batch in finished:
+        for batch in decode(spec, pending):
             fresh = {}
             for item in batch:
                 text = _finish(tokenizer, item.tokens, spec.until)
@@ -160,7 +178,9 @@ def _finish(tokenizer, tokens: list[int], until: Sequence[str]) -> str:
 
 
 # -- the one-at-a-time path (sampling, beams, greedy-changing options) -------------------------------
-def _one_at_a_time(scorer, pending: list[_Pending], spec: _Spec):
+def _one_at_a_time(scorer, pending: list[_Pending], spec: _Spec, max_new=None, start: int | None = None):
+    """``generate`` on each request alone; ``max_new(item)`` its new-token budget (default ``spec.max_new``),
+    ``start`` as in :func:`_generate`."""
     options = spec.options
     for item in pending:
         if options["do_sample"]:
@@ -168,14 +188,23 @@ def _one_at_a_time(scorer, pending: list[_Pending], spec: _Spec):
             # exactly what an uninterrupted run would
             torch.manual_seed(int(request_key(scorer.seed, item.key)[:15], 16))
         ids = torch.tensor([item.prompt], dtype=torch.long, device=scorer.device)
-        item.tokens = _generate(scorer, ids, spec.max_new, list(spec.until), options)
+        budget = spec.max_new if max_new is None else max_new(item)
+        item.tokens = _generate(scorer, ids, budget, list(spec.until), options, start=start)
         yield item
 
 
-def _generate(scorer, ids: torch.Tensor, max_new: int, until: list[str], options: dict) -> list[int]:
+def _generate(scorer, ids: torch.Tensor, max_new: int, until: list[str], options: dict,
+              start: int | None = None) -> list[int]:
+    """The new tokens ``generate`` returns for one prompt, stopping at a stop string in their raw text.
+
+    ``start``: where the new tokens begin in ``generate``'s output, the prompt's length by default
+    (a decoder-only model returns prompt + new tokens); 1 for an encoder-decoder (its output starts
+    with the decoder start token).
+    """
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    tokenizer, start = scorer.tokenizer, ids.shape[1]
+    tokenizer = scorer.tokenizer
+    start = ids.shape[1] if start is None else start
 
     class StopStrings(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
@@ -194,7 +223,7 @@ def _generate(scorer, ids: torch.Tensor, max_new: int, until: list[str], options
         max_new_tokens=max_new,
         **options,
         stopping_criteria=StoppingCriteriaList([StopStrings()]),
-        pad_token_id=scorer.tokenizer.pad_token_id if scorer.tokenizer.pad_token_id is not None else scorer.tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
     )
     return result[0, start:].tolist()
 
@@ -218,15 +247,11 @@ def batchable(model, options: dict, pending: Sequence[_Pending] = (), key_paddin
     params = inspect.signature(model.forward).parameters
     if not {"position_ids", "past_key_values", "attention_mask"} <= set(params):
         return False
-    from transformers import DynamicCache, GenerationConfig
+    from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None:
-        defaults = GenerationConfig()
-        for name in _GREEDY_CHANGING:
-            if getattr(generation_config, name, None) != getattr(defaults, name, None):
-                return False
+    if changes_greedy(getattr(model, "generation_config", None)):
+        return False
     if key_padding_only and getattr(config, "model_type", None) == "hfx":
         return True
     try:
@@ -234,6 +259,17 @@ def batchable(model, options: dict, pending: Sequence[_Pending] = (), key_paddin
     except Exception:  # a config the cache cannot read: leave it to generate
         return False
     return all(type(layer) is DynamicLayer for layer in layers)
+
+
+def changes_greedy(generation_config) -> bool:
+    """Whether a ``generation_config`` sets a field of :data:`_GREEDY_CHANGING` away from its default,
+    so that greedy decoding by hand would not pick what ``generate`` picks (None: no config, no change)."""
+    if generation_config is None:
+        return False
+    from transformers import GenerationConfig
+
+    defaults = GenerationConfig()
+    return any(getattr(generation_config, name, None) != getattr(defaults, name, None) for name in _GREEDY_CHANGING)
 
 
 def shared_prefix(prompts: Sequence[Sequence[int]], minimum: int = GENERATION_MIN_SHARED_PREFIX) -> tuple[int, list[int]]:

@@ -154,20 +154,19 @@ def resolve_max_length(model, tokenizer, default: int = 2048) -> int:
     return default
 
 
-class CausalLMScorer:
-    """Scores loglikelihood, loglikelihood_rolling and generate_until requests on a causal LM."""
+class LMScorer:
+    """What the causal and the encoder-decoder scorers share: settings, lm-eval's tokenisation and rolling windows.
 
-    #: data-parallel hook (:class:`~hfx.evaluation.distributed.DataParallelScorer` sets it): ``select(units)``
-    #: gets a call's batches as ``(shared prefix length, rows)`` and returns the ascending indices this process
-    #: runs; ``merge(results, keys)`` returns the results with every other process's filled in.
-    data_parallel = None
+    A subclass scores ``(context ids, continuation ids)`` pairs (``score_token_pairs``);
+    :meth:`loglikelihood_rolling` builds them from lm-eval's windows.
+    """
 
     def __init__(
         self,
         model,
         tokenizer,
         *,
-        batch_size: int | None = None,
+        batch_size: int | str | None = None,
         max_batch_tokens: int = 4096,
         cache: ResultCache | None = None,
         progress: bool = True,
@@ -177,32 +176,27 @@ class CausalLMScorer:
     ):
         if batch_size is not None and batch_size != "auto" and not (isinstance(batch_size, int) and batch_size >= 1):
             raise ValueError(f"batch_size must be a positive int, 'auto' or None, got {batch_size!r}")
+        self._check_model(model)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
-        #: how rows per forward are chosen: ``mode`` (fixed / auto-cuda / auto-cpu), ``max_batch_tokens``,
-        #: ``rows`` (the row cap, None: none) and, for auto, ``probe`` (what was tried and measured);
-        #: with ``batch_size="auto"`` it is filled by the first forward that needs it
-        self.batch_info: dict | None = None
-        if batch_size != "auto":
-            self.batch_info = {"mode": "fixed", "max_batch_tokens": max_batch_tokens, "rows": batch_size}
         self.cache = cache
         self.progress = progress
         self.max_length = max_length or resolve_max_length(model, tokenizer)
         self.device = next(model.parameters()).device
         bos = tokenizer.bos_token_id
         self.prefix_token_id = bos if bos is not None else tokenizer.eos_token_id
-        self.forward_calls = 0
-        self._shares_prefixes: bool | None = None
-        self._key_padding_only: bool | None = None
-        self._kv_key_memory: int | None = None
-        self.seed = seed
-        self.warnings: list[str] = []
+        self.prefix_text = tokenizer.decode(self.prefix_token_id) if self.prefix_token_id is not None else None
         # lm-eval's HFLM(add_bos_token=...): None keeps the tokenizer's default special tokens
         self.add_bos_token = add_bos_token
         self.special = {} if add_bos_token is None else {"add_special_tokens": add_bos_token}
-        self.prefix_text = tokenizer.decode(self.prefix_token_id) if self.prefix_token_id is not None else None
+        self.seed = seed
+        self.forward_calls = 0
+        self.warnings: list[str] = []
+
+    def _check_model(self, model) -> None:
+        """Refuse a model this scorer cannot score (before anything else is read from it)."""
 
     # -- tokenisation (lm-eval's) -----------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -210,6 +204,62 @@ class CausalLMScorer:
         if self.prefix_text and text.startswith(self.prefix_text):
             return self.tokenizer.encode(text, add_special_tokens=False)
         return self.tokenizer.encode(text, **self.special)
+
+    def _split_pair(self, context: str, continuation: str):
+        """lm-eval's ``_encode_pair`` up to tokenising the texts: ``(context, continuation, ids)``.
+
+        An empty context is replaced by the prefix (BOS, else EOS) token, and ``ids`` is the finished
+        ``(context ids, continuation ids)`` pair (the continuation's first token serves as the context
+        when it already is the prefix token); otherwise ``ids`` is None and the context's trailing
+        spaces have moved to the continuation.
+        """
+        if context == "":
+            cont = self.tokenizer.encode(continuation, add_special_tokens=False)
+            ids = ([self.prefix_token_id], cont) if self.prefix_token_id != cont[0] else (cont[:1], cont[1:])
+            return context, continuation, ids
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        return context, continuation, None
+
+    def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
+        """Log-likelihood of each whole text, in disjoint windows of the model's context length (as lm-eval)."""
+        pairs, owners = [], []
+        for i, text in enumerate(texts):
+            for window in self._rolling_windows(self.encode(text)):
+                pairs.append(window)
+                owners.append(i)
+        totals = [0.0] * len(texts)
+        for owner, (logprob, _) in zip(owners, self.score_token_pairs(pairs, desc="loglikelihood_rolling")):
+            totals[owner] += logprob
+        return totals
+
+    def _rolling_windows(self, tokens: list[int]):
+        return rolling_windows(tokens, self.max_length, self.prefix_token_id)
+
+    def score_token_pairs(self, pairs: Sequence[tuple[list[int], list[int]]], desc: str = "scoring"):
+        raise NotImplementedError
+
+
+class CausalLMScorer(LMScorer):
+    """Scores loglikelihood, loglikelihood_rolling and generate_until requests on a causal LM."""
+
+    #: data-parallel hook (:class:`~hfx.evaluation.distributed.DataParallelScorer` sets it): ``select(units)``
+    #: gets a call's batches as ``(shared prefix length, rows)`` and returns the ascending indices this process
+    #: runs; ``merge(results, keys)`` returns the results with every other process's filled in.
+    data_parallel = None
+
+    def __init__(self, model, tokenizer, **settings):
+        super().__init__(model, tokenizer, **settings)
+        #: how rows per forward are chosen: ``mode`` (fixed / auto-cuda / auto-cpu), ``max_batch_tokens``,
+        #: ``rows`` (the row cap, None: none) and, for auto, ``probe`` (what was tried and measured);
+        #: with ``batch_size="auto"`` it is filled by the first forward that needs it
+        self.batch_info: dict | None = None
+        if self.batch_size != "auto":
+            self.batch_info = {"mode": "fixed", "max_batch_tokens": self.max_batch_tokens, "rows": self.batch_size}
+        self._shares_prefixes: bool | None = None
+        self._key_padding_only: bool | None = None
+        self._kv_key_memory: int | None = None
 
     def encode_prompt(self, text: str) -> list[int]:
         """lm-eval's ``tok_batch_encode`` for generation: checks the tokenizer's ``bos_token`` string."""
@@ -238,13 +288,10 @@ class CausalLMScorer:
         out: list[tuple[list[int], list[int]] | None] = [None] * len(requests)
         texts, split = [], []
         for i, (context, continuation) in enumerate(requests):
-            if context == "":
-                cont = self.tokenizer.encode(continuation, add_special_tokens=False)
-                out[i] = ([self.prefix_token_id], cont) if self.prefix_token_id != cont[0] else (cont[:1], cont[1:])
+            context, continuation, ids = self._split_pair(context, continuation)
+            if ids is not None:
+                out[i] = ids
                 continue
-            spaces = len(context) - len(context.rstrip())
-            if spaces:
-                context, continuation = context[:-spaces], context[-spaces:] + continuation
             texts += [context + continuation, context]
             split.append(i)
         encoded = self.encode_many(texts)
@@ -279,21 +326,6 @@ class CausalLMScorer:
         )
         self.warnings.append(message)
         logger.warning("hfx eval: warning: %s", message)
-
-    def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
-        """Log-likelihood of each whole text, in disjoint windows of the model's context length (as lm-eval)."""
-        pairs, owners = [], []
-        for i, text in enumerate(texts):
-            for window in self._rolling_windows(self.encode(text)):
-                pairs.append(window)
-                owners.append(i)
-        totals = [0.0] * len(texts)
-        for owner, (logprob, _) in zip(owners, self.score_token_pairs(pairs, desc="loglikelihood_rolling")):
-            totals[owner] += logprob
-        return totals
-
-    def _rolling_windows(self, tokens: list[int]):
-        return rolling_windows(tokens, self.max_length, self.prefix_token_id)
 
     def generate_until(self, requests: Sequence[tuple[str, dict]]) -> list[str]:
         """Continuations cut at the first stop string: see :func:`hfx.evaluation.generation.generate_until`."""

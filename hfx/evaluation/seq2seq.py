@@ -41,9 +41,9 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .cache import ResultCache, request_key
-from .generation import _GREEDY_CHANGING, _eos_ids, _finish, generation_options
-from .scorer import resolve_max_length, rolling_windows
+from .cache import request_key
+from .generation import _eos_ids, _one_at_a_time, _Pending, _Spec, changes_greedy, serve_requests
+from .scorer import LMScorer
 
 #: ``backend=`` values of ``--model-args``: lm-eval's (``default`` is its name for ``auto``)
 BACKENDS = ("auto", "default", "causal", "seq2seq")
@@ -69,90 +69,42 @@ def is_seq2seq_lm(model) -> bool:
     return callable(getattr(model, "get_encoder", None)) and model.get_output_embeddings() is not None
 
 
-class Seq2SeqScorer:
+class Seq2SeqScorer(LMScorer):
     """Scores loglikelihood, loglikelihood_rolling and generate_until requests on an encoder-decoder."""
 
     backend = "seq2seq"
+    #: generation always decodes from the decoder's KV cache (``generate`` is not told ``use_cache=False``)
+    decodes_from_cache = True
 
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        *,
-        batch_size: int | str | None = None,
-        max_batch_tokens: int = 4096,
-        cache: ResultCache | None = None,
-        progress: bool = True,
-        max_length: int | None = None,
-        add_bos_token: bool | None = None,
-        seed: int = 1234,
-    ):
-        if batch_size is not None and batch_size != "auto" and not (isinstance(batch_size, int) and batch_size >= 1):
-            raise ValueError(f"batch_size must be a positive int, 'auto' or None, got {batch_size!r}")
+    def __init__(self, model, tokenizer, **settings):
+        super().__init__(model, tokenizer, **settings)
+        #: rows per forward: the token budget alone for ``batch_size="auto"`` (nothing is probed: every
+        #: row's numbers are independent of the batch, so the budget only trades memory for speed)
+        self.batch_info = {"mode": "fixed" if self.batch_size != "auto" else "auto-budget",
+                           "max_batch_tokens": self.max_batch_tokens,
+                           "rows": self.batch_size if isinstance(self.batch_size, int) else None}
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._shift = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+
+    def _check_model(self, model) -> None:
         if not is_seq2seq_lm(model):
             raise ValueError(f"{type(model).__name__} is not an encoder-decoder LM (config.is_encoder_decoder, "
                              "get_encoder() and an output embedding); backend='seq2seq' needs one.")
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
-        self.max_batch_tokens = max_batch_tokens
-        rows = batch_size if isinstance(batch_size, int) else None
-        #: rows per forward: the token budget alone for ``batch_size="auto"`` (nothing is probed: every
-        #: row's numbers are independent of the batch, so the budget only trades memory for speed)
-        self.batch_info = {"mode": "fixed" if batch_size != "auto" else "auto-budget",
-                           "max_batch_tokens": max_batch_tokens, "rows": rows}
-        self.cache = cache
-        self.progress = progress
-        self.max_length = max_length or resolve_max_length(model, tokenizer)
-        self.device = next(model.parameters()).device
-        bos = tokenizer.bos_token_id
-        self.prefix_token_id = bos if bos is not None else tokenizer.eos_token_id
-        self.prefix_text = tokenizer.decode(self.prefix_token_id) if self.prefix_token_id is not None else None
-        self.add_bos_token = add_bos_token
-        self.special = {} if add_bos_token is None else {"add_special_tokens": add_bos_token}
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.seed = seed
-        self.forward_calls = 0
-        self.warnings: list[str] = []
-        self._shift = getattr(model, "prepare_decoder_input_ids_from_labels", None)
 
     # -- tokenisation (lm-eval's seq2seq) -----------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        """``tok_encode``: the BOS setting, except for a text that already starts with the BOS string."""
-        if self.prefix_text and text.startswith(self.prefix_text):
-            return self.tokenizer.encode(text, add_special_tokens=False)
-        return self.tokenizer.encode(text, **self.special)
-
     def encode_pairs(self, requests: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
         """Context ids (``tok_encode``) and continuation ids (encoded alone, no special tokens) per request."""
         out = []
         for context, continuation in requests:
-            if context == "":
-                cont = self.tokenizer.encode(continuation, add_special_tokens=False)
-                out.append(([self.prefix_token_id], cont) if self.prefix_token_id != cont[0] else (cont[:1], cont[1:]))
-                continue
-            spaces = len(context) - len(context.rstrip())
-            if spaces:
-                context, continuation = context[:-spaces], context[-spaces:] + continuation
-            out.append((self.encode(context), self.tokenizer.encode(continuation, add_special_tokens=False)))
+            context, continuation, ids = self._split_pair(context, continuation)
+            out.append(ids if ids is not None else
+                       (self.encode(context), self.tokenizer.encode(continuation, add_special_tokens=False)))
         return out
 
     # -- request types ----------------------------------------------------------------------------
     def loglikelihood(self, requests: Sequence[tuple[str, str]], name: str | None = None) -> list[tuple[float, bool]]:
         """``(log P(continuation | context), continuation is the greedy decoding)`` per request."""
         return self.score_token_pairs(self.encode_pairs(requests), desc="loglikelihood")
-
-    def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
-        """Log-likelihood of each whole text over lm-eval's disjoint windows of ``max_length`` tokens."""
-        pairs, owners = [], []
-        for i, text in enumerate(texts):
-            for window in rolling_windows(self.encode(text), self.max_length, self.prefix_token_id):
-                pairs.append(window)
-                owners.append(i)
-        totals = [0.0] * len(texts)
-        for owner, (logprob, _) in zip(owners, self.score_token_pairs(pairs, desc="loglikelihood_rolling")):
-            totals[owner] += logprob
-        return totals
 
     def score_token_pairs(self, pairs: Sequence[tuple[list[int], list[int]]], desc: str = "scoring"):
         """Score ``(encoder ids, label ids)`` pairs; pairs with equal encoder ids share one encoder pass."""
@@ -263,85 +215,56 @@ class Seq2SeqScorer:
         and no ``generation_config`` setting that changes greedy picks."""
         if options != {"do_sample": False} or self.decoder_start_token_id() is None:
             return False
-        from transformers import GenerationConfig
-
-        config = getattr(self.model, "generation_config", None)
-        if config is not None:
-            defaults = GenerationConfig()
-            if any(getattr(config, name, None) != getattr(defaults, name, None) for name in _GREEDY_CHANGING):
-                return False
+        if changes_greedy(getattr(self.model, "generation_config", None)):
+            return False
         return "past_key_values" in inspect.signature(self.model.forward).parameters
 
     def generate_until(self, requests: Sequence[tuple[str, dict]]) -> list[str]:
         """Continuations cut at the first stop string (``until`` plus the EOS string)."""
-        tokenizer = self.tokenizer
-        eos = tokenizer.decode(tokenizer.eos_token_id) if tokenizer.eos_token_id is not None else None
-        out: list[str | None] = [None] * len(requests)
-        groups: dict[str, tuple[tuple[str, ...], dict, list]] = {}
-        for slot, (context, gen_kwargs) in enumerate(requests):
-            kwargs = dict(gen_kwargs or {})
-            until = kwargs.pop("until", None)
-            until = [until] if isinstance(until, str) else list(until or [])
-            if eos is not None and eos not in until:
-                until.append(eos)
-            max_new = int(kwargs.pop("max_gen_toks", kwargs.pop("max_new_tokens", 256)))
-            if max_new < 1:
-                raise ValueError(f"max_gen_toks={max_new}: generation needs at least one new token")
-            prompt = self.encode_prompt(context)
-            options = generation_options(kwargs)
-            budget = len(prompt) + max_new - 1  # lm-eval: generate(max_length=len(prompt) + max_gen_toks)
-            key = request_key("seq2seq-generate_until", prompt, until, max_new, sorted(options.items()),
-                              self.seed if options["do_sample"] else None)
-            cached = self.cache.get(key) if self.cache is not None else None
-            if isinstance(cached, str):
-                out[slot] = cached
-                continue
-            group = repr((until, sorted(options.items())))
-            groups.setdefault(group, (tuple(until), options, []))[2].append((slot, prompt, budget, key))
-        bar = tqdm(total=sum(len(g[2]) for g in groups.values()), desc="generate_until",
-                   disable=not self.progress or not groups)
-        for until, options, pending in groups.values():
-            if self.greedy_batchable(options):
-                finished = self._greedy_batches(pending, until)
-            else:
-                finished = ([self._generate_one(item, until, options)] for item in pending)
-            for batch in finished:
-                fresh = {}
-                for (slot, _, _, key), tokens in batch:
-                    out[slot] = fresh[key] = _finish(tokenizer, tokens, until)
-                if self.cache is not None:
-                    self.cache.put_many(fresh)
-                bar.update(len(batch))
-        bar.close()
-        return out  # type: ignore[return-value]
+
+        def decode(spec: _Spec, pending: list[_Pending]):
+            if self.greedy_batchable(spec.options):
+                return self._greedy_batches(pending, spec)
+            # ``generate`` returns the decoder start token first: the new tokens start at 1
+            return ([one] for one in _one_at_a_time(self, pending, spec, max_new=lambda item: self._budget(item, spec),
+                                                    start=1))
+
+        return serve_requests(self, requests, "seq2seq-generate_until", lambda context, _: self.encode_prompt(context),
+                              decode)
+
+    @staticmethod
+    def _budget(item: _Pending, spec: _Spec) -> int:
+        """New tokens one request may take: lm-eval's ``generate(max_length=len(prompt) + max_gen_toks)``,
+        the decoder start token counted in it."""
+        return len(item.prompt) + spec.max_new - 1
 
     def _stopped(self, tokens: list[int], until: Sequence[str]) -> bool:
         text = self.tokenizer.decode(tokens)
         return any(stop and stop in text for stop in until)
 
-    def _greedy_batches(self, pending, until):
-        """Yield finished batches ``[(item, tokens)]``, longest prompts first, each row leaving at its end."""
+    def _greedy_batches(self, pending: list[_Pending], spec: _Spec):
+        """Yield finished batches of ``pending`` (``tokens`` filled), longest prompts first, each row leaving at its end."""
         cap = self.batch_size if isinstance(self.batch_size, int) else None
-        rows = sorted(pending, key=lambda item: (-len(item[1]), item[1]))
-        batch: list = []
+        rows = sorted(pending, key=lambda item: (-len(item.prompt), item.prompt))
+        batch: list[_Pending] = []
         for item in rows:
             n = len(batch) + 1
-            longest = max([len(b[1]) + b[2] for b in batch] + [len(item[1]) + item[2]])
+            longest = max(len(b.prompt) + self._budget(b, spec) for b in batch + [item])
             if batch and ((cap is not None and len(batch) >= cap) or n * longest > self.max_batch_tokens):
-                yield self._decode(batch, until)
+                yield self._decode(batch, spec)
                 batch = []
             batch.append(item)
         if batch:
-            yield self._decode(batch, until)
+            yield self._decode(batch, spec)
 
     @torch.no_grad()
-    def _decode(self, batch, until):
+    def _decode(self, batch: list[_Pending], spec: _Spec) -> list[_Pending]:
         from transformers import DynamicCache, EncoderDecoderCache
         from transformers.modeling_outputs import BaseModelOutput
 
-        hidden, mask = self._encode([prompt for _, prompt, _, _ in batch])
+        hidden, mask = self._encode([item.prompt for item in batch])
         eos_ids = _eos_ids(self.model)
-        tokens: list[list[int]] = [[] for _ in batch]
+        budgets = [self._budget(item, spec) for item in batch]
         active = list(range(len(batch)))
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         step = torch.full((len(batch), 1), self.decoder_start_token_id(), dtype=torch.long, device=self.device)
@@ -353,8 +276,9 @@ class Seq2SeqScorer:
             keep = []
             for j, token in enumerate(picked):
                 row = active[j]
-                tokens[row].append(token)
-                if token in eos_ids or len(tokens[row]) >= batch[row][2] or self._stopped(tokens[row], until):
+                tokens = batch[row].tokens
+                tokens.append(token)
+                if token in eos_ids or len(tokens) >= budgets[row] or self._stopped(tokens, spec.until):
                     continue
                 keep.append(j)
             if len(keep) < len(active):
@@ -366,26 +290,4 @@ class Seq2SeqScorer:
                 active = [active[j] for j in keep]
                 picked = [picked[j] for j in keep]
             step = torch.tensor(picked, dtype=torch.long, device=self.device)[:, None]
-        return list(zip(batch, tokens))
-
-    @torch.no_grad()
-    def _generate_one(self, item, until, options):
-        """``generate`` on one request (sampling, beams, greedy-changing settings), with the same budget and stops."""
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        slot, prompt, budget, key = item
-        if options["do_sample"]:
-            # each request draws from its own seeded stream, as the causal scorer's
-            torch.manual_seed(int(request_key(self.seed, key)[:15], 16))
-        scorer = self
-
-        class StopStrings(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.tensor([scorer._stopped(input_ids[0, 1:].tolist(), until)], device=input_ids.device)
-
-        ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
-        self.forward_calls += 1
-        result = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget,
-                                     stopping_criteria=StoppingCriteriaList([StopStrings()]), pad_token_id=self.pad_id,
-                                     **options)
-        return item, result[0, 1:].tolist()  # after the decoder start token
+        return batch

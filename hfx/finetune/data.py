@@ -377,11 +377,17 @@ def _seq2seq_encoder(config: FinetuneConfig, tokenizer, data_format: str):
     source_field, target_field = ((config.source_field, config.target_field) if data_format == "source-target"
                                   else (config.prompt_field, config.completion_field))
     eos = tokenizer.eos_token_id
+    # whether the tokenizer's target encoding ends in EOS is a property of its post-processor, not of
+    # the text: asked once here, so each target is tokenised once
+    marks_end = eos is None or tokenizer(text_target="a")["input_ids"][-1:] == [eos]
 
     def labels_of(target: str) -> list[int]:
-        ids = tokenizer(text_target=target)["input_ids"]
-        if eos is not None and (not ids or ids[-1] != eos):
-            ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [eos]
+        if marks_end:
+            ids = tokenizer(text_target=target)["input_ids"]
+        else:
+            ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+            if not ids or ids[-1] != eos:  # a target that already ends in the EOS token keeps one
+                ids = ids + [eos]
         if len(ids) > config.max_length:
             ids = ids[: config.max_length - 1] + ids[-1:]
         return ids

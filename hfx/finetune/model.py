@@ -14,6 +14,7 @@ import re
 import torch
 from torch import nn
 
+from ..checkpoint_check import is_seq2seq_checkpoint
 from ..peft_integration import HFX_LORA_TARGET_MODULES, register_peft_mappings  # noqa: F401  (re-exported)
 from ..quantization import pin_bnb_cpu_path
 from .config import FinetuneConfig
@@ -38,16 +39,6 @@ def resolve_task(config: FinetuneConfig, model_config) -> str:
     if any(a.endswith("ForSequenceClassification") for a in architectures):
         return "seq-cls"
     return "seq2seq" if getattr(model_config, "is_encoder_decoder", False) else "causal-lm"
-
-
-def _is_seq2seq_checkpoint(model_config) -> bool:
-    """An encoder-decoder config that ``AutoModelForSeq2SeqLM`` can build (its registry or the config's auto_map)."""
-    from transformers import AutoModelForSeq2SeqLM
-
-    if not getattr(model_config, "is_encoder_decoder", False):
-        return False
-    auto_map = getattr(model_config, "auto_map", None) or {}
-    return type(model_config) in AutoModelForSeq2SeqLM._model_mapping or "AutoModelForSeq2SeqLM" in auto_map
 
 
 def _kind(model_config) -> str:
@@ -76,7 +67,7 @@ def check_task(config: FinetuneConfig, task: str, model_config) -> None:
     architectures = getattr(model_config, "architectures", None) or []
     kind = _kind(model_config)
     what = f"--model {config.model} is a {kind} {model_type!r} model ({architectures or 'no architectures'})"
-    if task == "seq2seq" and not _is_seq2seq_checkpoint(model_config):
+    if task == "seq2seq" and not is_seq2seq_checkpoint(model_config):
         valid = ["causal-lm", "seq-cls"] if kind == "decoder-only" else ["seq-cls"]
         raise ValueError(
             f"task='seq2seq' is invalid for this model: {what}; valid values for it: {valid}. "
