@@ -54,6 +54,7 @@ FIELD_RULES = {
     "norm_position": (lambda v: v in NORM_POSITIONS, str(list(NORM_POSITIONS))),
     "hidden_act": (lambda v: isinstance(v, str), "a name of transformers' ACT2FN"),
     "decoder_layers": (lambda v: v is None or _positive_int(v), "None (as many as num_hidden_layers) or an integer > 0"),
+    "memory_length": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: no segment memory)"),
 }
 # Checked at construction only: transformers and PEFT assign these (e.g. ``use_cache``) on their own.
 BOOL_FIELDS = (
@@ -116,6 +117,8 @@ class HfxConfig(PreTrainedConfig):
     rope_theta: float | int = 10000.0
     ffn_type: str = "dense"
     attention_type: str = "sdpa"
+    # Transformer-XL segment memory: hidden states of up to this many previous positions, kept per layer.
+    memory_length: int = 0
     # Encoder-decoder (HfxForConditionalGeneration); ignored by the other heads.
     is_encoder_decoder: bool = False
     decoder_layers: int | None = None
