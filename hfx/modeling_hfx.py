@@ -38,6 +38,13 @@ from .attention import eager_attention_forward
 from .configuration_hfx import HfxConfig
 from .padding_masks import real_token_mask
 from .registry import registry
+from .segment_memory import (
+    MEMORY_ATTENTION,
+    SegmentMemory,
+    key_positions,
+    memory_attention_mask,
+    validate_memory_config,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -124,6 +131,19 @@ def apply_rotary(query, key, rotary):
     return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
 
 
+def rotate(x, rotary):
+    """Rotate (B, H, T, D) by one (cos, sin) pair of (1 or B, T, D)."""
+    cos, sin = (t.unsqueeze(1) for t in rotary)
+    return x * cos + rotate_half(x) * sin
+
+
+def relative_attention_factory(config):
+    """The per-block scoring module a position component asks for (``factory.relative_attention``, e.g.
+    ``xl_relative``'s W_r, u and v), or None: such a position type is scored by that module, not by a backend."""
+    factory = registry.get("position", config.position_embedding_type).factory
+    return getattr(factory, "relative_attention", None)
+
+
 def padding_mask_for(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
     """Bool (B, T) with True on real tokens of the current step, from a 2-D or 4-D attention mask."""
     return real_token_mask(attention_mask, seq_len)
@@ -175,17 +195,37 @@ class HfxAttention(nn.Module):
         component = attention_component(config.attention_type)
         if component is not None and component.attach is not None:
             component.attach(self, config)
+        relative = relative_attention_factory(config)
+        self.relative = relative(config) if relative is not None else None
 
-    def forward(self, hidden_states, attention_mask=None, rotary=None, past_key_values: Cache | None = None, **kwargs):
+    def forward(
+        self, hidden_states, attention_mask=None, rotary=None, past_key_values: Cache | None = None,
+        segment_memory=None, **kwargs,
+    ):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        if rotary is not None:
-            query, key = apply_rotary(query, key, rotary)
+        kv_input, memory_rotary = hidden_states, None
+        if segment_memory is not None:
+            # XL: the previous segment's block inputs, projected by this block's current k/v weights
+            segment_memory.record[self.layer_idx] = hidden_states.detach()
+            held = segment_memory.states[self.layer_idx]
+            if held is not None and held.shape[1]:
+                kv_input = torch.cat([held.to(hidden_states.dtype), hidden_states], dim=1)
+                memory_rotary = segment_memory.rotary
+        kv_shape = (input_shape[0], kv_input.shape[1], -1, self.head_dim)
+        key = self.k_proj(kv_input).view(kv_shape).transpose(1, 2)
+        value = self.v_proj(kv_input).view(kv_shape).transpose(1, 2)
+        if self.relative is None and rotary is not None:
+            if memory_rotary is not None:
+                rotary_keys = tuple(torch.cat([m, c], dim=1) for m, c in zip(memory_rotary, rotary))
+                query, key = rotate(query, rotary), rotate(key, rotary_keys)
+            else:
+                query, key = apply_rotary(query, key, rotary)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
+        if self.relative is not None:
+            return self._relative_forward(query, key, value, attention_mask, rotary.positions, input_shape)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         out, weights = attention(
             self,
@@ -196,6 +236,19 @@ class HfxAttention(nn.Module):
             dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
             **kwargs,
+        )
+        return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+
+    def _relative_forward(self, query, key, value, attention_mask, query_positions, input_shape):
+        """Scores with relative position terms (xl_relative): eager, keys at positions directly before the
+        segment's (memory or KV cache) and at the segment's own."""
+        length, keys = query.shape[-2], key.shape[-2]
+        if attention_mask is None and self.is_causal and length > 1:
+            rows = torch.arange(length, device=query.device)[:, None] + (keys - length)
+            attention_mask = torch.arange(keys, device=query.device)[None, :] <= rows
+        out, weights = self.relative(
+            self, query, key, value, attention_mask, query_positions, key_positions(query_positions, keys - length),
+            scaling=self.scaling, dropout=self.attention_dropout if self.training else 0.0,
         )
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
@@ -287,6 +340,13 @@ class HfxModel(HfxPreTrainedModel):
         self.layers = nn.ModuleList([HfxLayer(config, i) for i in range(config.num_hidden_layers)])
         self.final_norm = build_norm(config) if config.norm_position == "pre" else None
         self.gradient_checkpointing = False
+        if config.memory_length:
+            validate_memory_config(config)
+            if not config.is_decoder:
+                raise ValueError(
+                    f"memory_length={config.memory_length!r} is invalid with is_decoder=False; valid values: 0, or "
+                    "is_decoder=True (segment memory is causal: HfxModel with is_decoder=True, HfxForCausalLM)."
+                )
         self.post_init()
 
     def get_input_embeddings(self):
@@ -310,6 +370,11 @@ class HfxModel(HfxPreTrainedModel):
     ) -> BaseModelOutputWithPast:
         if not self.config.is_decoder:
             use_cache = False
+        if self.config.memory_length:
+            return self._forward_with_memory(
+                input_ids, attention_mask, token_type_ids, position_ids, past_key_values, inputs_embeds, use_cache,
+                **kwargs,
+            )
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         inputs = self._inputs(
@@ -325,9 +390,52 @@ class HfxModel(HfxPreTrainedModel):
         )
         return HfxModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values, **aux_fields)
 
+    def _forward_with_memory(
+        self, input_ids, attention_mask, token_type_ids, position_ids, past_key_values, inputs_embeds, use_cache,
+        **kwargs,
+    ):
+        """One segment: queries attend to [memory ; segment]; the memory is then advanced by the segment.
+
+        ``past_key_values`` is the :class:`~hfx.segment_memory.SegmentMemory` of the previous segment (an empty
+        transformers cache is replaced by one); it is updated in place and returned, unless ``use_cache=False``
+        and none was given (then the segment is read alone)."""
+        if self.config._attn_implementation not in MEMORY_ATTENTION:
+            raise ValueError(
+                f"attn_implementation={self.config._attn_implementation!r} is invalid with memory_length="
+                f"{self.config.memory_length}; valid values: {list(MEMORY_ATTENTION)}."
+            )
+        memory = past_key_values
+        if memory is not None and not isinstance(memory, SegmentMemory):
+            if memory.get_seq_length():
+                raise ValueError(
+                    f"past_key_values={type(memory).__name__} is invalid with memory_length="
+                    f"{self.config.memory_length}; valid values: None or an hfx.SegmentMemory."
+                )
+            memory = None
+        returned = memory is not None or use_cache is not False
+        if memory is None:
+            memory = SegmentMemory(self.config)
+        inputs = self._inputs(
+            input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids, None, causal=True, memory=memory
+        )
+        held = memory.memory_size()
+        memory_rotary = None
+        if isinstance(inputs.rotary, tuple) and held:
+            memory_positions = key_positions(inputs.position_ids, held)[..., :held]
+            _, memory_rotary = self.embeddings.position(inputs.hidden_states, memory_positions)
+        view = memory.view(memory_rotary)
+        hidden_states, aux_fields = self._run_layers(inputs, segment_memory=view, input_ids=input_ids, **kwargs)
+        real = inputs.padding_mask
+        if real is None:
+            real = torch.ones(inputs.hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
+        memory.append(view.record, real)
+        return HfxModelOutputWithPast(
+            last_hidden_state=hidden_states, past_key_values=memory if returned else None, **aux_fields
+        )
+
     def _inputs(
         self, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids, cache, causal,
-        names="input_ids or inputs_embeds",
+        names="input_ids or inputs_embeds", memory: SegmentMemory | None = None,
     ) -> StackInputs:
         """Check and embed a stack's inputs; positions continue after what ``cache`` has seen."""
         if (input_ids is None) == (inputs_embeds is None):
@@ -339,7 +447,11 @@ class HfxModel(HfxPreTrainedModel):
             position_ids = (torch.arange(seq_len, device=reference.device) + past_seen).unsqueeze(0)
         padding_mask = padding_mask_for(attention_mask, seq_len)
         hidden_states, rotary = self.embeddings(input_ids, inputs_embeds, token_type_ids, position_ids, padding_mask)
-        if causal:
+        if memory is not None:
+            memory.check_batch(hidden_states.shape[0])
+            held = memory.real_tokens(hidden_states.shape[0], hidden_states.device)
+            mask = memory_attention_mask(held, padding_mask, seq_len)
+        elif causal:
             mask = create_causal_mask(
                 config=self.config,
                 inputs_embeds=hidden_states,
@@ -573,6 +685,17 @@ class HfxForCausalLM(HfxGenerationDefaults, HfxPreTrainedModel, GenerationMixin)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
         self._apply_generation_defaults()
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """With ``memory_length`` generate carries a SegmentMemory (a DynamicCache would be refused)."""
+        if (
+            self.config.memory_length
+            and model_kwargs.get("past_key_values") is None
+            and generation_config.use_cache is not False
+        ):
+            model_kwargs["past_key_values"] = SegmentMemory(self.config)
+            return
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
     @can_return_tuple
     def forward(
