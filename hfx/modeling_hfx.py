@@ -396,9 +396,10 @@ class HfxModel(HfxPreTrainedModel):
     ):
         """One segment: queries attend to [memory ; segment]; the memory is then advanced by the segment.
 
-        ``past_key_values`` is the :class:`~hfx.segment_memory.SegmentMemory` of the previous segment (an empty
-        transformers cache is replaced by one); it is updated in place and returned, unless ``use_cache=False``
-        and none was given (then the segment is read alone)."""
+        ``past_key_values`` is the :class:`~hfx.segment_memory.SegmentMemory` of the previous segment (None or an
+        empty transformers cache: a new one); it is updated in place and always returned, whatever ``use_cache``
+        says: it is the model's recurrent state, and transformers turns ``use_cache`` off under gradient
+        checkpointing, where XL training still needs it."""
         if self.config._attn_implementation not in MEMORY_ATTENTION:
             raise ValueError(
                 f"attn_implementation={self.config._attn_implementation!r} is invalid with memory_length="
@@ -412,7 +413,6 @@ class HfxModel(HfxPreTrainedModel):
                     f"{self.config.memory_length}; valid values: None or an hfx.SegmentMemory."
                 )
             memory = None
-        returned = memory is not None or use_cache is not False
         if memory is None:
             memory = SegmentMemory(self.config)
         inputs = self._inputs(
@@ -430,7 +430,7 @@ class HfxModel(HfxPreTrainedModel):
             real = torch.ones(inputs.hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
         memory.append(view.record, real)
         return HfxModelOutputWithPast(
-            last_hidden_state=hidden_states, past_key_values=memory if returned else None, **aux_fields
+            last_hidden_state=hidden_states, past_key_values=memory, **aux_fields
         )
 
     def _inputs(
