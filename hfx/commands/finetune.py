@@ -20,7 +20,9 @@ OUTPUT/checkpoint-*, OUTPUT/hfx_finetune_results.json. See docs/finetuning.md.""
 
 
 def add_parser(subparsers) -> None:
-    from hfx.finetune.config import BF16_CHOICES, DATA_FORMATS, DTYPES, METHODS, QUANT_TYPES, TASKS
+    from hfx.finetune.config import BF16_CHOICES, CHUNKED_LOSS, DATA_FORMATS, DTYPES, METHODS, PACKING, QUANT_TYPES, TASKS
+    from hfx.finetune.config import INIT_LORA_WEIGHTS
+    from hfx.finetune.run_file import track_given_flags
 
     p = subparsers.add_parser(
         "finetune",
@@ -32,9 +34,11 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     need = p.add_argument_group("what to train")
-    need.add_argument("--model", required=True, help="checkpoint folder or hub id")
-    need.add_argument("--data", required=True, help="json/jsonl/csv/parquet file, a folder of them, or a hub dataset")
-    need.add_argument("--output", required=True, help="run folder (adapter, checkpoints, results)")
+    need.add_argument("--config", metavar="RUN_FILE", help="YAML or JSON file of FinetuneConfig fields (e.g. lora_r: 8); "
+                      "flags given on the command line override it")
+    need.add_argument("--model", help="checkpoint folder or hub id (required, here or in --config)")
+    need.add_argument("--data", help="json/jsonl/csv/parquet file, a folder of them, or a hub dataset (required)")
+    need.add_argument("--output", help="run folder (adapter, checkpoints, results) (required)")
     need.add_argument("--method", choices=METHODS, default="lora", help="default: %(default)s")
     need.add_argument("--task", choices=TASKS, default="auto", help="auto: from the checkpoint's architecture "
                       "(seq-cls for a classifier, seq2seq for an encoder-decoder, else causal-lm)")
@@ -50,7 +54,10 @@ def add_parser(subparsers) -> None:
     data.add_argument("--eval-data", help="separate evaluation data (same formats as --data)")
     data.add_argument("--eval-fraction", type=float, default=0.0, help="hold out this fraction of --data for evaluation")
     data.add_argument("--max-length", type=int, default=512, help="tokens per sequence (default: %(default)s)")
-    data.add_argument("--packing", action="store_true", help="concatenate examples into full --max-length blocks")
+    data.add_argument("--packing", nargs="?", const="bfd", default="none", choices=PACKING,
+                      help="causal LM: several examples per --max-length row, kept apart (position ids restart, no "
+                      "attention across examples). bfd (a bare --packing): best-fit decreasing, no example cut unless "
+                      "longer than --max-length; wrapped: concatenate and cut into full rows. default: %(default)s")
     data.add_argument("--max-train-samples", type=int)
 
     lora = p.add_argument_group("LoRA and quantisation")
@@ -58,6 +65,14 @@ def add_parser(subparsers) -> None:
     lora.add_argument("--lora-alpha", type=int, default=32)
     lora.add_argument("--lora-dropout", type=float, default=0.05)
     lora.add_argument("--target-modules", help="comma-separated names (default: every linear layer except the output head)")
+    lora.add_argument("--use-dora", action="store_true", help="DoRA: a trained magnitude per output feature (merges)")
+    lora.add_argument("--use-rslora", action="store_true", help="rank-stabilised scaling lora_alpha / sqrt(r)")
+    lora.add_argument("--init-lora-weights", default="default", metavar="INIT", help="PEFT's adapter init: "
+                      + "|".join(INIT_LORA_WEIGHTS) + " (pissa/olora/corda: the adapter is saved converted, for the "
+                      "original base; loftq: CUDA only)")
+    lora.add_argument("--target-parameters", help="comma-separated nn.Parameter names for LoRA, e.g. MoE experts "
+                      "(experts.gate_up_proj,experts.down_proj); needs --lora-dropout 0")
+    lora.add_argument("--modules-to-save", help="comma-separated modules trained in full and saved with the adapter")
     lora.add_argument("--quant-type", choices=QUANT_TYPES, default="nf4", help="4-bit data type for qlora")
     lora.add_argument("--no-double-quant", dest="double_quant", action="store_false", help="qlora: no double quantisation")
     lora.add_argument("--compute-dtype", choices=DTYPES, default="bfloat16", help="qlora matmul dtype")
@@ -79,11 +94,23 @@ def add_parser(subparsers) -> None:
     opt.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                      help="default: on for qlora/int8, off otherwise")
     opt.add_argument("--bf16", choices=BF16_CHOICES, default="auto", help="auto: on where the GPU supports it")
+    opt.add_argument("--chunked-loss", choices=CHUNKED_LOSS, default="auto",
+                     help="causal-lm: cross-entropy on labelled positions only, the head applied in chunks (no full "
+                     "logits tensor); auto: where it equals the plain loss (see docs/finetuning.md), on: refuse "
+                     "otherwise, off: the model's own loss")
     opt.add_argument("--seed", type=int, default=42)
 
     run = p.add_argument_group("evaluation, checkpoints, output")
     run.add_argument("--eval-steps", type=int, help="default: --save-steps")
     run.add_argument("--early-stopping-patience", type=int, help="stop after this many evaluations without improvement")
+    run.add_argument("--metrics", help="comma-separated, logged at each evaluation (needs --eval-data or --eval-fraction); "
+                     "seq-cls: accuracy,f1,precision,recall,mcc; causal-lm: perplexity,exact_match (greedy generation "
+                     "from each evaluation prompt against its completion); seq2seq: perplexity")
+    from hfx.finetune.metrics import AVERAGES
+
+    run.add_argument("--metrics-average", choices=AVERAGES, default="auto",
+                     help="how f1/precision/recall average over classes; auto: binary (class 1) for 2 labels, "
+                     "macro otherwise")
     run.add_argument("--save-steps", type=int, default=200)
     run.add_argument("--save-total-limit", type=int, default=2)
     run.add_argument("--logging-steps", type=int, default=10)
@@ -94,6 +121,7 @@ def add_parser(subparsers) -> None:
     run.add_argument("--resume", action="store_true", help="continue the run in the output folder from its newest "
                      "complete checkpoint (same settings; --max-steps/--epochs may grow)")
     run.add_argument("--trust-remote-code", action="store_true")
+    track_given_flags(p)  # last: every flag above (and only a typed one) overrides the --config file
     p.set_defaults(func=run_command)
 
 
@@ -103,10 +131,13 @@ def run_command(args: argparse.Namespace) -> int:
     from hfx.checkpoint_check import check_model_dir
     from hfx.finetune.config import FinetuneConfig
 
-    values = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    from hfx.finetune.run_file import GIVEN, merged_values
+
+    values = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", GIVEN)}
     try:
         # The model folder first: checking it needs no torch, so the commonest mistake is reported
         # in a fraction of a second instead of after the training stack has been imported.
+        values = merged_values(values, getattr(args, GIVEN, set()), args.config)
         check_model_dir(values["model"], "--model")
         config = FinetuneConfig.from_dict(values)
     except ValueError as exc:

@@ -12,6 +12,14 @@ DATA_FORMATS = ("auto", "text", "prompt-completion", "chat", "source-target")
 QUANT_TYPES = ("nf4", "fp4")
 DTYPES = ("float32", "bfloat16", "float16")
 BF16_CHOICES = ("auto", "yes", "no")
+#: causal-LM loss on labelled positions only, head applied in chunks (hfx.finetune.loss); auto: where exact
+CHUNKED_LOSS = ("auto", "on", "off")
+#: causal-LM packing: none, best-fit decreasing into max_length rows, or concatenate-and-cut (hfx.finetune.packing)
+PACKING = ("none", "bfd", "wrapped")
+#: PEFT LoraConfig(init_lora_weights=...) values hfx passes on ("default" is PEFT's True; also "pissa_niter_K", K >= 1)
+INIT_LORA_WEIGHTS = ("default", "gaussian", "pissa", "pissa_niter_K", "olora", "eva", "loftq", "corda", "orthogonal")
+#: inits that rewrite the base weights: the adapter is saved converted, so it applies to the original base
+BASE_CHANGING_INITS = ("pissa", "olora", "corda")
 #: TrainingArguments hfx sets itself, each from the FinetuneConfig field(s) named (the ``hfx finetune``
 #: flag of the same name). ``extra_training_args`` may not set them: every setting that defines a run
 #: stays a FinetuneConfig field, recorded in hfx_finetune.json and compared by ``--resume``.
@@ -45,6 +53,15 @@ SHADOWED_TRAINING_ARGS = {
     "greater_is_better": ("early_stopping_patience",),
     "resume_from_checkpoint": ("resume",),
 }
+
+
+def packing_mode(value) -> str:
+    """The packing mode a value names: an older run file's boolean is True -> "wrapped", False -> "none"."""
+    if isinstance(value, bool):
+        return "wrapped" if value else "none"
+    if value not in PACKING:
+        raise ValueError(f"packing={value!r} is invalid; valid values: {list(PACKING)}.")
+    return value
 
 
 def scheduler_names() -> list[str]:
@@ -85,7 +102,7 @@ class FinetuneConfig:
     eval_data: str | None = None
     eval_fraction: float = 0.0
     max_length: int = 512
-    packing: bool = False
+    packing: str = "none"  # "bfd" | "wrapped"; True / False (older run files) read as "wrapped" / "none"
     max_train_samples: int | None = None
 
     # LoRA
@@ -93,6 +110,11 @@ class FinetuneConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     target_modules: list[str] | None = None
+    use_dora: bool = False  # PEFT's DoRA: a learned magnitude per output feature on top of the LoRA direction
+    use_rslora: bool = False  # scaling lora_alpha / sqrt(r) instead of lora_alpha / r
+    init_lora_weights: str = "default"  # one of INIT_LORA_WEIGHTS
+    target_parameters: list[str] | None = None  # nn.Parameter names for LoRA, e.g. MoE experts.down_proj
+    modules_to_save: list[str] | None = None  # modules trained in full and saved with the adapter
 
     # quantisation
     quant_type: str = "nf4"
@@ -112,12 +134,15 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     optim: str | None = None  # None: TrainingArguments' default (adamw_torch_fused), as a plain Trainer script gets
     gradient_checkpointing: bool | None = None
+    chunked_loss: str = "auto"  # one of CHUNKED_LOSS
     bf16: str = "auto"
     seed: int = 42
 
     # evaluation, checkpoints, logging
     eval_steps: int | None = None
     early_stopping_patience: int | None = None
+    metrics: list[str] | None = None  # logged at each evaluation, e.g. ["accuracy", "f1"] (hfx.finetune.metrics)
+    metrics_average: str = "auto"  # f1/precision/recall over classes: auto (binary for 2 labels, else macro), macro, micro, weighted
     save_steps: int = 200
     save_total_limit: int | None = 2
     logging_steps: int = 10
@@ -138,6 +163,7 @@ class FinetuneConfig:
             ("quant_type", QUANT_TYPES),
             ("compute_dtype", DTYPES),
             ("bf16", BF16_CHOICES),
+            ("chunked_loss", CHUNKED_LOSS),
         ):
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid; valid values: {list(valid)}.")
@@ -184,8 +210,10 @@ class FinetuneConfig:
             raise ValueError("early_stopping_patience needs evaluation data: set eval_data or eval_fraction.")
         if self.overwrite and self.resume:
             raise ValueError("overwrite and resume exclude each other: overwrite deletes the checkpoints resume needs.")
-        if self.task == "seq2seq" and self.packing:
-            raise ValueError("packing=True is invalid with task='seq2seq'; valid values: packing=False (each "
+        given_packing = self.packing
+        self.packing = packing_mode(self.packing)
+        if self.task == "seq2seq" and self.packing != "none":
+            raise ValueError(f"packing={given_packing!r} is invalid with task='seq2seq'; valid values: 'none' (each "
                              "source/target pair is its own example, padded per batch).")
         if self.task == "seq2seq" and self.data_format not in ("auto", "source-target", "prompt-completion"):
             raise ValueError(f"data_format={self.data_format!r} is invalid with task='seq2seq'; valid values: "
@@ -193,6 +221,9 @@ class FinetuneConfig:
         if self.task not in ("auto", "seq2seq") and self.data_format == "source-target":
             raise ValueError(f"data_format='source-target' is invalid with task={self.task!r}; valid values: "
                              "task='seq2seq' or 'auto' (an encoder-decoder model).")
+        if self.chunked_loss == "on" and self.task in ("seq-cls", "seq2seq"):
+            raise ValueError(f"chunked_loss='on' is invalid with task={self.task!r}: it is a causal-LM loss; valid "
+                             "values: ['auto', 'off'].")
         if self.merge and self.method == "full":
             raise ValueError("merge applies to adapter methods (lora, qlora, int8); a full fine-tune is already plain.")
         self._check_extra_training_args()
@@ -202,6 +233,82 @@ class FinetuneConfig:
             if not self.target_modules:
                 raise ValueError(f"target_modules={given!r} names no module; give comma-separated names, e.g. "
                                  "'q_proj,v_proj', or leave it out for every linear layer except the head.")
+        self._check_lora_variants()
+        self._check_metrics()
+
+    def _check_metrics(self) -> None:
+        """Known metric names (for the task, when it is given), evaluation data, and a usable average."""
+        from .metrics import AVERAGES, check_metric_names, parse_metrics
+
+        self.metrics = parse_metrics(self.metrics)
+        check_metric_names(self.metrics, self.task)
+        if self.metrics_average not in AVERAGES:
+            raise ValueError(f"metrics_average={self.metrics_average!r} is invalid; valid values: {list(AVERAGES)}.")
+        if self.metrics and not self.has_eval:
+            raise ValueError(f"metrics={self.metrics} need evaluation data: set eval_data or eval_fraction.")
+        if self.metrics and "exact_match" in self.metrics and self.packing == "wrapped":
+            raise ValueError("metrics: exact_match is invalid with packing='wrapped', which cuts evaluation examples "
+                             "across rows; valid packing values with it: ['none', 'bfd'].")
+
+    def _check_lora_variants(self) -> None:
+        """The PEFT LoRA variants: valid names, and only combinations PEFT (and hfx's saving) handle."""
+        import re
+
+        for name in ("target_parameters", "modules_to_save"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, [part.strip() for part in value.split(",") if part.strip()] or None)
+                if getattr(self, name) is None:
+                    raise ValueError(f"{name}={value!r} names nothing; give comma-separated names or leave it out.")
+        init = self.init_lora_weights
+        niter = re.fullmatch(r"pissa_niter_([0-9]+)", init) if isinstance(init, str) else None
+        if not (init in INIT_LORA_WEIGHTS and init != "pissa_niter_K") and not (niter and int(niter.group(1)) > 0):
+            raise ValueError(f"init_lora_weights={init!r} is invalid; valid values: {list(INIT_LORA_WEIGHTS)} "
+                             "(pissa_niter_K with K a positive number of subspace iterations, e.g. pissa_niter_4).")
+        variant = [f"{name}={getattr(self, name)!r}" for name, default in (
+            ("use_dora", False), ("use_rslora", False), ("init_lora_weights", "default"),
+            ("target_parameters", None), ("modules_to_save", None)) if getattr(self, name) != default]
+        if variant and not self.uses_adapter:
+            raise ValueError(f"{', '.join(variant)} need an adapter method; method='full' trains every weight. "
+                             "Valid methods for them: ['lora', 'qlora', 'int8'].")
+        base_changing = init.split("_niter_")[0] in BASE_CHANGING_INITS
+        if base_changing and self.quantized and init.split("_niter_")[0] != "olora":
+            raise ValueError(f"init_lora_weights={init!r} is invalid with method={self.method!r}: PEFT decomposes a "
+                             "full-precision weight; valid methods for it: ['lora'].")
+        if base_changing and self.quantized:
+            raise ValueError(f"init_lora_weights={init!r} is invalid with method={self.method!r}: the residual base "
+                             "would be quantised again and the saved adapter no longer applies to the original base; "
+                             "valid methods for it: ['lora'].")
+        if base_changing and self.use_dora:
+            raise ValueError(f"use_dora=True is invalid with init_lora_weights={init!r}: converting the adapter back to "
+                             "the original base keeps only the LoRA matrices, not DoRA's magnitudes; valid "
+                             "init_lora_weights with DoRA: ['default', 'gaussian', 'eva', 'orthogonal'].")
+        if init == "orthogonal" and self.lora_r % 2:
+            raise ValueError(f"init_lora_weights='orthogonal' needs an even lora_r, got {self.lora_r}.")
+        if self.target_parameters:
+            if self.use_dora:
+                raise ValueError("use_dora=True is invalid with target_parameters: PEFT's LoRA on parameters has no "
+                                 "DoRA; valid values: use_dora=False, or leave target_parameters out.")
+            if self.lora_dropout:
+                raise ValueError(f"lora_dropout={self.lora_dropout} is invalid with target_parameters: PEFT's LoRA on "
+                                 "parameters has no dropout; valid values: lora_dropout=0.")
+            if init not in ("default", "gaussian"):
+                raise ValueError(f"init_lora_weights={init!r} is invalid with target_parameters; valid values: "
+                                 "['default', 'gaussian'].")
+        if init == "loftq":
+            if self.method != "lora":
+                raise ValueError(f"init_lora_weights='loftq' is invalid with method={self.method!r}: LoftQ quantises an "
+                                 "unquantised base itself; valid methods for it: ['lora'].")
+            if self.merge:
+                raise ValueError("merge=True is invalid with init_lora_weights='loftq': the adapter is trained against "
+                                 "the LoftQ-quantised base, so merging it into the original base would not give the "
+                                 "trained model; valid values: merge=False.")
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("init_lora_weights='loftq' needs a CUDA GPU: PEFT's LoftQ quantisation runs on CUDA "
+                                 "only; valid values on this machine: ['default', 'gaussian', 'pissa', "
+                                 "'pissa_niter_K', 'olora', 'eva', 'corda', 'orthogonal'].")
 
     def _check_extra_training_args(self) -> None:
         """Extra TrainingArguments must be real ones and none that hfx sets from a field (:data:`SHADOWED_TRAINING_ARGS`)."""

@@ -14,20 +14,25 @@ Sequence classification reads ``text_field`` and ``label_field`` (integers or la
 Sequence-to-sequence (an encoder-decoder) reads ``source_field`` / ``target_field`` (``source-target``),
 else ``prompt_field`` / ``completion_field``: the source goes to the encoder, the target is the
 decoder's labels (ending in EOS, so that generation learns to stop); the loss is on the target only.
+Causal-LM examples may be packed into rows of ``max_length`` (``packing``: ``bfd`` or ``wrapped``,
+see :mod:`hfx.finetune.packing`), each row keeping its examples apart.
 Every check here runs before the model is loaded, so a misspelt field costs seconds, not a load.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import FinetuneConfig
+from .packing import BFD_GROUP, PackedCollator, bfd_packer, packing_efficiency, wrapped_packer
 
 IGNORE_INDEX = -100
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+logger = logging.getLogger("hfx.finetune")
 
 
 class DataError(ValueError):
@@ -40,6 +45,7 @@ class PreparedData:
     eval: object | None
     data_format: str
     label_names: list[str] | None = None
+    packing_efficiency: float | None = None  # real tokens / slots of the packed training rows
 
 
 def load_split(source: str, split: str):
@@ -249,6 +255,9 @@ def check_data(config: FinetuneConfig, task: str, tokenizer) -> tuple[object, ob
             f"assistant_only_loss needs a fast tokenizer (character offsets); {type(tokenizer).__name__} of "
             f"{config.model} is not one. Pass assistant_only_loss=False (--no-assistant-only-loss)."
         )
+    if task == "seq-cls" and config.packing != "none":
+        raise DataError(f"packing={config.packing!r} is invalid for sequence classification (one label per example); "
+                        "valid values: 'none'.")
     if task in ("causal-lm", "seq2seq") and tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
         raise DataError(f"the tokenizer of {config.model} has neither a pad nor an eos token to pad batches with.")
     return train, evaluation, data_format
@@ -276,7 +285,13 @@ def prepare_data(config: FinetuneConfig, task: str, tokenizer, label_names: list
         encode = _causal_encoder(config, tokenizer, data_format)
     train = _tokenize(train, encode, config)
     evaluation = _tokenize(evaluation, encode, config) if evaluation is not None else None
-    return PreparedData(train=train, eval=evaluation, data_format=data_format, label_names=label_names)
+    efficiency = None
+    if config.packing != "none" and task == "causal-lm":
+        efficiency = packing_efficiency((len(ids) for ids in train["input_ids"]), config.max_length)
+        logger.info("packing=%s: %d training rows of max_length=%d, %.2f%% of their slots real tokens.",
+                    config.packing, len(train), config.max_length, 100 * efficiency)
+    return PreparedData(train=train, eval=evaluation, data_format=data_format, label_names=label_names,
+                        packing_efficiency=efficiency)
 
 
 def infer_label_names(labels) -> list[str] | None:
@@ -293,10 +308,13 @@ def _tokenize(dataset, encode, config: FinetuneConfig):
     if token_labels:
         # no supervised token left (a chat without an assistant turn, a prompt past max_length): nothing to learn
         tokenized = tokenized.filter(lambda row: any(label != IGNORE_INDEX for label in row["labels"]))
-    if config.packing and token_labels:
-        tokenized = tokenized.map(
-            _packer(config.max_length), batched=True, remove_columns=tokenized.column_names, desc="packing"
-        )
+    if config.packing != "none" and token_labels:
+        if config.packing == "bfd":
+            packer, group = bfd_packer(config.max_length), BFD_GROUP
+        else:
+            packer, group = wrapped_packer(config.max_length), 1000  # datasets' default batch, as before
+        tokenized = tokenized.map(packer, batched=True, batch_size=group, remove_columns=tokenized.column_names,
+                                  desc=f"packing ({config.packing})")
     return tokenized
 
 
@@ -304,7 +322,7 @@ def _causal_encoder(config: FinetuneConfig, tokenizer, data_format: str):
     """Token ids and labels: bos + text + eos, with -100 on the tokens that carry no loss."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    truncate = not config.packing  # packing cuts the concatenated stream into blocks instead
+    truncate = config.packing != "wrapped"  # wrapped packing cuts the concatenated stream into rows instead
 
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -411,20 +429,15 @@ def _classification_encoder(config: FinetuneConfig, tokenizer, label_names: list
     return encode
 
 
-def _packer(block: int):
-    """Concatenate examples and cut the stream into full blocks of ``block`` tokens (the tail is dropped)."""
-
-    def pack(batch):
-        streams = {key: [token for row in batch[key] for token in row] for key in batch}
-        usable = (len(streams["input_ids"]) // block) * block
-        return {key: [stream[i : i + block] for i in range(0, usable, block)] for key, stream in streams.items()}
-
-    return pack
-
-
-def collator_for(task: str, tokenizer):
+def collator_for(task: str, tokenizer, packing: str = "none", model=None):
+    """Padding per batch, or for packed rows :class:`~hfx.finetune.packing.PackedCollator` (boundaries as
+    ``position_ids``, plus ``cu_seq_lens_*`` when ``model`` runs a flash-attention kernel)."""
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
     if task == "seq-cls":
         return DataCollatorWithPadding(tokenizer)
+    if packing != "none" and task == "causal-lm":
+        backend = str(getattr(getattr(model, "config", None), "_attn_implementation", None) or "")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return PackedCollator(pad_token_id=pad, flash_attn_kwargs="flash" in backend)
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)

@@ -18,17 +18,21 @@ import torch
 from ..checkpoint_check import CheckpointError, check_model_dir, file_problem, weights_problem
 from ..long_context import long_load_kwargs
 from ..safe_paths import blocking_parent, remove_entry, replace_folder
-from .config import FinetuneConfig
+from .config import FinetuneConfig, packing_mode
 from .data import DataError, check_data, collator_for, prepare_data
+from .metrics import check_metrics, last_eval_metrics, trainer_metrics
 from .model import (
+    BackendError,
     add_lora,
     build_skeleton,
     check_bitsandbytes,
     check_task,
     check_target_modules,
+    calibration_batches,
     load_model,
     model_class_for,
     resolve_task,
+    save_trained,
 )
 
 RUN_FILE = "hfx_finetune.json"
@@ -67,6 +71,7 @@ RUN_IDENTITY = (
     "messages_field", "assistant_only_loss", "label_field", "source_field", "target_field", "data_split",
     "eval_fraction", "max_train_samples",
     "lora_r", "lora_alpha", "lora_dropout", "target_modules",
+    "use_dora", "use_rslora", "init_lora_weights", "target_parameters", "modules_to_save",
     "quant_type", "double_quant", "compute_dtype", "quant_storage",
     "max_length", "packing", "batch_size", "grad_accum",
     "learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "optim", "bf16", "seed",
@@ -75,7 +80,8 @@ RUN_IDENTITY = (
 # saves and logs, what it does after training, and the flags of this invocation.
 RESUME_MAY_DIFFER = (
     "output", "epochs", "max_steps", "eval_steps", "save_steps", "logging_steps", "save_total_limit",
-    "eval_data", "eval_batch_size", "early_stopping_patience", "gradient_checkpointing",
+    "eval_data", "eval_batch_size", "early_stopping_patience", "metrics", "metrics_average", "gradient_checkpointing",
+    "chunked_loss",
     "merge", "merge_dtype", "overwrite", "resume", "trust_remote_code", "extra_training_args",
 )
 
@@ -111,6 +117,12 @@ class FinetuneResult:
     resumed_from: str | None
     #: the kernel bitsandbytes' 4-bit layers use on the CPU (``hfx.quantization``); None without any
     bnb_cpu_path: str | None = None
+    #: which loss trained: "chunked" (hfx.finetune.loss, labelled positions only) or "plain" (the model's own)
+    loss_kind: str = "plain"
+    #: real tokens / slots of the packed training rows (--packing); None without packing
+    packing_efficiency: float | None = None
+    #: the ``eval_*`` values of the last evaluation (eval_loss and the --metrics); None without one
+    eval_metrics: dict | None = None
     log_history: list = field(default_factory=list)
     model: object = field(default=None, repr=False)
     tokenizer: object = field(default=None, repr=False)
@@ -129,6 +141,7 @@ def finetune(config: FinetuneConfig | None = None, *, callbacks=None, **kwargs) 
     and only then are the model's weights loaded.
     """
     config = config if config is not None else FinetuneConfig(**kwargs)
+    check_sharding_engine()
 
     main_process = int(os.environ.get("RANK", "0")) == 0
     output = Path(config.output)
@@ -137,7 +150,11 @@ def finetune(config: FinetuneConfig | None = None, *, callbacks=None, **kwargs) 
     long_load_kwargs(model_config, where=f"--model {config.model}")  # a long backend not installed: refused first
     task = resolve_task(config, model_config)
     check_task(config, task, model_config)  # e.g. seq2seq on a decoder-only model: refused before the data is read
+    from .loss import check_chunked_loss
+
+    check_chunked_loss(config, task, model_config)  # chunked_loss="on" where it would not be exact
     checked = check_data(config, task, tokenizer)
+    check_metrics(config, task, checked[2])  # a metric the task or the records cannot give: refused before loading
     if config.quantized:
         check_bitsandbytes(config)
     if config.uses_adapter:
@@ -145,7 +162,7 @@ def finetune(config: FinetuneConfig | None = None, *, callbacks=None, **kwargs) 
     label_names = _existing_label_names(model_config) if task == "seq-cls" else None
     data = prepare_data(config, task, tokenizer, label_names, checked=checked)
     if len(data.train) == 0:
-        why = (f"--packing needs at least max_length={config.max_length} tokens in all" if config.packing
+        why = (f"--packing needs at least max_length={config.max_length} tokens in all" if config.packing == "wrapped"
                else f"max_length={config.max_length}")
         raise DataError(f"no training example left after tokenising {config.data} ({why}).")
     if task == "seq-cls":
@@ -173,14 +190,15 @@ def finetune(config: FinetuneConfig | None = None, *, callbacks=None, **kwargs) 
     set_seed(config.seed)  # LoRA's A matrices (and a new classifier head) are drawn before Trainer seeds
     model = load_model(config, task, model_config, gradient_checkpointing)
     if config.uses_adapter:
-        model = add_lora(model, config, task)
+        model = add_lora(model, config, task, calibration=lambda batch_size: calibration_batches(  # EVA / CorDA only
+            model, data.train, collator_for(task, tokenizer, config.packing, model), batch_size))
     trainer = build_trainer(config, model, tokenizer, data, task, gradient_checkpointing, callbacks)
     outcome = trainer.train(resume_from_checkpoint=resumed_from)
 
     saved_dir = output / (ADAPTER_DIR if config.uses_adapter else MODEL_DIR)
     merged_dir = None
     if trainer.is_world_process_zero():
-        replace_folder(saved_dir, lambda tmp: (trainer.model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+        replace_folder(saved_dir, lambda tmp: (save_trained(trainer.model, tmp), tokenizer.save_pretrained(tmp)))
         if config.merge:
             from .merge import merge_adapter
 
@@ -202,6 +220,9 @@ def finetune(config: FinetuneConfig | None = None, *, callbacks=None, **kwargs) 
         world_size=trainer.args.world_size,
         resumed_from=resumed_from,
         bnb_cpu_path=bnb_cpu_path(trainer.model),
+        loss_kind=getattr(trainer, "loss_kind", "plain"),
+        packing_efficiency=data.packing_efficiency,
+        eval_metrics=last_eval_metrics(history),
         log_history=history,
         model=trainer.model,
         tokenizer=tokenizer,
@@ -210,6 +231,29 @@ def finetune(config: FinetuneConfig | None = None, *, callbacks=None, **kwargs) 
     if trainer.is_world_process_zero():
         _write_json(output / RESULTS_FILE, result.to_dict())
     return result
+
+
+#: what ``accelerate launch`` sets for an engine that shards the model, and the engine's name
+SHARDING_ENGINES = (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"))
+
+
+def check_sharding_engine() -> None:
+    """An FSDP or DeepSpeed launch without a CUDA device is refused, where it would silently train with DDP.
+
+    hfx trains on the CPU (``use_cpu``) when no CUDA device is present. There accelerate 1.15 keeps the run
+    ``MULTI_CPU``: its state enables FSDP only for accelerator devices (GPU, XPU, NPU, HPU, ...) and DeepSpeed
+    only without ``use_cpu``, so the engine's plugin is dropped and every process holds the whole model.
+    """
+    if torch.cuda.is_available():
+        return
+    for variable, engine in SHARDING_ENGINES:
+        if os.environ.get(variable, "false").lower() == "true":
+            raise BackendError(
+                f"{engine} was requested by the launcher ({variable}=true), but there is no CUDA device: accelerate "
+                f"does not shard on the CPU and would train every process on the whole model (DDP). Run on GPUs, "
+                "or launch DDP on the CPU with `torchrun --nproc_per_node N -m hfx.cli finetune ...` or "
+                "`accelerate launch --multi_gpu --num_processes N -m hfx.cli finetune ...`."
+            )
 
 
 def global_training_loss(trainer, local_loss: float) -> float:
@@ -255,7 +299,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def build_trainer(config, model, tokenizer, data, task, gradient_checkpointing, callbacks):
-    from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+    from transformers import EarlyStoppingCallback, TrainingArguments
 
     evaluate = data.eval is not None
     eval_steps = config.eval_steps or config.save_steps
@@ -299,14 +343,19 @@ def build_trainer(config, model, tokenizer, data, task, gradient_checkpointing, 
     trainer_callbacks = list(callbacks or [])
     if early_stopping:
         trainer_callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
-    return Trainer(
+    from .loss import trainer_class_for
+
+    base_class = trainer_class_for(config, task, model)  # the chunked causal-LM loss where it is exact
+    trainer_class, metric_kwargs = trainer_metrics(config, task, model, base_class)  # --metrics at each evaluation
+    return trainer_class(
         model=model,
         args=TrainingArguments(**args),
         train_dataset=data.train,
         eval_dataset=data.eval,
-        data_collator=collator_for(task, tokenizer),
+        data_collator=collator_for(task, tokenizer, config.packing, model),
         processing_class=tokenizer,
         callbacks=trainer_callbacks,
+        **metric_kwargs,
     )
 
 
@@ -459,8 +508,10 @@ def _comparable(name: str, values: dict):
         return 2e-5 if values.get("method") == "full" else 2e-4  # FinetuneConfig.resolved_learning_rate
     if name in ("model", "data") and isinstance(value, str) and Path(value).expanduser().exists():
         return str(Path(value).expanduser().resolve())
-    if name == "target_modules" and isinstance(value, list):
+    if name in ("target_modules", "target_parameters", "modules_to_save") and isinstance(value, list):
         return sorted(value)
+    if name == "packing" and isinstance(value, bool):
+        return packing_mode(value)  # a run file from before the packing modes stored a boolean
     return value
 
 
