@@ -1,0 +1,211 @@
+"""hfx.finetune.loss: the chunked causal-LM loss against the plain ``model(labels=...)`` loss.
+
+Tolerances (fp32): the chunked loss runs the same log-softmax per row as the plain one, but the head's
+matmul over the labelled rows alone may round each logit differently (another BLAS blocking) and the sum
+runs in another order: a few ulp of the loss, so 1e-6 absolute plus 1e-6 relative (ulp(7.0) = 4.8e-7).
+Gradients are sums of products of O(1) terms: 1e-5.
+"""
+
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import (
+    Gemma2Config,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+import hfx
+from hfx.finetune import FinetuneConfig, finetune
+from hfx.finetune.loss import (
+    EXACT_ARCHITECTURES,
+    check_chunked_loss,
+    chunked_forward,
+    config_blocker,
+    head_blocker,
+    labelled_loss,
+    shifted_labels,
+    use_chunked_loss,
+)
+from tests.test_finetune import hfx_causal, run_config, task_file, tokenizer_dir  # noqa: F401 (fixtures)
+
+VOCAB = 97
+LOSS_TOL = dict(atol=1e-6, rtol=1e-6)
+GRAD_TOL = 1e-5
+
+
+def hfx_model(**overrides):
+    config = hfx.HfxConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, is_decoder=True, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0, **overrides)
+    torch.manual_seed(0)
+    return hfx.HfxForCausalLM(config)
+
+
+STOCK = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+}
+
+
+def stock_model(name):
+    config_class, model_class = STOCK[name]
+    config = config_class(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, initializer_range=0.2)
+    torch.manual_seed(0)
+    return model_class(config)
+
+
+def completion_batch():
+    """Three rows: a prompt of 12 unlabelled tokens, a completion, the middle row padded after 25 tokens."""
+    torch.manual_seed(1)
+    ids = torch.randint(0, VOCAB, (3, 36))
+    mask = torch.ones_like(ids)
+    mask[1, 25:] = 0
+    labels = ids.clone()
+    labels[:, :12] = -100
+    labels[mask == 0] = -100
+    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def loss_and_grads(model, batch, chunked, num_items=None, adds_aux=False):
+    model.zero_grad()
+    kwargs = {} if num_items is None else {"num_items_in_batch": num_items}
+    if chunked:
+        outputs = chunked_forward(model, {**batch, **kwargs}, adds_aux, chunk_rows=7)  # several chunks
+    else:
+        outputs = model(**batch, **kwargs)
+    outputs.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return outputs.loss.detach(), grads
+
+
+def assert_same_as_plain(model, adds_aux=False):
+    batch = completion_batch()
+    labelled = int((shifted_labels(batch["labels"]) != -100).sum())
+    for num_items in (None, torch.tensor(labelled + 17)):  # a per-batch mean, and Trainer's accumulated count
+        plain, plain_grads = loss_and_grads(model, batch, False, num_items)
+        chunked, chunked_grads = loss_and_grads(model, batch, True, num_items, adds_aux)
+        torch.testing.assert_close(chunked, plain, **LOSS_TOL)
+        assert chunked_grads.keys() == plain_grads.keys() and plain_grads
+        for name, grad in plain_grads.items():
+            assert (chunked_grads[name] - grad).abs().max() <= GRAD_TOL, name
+
+
+def test_hfx_model_equals_plain_loss():
+    model = hfx_model()
+    assert_same_as_plain(model, adds_aux=EXACT_ARCHITECTURES["hfx"])
+    assert model.lm_head.weight is model.model.embeddings.word_embeddings.weight  # the tied head's grad is summed
+
+
+def test_hfx_moe_adds_the_aux_loss_as_the_model_does():
+    model = hfx_model(ffn_type="moe", num_experts=4, num_experts_per_tok=2)
+    aux = model(**completion_batch()).aux_loss
+    assert aux is not None and aux > 0  # the plain loss includes it, so equality below covers it
+    assert_same_as_plain(model, adds_aux=True)
+    without = chunked_forward(model, completion_batch(), adds_aux_loss=False).loss
+    with_aux = chunked_forward(model, completion_batch(), adds_aux_loss=True).loss
+    torch.testing.assert_close(with_aux - without, aux.detach(), **LOSS_TOL)
+
+
+@pytest.mark.parametrize("name", sorted(STOCK))
+def test_stock_architectures_equal_plain_loss(name):
+    assert EXACT_ARCHITECTURES[name] is False
+    assert_same_as_plain(stock_model(name))
+
+
+def test_peft_lora_equals_plain_loss():
+    model = get_peft_model(stock_model("llama"), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                            target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():  # B = 0 at init: give the adapters a real contribution to the forward
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    assert head_blocker(model) is None
+    assert_same_as_plain(model)
+
+
+def test_chunk_size_and_eval_mode_give_the_same_loss():
+    model = hfx_model()
+    batch = completion_batch()
+    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    shift = shifted_labels(batch["labels"])
+    reference = torch.nn.functional.cross_entropy(model.lm_head(hidden).reshape(-1, VOCAB).float(),
+                                                  shift.reshape(-1), ignore_index=-100)
+    for rows in (1, 5, 64, 10_000):
+        torch.testing.assert_close(labelled_loss(hidden, model.lm_head, shift, chunk_rows=rows), reference, **LOSS_TOL)
+    with torch.no_grad():
+        torch.testing.assert_close(labelled_loss(hidden, model.lm_head, shift), reference.detach(), **LOSS_TOL)
+
+
+def test_no_labelled_position_is_nan_like_the_plain_loss():
+    model = hfx_model()
+    batch = completion_batch()
+    batch["labels"] = torch.full_like(batch["labels"], -100)
+    assert math.isnan(model(**batch).loss.item())
+    assert math.isnan(chunked_forward(model, batch, adds_aux_loss=True).loss.item())
+
+
+def test_only_exact_setups_use_it(tmp_path):
+    softcapped = Gemma2Config(vocab_size=VOCAB, final_logit_softcapping=30.0)
+    assert "model_type='gemma2'" in config_blocker("causal-lm", softcapped)
+    llama_scaled = LlamaConfig(vocab_size=VOCAB)
+    llama_scaled.logit_scale = 0.5
+    assert "logit_scale=0.5" in config_blocker("causal-lm", llama_scaled)
+    assert "task='seq-cls'" in config_blocker("seq-cls", LlamaConfig(vocab_size=VOCAB))
+    assert config_blocker("causal-lm", LlamaConfig(vocab_size=VOCAB)) is None
+
+    def run(**overrides):
+        return FinetuneConfig(model="m", data="d", output=str(tmp_path), **overrides)
+
+    with pytest.raises(ValueError, match=r"chunked_loss='on' is invalid here: .*softcapping|model_type='gemma2'"):
+        check_chunked_loss(run(chunked_loss="on"), "causal-lm", softcapped)
+    check_chunked_loss(run(chunked_loss="auto"), "causal-lm", softcapped)  # auto: plain loss, no error
+    with pytest.raises(ValueError, match=r"extra_training_args sets label_smoothing_factor"):
+        check_chunked_loss(run(chunked_loss="on", extra_training_args={"label_smoothing_factor": 0.1}), "causal-lm",
+                           LlamaConfig(vocab_size=VOCAB))
+
+    lora_head = get_peft_model(stock_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    assert "not a plain nn.Linear" in head_blocker(lora_head)
+    assert use_chunked_loss(run(chunked_loss="auto"), "causal-lm", lora_head) is False
+    with pytest.raises(ValueError, match=r"chunked_loss='on' is invalid here: the output head is a"):
+        use_chunked_loss(run(chunked_loss="on"), "causal-lm", lora_head)
+    assert use_chunked_loss(run(chunked_loss="auto"), "causal-lm", hfx_model()) is True
+    assert use_chunked_loss(run(chunked_loss="off"), "causal-lm", hfx_model()) is False
+
+
+def test_config_field_is_validated(tmp_path):
+    with pytest.raises(ValueError, match=r"chunked_loss='yes' is invalid; valid values: \['auto', 'on', 'off'\]"):
+        FinetuneConfig(model="m", data="d", output=str(tmp_path), chunked_loss="yes")
+    with pytest.raises(ValueError, match=r"chunked_loss='on' is invalid with task='seq-cls'"):
+        FinetuneConfig(model="m", data="d", output=str(tmp_path), chunked_loss="on", task="seq-cls")
+
+
+def test_trainer_runs_match_the_plain_loss(hfx_causal, task_file, tmp_path):  # noqa: F811
+    """Full fine-tuning with gradient accumulation (Trainer's num_items_in_batch) and an eval split: the same
+    logged losses, eval loss and final weights as with the plain loss. SGD, so that a weight moves by
+    lr * gradient (Adam would turn a 1e-9 difference of a near-zero gradient into a full step)."""
+    results = {}
+    for kind in ("auto", "off"):
+        config = run_config(hfx_causal, task_file, tmp_path / kind, method="full", chunked_loss=kind, grad_accum=2,
+                            batch_size=4, max_steps=2, eval_fraction=0.25, eval_steps=2, optim="sgd",
+                            learning_rate=0.05, warmup_ratio=0.0)
+        results[kind] = finetune(config)
+    chunked, plain = results["auto"], results["off"]
+    assert (chunked.loss_kind, plain.loss_kind) == ("chunked", "plain")
+    losses = [[entry["loss"] for entry in r.log_history if "loss" in entry] for r in (chunked, plain)]
+    assert len(losses[0]) == 2 and losses[0][1] != losses[0][0]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    assert chunked.eval_loss == pytest.approx(plain.eval_loss, abs=1e-5)
+    for (name, a), (_, b) in zip(chunked.model.named_parameters(), plain.model.named_parameters()):
+        assert (a - b).abs().max() <= 1e-5, name
