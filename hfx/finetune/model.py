@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shutil
+import tempfile
+import weakref
 
 import torch
 from torch import nn
@@ -17,9 +20,12 @@ from torch import nn
 from ..checkpoint_check import is_seq2seq_checkpoint
 from ..peft_integration import HFX_LORA_TARGET_MODULES, register_peft_mappings  # noqa: F401  (re-exported)
 from ..quantization import pin_bnb_cpu_path
-from .config import FinetuneConfig
+from .config import BASE_CHANGING_INITS, FinetuneConfig
 
 CLASSIFIER_HEADS = ("score", "classifier")
+#: training examples EVA's and CorDA's calibration forward passes read (the first ones of the training split)
+CALIBRATION_EXAMPLES = 128
+INITIAL_ADAPTER = "hfx_initial"  # the adapter PEFT's weight conversion subtracts (a sub-folder of a temporary folder)
 
 
 class BackendError(RuntimeError):
@@ -147,7 +153,9 @@ def _matches(target: str, name: str) -> bool:
 
 
 def check_target_modules(config: FinetuneConfig, skeleton: nn.Module) -> None:
-    """Every requested target must match a linear layer; the error lists the ones that exist."""
+    """Every requested target (linear layers, parameters, modules to save) must exist; the error lists the ones that do."""
+    _check_target_parameters(config, skeleton)
+    _check_modules_to_save(config, skeleton)
     if not config.target_modules:
         return
     linears = linear_module_names(skeleton)
@@ -159,6 +167,38 @@ def check_target_modules(config: FinetuneConfig, skeleton: nn.Module) -> None:
             f"target module(s) {unmatched} match no linear layer of {config.model}. Linear layer names: "
             f"{suffixes} (full names: {shown})."
         )
+
+
+def _check_target_parameters(config: FinetuneConfig, skeleton: nn.Module) -> None:
+    if not config.target_parameters:
+        return
+    names = [name for name, _ in skeleton.named_parameters()]
+    unmatched = [t for t in config.target_parameters if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        # the candidates: parameters of no nn.Linear / nn.Embedding (which target_modules reaches already)
+        owned = {f"{m}.{p}" if m else p for m, module in skeleton.named_modules()
+                 if isinstance(module, (nn.Linear, nn.Embedding)) for p, _ in module.named_parameters(recurse=False)}
+        free = sorted({".".join(n.split(".")[-2:]) for n, param in skeleton.named_parameters()
+                       if n not in owned and param.dim() >= 2})
+        raise TargetModulesError(
+            f"target parameter(s) {unmatched} match no parameter of {config.model}. Parameters outside linear and "
+            f"embedding layers: {free or 'none'}" + (" (an ffn_type='moe' hfx model has experts.up_proj / "
+            "experts.gate_up_proj and experts.down_proj)." if not free else ".")
+        )
+
+
+def _check_modules_to_save(config: FinetuneConfig, skeleton: nn.Module) -> None:
+    if not config.modules_to_save:
+        return
+    names = [name for name, _ in skeleton.named_modules() if name]
+    unmatched = [t for t in config.modules_to_save if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        top = sorted({name.rsplit(".", 1)[-1] for name in names if not name.rsplit(".", 1)[-1].isdigit()})
+        raise TargetModulesError(f"modules_to_save {unmatched} match no module of {config.model}. Module names: {top}.")
+    overlap = [t for t in config.modules_to_save if t in (config.target_modules or [])]
+    if overlap:
+        raise TargetModulesError(f"modules {overlap} are both in target_modules and in modules_to_save; a module is "
+                                 "either adapted by LoRA or trained in full, so name it in one of them.")
 
 
 def build_skeleton(model_class, model_config) -> nn.Module:
@@ -201,20 +241,105 @@ def _local_device() -> int:
 
 
 def lora_config(config: FinetuneConfig, task: str):
-    from peft import LoraConfig, TaskType
+    from peft import EvaConfig, LoftQConfig, LoraConfig, TaskType
+    from peft.tuners.lora.config import CordaConfig
 
+    init = config.init_lora_weights
     return LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=config.target_modules or "all-linear",
+        target_parameters=config.target_parameters,
+        modules_to_save=config.modules_to_save,
+        use_dora=config.use_dora,
+        use_rslora=config.use_rslora,
+        init_lora_weights=True if init == "default" else init,
+        # the label mask keeps EVA's statistics to the positions the loss sees; labels of seq-cls and
+        # seq2seq do not line up with input_ids, so there every real input token counts
+        eva_config=EvaConfig(use_label_mask=task == "causal-lm") if init == "eva" else None,
+        corda_config=CordaConfig() if init == "corda" else None,
+        loftq_config=LoftQConfig(loftq_bits=4) if init == "loftq" else {},
         task_type={"seq-cls": TaskType.SEQ_CLS, "seq2seq": TaskType.SEQ_2_SEQ_LM}.get(task, TaskType.CAUSAL_LM),
     )
 
 
-def add_lora(model: nn.Module, config: FinetuneConfig, task: str) -> nn.Module:
-    """Wrap ``model`` in a PeftModel; every base weight is frozen, so hfx BatchNorm uses and keeps its running stats."""
+def calibration_batches(model: nn.Module, dataset, collator, batch_size: int) -> list[dict]:
+    """The first :data:`CALIBRATION_EXAMPLES` training examples in batches, on the model's device."""
+    from torch.utils.data import DataLoader
+
+    subset = dataset.select(range(min(len(dataset), CALIBRATION_EXAMPLES)))
+    device = next(model.parameters()).device
+    loader = DataLoader(subset, batch_size=batch_size, collate_fn=collator, shuffle=False)
+    return [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()} for batch in loader]
+
+
+def add_lora(model: nn.Module, config: FinetuneConfig, task: str, calibration=None) -> nn.Module:
+    """Wrap ``model`` in a PeftModel; every base weight is frozen, so hfx BatchNorm uses and keeps its running stats.
+
+    ``calibration`` (a callable from a batch size to batches, see :func:`calibration_batches`) feeds the data-driven
+    inits: CorDA's covariance before the adapter exists, EVA's SVD of layer inputs after. PiSSA / OLoRA /
+    CorDA move part of each base weight into the adapter; the initial adapter is kept so that
+    :func:`save_trained` can convert the trained one back to the original base.
+    """
     from peft import get_peft_model
 
     register_peft_mappings()
-    return get_peft_model(model, lora_config(config, task))
+    peft_config = lora_config(config, task)
+    init = config.init_lora_weights
+    if init in ("eva", "corda") and calibration is None:
+        raise ValueError(f"init_lora_weights={init!r} needs calibration data (the training examples).")
+    was_training = model.training
+    if init == "corda":
+        from peft.tuners.lora.corda import preprocess_corda
+
+        if config.target_modules is None:  # preprocess_corda matches names itself; it knows no "all-linear"
+            heads = head_module_names(model)
+            peft_config.target_modules = {name.rsplit(".", 1)[-1] for name in linear_module_names(model)
+                                          if name not in heads}
+        batches = calibration(1)  # CorDA's hooks take one unpadded sequence per forward
+        model.eval()
+        with torch.no_grad():
+            preprocess_corda(model, peft_config, run_model=lambda: [model(**batch) for batch in batches])
+    peft_model = get_peft_model(model, peft_config)
+    if init == "eva":
+        from peft import initialize_lora_eva_weights
+
+        peft_model.eval()
+        initialize_lora_eva_weights(peft_model, dataloader=calibration(config.batch_size),
+                                    show_progress_bar=False)
+    peft_model.train(was_training)
+    if init.split("_niter_")[0] in BASE_CHANGING_INITS:
+        # PEFT's conversion recipe: the initial adapter is saved as plain LoRA (init True), and so are
+        # the checkpoints, so that loading one never decomposes the (already residual) base again
+        peft_model.peft_config["default"].init_lora_weights = True
+        folder = tempfile.mkdtemp(prefix="hfx-initial-adapter-")
+        weakref.finalize(peft_model, shutil.rmtree, folder, True)
+        initial = f"{folder}/{INITIAL_ADAPTER}"
+        peft_model.save_pretrained(initial)
+        peft_model.hfx_initial_adapter = initial
+    return peft_model
+
+
+def save_trained(model: nn.Module, directory) -> None:
+    """``save_pretrained``; an adapter whose init changed the base weights is saved converted (PEFT's
+    ``path_initial_model_for_weight_conversion``): rank 2r, applying to (and merging into) the original base.
+
+    PEFT's conversion writes only the LoRA matrices; the modules trained in full (``modules_to_save``,
+    a classifier head) are written back next to them.
+    """
+    initial = getattr(model, "hfx_initial_adapter", None)
+    if initial is None:
+        model.save_pretrained(directory)
+        return
+    from pathlib import Path
+
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    kept = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()
+            if ".lora_A." not in k and ".lora_B." not in k}
+    model.save_pretrained(directory, path_initial_model_for_weight_conversion=initial)
+    if kept:
+        weights = Path(directory) / "adapter_model.safetensors"
+        save_file({**load_file(weights), **kept}, weights, metadata={"format": "pt"})

@@ -1,0 +1,112 @@
+"""``hfx finetune --config run.yaml``: file values, typed flags over them, argparse defaults never, clear refusals."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from hfx.cli import build_parser, main
+from hfx.finetune import FinetuneConfig
+from hfx.finetune.run_file import GIVEN, RunFileError, config_from_run_file, load_run_file, merged_values
+from hfx.tokenizer import train_tokenizer
+
+
+def resolved(argv, tmp_path, text=None, name="run.yaml"):
+    """The FinetuneConfig values ``hfx finetune ARGV`` resolves (the CLI's own parser and merge)."""
+    if text is not None:
+        (tmp_path / name).write_text(text)
+        argv = ["--config", str(tmp_path / name), *argv]
+    args = build_parser(["finetune"]).parse_args(["finetune", *argv])
+    cli = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", GIVEN)}
+    return merged_values(cli, getattr(args, GIVEN, set()), args.config)
+
+
+YAML = """\
+model: ./base
+data: train.jsonl
+output: runs/a
+lora_r: 8
+double_quant: true
+learning_rate: 2e-4      # YAML 1.1 reads this as a string; a float field takes the number
+target_modules: [q_proj, v_proj]
+modules_to_save: lm_head
+use_dora: true
+"""
+
+
+def test_file_values_and_typed_flags_override(tmp_path):
+    values = resolved([], tmp_path, YAML)
+    assert values["lora_r"] == 8 and values["learning_rate"] == 2e-4 and values["use_dora"] is True
+    assert values["target_modules"] == ["q_proj", "v_proj"] and values["model"] == "./base"
+    assert values["lora_alpha"] == 32 and values["batch_size"] == 8  # neither given: the CLI defaults
+    # typed flags win, even one equal to its argparse default (--lora-r 16) or a store_false one
+    values = resolved(["--lora-r", "16", "--no-double-quant", "--output", "runs/b"], tmp_path, YAML)
+    assert values["lora_r"] == 16 and values["double_quant"] is False and values["output"] == "runs/b"
+    assert values["use_dora"] is True and values["data"] == "train.jsonl"
+    config = FinetuneConfig.from_dict(values)
+    assert config.modules_to_save == ["lm_head"] and config.target_modules == ["q_proj", "v_proj"]
+    # without --config the flags alone, as before
+    plain = resolved(["--model", "m", "--data", "d", "--output", "o"], tmp_path)
+    assert plain["lora_r"] == 16 and plain["model"] == "m"
+
+
+def test_json_run_file_and_the_python_api(tmp_path):
+    values = {"model": "m", "data": "d", "output": "o", "method": "full", "max_steps": 3, "packing": True}
+    (tmp_path / "run.json").write_text(json.dumps(values))
+    assert load_run_file(tmp_path / "run.json") == values  # an older run file's boolean packing is accepted
+    config = config_from_run_file(tmp_path / "run.json", max_steps=5)
+    assert config.method == "full" and config.max_steps == 5 and config.packing == "wrapped"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("model: m\nlora_rank: 8\n", r"unknown key\(s\) 'lora_rank' \(did you mean 'lora_r'\?\); valid keys: \['model'"),
+    ("lora-alpha: 8\n", r"'lora-alpha' \(did you mean 'lora_alpha'\?\)"),
+    ("lora_r: eight\n", r"lora_r='eight' is a str; expected int"),
+    ("lora_r: 8.5\n", r"lora_r=8.5 is a float; expected int"),
+    ("use_dora: 1\n", r"use_dora=1 is a int; expected bool"),
+    ("target_modules: [q_proj, 3]\n", r"target_modules=\['q_proj', 3\] is a list; expected a list of strs"),
+    ("eval_data: [a]\n", r"eval_data=\['a'\] is a list; expected str or null"),
+    ("- lora_r\n", r"must hold a mapping of FinetuneConfig field names to values, got list"),
+    ("lora_r: [8\n", r"not valid YAML"),
+])
+def test_bad_run_files_named(tmp_path, text, message):
+    (tmp_path / "run.yaml").write_text(text)
+    with pytest.raises(RunFileError, match=message):
+        load_run_file(tmp_path / "run.yaml")
+
+
+def test_required_fields_from_file_or_flags(tmp_path, capsys):
+    with pytest.raises(RunFileError, match=r"--data, --output required: give them on the command line or as "
+                                           r"'data' / 'output' in a --config run file"):
+        resolved(["--model", "m"], tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "--config", str(tmp_path / "missing.yaml")])
+    assert exit_info.value.code == 2 and "missing.yaml: no such file" in capsys.readouterr().err
+
+
+def test_a_tiny_run_from_a_run_file(tmp_path, capsys):
+    tok_dir = tmp_path / "tok"
+    rows = [{"prompt": f"say {i % 4}", "completion": ["zero", "one", "two", "three"][i % 4]} for i in range(16)]
+    train_tokenizer([f"{r['prompt']} {r['completion']}" for r in rows], vocab_size=60, save_dir=tok_dir)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                                         eos_token_id=tok.eos_token_id))
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "run.yaml").write_text(
+        f"model: {tmp_path / 'base'}\ndata: {tmp_path / 'train.jsonl'}\noutput: {tmp_path / 'out'}\n"
+        "max_steps: 2\nbatch_size: 4\nlora_r: 4\nlora_alpha: 8\nuse_rslora: true\nsave_steps: 100\n"
+        "extra_training_args: {disable_tqdm: true}\n")
+    assert main(["finetune", "--config", str(tmp_path / "run.yaml"), "--lora-r", "2", "--logging-steps", "1"]) == 0
+    saved = json.loads((tmp_path / "out" / "hfx_finetune.json").read_text())  # the resolved config
+    assert saved["lora_r"] == 2 and saved["lora_alpha"] == 8 and saved["use_rslora"] is True
+    assert saved["max_steps"] == 2 and saved["logging_steps"] == 1 and saved["model"] == str(tmp_path / "base")
+    adapter = json.loads((Path(tmp_path / "out" / "adapter" / "adapter_config.json")).read_text())
+    assert adapter["r"] == 2 and adapter["use_rslora"] is True
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("{\n"):])["global_step"] == 2  # the summary (after any library's notes)
