@@ -271,3 +271,17 @@ def test_finetune_with_bfd_packing_trains_and_records_efficiency(tiny_run, tmp_p
     losses = [e["loss"] for e in results["log_history"] if "loss" in e]
     assert len(losses) == 12 and sum(losses[-3:]) < 0.9 * sum(losses[:3]), losses  # falls by over 10%
     assert summary["packing_efficiency"] == results["packing_efficiency"]
+
+
+def test_packed_rows_without_any_label_are_dropped(tiny_run, tmp_path):
+    """A wrapped row inside one long prompt would make a batch with no labelled token (a 0/0 loss)."""
+    _, model, _, tok = tiny_run
+    data = tmp_path / "long-prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "say 1 again" * 12, "completion": " one"}) + "\n" for _ in range(4)))
+    config = FinetuneConfig(model=model, data=str(data), output=str(tmp_path / "o"), max_length=8, packing="wrapped")
+    rows = prepare_data(config, "causal-lm", tok).train
+    examples = prepare_data(FinetuneConfig(model=model, data=str(data), output=str(tmp_path / "o"), max_length=512),
+                            "causal-lm", tok).train
+    unfiltered = wrapped_packer(8)({"input_ids": examples["input_ids"], "labels": examples["labels"]})
+    assert 0 < len(rows) < len(unfiltered["input_ids"])
+    assert all(any(label != IGNORE_INDEX for label in row) for row in rows["labels"])

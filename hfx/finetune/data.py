@@ -315,6 +315,8 @@ def _tokenize(dataset, encode, config: FinetuneConfig):
             packer, group = wrapped_packer(config.max_length), 1000  # datasets' default batch, as before
         tokenized = tokenized.map(packer, batched=True, batch_size=group, remove_columns=tokenized.column_names,
                                   desc=f"packing ({config.packing})")
+        # a row whose only labels were first tokens (now -100), or a wrapped row inside a prompt: no loss at all
+        tokenized = tokenized.filter(lambda row: any(label != IGNORE_INDEX for label in row["labels"]))
     return tokenized
 
 
