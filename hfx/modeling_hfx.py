@@ -36,7 +36,7 @@ from transformers.utils.output_capturing import capture_outputs
 from . import auxiliary
 from .attention import eager_attention_forward
 from .configuration_hfx import HfxConfig
-from .padding_masks import real_token_mask
+from .padding_masks import allowed_from_mask, real_token_mask
 from .registry import registry
 from .segment_memory import (
     MEMORY_ATTENTION,
@@ -450,7 +450,10 @@ class HfxModel(HfxPreTrainedModel):
         if memory is not None:
             memory.check_batch(hidden_states.shape[0])
             held = memory.real_tokens(hidden_states.shape[0], hidden_states.device)
-            mask = memory_attention_mask(held, padding_mask, seq_len)
+            if attention_mask is not None and attention_mask.dim() != 2:
+                mask = self._segment_pattern(attention_mask, held.shape[1], seq_len)
+            else:
+                mask = memory_attention_mask(held, padding_mask, seq_len)
         elif causal:
             mask = create_causal_mask(
                 config=self.config,
@@ -462,6 +465,19 @@ class HfxModel(HfxPreTrainedModel):
         else:
             mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask)
         return StackInputs(hidden_states, rotary, mask, padding_mask, position_ids)
+
+    def _segment_pattern(self, attention_mask, held: int, seq_len: int):
+        """A 3-/4-D mask (packed rows, custom patterns) is the segment's own pattern: taken as is when the memory
+        is empty, refused otherwise (which memory position each packed block may see is not defined)."""
+        keys = attention_mask.shape[-1]
+        if held or keys != seq_len:
+            raise ValueError(
+                f"attention_mask of shape {tuple(attention_mask.shape)} is invalid with a segment memory holding "
+                f"{held} positions; valid values: a 2-D (batch, seq) padding mask, or a 3-/4-D mask over the "
+                f"segment's {seq_len} keys with an empty memory."
+            )
+        allowed = allowed_from_mask(attention_mask)
+        return allowed if allowed.dim() == 4 else allowed[:, None]
 
     def _run_layers(self, inputs: StackInputs, *layer_args, **layer_kwargs) -> tuple[torch.Tensor, dict]:
         """The blocks (each also given ``layer_args`` and ``layer_kwargs``) and the final norm; returns the hidden

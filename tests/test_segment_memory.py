@@ -276,3 +276,19 @@ def test_xl_relative_kv_cache_without_memory():
         logits = model(cached[:, :-1]).logits
         reference = reference_logits(model, cached[:, :-1], xl_mask([cached.shape[1] - 1], 0))
     torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_4d_mask_is_the_segment_pattern_when_the_memory_is_empty():
+    """hfx eval's packed rows (a 4-D block mask) score a memory model as one segment; after a memory, refused."""
+    model = build(memory_config("rotary", memory_length=4))
+    ids = torch.randint(1, 97, (1, 6))
+    blocks = torch.zeros(6, 6, dtype=torch.bool)
+    blocks[:3, :3] = torch.tril(torch.ones(3, 3, dtype=torch.bool))
+    blocks[3:, 3:] = torch.tril(torch.ones(3, 3, dtype=torch.bool))
+    with torch.no_grad():
+        packed = model(ids, attention_mask=blocks[None, None]).logits
+        first, second = model(ids[:, :3]).logits, model(ids[:, 3:]).logits
+        torch.testing.assert_close(packed, torch.cat([first, second], dim=1))
+        memory = model(ids[:, :3]).past_key_values
+        with pytest.raises(ValueError, match=r"attention_mask of shape \(1, 1, 6, 6\) is invalid with a segment memory"):
+            model(ids, attention_mask=blocks[None, None], past_key_values=memory)
