@@ -1,4 +1,6 @@
-"""Run by tests/test_distributed.py as ``torchrun --nproc_per_node 2 tests/distributed_worker.py OUT_DIR``.
+"""Run by tests/test_distributed.py as ``torchrun --nproc_per_node 2 tests/distributed_worker.py OUT_DIR``,
+and by tests/test_finetune_fsdp.py as ``torchrun --nproc_per_node 2 tests/distributed_worker.py fsdp2 OUT_DIR``
+(:func:`fsdp2_main`: the same steps under DDP and under FSDP2).
 
 Each of the two CPU (gloo) processes trains on its half of a batch; rank 0 saves what the test
 compares with one process on the whole batch: batchnorm running statistics, gradients, and the
@@ -127,5 +129,102 @@ def main(out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+def build_sharding_model(lora: bool):
+    """:func:`build_model` with RMSNorm (batch statistics are not what this compares), optionally with LoRA."""
+    import hfx
+
+    torch.manual_seed(0)
+    config = hfx.HfxConfig(
+        vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        norm_type="rmsnorm", norm_position="pre", position_embedding_type="rotary",
+    )
+    model = hfx.HfxForCausalLM(config)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        # init_lora_weights=False: B is drawn too, so the first step moves every adapter matrix.
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                                                 target_modules=["q_proj", "v_proj", "up_proj"]))
+    return model.train()
+
+
+def fsdp2_main(out_dir: str) -> None:
+    """The same SGD steps under DDP and under FSDP2 (``fully_shard`` on each HfxLayer, then the root, as the
+    TRANSFORMER_BASED_WRAP policy of examples/accelerate/fsdp2.yaml does), for full and LoRA training.
+
+    Rank 0 writes, per mode, the first step's global loss and whole gradients, the final whole state dict of
+    both engines and their save_pretrained folders; FSDP2's come through DTensor.full_tensor() and
+    hfx.finetune.train.gathered_state_dict, the gather hfx finetune saves a sharded model with.
+    """
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from torch.nn.parallel import DistributedDataParallel
+
+    from hfx.finetune.train import gathered_state_dict
+    from hfx.modeling_hfx import HfxLayer
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per_rank = GLOBAL_BATCH // world
+    batches = [collate(lm_rows()[i * GLOBAL_BATCH : (i + 1) * GLOBAL_BATCH]) for i in range(TRAINER_STEPS)]
+
+    def step(module, batch):
+        shard = {k: v[rank * per_rank : (rank + 1) * per_rank] for k, v in batch.items()}
+        num_items = int((batch["labels"][:, 1:] != -100).sum())
+        # each process's share of the global token mean; both engines average gradients, hence * world
+        loss = module(**shard, num_items_in_batch=num_items).loss * world
+        loss.backward()
+        total = loss.detach() / world
+        dist.all_reduce(total)
+        return total
+
+    for mode in ("full", "lora"):
+        ddp_model = build_sharding_model(mode == "lora")
+        ddp = DistributedDataParallel(ddp_model)
+        fsdp_model = build_sharding_model(mode == "lora")
+        for module in fsdp_model.modules():
+            if isinstance(module, HfxLayer):
+                fully_shard(module)
+        fully_shard(fsdp_model)
+        record = {}
+        for name, module, params in (("ddp", ddp, ddp_model), ("fsdp2", fsdp_model, fsdp_model)):
+            optimizer = torch.optim.SGD([p for p in params.parameters() if p.requires_grad], lr=0.1)
+            for i, batch in enumerate(batches):
+                loss = step(module, batch)
+                if i == 0:
+                    grads, sharded = {}, 0
+                    for key, param in params.named_parameters():
+                        if param.grad is None:
+                            continue
+                        grad = param.grad
+                        if isinstance(grad, DTensor):
+                            sharded += 1
+                            grad = grad.full_tensor()
+                        grads[key] = grad.detach().clone().contiguous()
+                    record[name] = {"loss": float(loss), "sharded_grads": sharded, "grads": len(grads)}
+                    if rank == 0:
+                        save_file(grads, os.path.join(out_dir, f"{mode}_{name}_grads.safetensors"))
+                optimizer.step()
+                optimizer.zero_grad()
+            # what hfx finetune saves: the gathered state dict under FSDP2, the model's own otherwise
+            gathered = gathered_state_dict(params)
+            assert (gathered is None) == (name == "ddp")
+            if rank == 0:
+                state = params.state_dict() if gathered is None else gathered
+                save_file({k: v.detach().clone().contiguous() for k, v in state.items()},
+                          os.path.join(out_dir, f"{mode}_{name}_final.safetensors"))
+                params.save_pretrained(os.path.join(out_dir, f"{mode}_{name}_saved"), state_dict=gathered)
+        if rank == 0:
+            with open(os.path.join(out_dir, f"{mode}.json"), "w") as f:
+                json.dump(record, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "fsdp2":
+        sys.exit(fsdp2_main(sys.argv[2]))
     main(sys.argv[1])

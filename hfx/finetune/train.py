@@ -197,8 +197,12 @@ def finetune(config: FinetuneConfig | None = None, *, callbacks=None, **kwargs) 
 
     saved_dir = output / (ADAPTER_DIR if config.uses_adapter else MODEL_DIR)
     merged_dir = None
+    gathered = gathered_state_dict(trainer.model)  # FSDP2: a gather every process joins, before rank 0 writes
     if trainer.is_world_process_zero():
-        replace_folder(saved_dir, lambda tmp: (save_trained(trainer.model, tmp), tokenizer.save_pretrained(tmp)))
+        replace_folder(saved_dir, lambda tmp: (
+            save_trained(trainer.model, tmp) if gathered is None else trainer.model.save_pretrained(tmp, state_dict=gathered),
+            tokenizer.save_pretrained(tmp),
+        ))
         if config.merge:
             from .merge import merge_adapter
 
@@ -231,6 +235,23 @@ def finetune(config: FinetuneConfig | None = None, *, callbacks=None, **kwargs) 
     if trainer.is_world_process_zero():
         _write_json(output / RESULTS_FILE, result.to_dict())
     return result
+
+
+def gathered_state_dict(model) -> dict | None:
+    """The whole state dict of a model whose parameters FSDP2 sharded (DTensors), or None when none is.
+
+    Every process must call it (the shards are gathered with collectives); rank 0 receives the tensors, on
+    the CPU, as accelerate's FSDP2 ``get_state_dict`` does. Saving from rank 0 alone would read the local
+    shards, whose gathered storage FSDP2 frees after each forward.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(param, DTensor) for param in model.parameters()):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
 
 
 #: what ``accelerate launch`` sets for an engine that shards the model, and the engine's name
