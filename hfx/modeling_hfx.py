@@ -713,6 +713,19 @@ class HfxForCausalLM(HfxGenerationDefaults, HfxPreTrainedModel, GenerationMixin)
             return
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """Beams and ``num_return_sequences`` repeat each prompt row: a memory given to ``generate`` follows."""
+        memory = model_kwargs.get("past_key_values")
+        if (
+            expand_size > 1
+            and isinstance(memory, SegmentMemory)
+            and memory.real is not None
+            and input_ids is not None
+            and memory.real.shape[0] == input_ids.shape[0]
+        ):
+            memory.batch_repeat_interleave(expand_size)
+        return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+
     @can_return_tuple
     def forward(
         self,

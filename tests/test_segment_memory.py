@@ -292,3 +292,19 @@ def test_packed_4d_mask_is_the_segment_pattern_when_the_memory_is_empty():
         memory = model(ids[:, :3]).past_key_values
         with pytest.raises(ValueError, match=r"attention_mask of shape \(1, 1, 6, 6\) is invalid with a segment memory"):
             model(ids, attention_mask=blocks[None, None], past_key_values=memory)
+
+
+def test_beam_search_expands_a_given_memory():
+    """num_beams / num_return_sequences repeat each prompt row: the memory given to generate is repeated with it."""
+    model = build(memory_config("rotary", memory_length=6))
+    prompt = torch.randint(1, 97, (2, 3))
+    with torch.no_grad():
+        memory = model(torch.randint(1, 97, (2, 5))).past_key_values
+        beams = model.generate(prompt, past_key_values=copy.deepcopy(memory), num_beams=3, num_return_sequences=2,
+                               max_new_tokens=4, do_sample=False, pad_token_id=0)
+        for k in range(2):
+            alone = copy.deepcopy(memory)
+            alone.batch_select_indices(torch.tensor([k]))
+            row = model.generate(prompt[k : k + 1], past_key_values=alone, num_beams=3, num_return_sequences=2,
+                                 max_new_tokens=4, do_sample=False, pad_token_id=0)
+            assert row.tolist() == beams[2 * k : 2 * k + 2].tolist()
