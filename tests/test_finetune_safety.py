@@ -472,7 +472,7 @@ CLI_ERRORS = [
     (None, None, ["--target-modules", "gate_proj"], "target module(s) ['gate_proj'] match no linear layer"),
     (None, None, ["--eval-fraction", "1"], "eval_fraction must be in [0, 1), got 1.0"),
     (None, None, ["--eval-fraction", "0.99"], "eval_fraction=0.99 of the 48 examples of"),
-    (None, None, ["--packing", "--max-length", "100000"], "--packing needs at least max_length=100000 tokens in all"),
+    (None, None, ["--packing", "wrapped", "--max-length", "100000"], "--packing needs at least max_length=100000 tokens in all"),
     (None, None, ["--eval-data", "{tmp}/held-out.jsonl"], "data file {tmp}/held-out.jsonl does not exist"),
 ]
 
