@@ -30,7 +30,7 @@ ATOL = 2e-5
 
 class ArgsAndLosses(TrainerCallback):
     def __init__(self):
-        self.args, self.losses = None, []
+        self.args, self.losses, self.epoch = None, [], None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.args = args
@@ -38,6 +38,7 @@ class ArgsAndLosses(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.losses.append(logs["loss"])
+            self.epoch = logs["epoch"]
 
 
 @pytest.fixture(scope="module")
@@ -59,18 +60,24 @@ def setup(tmp_path_factory):
     for shape, keys in (("text", ("text",)), ("prompt-completion", ("prompt", "completion"))):
         files[shape] = root / f"{shape}.jsonl"
         files[shape].write_text("".join(json.dumps({k: r[k] for k in keys}) + "\n" for r in rows))
+    # BOS + words + EOS of 20, 18, 16, 14, 4, 6, 8, 10 tokens: best-fit decreasing fills 4 rows of 24 exactly,
+    # and no two open rows ever have the same room, so no tie-break decides which row an example joins
+    packed = [" ".join(WORDS[(i + j) % 10] for j in range(n - 2)) for i, n in enumerate((20, 18, 16, 14, 4, 6, 8, 10))]
+    files["packed"] = root / "packed.jsonl"
+    files["packed"].write_text("".join(json.dumps({"text": t}) + "\n" for t in packed))
     return root, str(model_dir), tokenizer, files
 
 
-def run_hfx(model_dir, data, output, method):
+def run_hfx(model_dir, data, output, method, packing="none"):
     seen = ArgsAndLosses()
     finetune(FinetuneConfig(model=model_dir, data=str(data), output=str(output), method=method, max_steps=STEPS,
-                            batch_size=8, max_length=24, logging_steps=1, save_steps=100, lora_r=4, lora_alpha=8,
-                            learning_rate=1e-3, extra_training_args={"disable_tqdm": True}), callbacks=[seen])
+                            batch_size=4 if packing != "none" else 8, max_length=24, packing=packing, logging_steps=1,
+                            save_steps=100, lora_r=4, lora_alpha=8, learning_rate=1e-3,
+                            extra_training_args={"disable_tqdm": True}), callbacks=[seen])
     return seen
 
 
-def run_trl(model_dir, tokenizer, data, output, method, hfx_args):
+def run_trl(model_dir, tokenizer, data, output, method, hfx_args, packing="none"):
     from datasets import load_dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -83,18 +90,25 @@ def run_trl(model_dir, tokenizer, data, output, method, hfx_args):
                                                            target_modules="all-linear", task_type="CAUSAL_LM")
     seen = ArgsAndLosses()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # a path needs config.auto_map
+    if packing != "none":
+        args.update(packing=True, packing_strategy=packing)
     SFTTrainer(model=model, args=SFTConfig(**args, max_length=24), train_dataset=dataset, processing_class=tokenizer,
                peft_config=peft_config, callbacks=[seen]).train()
     return seen
 
 
-@pytest.mark.parametrize("shape, method", [("text", "lora"), ("prompt-completion", "full")])
-def test_sft_trainer_and_hfx_give_the_same_losses_step_by_step(setup, shape, method):
+@pytest.mark.parametrize("shape, method, packing", [("text", "lora", "none"), ("prompt-completion", "full", "none"),
+                                                    ("packed", "lora", "bfd")])
+def test_sft_trainer_and_hfx_give_the_same_losses_step_by_step(setup, shape, method, packing):
+    """Packed: hfx batches 4 rows of 24 with restarting position ids, SFTTrainer flattens them into one
+    padding-free row; both mask the first label of every example."""
     root, model_dir, tokenizer, files = setup
-    hfx_run = run_hfx(model_dir, files[shape], root / f"hfx-{shape}", method)
+    hfx_run = run_hfx(model_dir, files[shape], root / f"hfx-{shape}", method, packing)
     assert hfx_run.args.bf16 is False and hfx_run.args.activation_checkpointing is False
-    trl_run = run_trl(model_dir, tokenizer, files[shape], root / f"trl-{shape}", method, hfx_run.args)
+    trl_run = run_trl(model_dir, tokenizer, files[shape], root / f"trl-{shape}", method, hfx_run.args, packing)
     assert len(hfx_run.losses) == len(trl_run.losses) == STEPS
-    # every step sees the same 8 records, so the loss falls: the curves compared are those of training
+    if packing != "none":  # the 8 records went into 4 rows, one batch: one step per epoch on both sides
+        assert hfx_run.epoch == trl_run.epoch == STEPS
+    # every step sees the same records, so the loss falls: the curves compared are those of training
     assert hfx_run.losses[-1] < hfx_run.losses[0] - 0.05
     assert trl_run.losses == pytest.approx(hfx_run.losses, abs=ATOL, rel=0)
