@@ -196,6 +196,12 @@ class HfxAttention(nn.Module):
         if component is not None and component.attach is not None:
             component.attach(self, config)
         relative = relative_attention_factory(config)
+        if relative is not None and config.is_encoder_decoder:
+            # HfxForConditionalGeneration marks its config after construction, past the position's own check
+            raise ValueError(
+                f"position_embedding_type={config.position_embedding_type!r} is invalid for an encoder-decoder "
+                "model; valid values: 'rotary', 'learned', 'sinusoidal'."
+            )
         self.relative = relative(config) if relative is not None else None
 
     def forward(
@@ -410,7 +416,7 @@ class HfxModel(HfxPreTrainedModel):
             if memory.get_seq_length():
                 raise ValueError(
                     f"past_key_values={type(memory).__name__} is invalid with memory_length="
-                    f"{self.config.memory_length}; valid values: None or an hfx.SegmentMemory."
+                    f"{self.config.memory_length}; valid values: None or an hfx.segment_memory.SegmentMemory."
                 )
             memory = None
         if memory is None:

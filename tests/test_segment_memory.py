@@ -201,6 +201,8 @@ def test_memory_needs_a_decoder_and_refuses_other_caches():
         hfx.HfxModel(tiny_config(memory_length=4, position_embedding_type="rotary"))
     with pytest.raises(ValueError, match=r"memory_length=4 is invalid for an encoder-decoder model"):
         hfx.HfxForConditionalGeneration(tiny_config(memory_length=4, position_embedding_type="rotary"))
+    with pytest.raises(ValueError, match=r"position_embedding_type='xl_relative' is invalid for an encoder-decoder"):
+        hfx.HfxForConditionalGeneration(tiny_config(position_embedding_type="xl_relative", attention_type="eager"))
     model = build(memory_config("rotary"))
     ids = torch.randint(1, 97, (1, 4))
     cache = model.model(ids, past_key_values=None, use_cache=True).past_key_values
