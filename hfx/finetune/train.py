@@ -197,7 +197,7 @@ def finetune(config: FinetuneConfig | None = None, *, callbacks=None, **kwargs) 
 
     saved_dir = output / (ADAPTER_DIR if config.uses_adapter else MODEL_DIR)
     merged_dir = None
-    gathered = gathered_state_dict(trainer.model)  # FSDP2: a gather every process joins, before rank 0 writes
+    gathered = partitioned_state_dict(trainer)  # FSDP2 / ZeRO-3: a gather every process joins, before rank 0 writes
     if trainer.is_world_process_zero():
         replace_folder(saved_dir, lambda tmp: (
             save_trained(trainer.model, tmp) if gathered is None else trainer.model.save_pretrained(tmp, state_dict=gathered),
@@ -235,6 +235,19 @@ def finetune(config: FinetuneConfig | None = None, *, callbacks=None, **kwargs) 
     if trainer.is_world_process_zero():
         _write_json(output / RESULTS_FILE, result.to_dict())
     return result
+
+
+def partitioned_state_dict(trainer) -> dict | None:
+    """The whole state dict of a model the engine partitioned across processes, None when it did not.
+
+    ZeRO-3 keeps empty placeholders in the module: its parameters are consolidated by accelerate's
+    ``get_state_dict`` of the DeepSpeed engine, as ``Trainer.save_model`` does (the shipped ZeRO-3 config
+    sets ``stage3_gather_16bit_weights_on_model_save``). FSDP2: :func:`gathered_state_dict`.
+    """
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if trainer.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3:
+        return trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    return gathered_state_dict(trainer.model)
 
 
 def gathered_state_dict(model) -> dict | None:
