@@ -102,8 +102,10 @@ def assert_same_as_plain(model, adds_aux=False):
             assert (chunked_grads[name] - grad).abs().max() <= GRAD_TOL, name
 
 
-def test_hfx_model_equals_plain_loss():
-    model = hfx_model()
+@pytest.mark.parametrize("overrides", [{}, {"memory_length": 8, "position_embedding_type": "xl_relative",
+                                           "attention_type": "eager"}], ids=["rotary", "segment-memory"])
+def test_hfx_model_equals_plain_loss(overrides):
+    model = hfx_model(**overrides)
     assert_same_as_plain(model, adds_aux=EXACT_ARCHITECTURES["hfx"])
     assert model.lm_head.weight is model.model.embeddings.word_embeddings.weight  # the tied head's grad is summed
 
