@@ -117,6 +117,11 @@ def build_models(root: Path) -> dict[str, str]:
     data = root / "train.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     paths["data"] = str(data)
+    # for --packing: 3 to 40 words, so that rows hold several texts of different lengths
+    varied = root / "train_varied.jsonl"
+    varied.write_text("".join(json.dumps({"text": " ".join(t.split()[: 3 + (i * 13) % 38])}) + "\n"
+                              for i, t in enumerate(texts)))
+    paths["data_varied"] = str(varied)
     return paths
 
 
@@ -130,17 +135,21 @@ def training_arguments(output: str, method: str, steps: int, batch: int, logging
                 activation_checkpointing_kwargs={"use_reentrant": False} if method in ("qlora", "int8") else None)
 
 
-def run_hfx(model: str, data: str, method: str, steps: int, batch: int, length: int, output: str) -> StepTimer:
+def run_hfx(model: str, data: str, method: str, steps: int, batch: int, length: int, output: str,
+            packing: str = "none") -> StepTimer:
     timer = StepTimer()
     finetune(FinetuneConfig(model=model, data=data, output=output, method=method, max_steps=steps, batch_size=batch,
-                            max_length=length, save_steps=10_000, logging_steps=1, overwrite=True,
+                            max_length=length, packing=packing, save_steps=10_000, logging_steps=1, overwrite=True,
                             extra_training_args={"disable_tqdm": True}),
              callbacks=[timer])
     return timer
 
 
-def run_plain(model: str, data: str, method: str, steps: int, batch: int, length: int, output: str) -> StepTimer:
-    """The textbook PEFT + bitsandbytes + Trainer recipe."""
+def run_plain(model: str, data: str, method: str, steps: int, batch: int, length: int, output: str,
+              packing: str = "none") -> StepTimer:
+    """The textbook PEFT + bitsandbytes + Trainer recipe (one example per row: no packing)."""
+    if packing != "none":
+        raise ValueError("the plain script does not pack; run --packing with --pipelines trl")
     from datasets import load_dataset
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForSeq2Seq, Trainer,
@@ -171,7 +180,8 @@ def run_plain(model: str, data: str, method: str, steps: int, batch: int, length
     return timer
 
 
-def run_trl(model: str, data: str, method: str, steps: int, batch: int, length: int, output: str) -> StepTimer:
+def run_trl(model: str, data: str, method: str, steps: int, batch: int, length: int, output: str,
+            packing: str = "none") -> StepTimer:
     """TRL's SFTTrainer, told explicitly where its defaults differ from what hfx does.
 
     - ``bf16`` / ``gradient_checkpointing``: SFTConfig turns both on by default; hfx (and a plain
@@ -182,7 +192,11 @@ def run_trl(model: str, data: str, method: str, steps: int, batch: int, length: 
     - BOS: hfx puts the tokenizer's BOS token before every text; SFTTrainer adds only what the tokenizer's own
       post-processor adds (nothing, for this GPT-style tokenizer), so the texts are given with the BOS token.
     - EOS: both append the EOS token (SFTTrainer as text before tokenising, hfx as an id), so nothing to align.
-    - ``packing`` / ``padding_free`` off (SFTConfig's defaults, as hfx's), ``shuffle_dataset`` off (default): both
+    - ``packing``: off unless asked (SFTConfig's default, as hfx's); ``--packing bfd`` is SFTTrainer's
+      ``packing=True`` with its default ``packing_strategy="bfd"``, which turns on ``padding_free`` (the rows of a
+      batch flattened into one, positions restarting per example, as hfx's rows keep them).
+      ``--packing wrapped`` is ``packing_strategy="wrapped"``, whose rows have no boundaries: there, unlike in hfx,
+      a token attends to the previous example in its row. ``shuffle_dataset`` off (default): both
       Trainers draw the same seeded random order; ``completion_only_loss`` / ``assistant_only_loss`` do not apply
       to plain text. ``loss_type="nll"`` (default): SFTTrainer's fused LM head computes the same token-mean
       cross-entropy, divided by Trainer's ``num_items_in_batch`` as the model's loss is.
@@ -202,8 +216,8 @@ def run_trl(model: str, data: str, method: str, steps: int, batch: int, length: 
     peft_config = None if method == "full" else LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
                                                            target_modules="all-linear", task_type="CAUSAL_LM")
     timer = StepTimer()
-    args = SFTConfig(**training_arguments(output, method, steps, batch), max_length=length, packing=False,
-                     dataset_text_field="text")
+    args = SFTConfig(**training_arguments(output, method, steps, batch), max_length=length, packing=packing != "none",
+                     packing_strategy=packing if packing != "none" else "bfd", dataset_text_field="text")
     SFTTrainer(model=net, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
                callbacks=[timer]).train()
     return timer
@@ -235,6 +249,9 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--pipelines", default=",".join(PIPELINES),
                         help="hfx always runs; trl runs for the full and lora methods only")
+    parser.add_argument("--packing", choices=("none", "bfd", "wrapped"), default="none",
+                        help="pack the varied-length texts into --max-length rows (hfx and trl; the plain script "
+                        "does not pack)")
     parser.add_argument("--json", default=None,
                         help="where the rows are written (default: benchmarks/results/finetune.json, "
                         "finetune_quick.json with --quick)")
@@ -253,6 +270,8 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown pipeline(s) {unknown}; choose from {list(PIPELINES)}")
     pipelines = [p for p in PIPELINES if p in pipelines or p == "hfx"]
+    if args.packing != "none" and "plain" in pipelines:
+        parser.error("--packing compares hfx with trl: the plain script does not pack; add --pipelines trl")
     if "trl" in pipelines:
         import importlib.util
 
@@ -267,7 +286,7 @@ def main(argv=None) -> int:
         paths = build_models(root)
         for model_name in args.models.split(","):
             for method in args.methods.split(","):
-                result = {"model": model_name, "method": method, "repeats": repeats}
+                result = {"model": model_name, "method": method, "packing": args.packing, "repeats": repeats}
                 runners = {"plain": run_plain, "hfx": run_hfx, "trl": run_trl}
                 order = [(p, runners[p]) for p in pipelines if p != "trl" or method in TRL_METHODS]
                 times: dict[str, list[float]] = {p: [] for p, _ in order}
@@ -276,8 +295,9 @@ def main(argv=None) -> int:
                 for repeat in range(repeats):
                     for pipeline, run in order if repeat % 2 == 0 else order[::-1]:
                         base_rss = psutil.Process().memory_info().rss
-                        timer = run(paths[model_name], paths["data"], method, steps, args.batch_size, args.max_length,
-                                    str(root / f"{model_name}-{method}-{pipeline}"))
+                        data = paths["data" if args.packing == "none" else "data_varied"]
+                        timer = run(paths[model_name], data, method, steps, args.batch_size, args.max_length,
+                                    str(root / f"{model_name}-{method}-{pipeline}"), args.packing)
                         times[pipeline].extend(timer.times[args.warmup:])
                         peaks[pipeline].append(timer.peak if torch.cuda.is_available() else max(0, timer.peak - base_rss))
                         losses.setdefault(pipeline, timer.losses[:LOSS_STEPS])  # same seed: every repeat alike
@@ -313,7 +333,7 @@ def main(argv=None) -> int:
     tmp_path = out.with_name(out.name + ".tmp")
     tmp_path.write_text(json.dumps({"device": device, "steps": steps, "repeats": repeats, "warmup": args.warmup,
                                     "batch_size": args.batch_size, "max_length": args.max_length,
-                                    "pipelines": pipelines, "loss_steps": LOSS_STEPS, "rows": rows}, indent=2))
+                                    "packing": args.packing, "pipelines": pipelines, "loss_steps": LOSS_STEPS, "rows": rows}, indent=2))
     os.replace(tmp_path, out)
     print(f"rows written to {out}")
     return 0

@@ -80,3 +80,20 @@ def test_loss_difference_is_the_largest_gap_over_the_compared_steps(bench):
     assert bench.loss_difference([1.0, 2.0, 3.0], [1.0, 2.5, 3.1]) == pytest.approx(0.5)
     assert bench.loss_difference([1.0, 2.0, 3.0], [1.0, 2.0, 9.0], steps=2) == 0.0
     assert bench.loss_difference([], [1.0]) is None
+
+
+def test_packing_compares_hfx_with_trl_on_the_varied_texts_and_refuses_the_plain_script(bench, tmp_path, capsys,
+                                                                                         monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "build_models", lambda root: {"hfx-tiny": "m", "data": "d", "data_varied": "v"})
+    for name in ("run_hfx", "run_trl"):
+        timer = getattr(bench, name)()
+        monkeypatch.setattr(bench, name, lambda *args, t=timer, n=name: calls.append((n, args[1], args[-1])) or t)
+    assert bench.main(["--quick", "--methods", "lora", "--models", "hfx-tiny", "--pipelines", "trl",
+                       "--packing", "bfd"]) == 0
+    assert sorted(calls) == [("run_hfx", "v", "bfd"), ("run_trl", "v", "bfd")]
+    (row,) = json.loads((tmp_path / "finetune_quick.json").read_text())["rows"]
+    assert row["packing"] == "bfd" and "plain_step_ms" not in row and "overhead_vs_trl" in row
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--packing", "bfd"])
+    assert "the plain script does not pack" in capsys.readouterr().err
