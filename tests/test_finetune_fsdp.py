@@ -151,6 +151,16 @@ def launcher_env(config_file: Path) -> dict:
     return prepare_multi_gpu_env(args)
 
 
+def use_launcher_env(monkeypatch, env):
+    for key in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE",
+                "ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        if key in env:
+            monkeypatch.setenv(key, env[key])
+        else:
+            monkeypatch.delenv(key, raising=False)
+    monkeypatch.chdir(ROOT)  # the DeepSpeed JSON path of the configs is relative to the repository root
+
+
 @pytest.mark.parametrize("config_file, variable, engine", [
     ("fsdp2.yaml", "ACCELERATE_USE_FSDP", "FSDP"),
     ("ds_zero2.yaml", "ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
@@ -164,10 +174,27 @@ def test_sharding_launch_without_cuda_is_refused_before_anything(config_file, va
     assert env[variable] == "true"
     if engine == "FSDP":
         assert env["FSDP_VERSION"] == "2" and env["FSDP_TRANSFORMER_CLS_TO_WRAP"] == "HfxLayer"
-    for key in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
-        monkeypatch.setenv(key, env.get(key, "false"))
+    use_launcher_env(monkeypatch, env)
     monkeypatch.setattr("hfx.finetune.train.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     out = tmp_path / "out"
     with pytest.raises(BackendError, match=rf"{engine} was requested.*{variable}=true.*no CUDA device.*torchrun"):
         finetune(run_config(hfx_causal, task_file, out))
     assert not out.exists()  # refused before the output folder is touched
+
+
+@pytest.mark.parametrize("config_file, partitioned", [("fsdp2.yaml", True), ("ds_zero3.yaml", True),
+                                                      ("ds_zero2.yaml", False)])
+def test_base_changing_init_is_refused_where_the_engine_partitions_the_weights(config_file, partitioned, tmp_path,
+                                                                              hfx_causal, task_file, monkeypatch):  # noqa: F811
+    use_launcher_env(monkeypatch, launcher_env(CONFIGS / config_file))
+    monkeypatch.setattr("hfx.finetune.train.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    config = run_config(hfx_causal, task_file, tmp_path / "out", init_lora_weights="pissa_niter_2")
+    if partitioned:
+        with pytest.raises(BackendError, match=r"--init-lora-weights pissa_niter_2 under (FSDP|DeepSpeed).*whole weights"):
+            finetune(config)
+    elif torch.cuda.is_available():
+        pytest.skip("ZeRO-2 with a CUDA device trains")
+    else:  # ZeRO-2 keeps whole weights: only the missing GPU stops it here
+        with pytest.raises(BackendError, match="no CUDA device"):
+            finetune(config)
+    assert not (tmp_path / "out").exists()

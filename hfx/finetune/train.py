@@ -18,7 +18,7 @@ import torch
 from ..checkpoint_check import CheckpointError, check_model_dir, file_problem, weights_problem
 from ..long_context import long_load_kwargs
 from ..safe_paths import blocking_parent, remove_entry, replace_folder
-from .config import FinetuneConfig, packing_mode
+from .config import BASE_CHANGING_INITS, FinetuneConfig, packing_mode
 from .data import DataError, check_data, collator_for, prepare_data
 from .metrics import check_metrics, last_eval_metrics, trainer_metrics
 from .model import (
@@ -141,7 +141,7 @@ def finetune(config: FinetuneConfig | None = None, *, callbacks=None, **kwargs) 
     and only then are the model's weights loaded.
     """
     config = config if config is not None else FinetuneConfig(**kwargs)
-    check_sharding_engine()
+    check_sharding_engine(config)
 
     main_process = int(os.environ.get("RANK", "0")) == 0
     output = Path(config.output)
@@ -271,23 +271,52 @@ def gathered_state_dict(model) -> dict | None:
 SHARDING_ENGINES = (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"))
 
 
-def check_sharding_engine() -> None:
-    """An FSDP or DeepSpeed launch without a CUDA device is refused, where it would silently train with DDP.
+def check_sharding_engine(config: FinetuneConfig) -> None:
+    """An FSDP or DeepSpeed launch this run cannot honour is refused, before anything is read or written.
 
-    hfx trains on the CPU (``use_cpu``) when no CUDA device is present. There accelerate 1.15 keeps the run
-    ``MULTI_CPU``: its state enables FSDP only for accelerator devices (GPU, XPU, NPU, HPU, ...) and DeepSpeed
-    only without ``use_cpu``, so the engine's plugin is dropped and every process holds the whole model.
+    - Without a CUDA device hfx trains on the CPU (``use_cpu``), where accelerate 1.15 keeps the run
+      ``MULTI_CPU``: its state enables FSDP only for accelerator devices (GPU, XPU, NPU, HPU, ...) and
+      DeepSpeed only without ``use_cpu``, so the engine's plugin is dropped and every process would hold
+      the whole model (plain DDP).
+    - An init that changes the base weights (PiSSA, OLoRA, CorDA) is saved converted against the original
+      base, a computation on the whole weights of one process that a partitioned model does not have.
     """
-    if torch.cuda.is_available():
+    requested = [(variable, engine) for variable, engine in SHARDING_ENGINES
+                 if os.environ.get(variable, "false").lower() == "true"]
+    if not requested:
         return
-    for variable, engine in SHARDING_ENGINES:
-        if os.environ.get(variable, "false").lower() == "true":
-            raise BackendError(
-                f"{engine} was requested by the launcher ({variable}=true), but there is no CUDA device: accelerate "
-                f"does not shard on the CPU and would train every process on the whole model (DDP). Run on GPUs, "
-                "or launch DDP on the CPU with `torchrun --nproc_per_node N -m hfx.cli finetune ...` or "
-                "`accelerate launch --multi_gpu --num_processes N -m hfx.cli finetune ...`."
-            )
+    variable, engine = requested[0]
+    init = str(config.init_lora_weights)
+    partitioned = engine == "FSDP" or _deepspeed_zero_stage() == 3  # ZeRO-2 keeps whole parameters everywhere
+    if partitioned and config.uses_adapter and init.split("_niter_")[0] in BASE_CHANGING_INITS:
+        raise BackendError(
+            f"--init-lora-weights {init} under {engine} ({variable}=true): the adapter of an init that changes the "
+            "base weights is saved converted against the original base, which needs the whole weights in one "
+            "process; train it with DDP or on one device, or choose another init (default, gaussian, eva, "
+            "orthogonal)."
+        )
+    if not torch.cuda.is_available():
+        raise BackendError(
+            f"{engine} was requested by the launcher ({variable}=true), but there is no CUDA device: accelerate "
+            f"does not shard on the CPU and would train every process on the whole model (DDP). Run on GPUs, "
+            "or launch DDP on the CPU with `torchrun --nproc_per_node N -m hfx.cli finetune ...` or "
+            "`accelerate launch --multi_gpu --num_processes N -m hfx.cli finetune ...`."
+        )
+
+
+def _deepspeed_zero_stage() -> int | None:
+    """The ZeRO stage of an ``accelerate launch`` with DeepSpeed: the config's ``zero_stage`` field, or the
+    stage in its DeepSpeed JSON file; None when neither says."""
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if stage is not None and stage.isdigit():
+        return int(stage)
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    try:
+        with open(path, encoding="utf-8") as f:
+            stage = json.load(f).get("zero_optimization", {}).get("stage")
+    except (TypeError, OSError, ValueError, AttributeError):
+        return None
+    return stage if isinstance(stage, int) else None
 
 
 def global_training_loss(trainer, local_loss: float) -> float:
