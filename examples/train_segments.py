@@ -80,7 +80,7 @@ class MemoryLog(TrainerCallback):
         memory = self.trainer_ref[0].memory
         if state.global_step % args.logging_steps == 0 and memory is not None:
             print(f"step {state.global_step}: memory holds {memory.memory_size()} positions per layer "
-                  f"({memory.seen_tokens} tokens read this epoch)")
+                  f"({memory.seen_tokens} positions of each row read this epoch)")
 
 
 @torch.no_grad()
