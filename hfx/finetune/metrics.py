@@ -230,7 +230,7 @@ class GenerationMetricsMixin:
     def __init__(self, *args, hfx_metrics: list[str] = (), **kwargs):
         super().__init__(*args, **kwargs)
         self.hfx_metrics = list(hfx_metrics)
-        self._generation_sets: dict[int, list[GenerationExample]] = {}
+        self._generation_sets: dict[int, tuple[object, list[GenerationExample]]] = {}
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
@@ -241,10 +241,10 @@ class GenerationMetricsMixin:
             output.metrics[f"{metric_key_prefix}_perplexity"] = perplexity(loss)
         dataset = getattr(dataloader, "dataset", None)
         if "exact_match" in self.hfx_metrics and dataset is not None and "labels" in dataset.column_names:
-            key = id(dataset)
-            if key not in self._generation_sets:
-                self._generation_sets[key] = generation_examples(dataset)
-            examples = self._generation_sets[key]
+            cached = self._generation_sets.get(id(dataset))
+            if cached is None or cached[0] is not dataset:  # the dataset is held here, so its id stays its own
+                cached = self._generation_sets[id(dataset)] = (dataset, generation_examples(dataset))
+            examples = cached[1]
             if examples:
                 output.metrics[f"{metric_key_prefix}_exact_match"] = exact_match(
                     self.model, self.processing_class, examples, self.args.eval_batch_size)
