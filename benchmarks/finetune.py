@@ -8,6 +8,9 @@ sampled every 5 ms). ``overhead`` is hfx's median step time over the plain scrip
 ``overhead_vs_trl`` the same against SFTTrainer (full and LoRA rows: TRL trains a quantised base
 its own way, casting the adapters to bf16, so the 4/8-bit rows would not compare like with like).
 
+``*_cpu_ms`` / ``overhead*_cpu`` are the same from the process's CPU time per step, which other
+programs running on the machine inflate far less than wall time.
+
 Every pipeline logs its loss at every step; ``loss_diff_trl`` / ``loss_diff_plain`` are the
 largest absolute difference from hfx's loss over the first 20 steps. The TRL run is told what hfx
 does where SFTTrainer's defaults differ (:func:`run_trl` lists them), so the curves must agree to
@@ -62,6 +65,7 @@ class StepTimer(TrainerCallback):
 
     def __init__(self):
         self.times, self._start, self.peak, self.losses = [], None, 0, []
+        self.cpu_times, self._cpu_start = [], None
         self._stop = threading.Event()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -82,10 +86,11 @@ class StepTimer(TrainerCallback):
         threading.Thread(target=sample, daemon=True).start()
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._start = time.perf_counter()
+        self._start, self._cpu_start = time.perf_counter(), time.process_time()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.times.append(time.perf_counter() - self._start)
+        self.cpu_times.append(time.process_time() - self._cpu_start)
 
     def on_train_end(self, args, state, control, **kwargs):
         self._stop.set()
@@ -291,6 +296,7 @@ def main(argv=None) -> int:
                 order = [(p, runners[p]) for p in pipelines if p != "trl" or method in TRL_METHODS]
                 times: dict[str, list[float]] = {p: [] for p, _ in order}
                 peaks: dict[str, list[int]] = {p: [] for p, _ in order}
+                cpu: dict[str, list[float]] = {p: [] for p, _ in order}
                 losses: dict[str, list[float]] = {}
                 for repeat in range(repeats):
                     for pipeline, run in order if repeat % 2 == 0 else order[::-1]:
@@ -299,6 +305,7 @@ def main(argv=None) -> int:
                         timer = run(paths[model_name], data, method, steps, args.batch_size, args.max_length,
                                     str(root / f"{model_name}-{method}-{pipeline}"), args.packing)
                         times[pipeline].extend(timer.times[args.warmup:])
+                        cpu[pipeline].extend(getattr(timer, "cpu_times", timer.times)[args.warmup:])
                         peaks[pipeline].append(timer.peak if torch.cuda.is_available() else max(0, timer.peak - base_rss))
                         losses.setdefault(pipeline, timer.losses[:LOSS_STEPS])  # same seed: every repeat alike
                 for pipeline, _ in order:
@@ -306,9 +313,11 @@ def main(argv=None) -> int:
                     result[f"{pipeline}_step_ms"] = round(step * 1000, 1)
                     result[f"{pipeline}_tokens_per_s"] = round(args.batch_size * args.max_length / step)
                     result[f"{pipeline}_peak_mb"] = round(max(peaks[pipeline]) / 2**20, 1)
+                    result[f"{pipeline}_cpu_ms"] = round(statistics.median(cpu[pipeline]) * 1000, 1)
                 for pipeline, key in (("plain", "overhead"), ("trl", "overhead_vs_trl")):
                     if pipeline in times:
                         result[key] = round(result["hfx_step_ms"] / result[f"{pipeline}_step_ms"] - 1, 3)
+                        result[f"{key}_cpu"] = round(result["hfx_cpu_ms"] / result[f"{pipeline}_cpu_ms"] - 1, 3)
                         result[f"loss_diff_{pipeline}"] = loss_difference(losses["hfx"], losses[pipeline])
                 result["losses"] = losses
                 rows.append(result)
@@ -321,13 +330,15 @@ def main(argv=None) -> int:
         if not shown:
             continue
         header = ("model", "method", f"{other} ms/step", "hfx ms/step", f"{other} tok/s", "hfx tok/s",
-                  f"{other} peak MB", "hfx peak MB", "hfx overhead", f"max loss diff ({LOSS_STEPS} steps)")
+                  f"{other} peak MB", "hfx peak MB", "hfx overhead", "hfx overhead (CPU time)",
+                  f"max loss diff ({LOSS_STEPS} steps)")
         print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
         for r in shown:
             diff = r[f"loss_diff_{other}"]
             print(f"| {r['model']} | {r['method']} | {r[f'{other}_step_ms']} | {r['hfx_step_ms']} | "
                   f"{r[f'{other}_tokens_per_s']} | {r['hfx_tokens_per_s']} | {r[f'{other}_peak_mb']} | "
-                  f"{r['hfx_peak_mb']} | {r[overhead]:+.1%} | {'-' if diff is None else f'{diff:.1e}'} |")
+                  f"{r['hfx_peak_mb']} | {r[overhead]:+.1%} | {r[overhead + '_cpu']:+.1%} | "
+                  f"{'-' if diff is None else f'{diff:.1e}'} |")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = out.with_name(out.name + ".tmp")
