@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 # classes need torch and ``transformers.modeling_utils``, which ``import hfx`` does not pay for.
 _LAZY_ATTRIBUTES = {
     "HfxConfig": "hfx.configuration_hfx",
+    "SegmentMemory": "hfx.segment_memory",
     **{name: "hfx.modeling_hfx" for name in (
         "HfxForCausalLM",
         "HfxForMaskedLM",
@@ -56,6 +57,7 @@ quantization.quiet_bitsandbytes_notices()
 
 __all__ = [
     "Component",
+    "SegmentMemory",
     "HfxConfig",
     "HfxForCausalLM",
     "HfxForConditionalGeneration",

@@ -134,6 +134,10 @@ class HfxConfig(PreTrainedConfig):
             self._apply_component(self._component("attention", "attention_type"), kwargs)
         else:
             self._check_attention_type()
+        if self.memory_length:  # imported only then: the check lives with the memory it protects
+            from .segment_memory import validate_memory_config
+
+            validate_memory_config(self)
         # The backend travels with config.json; an explicit `attn_implementation=` still wins.
         kwargs.setdefault("attn_implementation", self.attention_type)
         super().__post_init__(**kwargs)

@@ -17,7 +17,7 @@ from tests.conftest import tiny_config
 ROOT = Path(__file__).resolve().parents[1]
 FIRST_PARTY = {
     "norm": {"layernorm", "rmsnorm", "batchnorm", "batchnorm_causal", "powernorm", "dyt"},
-    "position": {"sinusoidal", "learned", "rotary"},
+    "position": {"sinusoidal", "learned", "rotary", "xl_relative"},
     "ffn": {"dense", "moe"},
 }
 
