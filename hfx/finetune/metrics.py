@@ -111,7 +111,7 @@ def classification_scores(names: list[str], predictions, references, num_labels:
     references = [int(r) for r in references]
     scores = {}
     for name in names:
-        module_name, key = MODULES[name]
+        key = MODULES[name][1]
         kwargs = {}
         if name in AVERAGED:
             kwargs = {"average": average, "pos_label": 1}
