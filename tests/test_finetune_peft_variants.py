@@ -208,3 +208,21 @@ def test_loftq_trains_on_gpu(tmp_path, llama, data_file):
     assert losses[-1] < losses[0]
     saved = json.loads((Path(result.saved_dir) / "adapter_config.json").read_text())
     assert saved["init_lora_weights"] == "loftq" and saved["loftq_config"]["loftq_bits"] == 4
+
+
+def test_resume_compares_the_variant_fields_and_accepts_older_run_files(tmp_path):
+    from hfx.finetune.train import RUN_FILE, OutputDirError, check_output_dir
+
+    saved = FinetuneConfig(model="m", data="d", output=str(tmp_path), modules_to_save="lm_head,norm")
+    record = json.loads(saved.to_json())
+    (tmp_path / RUN_FILE).write_text(json.dumps(record))
+    same = dict(model="m", data="d", output=str(tmp_path), resume=True)
+    check_output_dir(FinetuneConfig(**same, modules_to_save="norm,lm_head"))  # order does not matter
+    with pytest.raises(OutputDirError, match=r"use_dora: saved False, requested True"):
+        check_output_dir(FinetuneConfig(**same, modules_to_save="lm_head,norm", use_dora=True))
+    for name in ("use_dora", "use_rslora", "init_lora_weights", "target_parameters", "modules_to_save"):
+        record.pop(name)  # a run file written before these fields existed: it used today's defaults
+    (tmp_path / RUN_FILE).write_text(json.dumps(record))
+    check_output_dir(FinetuneConfig(**same))
+    with pytest.raises(OutputDirError, match=r"init_lora_weights: saved 'default', requested 'olora'"):
+        check_output_dir(FinetuneConfig(**same, init_lora_weights="olora"))

@@ -309,6 +309,11 @@ class FinetuneConfig:
                 raise ValueError("init_lora_weights='loftq' needs a CUDA GPU: PEFT's LoftQ quantisation runs on CUDA "
                                  "only; valid values on this machine: ['default', 'gaussian', 'pissa', "
                                  "'pissa_niter_K', 'olora', 'eva', 'corda', 'orthogonal'].")
+            import importlib.util
+
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise ValueError("init_lora_weights='loftq' needs bitsandbytes (PEFT quantises the base with it): "
+                                 "pip install 'bitsandbytes>=0.50.2'.")
 
     def _check_extra_training_args(self) -> None:
         """Extra TrainingArguments must be real ones and none that hfx sets from a field (:data:`SHADOWED_TRAINING_ARGS`)."""
