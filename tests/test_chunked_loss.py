@@ -150,6 +150,28 @@ def test_chunk_size_and_eval_mode_give_the_same_loss():
         torch.testing.assert_close(labelled_loss(hidden, model.lm_head, shift), reference.detach(), **LOSS_TOL)
 
 
+def test_no_projection_covers_the_whole_batch(monkeypatch):
+    """Every vocabulary-sized output is one chunk of labelled rows, in forward and backward alike."""
+    model = hfx_model()
+    batch = completion_batch()
+    labelled = int((shifted_labels(batch["labels"]) != -100).sum())
+    shapes = []
+    linear = torch.nn.functional.linear
+
+    def recording(x, weight, bias=None):
+        out = linear(x, weight, bias)
+        if out.shape[-1] == VOCAB:
+            shapes.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "linear", recording)
+    model(**batch).loss.backward()
+    assert shapes == [(3, 36, VOCAB)]  # the plain loss: every position
+    shapes.clear()
+    chunked_forward(model, batch, adds_aux_loss=True, chunk_rows=16).loss.backward()
+    assert shapes == [(16, VOCAB)] * (labelled // 16) + [(labelled % 16, VOCAB)] * bool(labelled % 16)
+
+
 def test_no_labelled_position_is_nan_like_the_plain_loss():
     model = hfx_model()
     batch = completion_batch()
@@ -158,7 +180,7 @@ def test_no_labelled_position_is_nan_like_the_plain_loss():
     assert math.isnan(chunked_forward(model, batch, adds_aux_loss=True).loss.item())
 
 
-def test_only_exact_setups_use_it(tmp_path):
+def test_only_exact_setups_use_it(tmp_path, caplog):
     softcapped = Gemma2Config(vocab_size=VOCAB, final_logit_softcapping=30.0)
     assert "model_type='gemma2'" in config_blocker("causal-lm", softcapped)
     llama_scaled = LlamaConfig(vocab_size=VOCAB)
@@ -179,14 +201,27 @@ def test_only_exact_setups_use_it(tmp_path):
 
     lora_head = get_peft_model(stock_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
     assert "not a plain nn.Linear" in head_blocker(lora_head)
-    assert use_chunked_loss(run(chunked_loss="auto"), "causal-lm", lora_head) is False
+    with caplog.at_level("INFO", logger="hfx.finetune"):
+        assert use_chunked_loss(run(chunked_loss="auto"), "causal-lm", lora_head) is False
+    assert "chunked_loss=auto: using the plain loss because the output head is a" in caplog.text
     with pytest.raises(ValueError, match=r"chunked_loss='on' is invalid here: the output head is a"):
         use_chunked_loss(run(chunked_loss="on"), "causal-lm", lora_head)
     assert use_chunked_loss(run(chunked_loss="auto"), "causal-lm", hfx_model()) is True
     assert use_chunked_loss(run(chunked_loss="off"), "causal-lm", hfx_model()) is False
 
 
-def test_config_field_is_validated(tmp_path):
+def test_config_field_is_validated(tmp_path, capsys, hfx_causal):  # noqa: F811
+    from hfx.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["finetune", "--model", hfx_causal, "--data", "d", "--output", "o", "--chunked-loss", "sometimes"])
+    err = capsys.readouterr().err
+    assert "--chunked-loss: invalid choice: 'sometimes'" in err and all(v in err for v in ("auto", "on", "off"))
+    with pytest.raises(SystemExit) as exit_info:  # the flag reaches FinetuneConfig, checked before any loading
+        main(["finetune", "--model", hfx_causal, "--data", "d", "--output", str(tmp_path / "o"), "--task", "seq-cls",
+              "--chunked-loss", "on"])
+    assert exit_info.value.code == 2
+    assert "chunked_loss='on' is invalid with task='seq-cls'" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"chunked_loss='yes' is invalid; valid values: \['auto', 'on', 'off'\]"):
         FinetuneConfig(model="m", data="d", output=str(tmp_path), chunked_loss="yes")
     with pytest.raises(ValueError, match=r"chunked_loss='on' is invalid with task='seq-cls'"):
