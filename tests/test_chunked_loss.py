@@ -126,14 +126,20 @@ def test_stock_architectures_equal_plain_loss(name):
     assert_same_as_plain(stock_model(name))
 
 
-def test_peft_lora_equals_plain_loss():
+@pytest.mark.parametrize("modules_to_save", [None, ["lm_head"]])
+def test_peft_lora_equals_plain_loss(modules_to_save):
     model = get_peft_model(stock_model("llama"), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                            target_modules=["q_proj", "v_proj", "down_proj"]))
+                                                            target_modules=["q_proj", "v_proj", "down_proj"],
+                                                            modules_to_save=modules_to_save))
     with torch.no_grad():  # B = 0 at init: give the adapters a real contribution to the forward
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.1)
     assert head_blocker(model) is None
+    if modules_to_save:  # the trained copy of the head: its gradient is the chunked one
+        with torch.no_grad():
+            model.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
+        assert model.base_model.model.lm_head.modules_to_save["default"].weight.requires_grad
     assert_same_as_plain(model)
 
 

@@ -12,7 +12,8 @@ and hfx's auxiliary loss (MoE balance) is added as ``HfxForCausalLM`` adds it.
 
 It is used only where it equals the plain loss: architectures whose head is ``lm_head(hidden)`` with nothing
 after it (:data:`EXACT_ARCHITECTURES`), no setting that rescales or caps the logits, a plain ``nn.Linear``
-head, one process or DDP (not FSDP / DeepSpeed, which shard the head). Elsewhere the plain loss runs, and the
+head (or PEFT's trained copy of one, ``modules_to_save``), one process or DDP (not FSDP / DeepSpeed, which
+shard the head). Elsewhere the plain loss runs, and the
 log says why.
 """
 
@@ -70,11 +71,31 @@ def run_blocker(config) -> str | None:
 def head_blocker(model) -> str | None:
     """Why this loaded (possibly PEFT-wrapped) model's head cannot be chunked, or None."""
     head = output_head(model)
-    if type(head) is not nn.Linear:
+    linear = effective_linear(head)
+    if linear is None:
         return f"the output head is a {type(head).__name__}, not a plain nn.Linear"
-    if head.weight.ndim != 2 or head.weight.is_meta:
+    if linear.weight.ndim != 2 or linear.weight.is_meta:
         return "the output head's weight is not a materialised matrix"
     return None
+
+
+def effective_linear(head) -> nn.Linear | None:
+    """The plain ``nn.Linear`` that ``head(hidden)`` applies, or None: the head itself, or the copy PEFT's
+    ``modules_to_save`` trains (the original while adapters are disabled); a LoRA or quantised layer is None."""
+    if type(head) is nn.Linear:
+        return head
+    try:
+        from peft.utils.other import ModulesToSaveWrapper
+    except ImportError:
+        return None
+    if not isinstance(head, ModulesToSaveWrapper):
+        return None
+    active = head.active_adapters
+    if head.disable_adapters or not active or any(name not in head._adapters for name in active):
+        inner = head.original_module  # what the wrapper's forward runs then
+    else:
+        inner = head.modules_to_save[active[0]]
+    return inner if type(inner) is nn.Linear else None
 
 
 def check_chunked_loss(config, task: str, model_config) -> None:
@@ -198,7 +219,7 @@ def labelled_loss(hidden, head: nn.Linear, shift_labels, num_items_in_batch=None
 class _HeadInterceptor:
     """While active, the head's forward computes the chunked loss from its input and returns empty logits."""
 
-    def __init__(self, head: nn.Linear, shift_labels, num_items_in_batch, chunk_rows=None):
+    def __init__(self, head: nn.Module, shift_labels, num_items_in_batch, chunk_rows=None):
         self.head, self.shift_labels = head, shift_labels
         self.num_items_in_batch, self.chunk_rows = num_items_in_batch, chunk_rows
         self.loss = None
@@ -214,13 +235,17 @@ class _HeadInterceptor:
         else:
             self.head.forward = self._own_forward
 
-    def _forward(self, hidden):
+    def _forward(self, hidden, *args, **kwargs):
+        linear = effective_linear(self.head)
+        if args or kwargs or linear is None:
+            raise RuntimeError("chunked loss: the output head was called with more than hidden states, or is no "
+                               "longer a plain linear layer; use chunked_loss='off'.")
         if self.loss is not None:
             raise RuntimeError("chunked loss: the output head ran twice in one forward; use chunked_loss='off'.")
         if hidden.shape[:-1] != self.shift_labels.shape:
             raise RuntimeError(f"chunked loss: the head got hidden states of shape {tuple(hidden.shape)} for labels "
                                f"of shape {tuple(self.shift_labels.shape)}; use chunked_loss='off'.")
-        self.loss = labelled_loss(hidden, self.head, self.shift_labels, self.num_items_in_batch, self.chunk_rows)
+        self.loss = labelled_loss(hidden, linear, self.shift_labels, self.num_items_in_batch, self.chunk_rows)
         return hidden.new_zeros((*hidden.shape[:-1], 0))
 
 
