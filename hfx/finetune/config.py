@@ -283,6 +283,13 @@ class FinetuneConfig:
             raise ValueError(f"use_dora=True is invalid with init_lora_weights={init!r}: converting the adapter back to "
                              "the original base keeps only the LoRA matrices, not DoRA's magnitudes; valid "
                              "init_lora_weights with DoRA: ['default', 'gaussian', 'eva', 'orthogonal'].")
+        if self.use_dora and self.method == "int8":
+            import torch
+
+            if not torch.cuda.is_available():  # measured: bitsandbytes 0.50.2, PEFT 0.21.2, first training step
+                raise ValueError("use_dora=True is invalid with method='int8' on the CPU: bitsandbytes' LLM.int8 "
+                                 "layer loses its scales once DoRA reads the weight; valid methods for DoRA here: "
+                                 "['lora', 'qlora'].")
         if init == "orthogonal" and self.lora_r % 2:
             raise ValueError(f"init_lora_weights='orthogonal' needs an even lora_r, got {self.lora_r}.")
         if self.target_parameters:
