@@ -44,18 +44,27 @@ def eager_attention_forward(
 ):
     """softmax(Q K^T * scaling + mask) V in plain torch: the reference every backend is tested against."""
     import torch
-    from torch import nn
 
     n_rep = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    return attend(module, scores, value, attention_mask, dropout)
+
+
+def attend(module: nn.Module, scores: torch.Tensor, value: torch.Tensor, attention_mask, dropout: float = 0.0):
+    """softmax(scores + mask) V: (B, H, T, K) scaled scores and (B, H, K, D) values (heads already repeated) to
+    the (B, T, H, D) output and the weights. Shared by eager attention and position components that score
+    with terms of their own (xl_relative)."""
+    import torch
+    from torch import nn
+
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
         else:
-            scores = scores + attention_mask[..., : key.shape[-2]]
+            scores = scores + attention_mask[..., : value.shape[-2]]
     # softmax subtracts the row maximum internally, the numerically stable form.
-    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     out = torch.matmul(weights, value).transpose(1, 2).contiguous()
     return out, weights

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import initialization as init
 
-from hfx.attention import repeat_kv
+from hfx.attention import attend, repeat_kv
 from hfx.registry import Component
 
 ATTENTION = ("eager",)
@@ -80,15 +80,7 @@ class XLRelativeScores(nn.Module):
         by_distance = torch.einsum("bhtd,lhd->bhtl", query + v, r)  # (B, H, T, L)
         index = (distance - low)[:, None].expand(by_distance.shape[0], self.num_heads, -1, -1)
         position = torch.gather(by_distance, -1, index)  # XL's relative shift, as a gather
-        scores = (content + position) * scaling
-        if attention_mask is not None:
-            if attention_mask.dtype == torch.bool:
-                scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-            else:
-                scores = scores + attention_mask[..., : key.shape[-2]]
-        weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-        weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-        return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+        return attend(module, (content + position) * scaling, value, attention_mask, dropout)
 
 
 def build(config) -> nn.Module:
