@@ -39,8 +39,9 @@ from .configuration_hfx import HfxConfig
 from .padding_masks import allowed_from_mask, real_token_mask
 from .registry import registry
 from .segment_memory import (
-    MEMORY_ATTENTION,
     SegmentMemory,
+    causal_after,
+    check_memory_attention,
     key_positions,
     memory_attention_mask,
     validate_memory_config,
@@ -125,16 +126,19 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(query, key, rotary):
-    """Rotate (B, H, T, D) queries and keys by the (cos, sin) of a rotary position component."""
-    cos, sin = (t.unsqueeze(1) for t in rotary)
-    return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
-
-
-def rotate(x, rotary):
-    """Rotate (B, H, T, D) by one (cos, sin) pair of (1 or B, T, D)."""
-    cos, sin = (t.unsqueeze(1) for t in rotary)
+def rotate(x, cos, sin):
+    """Rotate (B, H, T, D) by (cos, sin) broadcast over the heads: (1 or B, 1, T, D)."""
     return x * cos + rotate_half(x) * sin
+
+
+def apply_rotary(query, key, rotary, key_rotary=None):
+    """Rotate (B, H, T, D) queries and keys by the (cos, sin) of a rotary position component, each (1 or B, T, D);
+    ``key_rotary``: the keys' own (cos, sin) when there are more keys than queries (a segment memory)."""
+    cos, sin = (t.unsqueeze(1) for t in rotary)
+    if key_rotary is None:
+        return rotate(query, cos, sin), rotate(key, cos, sin)
+    key_cos, key_sin = (t.unsqueeze(1) for t in key_rotary)
+    return rotate(query, cos, sin), rotate(key, key_cos, key_sin)
 
 
 def relative_attention_factory(config):
@@ -195,13 +199,7 @@ class HfxAttention(nn.Module):
         component = attention_component(config.attention_type)
         if component is not None and component.attach is not None:
             component.attach(self, config)
-        relative = relative_attention_factory(config)
-        if relative is not None and config.is_encoder_decoder:
-            # HfxForConditionalGeneration marks its config after construction, past the position's own check
-            raise ValueError(
-                f"position_embedding_type={config.position_embedding_type!r} is invalid for an encoder-decoder "
-                "model; valid values: 'rotary', 'learned', 'sinusoidal'."
-            )
+        relative = relative_attention_factory(config)  # encoder-decoder configs refuse it (its validate_config)
         self.relative = relative(config) if relative is not None else None
 
     def forward(
@@ -223,11 +221,10 @@ class HfxAttention(nn.Module):
         key = self.k_proj(kv_input).view(kv_shape).transpose(1, 2)
         value = self.v_proj(kv_input).view(kv_shape).transpose(1, 2)
         if self.relative is None and rotary is not None:
+            key_rotary = None  # the memory's positions precede the segment's
             if memory_rotary is not None:
-                rotary_keys = tuple(torch.cat([m, c], dim=1) for m, c in zip(memory_rotary, rotary))
-                query, key = rotate(query, rotary), rotate(key, rotary_keys)
-            else:
-                query, key = apply_rotary(query, key, rotary)
+                key_rotary = tuple(torch.cat([m, c], dim=1) for m, c in zip(memory_rotary, rotary))
+            query, key = apply_rotary(query, key, rotary, key_rotary)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
         if self.relative is not None:
@@ -250,8 +247,7 @@ class HfxAttention(nn.Module):
         segment's (memory or KV cache) and at the segment's own."""
         length, keys = query.shape[-2], key.shape[-2]
         if attention_mask is None and self.is_causal and length > 1:
-            rows = torch.arange(length, device=query.device)[:, None] + (keys - length)
-            attention_mask = torch.arange(keys, device=query.device)[None, :] <= rows
+            attention_mask = causal_after(length, keys, query.device)
         out, weights = self.relative(
             self, query, key, value, attention_mask, query_positions, key_positions(query_positions, keys - length),
             scaling=self.scaling, dropout=self.attention_dropout if self.training else 0.0,
@@ -406,11 +402,7 @@ class HfxModel(HfxPreTrainedModel):
         empty transformers cache: a new one); it is updated in place and always returned, whatever ``use_cache``
         says: it is the model's recurrent state, and transformers turns ``use_cache`` off under gradient
         checkpointing, where XL training still needs it."""
-        if self.config._attn_implementation not in MEMORY_ATTENTION:
-            raise ValueError(
-                f"attn_implementation={self.config._attn_implementation!r} is invalid with memory_length="
-                f"{self.config.memory_length}; valid values: {list(MEMORY_ATTENTION)}."
-            )
+        check_memory_attention(self.config._attn_implementation, self.config.memory_length, "attn_implementation")
         memory = past_key_values
         if memory is not None and not isinstance(memory, SegmentMemory):
             if memory.get_seq_length():

@@ -40,6 +40,8 @@ from .modeling_hfx import (
     build_norm,
     ffn_takes_padding,
 )
+from .registry import registry
+from .segment_memory import validate_memory_config
 
 logger = logging.get_logger(__name__)
 
@@ -313,15 +315,15 @@ def _check_seq2seq_config(config: HfxConfig) -> None:
             "is_decoder=True is invalid for an encoder-decoder model; valid values: is_decoder=False (the encoder "
             "attends both ways, the decoder stack is always causal)."
         )
-    if getattr(config, "memory_length", 0):
-        raise ValueError(
-            f"memory_length={config.memory_length!r} is invalid for an encoder-decoder model; valid values: 0 "
-            "(segment memory is a decoder-only feature: HfxModel / HfxForCausalLM)."
-        )
     if not config.is_encoder_decoder:
         logger.info("HfxForConditionalGeneration sets is_encoder_decoder=True.")
         config.is_encoder_decoder = True
         config._check_shapes()  # fills in what an encoder-decoder config derives (decoder_layers)
+        # what refuses an encoder-decoder config when it is built (segment memory, xl_relative) sees it now
+        validate_memory_config(config)
+        position = registry.get("position", config.position_embedding_type)
+        if position.validate_config is not None:
+            position.validate_config(config)
     start = decoder_start_token_id(config)
     if start is None:
         raise ValueError(

@@ -34,16 +34,21 @@ def validate_memory_config(config) -> None:
             f"valid values: {list(MEMORY_POSITIONS)} (absolute positions would give a memory position the same "
             "encoding as a position of the current segment)."
         )
-    attention = getattr(config, "_attn_implementation", None) or config.attention_type
-    if attention not in MEMORY_ATTENTION:
-        raise ValueError(
-            f"attention_type={attention!r} is invalid with memory_length={memory}; valid values: "
-            f"{list(MEMORY_ATTENTION)} (memory attention needs an explicit [memory ; segment] mask)."
-        )
+    check_memory_attention(getattr(config, "_attn_implementation", None) or config.attention_type, memory)
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(
             f"memory_length={memory!r} is invalid for an encoder-decoder model; valid values: 0 (segment memory is "
             "for HfxModel with is_decoder=True and HfxForCausalLM)."
+        )
+
+
+def check_memory_attention(attention: str, memory_length: int, field: str = "attention_type") -> None:
+    """Refuse a backend that cannot take the explicit [memory ; segment] mask (``field``: how the caller names it;
+    the model checks again per forward, as ``attn_implementation`` may change after it was built)."""
+    if attention not in MEMORY_ATTENTION:
+        raise ValueError(
+            f"{field}={attention!r} is invalid with memory_length={memory_length}; valid values: "
+            f"{list(MEMORY_ATTENTION)} (memory attention needs an explicit [memory ; segment] mask)."
         )
 
 
@@ -188,12 +193,17 @@ def memory_attention_mask(memory_real: torch.Tensor, segment_real: torch.Tensor 
     if segment_real is None:
         segment_real = torch.ones(batch, segment_length, dtype=torch.bool, device=device)
     keys_real = torch.cat([memory_real, segment_real.to(device)], dim=1)  # (B, m + T)
-    query = torch.arange(segment_length, device=device)[:, None]
-    key = torch.arange(held + segment_length, device=device)[None, :] - held
-    causal = key <= query  # memory keys have key < 0
-    allowed = causal[None] & keys_real[:, None, :]
-    allowed = allowed | (key == query)[None]
-    return allowed[:, None]
+    keys = held + segment_length
+    itself = torch.arange(keys, device=device)[None, :] == torch.arange(held, keys, device=device)[:, None]
+    allowed = causal_after(segment_length, keys, device)[None] & keys_real[:, None, :]
+    return (allowed | itself[None])[:, None]
+
+
+def causal_after(length: int, keys: int, device) -> torch.Tensor:
+    """Bool (T, K): the T queries are the last T of the K keys (the K - T earlier ones: memory or a KV cache);
+    query i sees key j iff j <= i + K - T, the causal rule offset by the earlier keys."""
+    rows = torch.arange(length, device=device)[:, None] + (keys - length)
+    return torch.arange(keys, device=device)[None, :] <= rows
 
 
 def key_positions(query_positions: torch.Tensor, earlier: int) -> torch.Tensor:
@@ -210,8 +220,10 @@ __all__ = [
     "SegmentMemoryLayer",
     "MemoryView",
     "validate_memory_config",
+    "check_memory_attention",
     "memory_attention_mask",
     "key_positions",
+    "causal_after",
     "MEMORY_ATTENTION",
     "MEMORY_POSITIONS",
 ]
