@@ -154,18 +154,48 @@ def test_gradient_checkpointing_reads_the_same_memory():
 
 
 def test_hfx_model_with_is_decoder_returns_the_memory():
-    config = memory_config("rotary", memory_length=5)
+    """The bare HfxModel (is_decoder=True) carries the memory itself: its second segment equals the masked
+    float64 reference over the concatenation (read through the causal LM's head, same weights)."""
+    config = memory_config("rotary", memory_length=3)
     model = build(config)
     bare = hfx.HfxModel(config).eval().to(torch.float64)
     bare.load_state_dict(model.model.state_dict())
-    ids = torch.randint(1, 97, (1, 8))
-    first = bare(ids[:, :4])
-    assert isinstance(first.past_key_values, SegmentMemory)
-    second = bare(ids[:, 4:], past_key_values=first.past_key_values)
-    _, memory = by_segments(model, ids, [4, 4])
-    expected = model.model(ids[:, 4:], past_key_values=by_segments(model, ids, [4])[1]).last_hidden_state
-    torch.testing.assert_close(second.last_hidden_state, expected)
-    assert second.past_key_values.memory_size() == memory.memory_size() == 5
+    torch.manual_seed(3)
+    ids = torch.randint(1, 97, (2, 8))
+    with torch.no_grad():
+        first = bare(ids[:, :4])
+        assert isinstance(first.past_key_values, SegmentMemory)
+        second = bare(ids[:, 4:], past_key_values=first.past_key_values)
+        logits = model.lm_head(second.last_hidden_state)
+        expected = reference_logits(model, ids, xl_mask([4, 4], 3))[:, 4:]
+        full_causal = reference_logits(model, ids, xl_mask([8], 0))[:, 4:]
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    assert (logits - full_causal).abs().max() > 1e-3  # the first query of segment 2 does not see token 0
+    assert second.past_key_values.memory_size() == 3
+
+
+def test_cache_contract():
+    """What transformers asks of a Cache: no prefix length, beams reorder / repeat / select every layer's
+    states and the real-token mask together, cropping refused."""
+    memory = SegmentMemory(memory_length=4, num_layers=2)
+    states = [torch.arange(3 * 2 * 1, dtype=torch.float32).view(3, 2, 1) + 100 * k for k in range(2)]
+    real = torch.tensor([[True, False], [True, True], [False, True]])
+    memory.append(states, real)
+    assert (memory.get_seq_length(), memory.memory_size(), memory.seen_tokens) == (0, 2, 2)
+    order = torch.tensor([2, 0, 0])
+    memory.reorder_cache(order)
+    assert all(torch.equal(layer.states, s[order]) for layer, s in zip(memory.layers, states))
+    assert torch.equal(memory.real, real[order])
+    memory.batch_repeat_interleave(2)
+    assert memory.layers[1].states.shape == (6, 2, 1) and torch.equal(memory.real, real[order].repeat_interleave(2, 0))
+    memory.batch_select_indices(torch.tensor([0, 5]))
+    assert torch.equal(memory.layers[0].states, states[0][[2, 0]]) and torch.equal(memory.real, real[[2, 0]])
+    memory.append([torch.zeros(2, 3, 1)] * 2, torch.ones(2, 3, dtype=torch.bool))  # 2 + 3 > 4: oldest dropped
+    assert memory.memory_size() == 4 and torch.equal(memory.layers[0].states[:, 0], states[0][[2, 0], 1])
+    with pytest.raises(ValueError, match="SegmentMemory cannot be cropped"):
+        memory.crop(1)
+    with pytest.raises(ValueError, match=r"memory_length=0 is invalid; valid values: an integer > 0"):
+        SegmentMemory(memory_length=0, num_layers=2)
 
 
 @pytest.mark.parametrize(
@@ -191,9 +221,17 @@ def test_config_refusals(overrides, message):
          r"attention_type='hfx_sliding_window' is invalid with memory_length=4; valid values: \['eager', 'sdpa'\]"),
     ],
 )
-def test_model_refusals(overrides, message):
+def test_memory_refusals_at_config_construction(overrides, message):
     with pytest.raises(ValueError, match=message):
-        hfx.HfxForCausalLM(tiny_config(**{"memory_length": 4, "position_embedding_type": "rotary", **overrides}))
+        tiny_config(**{"memory_length": 4, "position_embedding_type": "rotary", **overrides})
+
+
+def test_backend_set_after_construction_is_refused_at_forward():
+    model = build(memory_config("rotary"))
+    model.config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match=r"attn_implementation='flex_attention' is invalid with memory_length=4; "
+                                         r"valid values: \['eager', 'sdpa'\]"):
+        model(torch.randint(1, 97, (1, 3)))
 
 
 def test_memory_needs_a_decoder_and_refuses_other_caches():
