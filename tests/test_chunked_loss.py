@@ -143,6 +143,25 @@ def test_peft_lora_equals_plain_loss(modules_to_save):
     assert_same_as_plain(model)
 
 
+@pytest.mark.parametrize("make", [hfx_model, lambda: stock_model("llama")], ids=["hfx", "llama"])
+def test_packed_rows_equal_plain_loss(make):
+    """Rows holding several examples (position ids restarting, no attention mask, first label -100), as
+    --packing feeds them."""
+    model = make()
+    torch.manual_seed(2)
+    ids = torch.randint(0, VOCAB, (2, 30))
+    positions = torch.cat([torch.arange(12), torch.arange(18)]).repeat(2, 1)
+    labels = ids.clone()
+    labels[:, [0, 12]] = -100
+    batch = dict(input_ids=ids, position_ids=positions, labels=labels, use_cache=False)
+    for num_items in (None, torch.tensor(60)):
+        plain, plain_grads = loss_and_grads(model, batch, False, num_items)
+        chunked, chunked_grads = loss_and_grads(model, batch, True, num_items, adds_aux=True)
+        torch.testing.assert_close(chunked, plain, **LOSS_TOL)
+        for name, grad in plain_grads.items():
+            assert (chunked_grads[name] - grad).abs().max() <= GRAD_TOL, name
+
+
 def test_chunk_size_and_eval_mode_give_the_same_loss():
     model = hfx_model()
     batch = completion_batch()
