@@ -74,7 +74,7 @@ class XLRelativeScores(nn.Module):
         v = self.r_r_bias.to(query.dtype)[None, :, None, :]
         content = torch.matmul(query + u, key.transpose(2, 3))  # (B, H, T, K)
         distance = query_positions[..., :, None] - key_positions[..., None, :]  # (1 or B, T, K)
-        low, high = int(distance.min()), int(distance.max())
+        low, high = torch.stack(torch.aminmax(distance)).tolist()  # one host sync for the table's range
         table = xl_sinusoid(torch.arange(low, high + 1, device=query.device), self.hidden_size).to(query.dtype)
         r = self.r_proj(table).view(-1, self.num_heads, self.head_dim)  # (L, H, D)
         by_distance = torch.einsum("bhtd,lhd->bhtl", query + v, r)  # (B, H, T, L)
