@@ -59,7 +59,9 @@ class SegmentDataset(torch.utils.data.Dataset):
 class SegmentTrainer(Trainer):
     """Trainer that hands each step the memory the previous step left (reset at each epoch: the stream restarts)."""
 
-    memory = None
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.memory = None  # the SegmentMemory of the last step, on this trainer (not on the model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs, past_key_values=self.memory, num_items_in_batch=num_items_in_batch)
@@ -70,14 +72,14 @@ class SegmentTrainer(Trainer):
 class MemoryLog(TrainerCallback):
     """Reset the memory at every epoch (the stream starts again); log how many positions it holds."""
 
-    def __init__(self, trainer_ref):
-        self.trainer_ref = trainer_ref
+    def __init__(self, trainer: SegmentTrainer):
+        self.trainer = trainer
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self.trainer_ref[0].memory = None
+        self.trainer.memory = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        memory = self.trainer_ref[0].memory
+        memory = self.trainer.memory
         if state.global_step % args.logging_steps == 0 and memory is not None:
             print(f"step {state.global_step}: memory holds {memory.memory_size()} positions per layer "
                   f"({memory.seen_tokens} positions of each row read this epoch)")
@@ -134,10 +136,8 @@ def main(argv=None):
         seed=args.seed, dataloader_drop_last=True, use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True,
     )
-    ref = [None]
-    trainer = SegmentTrainer(model=model, args=training, train_dataset=dataset, data_collator=default_data_collator,
-                             callbacks=[MemoryLog(ref)])
-    ref[0] = trainer
+    trainer = SegmentTrainer(model=model, args=training, train_dataset=dataset, data_collator=default_data_collator)
+    trainer.add_callback(MemoryLog(trainer))
     trainer.train()
     with_memory = perplexity(model, valid_rows, args.segment_length, use_memory=True)
     without = perplexity(model, valid_rows, args.segment_length, use_memory=False)
