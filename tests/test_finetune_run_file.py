@@ -1,6 +1,7 @@
 """``hfx finetune --config run.yaml``: file values, typed flags over them, argparse defaults never, clear refusals."""
 
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,21 @@ def test_a_tiny_run_from_a_run_file(tmp_path, capsys):
     assert adapter["r"] == 2 and adapter["use_rslora"] is True
     out = capsys.readouterr().out
     assert json.loads(out[out.index("{\n"):])["global_step"] == 2  # the summary (after any library's notes)
+
+
+def test_every_field_is_a_run_file_key_and_a_flag(tmp_path):
+    import yaml
+
+    config = FinetuneConfig(model="m", data="d", output="o", target_modules="q_proj",
+                            extra_training_args={"max_grad_norm": 0.5})
+    (tmp_path / "all.yaml").write_text(yaml.safe_dump(json.loads(config.to_json())))
+    assert config_from_run_file(tmp_path / "all.yaml") == config
+    # a run's own record (OUTPUT/hfx_finetune.json, with the process count) reads back as a run file
+    (tmp_path / "hfx_finetune.json").write_text(json.dumps({**json.loads(config.to_json()), "world_size": 2}))
+    assert config_from_run_file(tmp_path / "hfx_finetune.json", output="o2") == FinetuneConfig(
+        **{**json.loads(config.to_json()), "output": "o2"})
+    parser = build_parser(["finetune"])
+    finetune_parser = next(a for a in parser._actions if a.dest == "command").choices["finetune"]
+    dests = {action.dest for action in finetune_parser._actions}
+    # extra_training_args is a mapping: set in a run file or from Python
+    assert [f.name for f in fields(FinetuneConfig) if f.name not in dests] == ["extra_training_args"]

@@ -21,6 +21,8 @@ GIVEN = "_hfx_given_flags"  # the Namespace attribute holding the dests of the f
 #: fields that may come from the run file instead of the command line, but must come from one of them
 REQUIRED = ("model", "data", "output")
 #: older run files may hold a boolean where a field now takes a name; FinetuneConfig reads both
+#: what a run records next to its settings in OUTPUT/hfx_finetune.json: skipped, so that file is a run file too
+RECORDED_ONLY = ("world_size",)
 LEGACY_TYPES = {"packing": (bool,)}
 
 
@@ -50,6 +52,7 @@ def load_run_file(path: str | Path) -> dict:
     if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
         raise RunFileError(f"--config {path}: must hold a mapping of FinetuneConfig field names to values, "
                            f"got {type(values).__name__}.")
+    values = {k: v for k, v in values.items() if k not in RECORDED_ONLY}
     return check_values(values, where=f"--config {path}")
 
 
