@@ -200,6 +200,12 @@ def test_unknown_parameters_and_modules_named_with_the_existing_ones(llama):
         check_target_modules(bad, skeleton)
     with pytest.raises(TargetModulesError, match=r"modules_to_save \['head'\] match no module.*'lm_head'"):
         check_target_modules(FinetuneConfig(model=llama, data="d", output="o", modules_to_save="head"), skeleton)
+    quantised = FinetuneConfig(model=llama, data="d", output="o", method="qlora", modules_to_save="lm_head,o_proj")
+    with pytest.raises(TargetModulesError, match=r"modules_to_save \['o_proj'\] are linear layers that "
+                                                 r"method='qlora' quantises"):
+        check_target_modules(quantised, skeleton)
+    check_target_modules(FinetuneConfig(model=llama, data="d", output="o", method="int8", modules_to_save="lm_head"),
+                         skeleton)  # the head is never quantised
     both = FinetuneConfig(model=llama, data="d", output="o", target_modules="q_proj", modules_to_save="q_proj")
     with pytest.raises(TargetModulesError, match=r"\['q_proj'\] are both in target_modules and in modules_to_save"):
         check_target_modules(both, skeleton)

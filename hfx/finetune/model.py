@@ -195,6 +195,14 @@ def _check_modules_to_save(config: FinetuneConfig, skeleton: nn.Module) -> None:
     if unmatched:
         top = sorted({name.rsplit(".", 1)[-1] for name in names if not name.rsplit(".", 1)[-1].isdigit()})
         raise TargetModulesError(f"modules_to_save {unmatched} match no module of {config.model}. Module names: {top}.")
+    if config.quantized:  # every block linear is stored in 4 / 8 bit: nothing there to train in full
+        heads = head_module_names(skeleton)
+        quantised = [t for t in config.modules_to_save if any(_matches(t, name) for name in linear_module_names(skeleton)
+                                                               if name not in heads)]
+        if quantised:
+            raise TargetModulesError(f"modules_to_save {quantised} are linear layers that method={config.method!r} "
+                                     "quantises, so they cannot be trained in full; valid: the output head, norms, "
+                                     "embeddings, or method='lora'.")
     overlap = [t for t in config.modules_to_save if t in (config.target_modules or [])]
     if overlap:
         raise TargetModulesError(f"modules {overlap} are both in target_modules and in modules_to_save; a module is "
