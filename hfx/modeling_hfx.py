@@ -435,7 +435,9 @@ class HfxModel(HfxPreTrainedModel):
         self, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids, cache, causal,
         names="input_ids or inputs_embeds", memory: SegmentMemory | None = None,
     ) -> StackInputs:
-        """Check and embed a stack's inputs; positions continue after what ``cache`` has seen."""
+        """Check and embed a stack's inputs; positions continue after what ``cache`` has seen. With ``memory`` the
+        mask is the (batch, 1, T, m + T) [memory ; segment] mask; positions then start at 0 for every segment and
+        the memory's are the m positions before (only their distances matter: rotary or xl_relative)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError(f"Pass exactly one of {names}.")
         reference = input_ids if input_ids is not None else inputs_embeds

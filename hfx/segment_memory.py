@@ -131,7 +131,10 @@ class SegmentMemory(Cache):
         return self.layers[0].get_seq_length()
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise ValueError("SegmentMemory cannot be cropped (assisted decoding needs a KV cache, memory_length=0).")
+        raise ValueError(
+            f"crop({tokens_to_remove!r}) is invalid: SegmentMemory cannot be cropped (it holds hidden states, not a "
+            "prefix of the input); valid: a KV cache (memory_length=0) for assisted decoding."
+        )
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)

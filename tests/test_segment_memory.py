@@ -192,7 +192,7 @@ def test_cache_contract():
     assert torch.equal(memory.layers[0].states, states[0][[2, 0]]) and torch.equal(memory.real, real[[2, 0]])
     memory.append([torch.zeros(2, 3, 1)] * 2, torch.ones(2, 3, dtype=torch.bool))  # 2 + 3 > 4: oldest dropped
     assert memory.memory_size() == 4 and torch.equal(memory.layers[0].states[:, 0], states[0][[2, 0], 1])
-    with pytest.raises(ValueError, match="SegmentMemory cannot be cropped"):
+    with pytest.raises(ValueError, match=r"crop\(1\) is invalid: SegmentMemory cannot be cropped"):
         memory.crop(1)
     with pytest.raises(ValueError, match=r"memory_length=0 is invalid; valid values: an integer > 0"):
         SegmentMemory(memory_length=0, num_layers=2)
