@@ -79,8 +79,8 @@ def test_bad_run_files_named(tmp_path, text, message):
 
 
 def test_required_fields_from_file_or_flags(tmp_path, capsys):
-    with pytest.raises(RunFileError, match=r"--data, --output required: give them on the command line or as "
-                                           r"'data' / 'output' in a --config run file"):
+    with pytest.raises(RunFileError, match=r"the following arguments are required: --data, --output \(on the "
+                                           r"command line, or as 'data' / 'output' in a --config run file\)"):
         resolved(["--model", "m"], tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         main(["finetune", "--config", str(tmp_path / "missing.yaml")])

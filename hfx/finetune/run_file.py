@@ -162,8 +162,8 @@ def merged_values(cli: dict, given: set[str], run_file: str | None) -> dict:
     missing = [key for key in REQUIRED if values.get(key) is None]
     if missing:
         flags = ", ".join("--" + key for key in missing)
-        raise RunFileError(f"{flags} required: give {'it' if len(missing) == 1 else 'them'} on the command line or "
-                           f"as {' / '.join(repr(k) for k in missing)} in a --config run file.")
+        raise RunFileError(f"the following arguments are required: {flags} (on the command line, or as "
+                           f"{' / '.join(repr(k) for k in missing)} in a --config run file).")
     return values
 
 
