@@ -128,9 +128,10 @@ def test_packed_loss_and_gradients_equal_the_examples_run_alone(name, flash_kwar
     examples = _examples(random.Random(2), [7, 3, 12, 5, 9, 2, 6, 11])
     packed = bfd_packer(16)(_columns(examples))
     rows = [dict(zip(packed, values)) for values in zip(*packed.values())]
-    assert len({len(r["input_ids"]) for r in rows}) > 1  # rows of different lengths: the collator pads
-    batch = PackedCollator(pad_token_id=0, flash_attn_kwargs=flash_kwargs)(rows)
+    assert len({len(r["input_ids"]) for r in rows}) > 1  # rows of different lengths, yet nothing is padded
+    batch = PackedCollator(flash_attn_kwargs=flash_kwargs)(rows)
     assert "attention_mask" not in batch
+    assert batch["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in examples))  # one row, all examples
     items = (batch["labels"][..., 1:] != IGNORE_INDEX).sum()  # what Trainer passes as num_items_in_batch
     loss = model(**batch, num_items_in_batch=items).loss
     packed_grads = torch.autograd.grad(loss, [p for p in model.parameters()])
@@ -152,14 +153,40 @@ def test_packed_loss_and_gradients_equal_the_examples_run_alone(name, flash_kwar
 def test_collator_for_picks_flash_kwargs_by_backend():
     tok = type("Tok", (), {"pad_token_id": 0, "eos_token_id": 1})()
     model = _hfx("sdpa")
-    assert collator_for("causal-lm", tok, "bfd", model) == PackedCollator(0, flash_attn_kwargs=False)
+    assert collator_for("causal-lm", tok, "bfd", model) == PackedCollator(flash_attn_kwargs=False)
     model.config._attn_implementation = "flash_attention_2"
     collator = collator_for("causal-lm", tok, "wrapped", model)
     assert collator.flash_attn_kwargs
-    batch = collator([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "position_ids": [0, 1, 2]},
+    batch = collator([{"input_ids": [5, 6, 7, 4], "labels": [-100, 6, 7, -100], "position_ids": [0, 1, 2, 0]},
                       {"input_ids": [8, 9], "labels": [-100, 9], "position_ids": [0, 1]}])
-    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5, 6] and batch["max_length_q"] == 3  # the pad is a sequence
-    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 1, 0]] and batch["labels"][1, 2] == IGNORE_INDEX
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 4, 6] and batch["max_length_q"] == 3  # no padding sequence
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 4, 8, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 0, 1]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, -100, 9]]
+
+
+# batchnorm pools statistics over a batch's tokens, MoE routes them and balances over them: a padded
+# token would change both, so the packed batch must hold the same tokens as the padded, masked batch
+@pytest.mark.parametrize("extra", [dict(norm_type="batchnorm"), dict(ffn_type="moe")], ids=["batchnorm", "moe"])
+def test_packed_loss_equals_the_unpacked_batch_for_batchnorm_and_moe(extra):
+    torch.manual_seed(0)
+    model = _hfx("sdpa", **extra)
+    model.train()
+    examples = _examples(random.Random(3), [7, 3, 12, 5, 9, 2, 6, 11])
+    packed = bfd_packer(16)(_columns(examples))
+    rows = [dict(zip(packed, values)) for values in zip(*packed.values())]
+    batch = PackedCollator()(rows)
+    items = (batch["labels"][..., 1:] != IGNORE_INDEX).sum()
+    loss = model(**batch, num_items_in_batch=items).loss
+
+    # unpacked: the same examples in one padded batch with an attention mask, as DataCollatorForSeq2Seq pads
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.tensor([e["input_ids"] + [0] * (width - len(e["input_ids"])) for e in examples])
+    mask = torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in examples])
+    labels = torch.tensor([e["labels"] + [IGNORE_INDEX] * (width - len(e["input_ids"])) for e in examples])
+    assert int((labels[..., 1:] != IGNORE_INDEX).sum()) == int(items)  # num_items_in_batch is unchanged
+    reference = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=items).loss
+    assert abs(loss.item() - reference.item()) <= LOSS_TOL
 
 
 # --- settings ------------------------------------------------------------------------------------

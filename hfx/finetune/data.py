@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import FinetuneConfig
-from .packing import BFD_GROUP, PackedCollator, bfd_packer, packing_efficiency, wrapped_packer
 
+#: the label that no loss is computed for (transformers' and PyTorch's default); the one definition in hfx.finetune
 IGNORE_INDEX = -100
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 logger = logging.getLogger("hfx.finetune")
@@ -287,6 +287,8 @@ def prepare_data(config: FinetuneConfig, task: str, tokenizer, label_names: list
     evaluation = _tokenize(evaluation, encode, config) if evaluation is not None else None
     efficiency = None
     if config.packing != "none" and task == "causal-lm":
+        from .packing import packing_efficiency  # packing imports IGNORE_INDEX from here
+
         efficiency = packing_efficiency((len(ids) for ids in train["input_ids"]), config.max_length)
         logger.info("packing=%s: %d training rows of max_length=%d, %.2f%% of their slots real tokens.",
                     config.packing, len(train), config.max_length, 100 * efficiency)
@@ -309,6 +311,8 @@ def _tokenize(dataset, encode, config: FinetuneConfig):
         # no supervised token left (a chat without an assistant turn, a prompt past max_length): nothing to learn
         tokenized = tokenized.filter(lambda row: any(label != IGNORE_INDEX for label in row["labels"]))
     if config.packing != "none" and token_labels:
+        from .packing import BFD_GROUP, bfd_packer, wrapped_packer
+
         if config.packing == "bfd":
             packer, group = bfd_packer(config.max_length), BFD_GROUP
         else:
@@ -432,14 +436,15 @@ def _classification_encoder(config: FinetuneConfig, tokenizer, label_names: list
 
 
 def collator_for(task: str, tokenizer, packing: str = "none", model=None):
-    """Padding per batch, or for packed rows :class:`~hfx.finetune.packing.PackedCollator` (boundaries as
-    ``position_ids``, plus ``cu_seq_lens_*`` when ``model`` runs a flash-attention kernel)."""
+    """Padding per batch, or for packed rows :class:`~hfx.finetune.packing.PackedCollator` (the batch
+    flattened into one unpadded row, boundaries as ``position_ids``, plus ``cu_seq_lens_*`` when ``model`` runs a flash-attention kernel)."""
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
+
+    from .packing import PackedCollator
 
     if task == "seq-cls":
         return DataCollatorWithPadding(tokenizer)
     if packing != "none" and task == "causal-lm":
         backend = str(getattr(getattr(model, "config", None), "_attn_implementation", None) or "")
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        return PackedCollator(pad_token_id=pad, flash_attn_kwargs="flash" in backend)
+        return PackedCollator(flash_attn_kwargs="flash" in backend)
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)

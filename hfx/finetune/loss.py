@@ -26,9 +26,10 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from .data import IGNORE_INDEX
+
 logger = logging.getLogger("hfx.finetune")
 
-IGNORE_INDEX = -100
 #: model_type -> whether its causal-LM forward adds ``outputs.aux_loss`` to the head's loss. Each of these
 #: computes ``logits = lm_head(hidden)`` and ``ForCausalLMLoss(logits, labels)``, nothing else.
 EXACT_ARCHITECTURES = {"hfx": True, "llama": False, "mistral": False, "qwen2": False, "qwen3": False}

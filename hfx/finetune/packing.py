@@ -14,14 +14,16 @@ Either way each row keeps its sequence boundaries the padding-free way transform
 block-diagonal causal mask, and attention backends that read ``position_ids`` or ``cu_seq_lens_*``
 (flash-attention varlen, ``hfx_sliding_window``) do the same. The first label of every piece is -100:
 its token is never predicted from the previous example's last token, so the loss of a packed batch
-is the token-weighted loss of its examples run one by one.
+is the token-weighted loss of its examples run one by one. :class:`PackedCollator` then lays a batch's
+rows end to end in one row, so no padding is ever added.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-IGNORE_INDEX = -100
+from .data import IGNORE_INDEX
+
 #: examples best-fit together in one group (one ``datasets.map`` batch); larger groups fill rows no better
 BFD_GROUP = 20_000
 
@@ -155,31 +157,33 @@ def packing_efficiency(lengths, max_length: int) -> float:
 
 @dataclass
 class PackedCollator:
-    """Batches packed rows without an attention mask: one row per pack, padded on the right to the longest.
+    """Flattens a batch of packed rows into ONE row without padding or attention mask (shape ``(1, tokens)``).
 
-    A padding run is a sequence of its own (positions from 0, labels -100): causal attention never
-    lets a real token see it. ``use_cache=False`` goes with every batch (see the comment below).
-    ``flash_attn_kwargs`` adds the varlen boundaries (``cu_seq_lens_q/k`` over
-    the flattened batch, ``max_length_q/k``) that flash-attention kernels read instead of positions.
+    The rows' pieces are laid end to end; each piece already starts at position 0 with label -100, so
+    the boundaries hold across rows as they do inside one (the way ``DataCollatorWithFlattening`` and
+    TRL's ``padding_free`` batch). No padding token exists anywhere in the batch, so the loss equals
+    the examples' token-weighted loss even for models that pool over the tokens of a batch
+    (``norm_type="batchnorm"`` statistics, ``ffn_type="moe"`` routing and its auxiliary loss), and
+    Trainer's ``num_items_in_batch`` (the labelled tokens) is what it would be for the rows padded.
+    ``use_cache=False`` goes with every batch (see the comment below). ``flash_attn_kwargs`` adds the
+    varlen boundaries (``cu_seq_lens_q/k`` at each position restart, ``max_length_q/k``) that
+    flash-attention kernels read instead of positions.
     """
 
-    pad_token_id: int
     flash_attn_kwargs: bool = False
 
     def __call__(self, features: list[dict]) -> dict:
         import torch
 
-        width = max(len(f["input_ids"]) for f in features)
         ids, labels, positions = [], [], []
         for f in features:
-            pad = width - len(f["input_ids"])
-            ids.append(list(f["input_ids"]) + [self.pad_token_id] * pad)
-            labels.append(list(f["labels"]) + [IGNORE_INDEX] * pad)
-            positions.append(list(f["position_ids"]) + list(range(pad)))
+            ids += list(f["input_ids"])
+            labels += list(f["labels"])
+            positions += list(f["position_ids"])
         batch = {
-            "input_ids": torch.tensor(ids, dtype=torch.long),
-            "labels": torch.tensor(labels, dtype=torch.long),
-            "position_ids": torch.tensor(positions, dtype=torch.long),
+            "input_ids": torch.tensor([ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
             # transformers reads packing from position_ids only without a cache: a model whose config has
             # use_cache=True would build an empty DynamicCache even in training and attend across examples
             "use_cache": False,
