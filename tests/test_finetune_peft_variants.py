@@ -147,7 +147,7 @@ def test_lora_on_moe_expert_parameters(tmp_path, tok_dir, data_file):
     model_dir = _save(hfx.HfxForCausalLM(config), tok_dir, tmp_path / "moe")
     from hfx.peft_integration import moe_target_parameters
 
-    result = run(model_dir, data_file, tmp_path / "out", target_modules=["q_proj"],
+    result = run(model_dir, data_file, tmp_path / "out", target_modules=["q_proj"], lora_dropout=None,  # 0 here
                  target_parameters=",".join(moe_target_parameters(config)), merge=True)
     losses = [e["loss"] for e in result.log_history if "loss" in e]
     assert losses[-1] < losses[0]
@@ -171,12 +171,24 @@ REFUSED = [
     (dict(init_lora_weights="orthogonal", lora_r=5), r"'orthogonal' needs an even lora_r, got 5"),
     (dict(target_parameters="experts.down_proj", use_dora=True), r"use_dora=True is invalid with target_parameters"),
     (dict(target_parameters="experts.down_proj", lora_dropout=0.1), r"lora_dropout=0.1 is invalid with target_param"),
-    (dict(target_parameters="experts.down_proj", lora_dropout=0.0, init_lora_weights="eva"),
+    (dict(target_parameters="experts.down_proj", init_lora_weights="eva"),
      r"init_lora_weights='eva' is invalid with target_parameters; valid values: \['default', 'gaussian'\]"),
     (dict(init_lora_weights="loftq", method="qlora"), r"'loftq' is invalid with method='qlora'.*\['lora'\]"),
     (dict(init_lora_weights="loftq", merge=True), r"merge=True is invalid with init_lora_weights='loftq'"),
-    (dict(modules_to_save=" , "), r"modules_to_save=' , ' names nothing"),
+    (dict(modules_to_save=" , "), r"modules_to_save=' , ' names no module; give comma-separated names"),
+    (dict(target_parameters=","), r"target_parameters=',' names no parameter; give comma-separated names"),
 ]
+
+
+def test_target_parameters_default_to_no_dropout():
+    """PEFT's LoRA on parameters takes no dropout: without a lora_dropout given, it is 0 there, 0.05 elsewhere."""
+    assert FinetuneConfig(model="m", data="d", output="o", target_parameters="experts.down_proj").lora_dropout == 0.0
+    assert FinetuneConfig(model="m", data="d", output="o").lora_dropout == 0.05
+    assert FinetuneConfig(model="m", data="d", output="o", lora_dropout=0.1).lora_dropout == 0.1
+    from hfx.cli import build_parser
+
+    args = build_parser(["finetune"]).parse_args(["finetune", "--target-parameters", "experts.down_proj"])
+    assert args.lora_dropout is None  # not typed: FinetuneConfig chooses
 
 
 @pytest.mark.parametrize("overrides,message", REFUSED)
@@ -195,7 +207,7 @@ def test_unknown_parameters_and_modules_named_with_the_existing_ones(llama):
     from transformers import AutoConfig
 
     skeleton = build_skeleton(AutoModelForCausalLM, AutoConfig.from_pretrained(llama))
-    bad = FinetuneConfig(model=llama, data="d", output="o", lora_dropout=0.0, target_parameters="experts.down_proj")
+    bad = FinetuneConfig(model=llama, data="d", output="o", target_parameters="experts.down_proj")
     with pytest.raises(TargetModulesError, match=r"\['experts.down_proj'\] match no parameter.*Parameters outside"):
         check_target_modules(bad, skeleton)
     with pytest.raises(TargetModulesError, match=r"modules_to_save \['head'\] match no module.*'lm_head'"):

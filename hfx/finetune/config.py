@@ -20,6 +20,8 @@ PACKING = ("none", "bfd", "wrapped")
 INIT_LORA_WEIGHTS = ("default", "gaussian", "pissa", "pissa_niter_K", "olora", "eva", "loftq", "corda", "orthogonal")
 #: inits that rewrite the base weights: the adapter is saved converted, so it applies to the original base
 BASE_CHANGING_INITS = ("pissa", "olora", "corda")
+#: lora_dropout when none is given; with target_parameters 0, the only value PEFT's LoRA on parameters takes
+DEFAULT_LORA_DROPOUT = 0.05
 #: TrainingArguments hfx sets itself, each from the FinetuneConfig field(s) named (the ``hfx finetune``
 #: flag of the same name). ``extra_training_args`` may not set them: every setting that defines a run
 #: stays a FinetuneConfig field, recorded in hfx_finetune.json and compared by ``--resume``.
@@ -62,6 +64,21 @@ def packing_mode(value) -> str:
     if value not in PACKING:
         raise ValueError(f"packing={value!r} is invalid; valid values: {list(PACKING)}.")
     return value
+
+
+def changes_base(init) -> bool:
+    """Whether ``init_lora_weights`` rewrites the base weights (PiSSA, ``pissa_niter_K``, OLoRA, CorDA)."""
+    return isinstance(init, str) and init.split("_niter_")[0] in BASE_CHANGING_INITS
+
+
+def name_list(name: str, value, example: str, noun: str = "module"):
+    """A comma-separated string as the list of its non-empty names (lists and None unchanged); naming nothing is refused."""
+    if not isinstance(value, str):
+        return value
+    names = [part.strip() for part in value.split(",") if part.strip()]
+    if not names:
+        raise ValueError(f"{name}={value!r} names no {noun}; give comma-separated names, e.g. {example!r}, or leave it out.")
+    return names
 
 
 def scheduler_names() -> list[str]:
@@ -108,7 +125,7 @@ class FinetuneConfig:
     # LoRA
     lora_r: int = 16
     lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    lora_dropout: float | None = None  # None: DEFAULT_LORA_DROPOUT, or 0 with target_parameters
     target_modules: list[str] | None = None
     use_dora: bool = False  # PEFT's DoRA: a learned magnitude per output feature on top of the LoRA direction
     use_rslora: bool = False  # scaling lora_alpha / sqrt(r) instead of lora_alpha / r
@@ -200,6 +217,10 @@ class FinetuneConfig:
         schedulers = scheduler_names()
         if self.lr_scheduler not in schedulers:
             raise ValueError(f"lr_scheduler={self.lr_scheduler!r} is invalid; valid values: {schedulers}.")
+        self.target_parameters = name_list("target_parameters", self.target_parameters, "experts.down_proj",
+                                           noun="parameter")
+        if self.lora_dropout is None:
+            self.lora_dropout = 0.0 if self.target_parameters else DEFAULT_LORA_DROPOUT
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
         if not 0.0 <= self.eval_fraction < 1.0:
@@ -227,12 +248,8 @@ class FinetuneConfig:
         if self.merge and self.method == "full":
             raise ValueError("merge applies to adapter methods (lora, qlora, int8); a full fine-tune is already plain.")
         self._check_extra_training_args()
-        if isinstance(self.target_modules, str):
-            given = self.target_modules
-            self.target_modules = [name.strip() for name in given.split(",") if name.strip()]
-            if not self.target_modules:
-                raise ValueError(f"target_modules={given!r} names no module; give comma-separated names, e.g. "
-                                 "'q_proj,v_proj', or leave it out for every linear layer except the head.")
+        self.target_modules = name_list("target_modules", self.target_modules, "q_proj,v_proj")
+        self.modules_to_save = name_list("modules_to_save", self.modules_to_save, "lm_head")
         self._check_lora_variants()
         self._check_metrics()
 
@@ -254,12 +271,6 @@ class FinetuneConfig:
         """The PEFT LoRA variants: valid names, and only combinations PEFT (and hfx's saving) handle."""
         import re
 
-        for name in ("target_parameters", "modules_to_save"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                setattr(self, name, [part.strip() for part in value.split(",") if part.strip()] or None)
-                if getattr(self, name) is None:
-                    raise ValueError(f"{name}={value!r} names nothing; give comma-separated names or leave it out.")
         init = self.init_lora_weights
         niter = re.fullmatch(r"pissa_niter_([0-9]+)", init) if isinstance(init, str) else None
         if not (init in INIT_LORA_WEIGHTS and init != "pissa_niter_K") and not (niter and int(niter.group(1)) > 0):
@@ -271,14 +282,12 @@ class FinetuneConfig:
         if variant and not self.uses_adapter:
             raise ValueError(f"{', '.join(variant)} need an adapter method; method='full' trains every weight. "
                              "Valid methods for them: ['lora', 'qlora', 'int8'].")
-        base_changing = init.split("_niter_")[0] in BASE_CHANGING_INITS
-        if base_changing and self.quantized and init.split("_niter_")[0] != "olora":
-            raise ValueError(f"init_lora_weights={init!r} is invalid with method={self.method!r}: PEFT decomposes a "
-                             "full-precision weight; valid methods for it: ['lora'].")
+        base_changing = changes_base(init)
         if base_changing and self.quantized:
-            raise ValueError(f"init_lora_weights={init!r} is invalid with method={self.method!r}: the residual base "
-                             "would be quantised again and the saved adapter no longer applies to the original base; "
-                             "valid methods for it: ['lora'].")
+            reason = ("the residual base would be quantised again and the saved adapter no longer applies to the "
+                      "original base" if init == "olora" else "PEFT decomposes a full-precision weight")
+            raise ValueError(f"init_lora_weights={init!r} is invalid with method={self.method!r}: {reason}; valid "
+                             "methods for it: ['lora'].")
         if base_changing and self.use_dora:
             raise ValueError(f"use_dora=True is invalid with init_lora_weights={init!r}: converting the adapter back to "
                              "the original base keeps only the LoRA matrices, not DoRA's magnitudes; valid "
@@ -298,7 +307,8 @@ class FinetuneConfig:
                                  "DoRA; valid values: use_dora=False, or leave target_parameters out.")
             if self.lora_dropout:
                 raise ValueError(f"lora_dropout={self.lora_dropout} is invalid with target_parameters: PEFT's LoRA on "
-                                 "parameters has no dropout; valid values: lora_dropout=0.")
+                                 "parameters has no dropout; valid values: lora_dropout=0 (the default with "
+                                 "target_parameters: leave lora_dropout out).")
             if init not in ("default", "gaussian"):
                 raise ValueError(f"init_lora_weights={init!r} is invalid with target_parameters; valid values: "
                                  "['default', 'gaussian'].")

@@ -20,10 +20,11 @@ from torch import nn
 from ..checkpoint_check import is_seq2seq_checkpoint
 from ..peft_integration import HFX_LORA_TARGET_MODULES, register_peft_mappings  # noqa: F401  (re-exported)
 from ..quantization import pin_bnb_cpu_path
-from .config import BASE_CHANGING_INITS, FinetuneConfig
+from .config import FinetuneConfig, changes_base
 
 CLASSIFIER_HEADS = ("score", "classifier")
-#: training examples EVA's and CorDA's calibration forward passes read (the first ones of the training split)
+#: rows of the training split EVA's and CorDA's calibration forward passes read (the first ones): examples,
+#: or with packing packed rows (bfd puts the longest examples first; up to this many x max_length tokens)
 CALIBRATION_EXAMPLES = 128
 INITIAL_ADAPTER = "hfx_initial"  # the adapter PEFT's weight conversion subtracts (a sub-folder of a temporary folder)
 
@@ -148,8 +149,14 @@ def head_module_names(model: nn.Module) -> set[str]:
     return names
 
 
+def _ends_with(target: str, name: str) -> bool:
+    """``name`` is ``target`` or ends in it at a dot: ``lm_head`` matches ``lm_head`` and ``base.lm_head``."""
+    return name == target or name.endswith("." + target)
+
+
 def _matches(target: str, name: str) -> bool:
-    return name == target or name.endswith("." + target) or re.fullmatch(target, name) is not None
+    """A LoRA target module: a name suffix (as :func:`_ends_with`) or a regular expression over the full name."""
+    return _ends_with(target, name) or re.fullmatch(target, name) is not None
 
 
 def check_target_modules(config: FinetuneConfig, skeleton: nn.Module) -> None:
@@ -173,7 +180,7 @@ def _check_target_parameters(config: FinetuneConfig, skeleton: nn.Module) -> Non
     if not config.target_parameters:
         return
     names = [name for name, _ in skeleton.named_parameters()]
-    unmatched = [t for t in config.target_parameters if not any(n == t or n.endswith("." + t) for n in names)]
+    unmatched = [t for t in config.target_parameters if not any(_ends_with(t, n) for n in names)]
     if unmatched:
         # the candidates: parameters of no nn.Linear / nn.Embedding (which target_modules reaches already)
         owned = {f"{m}.{p}" if m else p for m, module in skeleton.named_modules()
@@ -191,7 +198,7 @@ def _check_modules_to_save(config: FinetuneConfig, skeleton: nn.Module) -> None:
     if not config.modules_to_save:
         return
     names = [name for name, _ in skeleton.named_modules() if name]
-    unmatched = [t for t in config.modules_to_save if not any(n == t or n.endswith("." + t) for n in names)]
+    unmatched = [t for t in config.modules_to_save if not any(_ends_with(t, n) for n in names)]
     if unmatched:
         top = sorted({name.rsplit(".", 1)[-1] for name in names if not name.rsplit(".", 1)[-1].isdigit()})
         raise TargetModulesError(f"modules_to_save {unmatched} match no module of {config.model}. Module names: {top}.")
@@ -273,7 +280,7 @@ def lora_config(config: FinetuneConfig, task: str):
 
 
 def calibration_batches(model: nn.Module, dataset, collator, batch_size: int) -> list[dict]:
-    """The first :data:`CALIBRATION_EXAMPLES` training examples in batches, on the model's device."""
+    """The first :data:`CALIBRATION_EXAMPLES` rows of ``dataset`` (examples, or packed rows) in batches, on the model's device."""
     from torch.utils.data import DataLoader
 
     subset = dataset.select(range(min(len(dataset), CALIBRATION_EXAMPLES)))
@@ -317,7 +324,7 @@ def add_lora(model: nn.Module, config: FinetuneConfig, task: str, calibration=No
         initialize_lora_eva_weights(peft_model, dataloader=calibration(config.batch_size),
                                     show_progress_bar=False)
     peft_model.train(was_training)
-    if init.split("_niter_")[0] in BASE_CHANGING_INITS:
+    if changes_base(init):
         # PEFT's conversion recipe: the initial adapter is saved as plain LoRA (init True), and so are
         # the checkpoints, so that loading one never decomposes the (already residual) base again
         peft_model.peft_config["default"].init_lora_weights = True

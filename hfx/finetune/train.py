@@ -18,7 +18,7 @@ import torch
 from ..checkpoint_check import CheckpointError, check_model_dir, file_problem, weights_problem
 from ..long_context import long_load_kwargs
 from ..safe_paths import blocking_parent, remove_entry, replace_folder
-from .config import BASE_CHANGING_INITS, FinetuneConfig, packing_mode
+from .config import FinetuneConfig, changes_base, packing_mode
 from .data import DataError, check_data, collator_for, prepare_data
 from .metrics import check_metrics, last_eval_metrics, trainer_metrics
 from .model import (
@@ -288,7 +288,7 @@ def check_sharding_engine(config: FinetuneConfig) -> None:
     variable, engine = requested[0]
     init = str(config.init_lora_weights)
     partitioned = engine == "FSDP" or _deepspeed_zero_stage() == 3  # ZeRO-2 keeps whole parameters everywhere
-    if partitioned and config.uses_adapter and init.split("_niter_")[0] in BASE_CHANGING_INITS:
+    if partitioned and config.uses_adapter and changes_base(init):
         raise BackendError(
             f"--init-lora-weights {init} under {engine} ({variable}=true): the adapter of an init that changes the "
             "base weights is saved converted against the original base, which needs the whole weights in one "
