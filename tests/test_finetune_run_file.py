@@ -54,11 +54,57 @@ def test_file_values_and_typed_flags_override(tmp_path):
 
 
 def test_json_run_file_and_the_python_api(tmp_path):
-    values = {"model": "m", "data": "d", "output": "o", "method": "full", "max_steps": 3, "packing": True}
+    values = {"model": "m", "data": "d", "output": "o", "method": "full", "max_steps": 3, "packing": "bfd"}
     (tmp_path / "run.json").write_text(json.dumps(values))
-    assert load_run_file(tmp_path / "run.json") == values  # an older run file's boolean packing is accepted
+    assert load_run_file(tmp_path / "run.json") == values
     config = config_from_run_file(tmp_path / "run.json", max_steps=5)
-    assert config.method == "full" and config.max_steps == 5 and config.packing == "wrapped"
+    assert config.method == "full" and config.max_steps == 5 and config.packing == "bfd"
+
+
+@pytest.mark.parametrize("text", ["packing: true\n", "packing: yes\n", "packing: off\n"])
+def test_boolean_packing_refused_outside_a_runs_record(tmp_path, text):
+    """``packing: true`` in a new file is ambiguous (an old run's True meant wrapped, a bare --packing is bfd)."""
+    (tmp_path / "run.yaml").write_text(text)
+    with pytest.raises(RunFileError, match=r"packing=(True|False) is ambiguous.*valid values: \['none', 'bfd', "
+                                           r"'wrapped'\]"):
+        load_run_file(tmp_path / "run.yaml")
+    (tmp_path / "plain.yaml").write_text("model: m\n")
+    with pytest.raises(RunFileError, match=r"overrides: packing=True is ambiguous"):
+        config_from_run_file(tmp_path / "plain.yaml", packing=True)
+
+
+def test_an_older_runs_record_reads_its_boolean_packing(tmp_path):
+    record = {"model": "m", "data": "d", "output": "o", "packing": True, "world_size": 1}
+    (tmp_path / "hfx_finetune.json").write_text(json.dumps(record))
+    assert load_run_file(tmp_path / "hfx_finetune.json")["packing"] is True
+    assert config_from_run_file(tmp_path / "hfx_finetune.json").packing == "wrapped"  # as --resume reads it
+
+
+def test_a_runs_record_carries_neither_overwrite_nor_resume(tmp_path):
+    """An --overwrite (or --resume) run's hfx_finetune.json used as --config starts a plain new run."""
+    config = FinetuneConfig(model="m", data="d", output=str(tmp_path / "a"), overwrite=True, merge=True,
+                            use_dora=True)
+    record = tmp_path / "a" / "hfx_finetune.json"
+    record.parent.mkdir()
+    record.write_text(json.dumps({**json.loads(config.to_json()), "world_size": 1}))
+    values = resolved(["--output", str(tmp_path / "b")], tmp_path, record.read_text(), name="hfx_finetune.json")
+    assert values["overwrite"] is False and values["resume"] is False and values["merge"] is True
+    assert FinetuneConfig.from_dict(values).overwrite is False
+    assert config_from_run_file(record).overwrite is False  # the Python API reads it the same way
+    resumed = {**json.loads(config.to_json()), "overwrite": False, "resume": True, "world_size": 1}
+    record.write_text(json.dumps(resumed))
+    assert resolved([], tmp_path, record.read_text(), name="hfx_finetune.json")["resume"] is False
+    # typed flags still set them, and every on/off setting a file turns on can be turned off
+    values = resolved(["--resume", "--no-merge", "--no-use-dora"], tmp_path, record.read_text(), name="hfx_finetune.json")
+    assert values["resume"] is True and values["merge"] is False and values["use_dora"] is False
+    # a hand-written run file is the user's own: its overwrite stands, and --no-overwrite turns it off
+    text = "model: m\ndata: d\noutput: o\noverwrite: true\nuse_rslora: true\ntrust_remote_code: true\n" \
+           "double_quant: false\nassistant_only_loss: false\n"
+    assert resolved([], tmp_path, text)["overwrite"] is True
+    values = resolved(["--no-overwrite", "--no-use-rslora", "--no-trust-remote-code", "--double-quant",
+                       "--assistant-only-loss"], tmp_path, text)
+    assert not (values["overwrite"] or values["use_rslora"] or values["trust_remote_code"])
+    assert values["double_quant"] is True and values["assistant_only_loss"] is True
 
 
 @pytest.mark.parametrize("text,message", [

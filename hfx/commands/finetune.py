@@ -48,8 +48,8 @@ def add_parser(subparsers) -> None:
     for name, default in (("text", "text"), ("prompt", "prompt"), ("completion", "completion"),
                           ("messages", "messages"), ("label", "label"), ("source", "source"), ("target", "target")):
         data.add_argument(f"--{name}-field", default=default, help="default: %(default)s")
-    data.add_argument("--no-assistant-only-loss", dest="assistant_only_loss", action="store_false",
-                      help="chat data: take the loss on every token, not only on the assistant turns")
+    data.add_argument("--assistant-only-loss", action=argparse.BooleanOptionalAction, default=True,
+                      help="chat data: the loss on the assistant turns only (--no-assistant-only-loss: on every token)")
     data.add_argument("--data-split", default="train", help="split of a hub dataset (default: %(default)s)")
     data.add_argument("--eval-data", help="separate evaluation data (same formats as --data)")
     data.add_argument("--eval-fraction", type=float, default=0.0, help="hold out this fraction of --data for evaluation")
@@ -63,18 +63,19 @@ def add_parser(subparsers) -> None:
     lora = p.add_argument_group("LoRA and quantisation")
     lora.add_argument("--lora-r", type=int, default=16)
     lora.add_argument("--lora-alpha", type=int, default=32)
-    lora.add_argument("--lora-dropout", type=float, default=0.05)
+    lora.add_argument("--lora-dropout", type=float, help="default: 0.05, or 0 with --target-parameters")
     lora.add_argument("--target-modules", help="comma-separated names (default: every linear layer except the output head)")
-    lora.add_argument("--use-dora", action="store_true", help="DoRA: a trained magnitude per output feature (merges)")
-    lora.add_argument("--use-rslora", action="store_true", help="rank-stabilised scaling lora_alpha / sqrt(r)")
+    lora.add_argument("--use-dora", action=argparse.BooleanOptionalAction, default=False, help="DoRA: a trained magnitude per output feature (merges)")
+    lora.add_argument("--use-rslora", action=argparse.BooleanOptionalAction, default=False, help="rank-stabilised scaling lora_alpha / sqrt(r)")
     lora.add_argument("--init-lora-weights", default="default", metavar="INIT", help="PEFT's adapter init: "
                       + "|".join(INIT_LORA_WEIGHTS) + " (pissa/olora/corda: the adapter is saved converted, for the "
                       "original base; loftq: CUDA only)")
     lora.add_argument("--target-parameters", help="comma-separated nn.Parameter names for LoRA, e.g. MoE experts "
-                      "(experts.gate_up_proj,experts.down_proj); needs --lora-dropout 0")
+                      "(experts.gate_up_proj,experts.down_proj); --lora-dropout then defaults to 0, the only value PEFT takes")
     lora.add_argument("--modules-to-save", help="comma-separated modules trained in full and saved with the adapter")
     lora.add_argument("--quant-type", choices=QUANT_TYPES, default="nf4", help="4-bit data type for qlora")
-    lora.add_argument("--no-double-quant", dest="double_quant", action="store_false", help="qlora: no double quantisation")
+    lora.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
+                      help="qlora: double quantisation (--no-double-quant: off)")
     lora.add_argument("--compute-dtype", choices=DTYPES, default="bfloat16", help="qlora matmul dtype")
     lora.add_argument("--quant-storage", choices=DTYPES, help="qlora: dtype the packed 4-bit weights are stored in "
                       "(FSDP needs the model's dtype, e.g. bfloat16)")
@@ -114,13 +115,13 @@ def add_parser(subparsers) -> None:
     run.add_argument("--save-steps", type=int, default=200)
     run.add_argument("--save-total-limit", type=int, default=2)
     run.add_argument("--logging-steps", type=int, default=10)
-    run.add_argument("--merge", action="store_true", help="also save OUTPUT/merged, a plain checkpoint without PEFT")
+    run.add_argument("--merge", action=argparse.BooleanOptionalAction, default=False, help="also save OUTPUT/merged, a plain checkpoint without PEFT")
     run.add_argument("--merge-dtype", choices=DTYPES, help="default: the base checkpoint's dtype")
-    run.add_argument("--overwrite", action="store_true", help="replace the hfx run in the output folder (only a folder "
+    run.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False, help="replace the hfx run in the output folder (only a folder "
                      "with hfx_finetune.json that holds nothing but what a run writes)")
-    run.add_argument("--resume", action="store_true", help="continue the run in the output folder from its newest "
+    run.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False, help="continue the run in the output folder from its newest "
                      "complete checkpoint (same settings; --max-steps/--epochs may grow)")
-    run.add_argument("--trust-remote-code", action="store_true")
+    run.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False)
     track_given_flags(p)  # last: every flag above (and only a typed one) overrides the --config file
     p.set_defaults(func=run_command)
 

@@ -15,14 +15,17 @@ import typing
 from dataclasses import fields
 from pathlib import Path
 
-from .config import FinetuneConfig
+from .config import PACKING, FinetuneConfig
 
 GIVEN = "_hfx_given_flags"  # the Namespace attribute holding the dests of the flags the user typed
 #: fields that may come from the run file instead of the command line, but must come from one of them
 REQUIRED = ("model", "data", "output")
-#: older run files may hold a boolean where a field now takes a name; FinetuneConfig reads both
-#: what a run records next to its settings in OUTPUT/hfx_finetune.json: skipped, so that file is a run file too
-RECORDED_ONLY = ("world_size",)
+#: the key only a run's own record (OUTPUT/hfx_finetune.json) holds: it marks a file written by a run
+RECORD_MARK = "world_size"
+#: skipped when a run's record is read back as a run file: the process count it ran on, and the
+#: actions of that one invocation (replacing or continuing OUTPUT), which must never carry over to a new run
+RECORDED_ONLY = (RECORD_MARK, "overwrite", "resume")
+#: older runs' records may hold a boolean where a field now takes a name; accepted from a run's record only
 LEGACY_TYPES = {"packing": (bool,)}
 
 
@@ -52,12 +55,18 @@ def load_run_file(path: str | Path) -> dict:
     if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
         raise RunFileError(f"--config {path}: must hold a mapping of FinetuneConfig field names to values, "
                            f"got {type(values).__name__}.")
-    values = {k: v for k, v in values.items() if k not in RECORDED_ONLY}
-    return check_values(values, where=f"--config {path}")
+    recorded = RECORD_MARK in values  # OUTPUT/hfx_finetune.json of an earlier run
+    if recorded:
+        values = {k: v for k, v in values.items() if k not in RECORDED_ONLY}
+    return check_values(values, where=f"--config {path}", recorded=recorded)
 
 
-def check_values(values: dict, where: str = "run file") -> dict:
-    """``values`` with every key a FinetuneConfig field and every value of its field's type (a copy)."""
+def check_values(values: dict, where: str = "run file", recorded: bool = False) -> dict:
+    """``values`` with every key a FinetuneConfig field and every value of its field's type (a copy).
+
+    ``recorded``: the values come from a run's own OUTPUT/hfx_finetune.json, which may hold the older
+    value types of :data:`LEGACY_TYPES`.
+    """
     hints = typing.get_type_hints(FinetuneConfig)
     valid = [f.name for f in fields(FinetuneConfig)]
     unknown = [key for key in values if key not in hints]
@@ -71,7 +80,11 @@ def check_values(values: dict, where: str = "run file") -> dict:
     for key, value in values.items():
         expected = hints[key]
         value = _coerced(value, expected)
-        if not (_accepts(value, expected) or isinstance(value, LEGACY_TYPES.get(key, ()))):
+        if key == "packing" and isinstance(value, bool) and not recorded:
+            raise RunFileError(f"{where}: packing={value!r} is ambiguous (a boolean is read only from a run's own "
+                               "hfx_finetune.json, where True meant 'wrapped'; a bare --packing means 'bfd'); "
+                               f"valid values: {list(PACKING)}.")
+        if not (_accepts(value, expected) or (recorded and isinstance(value, LEGACY_TYPES.get(key, ())))):
             raise RunFileError(f"{where}: {key}={value!r} is a {type(value).__name__}; expected {_describe(expected)}.")
         checked[key] = value
     return checked
