@@ -32,6 +32,7 @@ from hfx.finetune.loss import (
     config_blocker,
     head_blocker,
     labelled_loss,
+    requested_sharding_engine,
     shifted_labels,
     use_chunked_loss,
 )
@@ -233,6 +234,47 @@ def test_only_exact_setups_use_it(tmp_path, caplog):
         use_chunked_loss(run(chunked_loss="on"), "causal-lm", lora_head)
     assert use_chunked_loss(run(chunked_loss="auto"), "causal-lm", hfx_model()) is True
     assert use_chunked_loss(run(chunked_loss="off"), "causal-lm", hfx_model()) is False
+
+
+def test_on_is_refused_before_loading_where_the_head_will_not_be_a_plain_linear(tmp_path, monkeypatch):
+    """LoRA on the head, a parameter adapter on its weight, a checkpoint quantised with its head: decided from
+    the settings and the meta-device module tree, so the refusal comes before any weight is read."""
+    llama = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2)
+
+    def run(**overrides):
+        return FinetuneConfig(model="m", data="d", output=str(tmp_path), chunked_loss="on", **overrides)
+
+    with pytest.raises(ValueError, match=r"chunked_loss='on' is invalid here: target_modules \['lm_head'\] put a "
+                                         r"LoRA layer on the output head 'lm_head'; valid values: \['auto', 'off'\]"):
+        check_chunked_loss(run(method="lora", target_modules=["q_proj", "lm_head"]), "causal-lm", llama)
+    with pytest.raises(ValueError, match=r"target_modules \['.\*head'\]"):  # a regular expression too
+        check_chunked_loss(run(method="lora", target_modules=[".*head"]), "causal-lm", llama)
+    with pytest.raises(ValueError, match=r"target_parameters \['lm_head.weight'\]"):
+        check_chunked_loss(run(method="lora", target_parameters=["lm_head.weight"]), "causal-lm", llama)
+    quantised = LlamaConfig(**llama.to_dict())
+    quantised.quantization_config = {"quant_method": "bitsandbytes", "llm_int8_skip_modules": ["q_proj"]}
+    with pytest.raises(ValueError, match=r"quantised with its output head 'lm_head'"):
+        check_chunked_loss(run(method="lora"), "causal-lm", quantised)
+    quantised.quantization_config["llm_int8_skip_modules"] = ["lm_head"]
+    check_chunked_loss(run(method="lora"), "causal-lm", quantised)  # head kept in full precision
+    # accepted: the default targets (all-linear leaves the head out), the head trained in full, no adapter
+    check_chunked_loss(run(method="lora"), "causal-lm", llama)
+    check_chunked_loss(run(method="lora", modules_to_save=["lm_head"]), "causal-lm", llama)
+    check_chunked_loss(run(method="full"), "causal-lm", llama)
+    # a sharding engine, as accelerate reads its variables ("1", "yes", "true", ...)
+    for value in ("1", "yes", "True"):
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", value)
+        assert requested_sharding_engine() == ("ACCELERATE_USE_FSDP", "FSDP")
+        with pytest.raises(ValueError, match=rf"FSDP shards the output head \(ACCELERATE_USE_FSDP={value}\)"):
+            check_chunked_loss(run(method="full"), "causal-lm", llama)
+    if not torch.cuda.is_available():  # the launch check reads the variables the same way
+        from hfx.finetune.train import BackendError, check_sharding_engine
+
+        with pytest.raises(BackendError, match=r"FSDP was requested by the launcher \(ACCELERATE_USE_FSDP=True\)"):
+            check_sharding_engine(run(method="full"))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    assert requested_sharding_engine() is None
 
 
 def test_config_field_is_validated(tmp_path, capsys, hfx_causal):  # noqa: F811

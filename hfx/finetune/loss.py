@@ -58,14 +58,64 @@ def config_blocker(task: str, model_config) -> str | None:
     return None
 
 
+#: the launcher variables (``accelerate launch``) that request a sharding engine, and the engine
+SHARDING_ENGINES = (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"))
+#: the values accelerate's ``str_to_bool`` reads as true (case-insensitive)
+TRUE_VALUES = ("1", "y", "yes", "t", "true", "on")
+
+
+def requested_sharding_engine() -> tuple[str, str] | None:
+    """``(variable, engine)`` of the first sharding engine the launcher's environment requests, or None.
+
+    The one reading of these variables in hfx.finetune (the chunked loss and the launch checks use it),
+    with accelerate's own rule for what is true.
+    """
+    for variable, engine in SHARDING_ENGINES:
+        if os.environ.get(variable, "").strip().lower() in TRUE_VALUES:
+            return variable, engine
+    return None
+
+
 def run_blocker(config) -> str | None:
     """Why the run's setup (sharded engines, label smoothing) rules the chunked loss out, or None."""
     for name in PLAIN_LOSS_TRAINING_ARGS:
         if config.extra_training_args.get(name):
             return f"extra_training_args sets {name}"
-    for variable, engine in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(variable, "").lower() in ("1", "true", "yes"):
-            return f"{engine} shards the output head"
+    requested = requested_sharding_engine()
+    if requested:
+        return f"{requested[1]} shards the output head ({requested[0]}={os.environ[requested[0]]})"
+    return None
+
+
+def skeleton_blocker(config, skeleton) -> str | None:
+    """Why the run's adapter settings will leave the output head something other than a plain ``nn.Linear``,
+    decided from the settings and the model's module tree (``skeleton``, no weights), or None.
+
+    A LoRA layer on the head (``target_modules`` naming it; ``all-linear`` leaves the head out) or a
+    parameter adapter on its weight (``target_parameters``) replaces the head's forward; a checkpoint
+    quantised with its head replaces the head by a quantised layer. ``modules_to_save`` may name the
+    head: the trained copy is a plain ``nn.Linear``.
+    """
+    from .model import _ends_with, _matches
+
+    if not config.uses_adapter:
+        return None
+    head = skeleton.get_output_embeddings() if hasattr(skeleton, "get_output_embeddings") else None
+    name = next((n for n, module in skeleton.named_modules() if head is not None and module is head), None)
+    if name is None:
+        return None  # no head found: head_blocker decides on the loaded model
+    matched = [t for t in config.target_modules or [] if _matches(t, name)]
+    if matched:
+        return f"target_modules {matched} put a LoRA layer on the output head {name!r}"
+    matched = [t for t in config.target_parameters or [] if _ends_with(t, f"{name}.weight")]
+    if matched:
+        return f"target_parameters {matched} put a LoRA adapter on the output head's weight {name!r}.weight"
+    quantization = getattr(skeleton.config, "quantization_config", None)
+    if quantization is not None:
+        values = quantization if isinstance(quantization, dict) else vars(quantization)
+        kept = values.get("llm_int8_skip_modules") or values.get("modules_to_not_convert")
+        if kept is not None and not any(_ends_with(k, name) or k == name.rsplit(".", 1)[-1] for k in kept):
+            return f"the checkpoint is quantised with its output head {name!r} (not in its skip modules {kept})"
     return None
 
 
@@ -99,11 +149,20 @@ def effective_linear(head) -> nn.Linear | None:
     return inner if type(inner) is nn.Linear else None
 
 
-def check_chunked_loss(config, task: str, model_config) -> None:
-    """``chunked_loss='on'`` where it would not be exact: refused before any weight is loaded."""
+def check_chunked_loss(config, task: str, model_config, skeleton=None) -> None:
+    """``chunked_loss='on'`` where it would not be exact: refused before any weight is loaded.
+
+    ``skeleton``: the model's module tree on the meta device; built here when needed and not given.
+    """
     if config.chunked_loss != "on":
         return
     why = config_blocker(task, model_config) or run_blocker(config)
+    if why is None and config.uses_adapter:
+        if skeleton is None:
+            from .model import build_skeleton, model_class_for
+
+            skeleton = build_skeleton(model_class_for(task), model_config)
+        why = skeleton_blocker(config, skeleton)
     if why:
         raise ValueError(f"chunked_loss='on' is invalid here: {why}; valid values: ['auto', 'off'] "
                          "('auto' uses the plain loss where the chunked one would differ).")

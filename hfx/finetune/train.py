@@ -267,10 +267,6 @@ def gathered_state_dict(model) -> dict | None:
     return get_model_state_dict(model, options=options)
 
 
-#: what ``accelerate launch`` sets for an engine that shards the model, and the engine's name
-SHARDING_ENGINES = (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"))
-
-
 def check_sharding_engine(config: FinetuneConfig) -> None:
     """An FSDP or DeepSpeed launch this run cannot honour is refused, before anything is read or written.
 
@@ -281,23 +277,25 @@ def check_sharding_engine(config: FinetuneConfig) -> None:
     - An init that changes the base weights (PiSSA, OLoRA, CorDA) is saved converted against the original
       base, a computation on the whole weights of one process that a partitioned model does not have.
     """
-    requested = [(variable, engine) for variable, engine in SHARDING_ENGINES
-                 if os.environ.get(variable, "false").lower() == "true"]
-    if not requested:
+    from .loss import requested_sharding_engine  # the one reading of the launcher's variables
+
+    requested = requested_sharding_engine()
+    if requested is None:
         return
-    variable, engine = requested[0]
+    variable, engine = requested
+    launched = f"{variable}={os.environ[variable]}"
     init = str(config.init_lora_weights)
     partitioned = engine == "FSDP" or _deepspeed_zero_stage() == 3  # ZeRO-2 keeps whole parameters everywhere
     if partitioned and config.uses_adapter and changes_base(init):
         raise BackendError(
-            f"--init-lora-weights {init} under {engine} ({variable}=true): the adapter of an init that changes the "
+            f"--init-lora-weights {init} under {engine} ({launched}): the adapter of an init that changes the "
             "base weights is saved converted against the original base, which needs the whole weights in one "
             "process; train it with DDP or on one device, or choose another init (default, gaussian, eva, "
             "orthogonal)."
         )
     if not torch.cuda.is_available():
         raise BackendError(
-            f"{engine} was requested by the launcher ({variable}=true), but there is no CUDA device: accelerate "
+            f"{engine} was requested by the launcher ({launched}), but there is no CUDA device: accelerate "
             f"does not shard on the CPU and would train every process on the whole model (DDP). Run on GPUs, "
             "or launch DDP on the CPU with `torchrun --nproc_per_node N -m hfx.cli finetune ...` or "
             "`accelerate launch --multi_gpu --num_processes N -m hfx.cli finetune ...`."
