@@ -111,6 +111,11 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    for name in ("segment_length", "batch_size", "max_steps", "hidden_size", "layers"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid; valid values: an integer > 0")
+    if args.memory_length < 0:
+        parser.error(f"--memory-length={args.memory_length} is invalid; valid values: an integer >= 0 (0: no memory)")
 
     corpus = embedded_corpus()
     tokenizer = train_tokenizer([r["text"] for r in corpus["corpus_train"]], vocab_size=500, style="causal")
