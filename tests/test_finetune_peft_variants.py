@@ -22,6 +22,8 @@ WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 # Two fp32 evaluations of one function by different association orders (W_res + s*AB against
 # W + s*(AB - A0B0), or a merged weight): rounding ~1e-7 relative per op, a few hundred ops deep here.
 FP32_TOL = 1e-5
+STEPS = 3  # enough for the loss to fall at learning rate 2e-2; each run costs its fixed start-up more than its steps
+IDS = torch.tensor([[3, 9, 14, 20, 7, 11]])
 
 
 def rows(n=32):
@@ -52,6 +54,12 @@ def llama(tmp_path_factory, tok_dir):
 
 
 @pytest.fixture(scope="module")
+def base_logits(llama):
+    """The untrained base's logits on IDS, computed once for the module."""
+    return logits(AutoModelForCausalLM.from_pretrained(llama), IDS)
+
+
+@pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "task.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows()))
@@ -59,7 +67,7 @@ def data_file(tmp_path_factory):
 
 
 def run(model, data, output, **overrides):
-    base = dict(model=model, data=data, output=str(output), max_steps=4, batch_size=8, logging_steps=1,
+    base = dict(model=model, data=data, output=str(output), max_steps=STEPS, batch_size=8, logging_steps=1,
                 save_steps=100, lora_r=4, lora_alpha=8, learning_rate=2e-2, warmup_ratio=0.0, lora_dropout=0.0,
                 extra_training_args={"disable_tqdm": True})
     base.update(overrides)
@@ -84,12 +92,13 @@ VARIANTS = {
 CONVERTED = ("pissa+modules_to_save", "olora", "corda")  # base-changing inits: the adapter is saved at rank 2r
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_variant_trains_round_trips_and_merges(tmp_path, llama, data_file, variant):
+def test_variant_trains_round_trips_and_merges(tmp_path, llama, base_logits, data_file, variant):
     result = run(llama, data_file, tmp_path / variant, merge=True, **VARIANTS[variant])
     losses = [e["loss"] for e in result.log_history if "loss" in e]
-    assert len(losses) == 4 and losses[-1] < losses[0]
-    ids = torch.tensor([[3, 9, 14, 20, 7, 11]])
+    assert len(losses) == STEPS and losses[-1] < losses[0]
+    ids = IDS
     trained = logits(result.model, ids)
     scale = trained.abs().max().item()
     saved = json.loads((Path(result.saved_dir) / "adapter_config.json").read_text())
@@ -105,8 +114,7 @@ def test_variant_trains_round_trips_and_merges(tmp_path, llama, data_file, varia
     merged = AutoModelForCausalLM.from_pretrained(result.merged_dir)
     assert not any("lora" in n for n, _ in merged.named_parameters())
     torch.testing.assert_close(logits(merged, ids), trained, rtol=0, atol=FP32_TOL * scale)
-    base = logits(AutoModelForCausalLM.from_pretrained(llama), ids)
-    assert (trained - base).abs().max() > 100 * FP32_TOL * scale  # training moved the model
+    assert (trained - base_logits).abs().max() > 100 * FP32_TOL * scale  # training moved the model
 
 
 @pytest.mark.parametrize("init", ["gaussian", "orthogonal"])
@@ -136,6 +144,7 @@ def test_init_only_variants_reach_peft_and_train(llama, init):
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_lora_on_moe_expert_parameters(tmp_path, tok_dir, data_file):
     tok = AutoTokenizer.from_pretrained(tok_dir)
     config = hfx.HfxConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
@@ -153,10 +162,9 @@ def test_lora_on_moe_expert_parameters(tmp_path, tok_dir, data_file):
     assert losses[-1] < losses[0]
     trainable = {n for n, p in result.model.named_parameters() if p.requires_grad}
     assert any("experts" in n for n in trainable) and all("lora_" in n for n in trainable)
-    ids = torch.tensor([[3, 9, 14, 20, 7, 11]])
-    trained = logits(result.model, ids)
+    trained = logits(result.model, IDS)
     merged = AutoModelForCausalLM.from_pretrained(result.merged_dir)
-    torch.testing.assert_close(logits(merged, ids), trained, rtol=0, atol=FP32_TOL * trained.abs().max().item())
+    torch.testing.assert_close(logits(merged, IDS), trained, rtol=0, atol=FP32_TOL * trained.abs().max().item())
 
 
 REFUSED = [
@@ -223,6 +231,7 @@ def test_unknown_parameters_and_modules_named_with_the_existing_ones(llama):
         check_target_modules(both, skeleton)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="PEFT's LoftQ quantisation needs CUDA")
 def test_loftq_trains_on_gpu(tmp_path, llama, data_file):
     result = run(llama, data_file, tmp_path / "loftq", init_lora_weights="loftq")

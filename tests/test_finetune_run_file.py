@@ -133,6 +133,7 @@ def test_required_fields_from_file_or_flags(tmp_path, capsys):
     assert exit_info.value.code == 2 and "missing.yaml: no such file" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_tiny_run_from_a_run_file(tmp_path, capsys):
     tok_dir = tmp_path / "tok"
     rows = [{"prompt": f"say {i % 4}", "completion": ["zero", "one", "two", "three"][i % 4]} for i in range(16)]
