@@ -100,8 +100,8 @@ def run_trl(model_dir, tokenizer, data, output, method, hfx_args, packing="none"
 @pytest.mark.parametrize("shape, method, packing", [("text", "lora", "none"), ("prompt-completion", "full", "none"),
                                                     ("packed", "lora", "bfd")])
 def test_sft_trainer_and_hfx_give_the_same_losses_step_by_step(setup, shape, method, packing):
-    """Packed: hfx batches 4 rows of 24 with restarting position ids, SFTTrainer flattens them into one
-    padding-free row; both mask the first label of every example."""
+    """Packed: both flatten a batch of 4 rows of 24 into one padding-free row, positions restarting at
+    every example, and mask the first label of each."""
     root, model_dir, tokenizer, files = setup
     hfx_run = run_hfx(model_dir, files[shape], root / f"hfx-{shape}", method, packing)
     assert hfx_run.args.bf16 is False and hfx_run.args.activation_checkpointing is False
