@@ -126,6 +126,10 @@ def test_exact_match_module_normalises_whitespace_only():
         pytest.approx(4 / 5)
 
 
+CLASSES = {"accuracy": "Accuracy", "f1": "F1", "precision": "Precision", "recall": "Recall",
+           "mcc": "MatthewsCorrelation", "exact_match": "ExactMatch"}
+
+
 def test_modules_load_offline_into_the_modules_cache_only(tmp_path, monkeypatch):
     """evaluate.load of the shipped scripts works offline (HF_HUB_OFFLINE=1, see conftest): the script is
     imported from evaluate's modules cache, and neither the working folder nor the metrics cache receives a file."""
@@ -143,6 +147,8 @@ def test_modules_load_offline_into_the_modules_cache_only(tmp_path, monkeypatch)
         assert value == pytest.approx({"accuracy": 2 / 3, "exact_match": 0.5}.get(name, value))
         source = Path(inspect.getfile(type(module))).resolve()
         assert source.name == f"{script}.py"
+        # f1/precision/recall share an abstract base that evaluate's loader must pass over
+        assert type(module).__name__ == CLASSES[name] and not inspect.isabstract(type(module))
         assert Path(evaluate.config.HF_MODULES_CACHE).resolve() in source.parents
     assert list(tmp_path.iterdir()) == []
     assert (sorted(metrics_cache.rglob("*")) if metrics_cache.exists() else []) == before

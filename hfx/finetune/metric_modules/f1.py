@@ -1,29 +1,13 @@
 """F1 score, the harmonic mean of precision and recall (scikit-learn's f1_score)."""
 
-import datasets
-import evaluate
 from sklearn.metrics import f1_score
 
-_DESCRIPTION = "F1 score, the harmonic mean of precision and recall; averaged over classes as `average` says."
-_INPUTS = """
-Args:
-    predictions (list of int): predicted class ids.
-    references (list of int): reference class ids.
-    average (str): 'binary' (the class `pos_label` only), 'macro', 'micro' or 'weighted'.
-    labels (list of int, optional): the classes to average over (default: those that occur).
-    pos_label (int): the positive class of 'binary'.
-Returns:
-    f1 (float): in [0, 1]; a class never predicted (or never present) counts 0.
-"""
+from ._class_scores import ClassScore
 
 
-class F1(evaluate.Metric):
-    def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION, citation="", inputs_description=_INPUTS,
-            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
-        )
+class F1(ClassScore):
+    key = "f1"
+    description = "F1 score, the harmonic mean of precision and recall; averaged over classes as `average` says."
 
-    def _compute(self, predictions, references, average="binary", labels=None, pos_label=1):
-        value = f1_score(references, predictions, average=average, labels=labels, pos_label=pos_label, zero_division=0)
-        return {"f1": float(value)}
+    def score(self, references, predictions, **kwargs):
+        return f1_score(references, predictions, **kwargs)
