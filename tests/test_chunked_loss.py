@@ -198,6 +198,32 @@ def test_no_projection_covers_the_whole_batch(monkeypatch):
     assert shapes == [(16, VOCAB)] * (labelled // 16) + [(labelled % 16, VOCAB)] * bool(labelled % 16)
 
 
+def test_a_frozen_head_gets_no_weight_gradient_computed(monkeypatch):
+    """LoRA's case: the head's weight does not require grad, so no (vocab, hidden) gradient is built or kept."""
+    import hfx.finetune.loss as loss_module
+
+    asked = []
+    real = loss_module._chunked_sum
+
+    def spy(*args):
+        asked.append(tuple(args[5]))
+        out = real(*args)
+        asked.append(tuple(g is not None for g in out[1]))
+        return out
+
+    monkeypatch.setattr(loss_module, "_chunked_sum", spy)
+    hidden = torch.randn(6, 8, requires_grad=True)
+    weight = torch.randn(11, 8)  # frozen
+    targets = torch.randint(0, 11, (6,))
+    loss_module.linear_cross_entropy_sum(hidden, weight, None, targets, chunk_rows=4).backward()
+    assert asked == [(True, False, False), (True, False, False)]
+    expected = torch.nn.functional.cross_entropy(hidden.detach() @ weight.t(), targets, reduction="sum")
+    hidden_ref = hidden.detach().clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(hidden_ref @ weight.t(), targets, reduction="sum").backward()
+    torch.testing.assert_close(hidden.grad, hidden_ref.grad)
+    assert expected.item() == pytest.approx(real(hidden.detach(), weight, None, targets, 4)[0].item(), rel=1e-6)
+
+
 def test_no_labelled_position_is_nan_like_the_plain_loss():
     model = hfx_model()
     batch = completion_batch()

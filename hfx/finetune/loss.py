@@ -194,6 +194,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     The forward computes each chunk's gradients too and keeps only those (hidden-sized and weight-sized), so
     neither pass holds more than one chunk of logits and the head's matmul is not repeated in backward.
+    Only the gradients autograd asks for are computed: a frozen head (LoRA without ``lm_head`` in
+    ``modules_to_save``) gets no weight gradient, so no (vocab, hidden) fp32 buffer is kept then.
     """
 
     @staticmethod
@@ -205,7 +207,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        scaled = tuple(None if pair is None else (pair[0] * grad_loss).to(pair[1]) for pair in ctx.grads)
+        # scaled in place (the kept gradients are used once): no second weight-sized fp32 copy
+        scaled = tuple(None if pair is None else pair[0].mul_(grad_loss).to(pair[1]) for pair in ctx.grads)
         ctx.grads = None
         return (*scaled, None, None)
 
