@@ -321,6 +321,7 @@ def test_config_field_is_validated(tmp_path, capsys, hfx_causal):  # noqa: F811
         FinetuneConfig(model="m", data="d", output=str(tmp_path), chunked_loss="on", task="seq-cls")
 
 
+@pytest.mark.slow  # a whole finetune run
 def test_trainer_runs_match_the_plain_loss(hfx_causal, task_file, tmp_path):  # noqa: F811
     """Full fine-tuning with gradient accumulation (Trainer's num_items_in_batch) and an eval split: the same
     logged losses, eval loss and final weights as with the plain loss. SGD, so that a weight moves by

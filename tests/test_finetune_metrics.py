@@ -224,6 +224,7 @@ def test_generation_examples_recovered_from_bfd_rows(tmp_path, tiny_llama):
 # --- runs: Trainer logs the metrics at each evaluation, the results file has the last ----------
 
 
+@pytest.mark.slow  # a whole finetune run
 def test_seq_cls_run_logs_sklearn_equal_metrics(tmp_path, hfx_classifier):
     train = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(range(40)))
     held_out = sentiment_rows(range(100, 120))
@@ -252,6 +253,7 @@ def test_seq_cls_run_logs_sklearn_equal_metrics(tmp_path, hfx_classifier):
     assert saved_results["eval_metrics"] == result.eval_metrics == {k: v for k, v in last.items() if k.startswith("eval_")}
 
 
+@pytest.mark.slow  # a whole finetune run
 def test_causal_lm_run_logs_perplexity_and_exact_match(tmp_path, tiny_llama):
     train = write_jsonl(tmp_path / "train.jsonl", digit_rows(range(80)))
     held_out = digit_rows(range(100, 110))

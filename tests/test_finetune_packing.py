@@ -282,6 +282,7 @@ def test_prepare_data_bfd_keeps_examples_and_reports_efficiency(tiny_run, tmp_pa
     assert max(len(ids) for ids in cut.train["input_ids"]) == 6
 
 
+@pytest.mark.slow  # a whole finetune run
 def test_finetune_with_bfd_packing_trains_and_records_efficiency(tiny_run, tmp_path, capsys):
     _, model, data, _ = tiny_run
     out = tmp_path / "run"
