@@ -168,7 +168,11 @@ def test_lora_on_moe_expert_parameters(tmp_path, tok_dir, data_file):
 
 
 REFUSED = [
-    (dict(method="full", use_dora=True), r"use_dora=True need an adapter method.*\['lora', 'qlora', 'int8'\]"),
+    (dict(method="full", use_dora=True), r"use_dora=True needs an adapter method.*for it: \['lora', 'qlora', 'int8'\]"),
+    (dict(method="full", use_dora=True, use_rslora=True),
+     r"use_dora=True, use_rslora=True need an adapter method.*for them: \['lora', 'qlora', 'int8'\]"),
+    (dict(init_lora_weights="pisa"), r"init_lora_weights='pisa' is invalid; valid values: \['default'.*"
+                                     r"did you mean 'pissa'\?$"),
     (dict(init_lora_weights="svd"), r"init_lora_weights='svd' is invalid; valid values: \['default', 'gaussian'"),
     (dict(init_lora_weights="pissa_niter_0"), r"init_lora_weights='pissa_niter_0' is invalid"),
     (dict(init_lora_weights="pissa", method="qlora"), r"'pissa' is invalid with method='qlora'.*\['lora'\]"),

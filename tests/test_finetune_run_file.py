@@ -117,6 +117,13 @@ def test_a_runs_record_carries_neither_overwrite_nor_resume(tmp_path):
     ("eval_data: [a]\n", r"eval_data=\['a'\] is a list; expected str or null"),
     ("- lora_r\n", r"must hold a mapping of FinetuneConfig field names to values, got list"),
     ("lora_r: [8\n", r"not valid YAML"),
+    # a value not among a field's names: the file named, the valid values and the closest one, before torch loads
+    ("packing: bdf\n", r"run.yaml: packing='bdf' is invalid; valid values: \['none', 'bfd', 'wrapped'\]; "
+                        r"did you mean 'bfd'\?"),
+    ("init_lora_weights: pisa\n", r"run.yaml: init_lora_weights='pisa' is invalid;.*did you mean 'pissa'\?"),
+    ("method: qlor\n", r"run.yaml: method='qlor' is invalid;.*did you mean 'qlora'\?"),
+    ("merge_dtype: bf16\n", r"run.yaml: merge_dtype='bf16' is invalid;.*did you mean 'bfloat16'\?"),
+    ("chunked_loss: xyz\n", r"run.yaml: chunked_loss='xyz' is invalid; valid values: \['auto', 'on', 'off'\]\.$"),
 ])
 def test_bad_run_files_named(tmp_path, text, message):
     (tmp_path / "run.yaml").write_text(text)
@@ -176,3 +183,54 @@ def test_every_field_is_a_run_file_key_and_a_flag(tmp_path):
     dests = {action.dest for action in finetune_parser._actions}
     # extra_training_args is a mapping: set in a run file or from Python
     assert [f.name for f in fields(FinetuneConfig) if f.name not in dests] == ["extra_training_args"]
+
+
+def test_choice_typos_suggest_the_closest_value():
+    from hfx.finetune.config import CHOICE_FIELDS, check_choice
+
+    with pytest.raises(ValueError, match=r"^bf16='ye' is invalid; valid values: \['auto', 'yes', 'no'\]; "
+                                         r"did you mean 'yes'\?$"):
+        check_choice("bf16", "ye", CHOICE_FIELDS["bf16"])
+    for kwargs, message in ((dict(task="seq_cls"), r"task='seq_cls' is invalid.*did you mean 'seq-cls'\?"),
+                            (dict(lr_scheduler="cosin"), r"lr_scheduler='cosin' is invalid.*did you mean 'cosine'\?"),
+                            (dict(optim="adamw_torh"), r"optim='adamw_torh' is invalid.*did you mean 'adamw_torch'\?"),
+                            (dict(metrics_average="mac"), r"metrics_average='mac' is invalid.*did you mean 'macro'\?"),
+                            (dict(quant_storage="unit8"), r"quant_storage='unit8' is invalid.*did you mean 'uint8'\?")):
+        with pytest.raises(ValueError, match=message):
+            FinetuneConfig(model="m", data="d", output="o", **kwargs)
+
+
+@pytest.mark.parametrize("name", ["run.txt", "run.toml", "run"])
+def test_other_extensions_refused_naming_the_valid_ones(tmp_path, name):
+    (tmp_path / name).write_text("lora_r: 8\n")
+    with pytest.raises(RunFileError, match=rf"--config .*{name}: the extension .* is invalid; valid extensions: "
+                                           r"\['.yaml', '.yml', '.json'\]"):
+        load_run_file(tmp_path / name)
+    (tmp_path / "run.YML").write_text("lora_r: 8\n")
+    assert load_run_file(tmp_path / "run.YML") == {"lora_r": 8}
+
+
+def test_a_run_files_bad_value_is_reported_with_the_file_named(tmp_path, capsys):
+    """Values FinetuneConfig refuses (not only names and types) carry the ``--config FILE:`` prefix when the file gave them."""
+    from hfx.finetune.run_file import config_from_values
+
+    text = "model: m\ndata: d\noutput: o\nlora_r: 0\nlr_scheduler: cosin\n"
+    (tmp_path / "run.yaml").write_text(text)
+    run = str(tmp_path / "run.yaml")
+    values = resolved([], tmp_path, text)
+    with pytest.raises(RunFileError, match=rf"^--config {run}: lora_r must be a positive integer, got 0"):
+        config_from_values(values, set(), run)
+    # typed on the command line: the flag's value, so no file prefix
+    values = resolved(["--lora-r", "0"], tmp_path, text)
+    with pytest.raises(ValueError, match=r"^lora_r must be a positive integer") as info:
+        config_from_values(values, {"lora_r"}, run)
+    assert not isinstance(info.value, RunFileError)
+    # the whole command: one line, exit code 2, the file named
+    (tmp_path / "model").mkdir()
+    (tmp_path / "bad.yaml").write_text(f"model: {tmp_path / 'model'}\ndata: d\noutput: o\npacking: bdf\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "--config", str(tmp_path / "bad.yaml")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert f"hfx finetune: error: --config {tmp_path / 'bad.yaml'}: packing='bdf' is invalid" in err
+    assert "did you mean 'bfd'?" in err and len(err.strip().splitlines()) == 1

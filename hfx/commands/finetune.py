@@ -130,17 +130,17 @@ def run_command(args: argparse.Namespace) -> int:
     import sys
 
     from hfx.checkpoint_check import check_model_dir
-    from hfx.finetune.config import FinetuneConfig
 
-    from hfx.finetune.run_file import GIVEN, merged_values
+    from hfx.finetune.run_file import GIVEN, config_from_values, merged_values
 
     values = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", GIVEN)}
     try:
         # The model folder first: checking it needs no torch, so the commonest mistake is reported
         # in a fraction of a second instead of after the training stack has been imported.
-        values = merged_values(values, getattr(args, GIVEN, set()), args.config)
+        given = getattr(args, GIVEN, set())
+        values = merged_values(values, given, args.config)
         check_model_dir(values["model"], "--model")
-        config = FinetuneConfig.from_dict(values)
+        config = config_from_values(values, given, args.config)
     except ValueError as exc:
         print(f"hfx finetune: error: {' '.join(str(exc).split())}", file=sys.stderr)
         raise SystemExit(2) from None

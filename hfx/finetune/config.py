@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -57,13 +58,70 @@ SHADOWED_TRAINING_ARGS = {
 }
 
 
+#: the FinetuneConfig fields that take one of a fixed set of names (checked by :func:`check_choice`,
+#: also by ``hfx finetune --config`` while reading the run file); optim, lr_scheduler,
+#: init_lora_weights and metrics_average have their own lists, checked in FinetuneConfig
+CHOICE_FIELDS = {
+    "method": METHODS,
+    "task": TASKS,
+    "data_format": DATA_FORMATS,
+    "quant_type": QUANT_TYPES,
+    "compute_dtype": DTYPES,
+    "bf16": BF16_CHOICES,
+    "chunked_loss": CHUNKED_LOSS,
+    "packing": PACKING,
+    "merge_dtype": DTYPES,
+    "quant_storage": DTYPES + ("uint8",),
+}
+#: fields of CHOICE_FIELDS that may be None (the default chosen later)
+OPTIONAL_CHOICES = ("merge_dtype", "quant_storage")
+
+
+def invalid_choice(name: str, value, valid, note: str = "") -> str:
+    """The message for ``name=value`` not in ``valid``: the valid values, and the closest one when a typo is likely."""
+    text = f"{name}={value!r} is invalid; valid values: {list(valid)}"
+    if note:
+        text += f" ({note})"
+    close = difflib.get_close_matches(str(value), [str(v) for v in valid], n=1, cutoff=0.6)
+    return text + (f"; did you mean {close[0]!r}?" if close else ".")
+
+
+def check_choice(name: str, value, valid, note: str = ""):
+    """``value`` when it is one of ``valid``, else a ValueError naming it, the valid values and the closest one."""
+    if isinstance(value, str) and value in valid:
+        return value
+    raise ValueError(invalid_choice(name, value, valid, note))
+
+
+def check_field_value(name: str, value) -> None:
+    """Refuse a value of a :data:`CHOICE_FIELDS` field (or of init_lora_weights) that names nothing valid.
+
+    Needs no torch or transformers import, so a run file's typo is reported at once.
+    """
+    if name == "init_lora_weights":
+        check_init_lora_weights(value)
+    elif name == "packing" and isinstance(value, bool):
+        return  # an older run's record; packing_mode reads it
+    elif name in CHOICE_FIELDS and not (value is None and name in OPTIONAL_CHOICES):
+        check_choice(name, value, CHOICE_FIELDS[name])
+
+
+def check_init_lora_weights(init) -> str:
+    """``init`` when PEFT's LoraConfig takes it from hfx: one of INIT_LORA_WEIGHTS or ``pissa_niter_K`` (K >= 1)."""
+    import re
+
+    niter = re.fullmatch(r"pissa_niter_([0-9]+)", init) if isinstance(init, str) else None
+    if (init in INIT_LORA_WEIGHTS and init != "pissa_niter_K") or (niter and int(niter.group(1)) > 0):
+        return init
+    raise ValueError(invalid_choice("init_lora_weights", init, INIT_LORA_WEIGHTS,
+                                    "pissa_niter_K with K a positive number of subspace iterations, e.g. pissa_niter_4"))
+
+
 def packing_mode(value) -> str:
     """The packing mode a value names: an older run file's boolean is True -> "wrapped", False -> "none"."""
     if isinstance(value, bool):
         return "wrapped" if value else "none"
-    if value not in PACKING:
-        raise ValueError(f"packing={value!r} is invalid; valid values: {list(PACKING)}.")
-    return value
+    return check_choice("packing", value, PACKING)
 
 
 def changes_base(init) -> bool:
@@ -173,27 +231,13 @@ class FinetuneConfig:
     extra_training_args: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        for name, valid in (
-            ("method", METHODS),
-            ("task", TASKS),
-            ("data_format", DATA_FORMATS),
-            ("quant_type", QUANT_TYPES),
-            ("compute_dtype", DTYPES),
-            ("bf16", BF16_CHOICES),
-            ("chunked_loss", CHUNKED_LOSS),
-        ):
-            if getattr(self, name) not in valid:
-                raise ValueError(f"{name}={getattr(self, name)!r} is invalid; valid values: {list(valid)}.")
-        if self.quant_storage is not None and self.quant_storage not in DTYPES + ("uint8",):
-            raise ValueError(f"quant_storage={self.quant_storage!r} is invalid; valid values: {list(DTYPES) + ['uint8']}.")
+        for name in CHOICE_FIELDS:
+            if name != "packing":  # read below by packing_mode (it also takes an older run file's boolean)
+                check_field_value(name, getattr(self, name))
         if self.optim is not None:
             from transformers.training_args import OptimizerNames
 
-            valid_optims = [o.value for o in OptimizerNames]
-            if self.optim not in valid_optims:
-                raise ValueError(f"optim={self.optim!r} is invalid; valid values: {valid_optims}.")
-        if self.merge_dtype is not None and self.merge_dtype not in DTYPES:
-            raise ValueError(f"merge_dtype={self.merge_dtype!r} is invalid; valid values: {list(DTYPES)}.")
+            check_choice("optim", self.optim, [o.value for o in OptimizerNames])
         for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_length", "save_steps", "logging_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
@@ -214,9 +258,7 @@ class FinetuneConfig:
             raise ValueError(f"learning_rate must be a positive finite number, got {self.learning_rate}.")
         if not (0 <= self.weight_decay < math.inf):
             raise ValueError(f"weight_decay must be a non-negative finite number, got {self.weight_decay}.")
-        schedulers = scheduler_names()
-        if self.lr_scheduler not in schedulers:
-            raise ValueError(f"lr_scheduler={self.lr_scheduler!r} is invalid; valid values: {schedulers}.")
+        check_choice("lr_scheduler", self.lr_scheduler, scheduler_names())
         self.target_parameters = name_list("target_parameters", self.target_parameters, "experts.down_proj",
                                            noun="parameter")
         if self.lora_dropout is None:
@@ -259,8 +301,7 @@ class FinetuneConfig:
 
         self.metrics = parse_metrics(self.metrics)
         check_metric_names(self.metrics, self.task)
-        if self.metrics_average not in AVERAGES:
-            raise ValueError(f"metrics_average={self.metrics_average!r} is invalid; valid values: {list(AVERAGES)}.")
+        check_choice("metrics_average", self.metrics_average, AVERAGES)
         if self.metrics and not self.has_eval:
             raise ValueError(f"metrics={self.metrics} need evaluation data: set eval_data or eval_fraction.")
         if self.metrics and "exact_match" in self.metrics and self.packing == "wrapped":
@@ -269,19 +310,15 @@ class FinetuneConfig:
 
     def _check_lora_variants(self) -> None:
         """The PEFT LoRA variants: valid names, and only combinations PEFT (and hfx's saving) handle."""
-        import re
-
-        init = self.init_lora_weights
-        niter = re.fullmatch(r"pissa_niter_([0-9]+)", init) if isinstance(init, str) else None
-        if not (init in INIT_LORA_WEIGHTS and init != "pissa_niter_K") and not (niter and int(niter.group(1)) > 0):
-            raise ValueError(f"init_lora_weights={init!r} is invalid; valid values: {list(INIT_LORA_WEIGHTS)} "
-                             "(pissa_niter_K with K a positive number of subspace iterations, e.g. pissa_niter_4).")
+        init = check_init_lora_weights(self.init_lora_weights)
         variant = [f"{name}={getattr(self, name)!r}" for name, default in (
             ("use_dora", False), ("use_rslora", False), ("init_lora_weights", "default"),
             ("target_parameters", None), ("modules_to_save", None)) if getattr(self, name) != default]
         if variant and not self.uses_adapter:
-            raise ValueError(f"{', '.join(variant)} need an adapter method; method='full' trains every weight. "
-                             "Valid methods for them: ['lora', 'qlora', 'int8'].")
+            one = len(variant) == 1
+            raise ValueError(f"{', '.join(variant)} {'needs' if one else 'need'} an adapter method; method='full' "
+                             f"trains every weight. Valid methods for {'it' if one else 'them'}: "
+                             "['lora', 'qlora', 'int8'].")
         base_changing = changes_base(init)
         if base_changing and self.quantized:
             reason = ("the residual base would be quantised again and the saved adapter no longer applies to the "

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import types
 import typing
 from dataclasses import fields
 from pathlib import Path
 
-from .config import PACKING, FinetuneConfig
+from .config import PACKING, FinetuneConfig, check_field_value
 
 GIVEN = "_hfx_given_flags"  # the Namespace attribute holding the dests of the flags the user typed
 #: fields that may come from the run file instead of the command line, but must come from one of them
@@ -25,6 +26,8 @@ RECORD_MARK = "world_size"
 #: skipped when a run's record is read back as a run file: the process count it ran on, and the
 #: actions of that one invocation (replacing or continuing OUTPUT), which must never carry over to a new run
 RECORDED_ONLY = (RECORD_MARK, "overwrite", "resume")
+#: the file name endings --config reads, and as what
+EXTENSIONS = {".yaml": "YAML", ".yml": "YAML", ".json": "JSON"}
 #: older runs' records may hold a boolean where a field now takes a name; accepted from a run's record only
 LEGACY_TYPES = {"packing": (bool,)}
 
@@ -38,9 +41,12 @@ def load_run_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise RunFileError(f"--config {path}: no such file.")
+    if path.suffix.lower() not in EXTENSIONS:
+        raise RunFileError(f"--config {path}: the extension {path.suffix or '(none)'!r} is invalid; valid "
+                           f"extensions: {list(EXTENSIONS)} (YAML or JSON).")
     text = path.read_text(encoding="utf-8")
     try:
-        if path.suffix.lower() == ".json":
+        if EXTENSIONS[path.suffix.lower()] == "JSON":
             values = json.loads(text)
         else:
             import yaml
@@ -86,6 +92,10 @@ def check_values(values: dict, where: str = "run file", recorded: bool = False) 
                                f"valid values: {list(PACKING)}.")
         if not (_accepts(value, expected) or (recorded and isinstance(value, LEGACY_TYPES.get(key, ())))):
             raise RunFileError(f"{where}: {key}={value!r} is a {type(value).__name__}; expected {_describe(expected)}.")
+        try:
+            check_field_value(key, value)  # a name from a fixed list: refused here, at once and with the file named
+        except ValueError as exc:
+            raise RunFileError(f"{where}: {exc}") from None
         checked[key] = value
     return checked
 
@@ -178,6 +188,25 @@ def merged_values(cli: dict, given: set[str], run_file: str | None) -> dict:
         raise RunFileError(f"the following arguments are required: {flags} (on the command line, or as "
                            f"{' / '.join(repr(k) for k in missing)} in a --config run file).")
     return values
+
+
+def config_from_values(values: dict, given: set[str], run_file: str | None) -> FinetuneConfig:
+    """``FinetuneConfig.from_dict(values)``; a value the run file gave that it refuses is reported with the file named.
+
+    ``values`` as :func:`merged_values` returns them. A message that starts with a field name the run
+    file set (and no typed flag overrode), e.g. ``lora_r must be a positive integer``, is prefixed
+    ``--config FILE:``, as the run file's unknown keys and wrong types are.
+    """
+    try:
+        return FinetuneConfig.from_dict(values)
+    except ValueError as exc:
+        if not run_file or isinstance(exc, RunFileError):
+            raise
+        from_file = set(load_run_file(run_file)) - set(given)
+        first = re.match(r"\w+", str(exc))
+        if first and first.group(0) in from_file:
+            raise RunFileError(f"--config {run_file}: {exc}") from None
+        raise
 
 
 def config_from_run_file(path: str | Path, **overrides) -> FinetuneConfig:
