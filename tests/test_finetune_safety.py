@@ -31,7 +31,11 @@ from hfx.finetune.train import (
     is_run_output,
     newest_complete_checkpoint,
 )
-from test_finetune import hfx_causal, run_config, run_ddp_and_single, task_file, task_rows, tokenizer_dir, write_jsonl  # noqa: F401
+import test_finetune
+from test_finetune import run_config, run_ddp_and_single, task_rows, tokenizer_dir, write_jsonl  # noqa: F401
+
+# pytest fixtures shared with test_finetune (bound here so that pytest finds them in this module)
+hfx_causal, task_file = test_finetune.hfx_causal, test_finetune.task_file
 
 
 @pytest.fixture
