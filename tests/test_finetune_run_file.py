@@ -234,3 +234,9 @@ def test_a_run_files_bad_value_is_reported_with_the_file_named(tmp_path, capsys)
     assert exit_info.value.code == 2
     assert f"hfx finetune: error: --config {tmp_path / 'bad.yaml'}: packing='bdf' is invalid" in err
     assert "did you mean 'bfd'?" in err and len(err.strip().splitlines()) == 1
+    # the Python API names the file too, and an override is reported as itself
+    with pytest.raises(RunFileError, match=rf"^--config {run}: lora_r must be a positive integer"):
+        config_from_run_file(run)
+    with pytest.raises(ValueError, match=r"^max_steps must be a positive number") as info:
+        config_from_run_file(run, lora_r=8, max_steps=0)
+    assert not isinstance(info.value, RunFileError)

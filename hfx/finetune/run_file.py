@@ -211,4 +211,5 @@ def config_from_values(values: dict, given: set[str], run_file: str | None) -> F
 
 def config_from_run_file(path: str | Path, **overrides) -> FinetuneConfig:
     """A FinetuneConfig from a run file, ``overrides`` (field names) taking precedence: the Python API's ``--config``."""
-    return FinetuneConfig.from_dict({**load_run_file(path), **check_values(overrides, where="overrides")})
+    values = {**load_run_file(path), **check_values(overrides, where="overrides")}
+    return config_from_values(values, set(overrides), str(path))
