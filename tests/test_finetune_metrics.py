@@ -221,6 +221,53 @@ def test_generation_examples_recovered_from_bfd_rows(tmp_path, tiny_llama):
     assert plain == want
 
 
+def test_exact_match_is_sharded_under_ddp_and_replicated_where_the_model_is_partitioned(monkeypatch):
+    """DDP: each rank generates for every world_size-th example and the counts are summed; FSDP / ZeRO-3:
+    every rank generates for the whole split (each forward is a collective)."""
+    from types import SimpleNamespace
+
+    import hfx.finetune.metrics as metrics_module
+    from hfx.finetune.metrics import GenerationExample, GenerationMetricsMixin
+
+    examples = [GenerationExample([1, 2], [3 + i]) for i in range(7)]
+    tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens=True: " ".join(map(str, ids)))
+    generated = []
+
+    def fake_completions(model, tok, chunk, batch_size):  # right for references divisible by 3: 3, 6, 9
+        generated.append([e.reference_ids[0] for e in chunk])
+        return [tok.decode(e.reference_ids) if e.reference_ids[0] % 3 == 0 else "wrong" for e in chunk]
+
+    monkeypatch.setattr(metrics_module, "greedy_completions", fake_completions)
+    reduced = []
+
+    def trainer(rank, world, **engine):
+        accelerator = SimpleNamespace(reduce=lambda tensor, reduction: reduced.append(tensor.tolist()) or tensor,
+                                      state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=engine.get("zero"))))
+        return SimpleNamespace(model=None, processing_class=tokenizer, accelerator=accelerator,
+                               is_fsdp_enabled=engine.get("fsdp", False), is_deepspeed_enabled="zero" in engine,
+                               args=SimpleNamespace(world_size=world, process_index=rank, eval_batch_size=4,
+                                                    device="cpu"))
+
+    def score(fake):
+        fake._generation_is_collective = lambda: GenerationMetricsMixin._generation_is_collective(fake)
+        return GenerationMetricsMixin._exact_match(fake, examples)
+
+    assert score(trainer(0, 1)) == pytest.approx(3 / 7) and generated == [list(range(3, 10))] and reduced == []
+    generated.clear()
+    for rank in (0, 1):
+        score(trainer(rank, 2))
+    assert generated == [[3, 5, 7, 9], [4, 6, 8]]  # each example generated once, on one rank
+    assert [sum(column) for column in zip(*reduced)] == [3, 7]  # matches and examples summed over the ranks
+    for engine in (dict(fsdp=True), dict(zero=3)):
+        generated.clear()
+        reduced.clear()
+        assert score(trainer(1, 2, **engine)) == pytest.approx(3 / 7)
+        assert generated == [list(range(3, 10))] and reduced == []  # the whole split on every rank
+    generated.clear()
+    score(trainer(1, 2, zero=2))  # ZeRO-2 keeps whole weights: sharded like DDP
+    assert generated == [[4, 6, 8]]
+
+
 # --- runs: Trainer logs the metrics at each evaluation, the results file has the last ----------
 
 

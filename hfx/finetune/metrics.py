@@ -215,16 +215,27 @@ def greedy_completions(model, tokenizer, examples: list[GenerationExample], batc
 
 
 def exact_match(model, tokenizer, examples: list[GenerationExample], batch_size: int) -> float:
+    matches, count = exact_match_counts(model, tokenizer, examples, batch_size)
+    return matches / count if count else math.nan
+
+
+def exact_match_counts(model, tokenizer, examples: list[GenerationExample], batch_size: int) -> tuple[int, int]:
+    """(examples whose greedy completion matches the reference, examples): what ranks add up under DDP."""
+    if not examples:
+        return 0, 0
     predictions = greedy_completions(model, tokenizer, examples, batch_size)
     references = [tokenizer.decode(example.reference_ids, skip_special_tokens=True) for example in examples]
-    return float(load_metric("exact_match").compute(predictions=predictions, references=references)["exact_match"])
+    score = load_metric("exact_match").compute(predictions=predictions, references=references)["exact_match"]
+    return round(score * len(examples)), len(examples)
 
 
 class GenerationMetricsMixin:
     """Adds perplexity and exact_match to every evaluation of a Trainer (hence to its log and ``on_evaluate``).
 
-    Every process generates for the whole evaluation split, so sharded models (FSDP, ZeRO-3) run the
-    same forward passes on each rank.
+    Under DDP (whole models on every process) each process generates for its share of the evaluation
+    examples (every ``world_size``-th one) and the match counts are summed over the processes. Under
+    FSDP or ZeRO-3 every forward is a collective of all ranks, so each process generates for the whole
+    split instead, in the same order.
     """
 
     def __init__(self, *args, hfx_metrics: list[str] = (), **kwargs):
@@ -246,9 +257,29 @@ class GenerationMetricsMixin:
                 cached = self._generation_sets[id(dataset)] = (dataset, generation_examples(dataset))
             examples = cached[1]
             if examples:
-                output.metrics[f"{metric_key_prefix}_exact_match"] = exact_match(
-                    self.model, self.processing_class, examples, self.args.eval_batch_size)
+                output.metrics[f"{metric_key_prefix}_exact_match"] = self._exact_match(examples)
         return output
+
+    def _generation_is_collective(self) -> bool:
+        """Whether the model is partitioned across ranks (FSDP, ZeRO-3), so all ranks must generate alike."""
+        if getattr(self, "is_fsdp_enabled", False):
+            return True
+        if not getattr(self, "is_deepspeed_enabled", False):
+            return False
+        plugin = getattr(getattr(self.accelerator, "state", None), "deepspeed_plugin", None)
+        return getattr(plugin, "zero_stage", 3) == 3  # an unknown stage: the safe, replicated way
+
+    def _exact_match(self, examples: list[GenerationExample]) -> float:
+        world = int(getattr(self.args, "world_size", 1) or 1)
+        if world == 1 or self._generation_is_collective():
+            return exact_match(self.model, self.processing_class, examples, self.args.eval_batch_size)
+        import torch
+
+        shard = examples[self.args.process_index :: world]
+        matches, count = exact_match_counts(self.model, self.processing_class, shard, self.args.eval_batch_size)
+        totals = self.accelerator.reduce(torch.tensor([matches, count], dtype=torch.float64, device=self.args.device),
+                                         reduction="sum")
+        return float(totals[0] / totals[1])
 
 
 def with_generation_metrics(trainer_class):
