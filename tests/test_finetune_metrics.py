@@ -328,3 +328,11 @@ def test_causal_lm_run_logs_perplexity_and_exact_match(tmp_path, tiny_llama):
         hits += " ".join(tokenizer.decode(out, skip_special_tokens=True).split()) == row["completion"]
     assert evals[-1]["eval_exact_match"] == pytest.approx(hits / len(held_out), abs=1e-12)
     assert result.eval_metrics["eval_exact_match"] == evals[-1]["eval_exact_match"]
+
+
+@pytest.mark.parametrize("given, suggested", [("acc", "accuracy"), ("f-1", "f1"), ("perplex", "perplexity")])
+def test_unknown_metric_names_get_a_suggestion(given, suggested):
+    from hfx.finetune.metrics import check_metric_names
+
+    with pytest.raises(ValueError, match=rf"Did you mean '{given}' -> '{suggested}'\?"):
+        check_metric_names([given], "seq-cls")

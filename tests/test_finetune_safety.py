@@ -222,6 +222,19 @@ def test_overwrite_deletes_nothing_before_model_and_data_are_checked(tmp_path, h
     assert snapshot(run) == before
 
 
+def test_a_run_failing_before_training_leaves_no_run_record(tmp_path, hfx_causal, task_file, no_model_load):
+    """A failure while the model loads must not leave a run file that refuses the corrected command."""
+    run = tmp_path / "run"
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        finetune(run_config(hfx_causal, task_file, run))
+    assert not run.exists()  # the folder the run created, empty again, is gone too
+    run.mkdir()
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        finetune(run_config(hfx_causal, task_file, run))
+    assert run.is_dir() and not any(run.iterdir())  # the user's own (empty) folder stays
+    check_output_dir(run_config(hfx_causal, task_file, run, lora_r=4))  # another setting: not "another run"
+
+
 def test_overwrite_replaces_a_run_and_keeps_nothing_stale(tmp_path, hfx_causal, task_file):
     run = fake_run(tmp_path / "run")
     (run / "checkpoint-99").mkdir()

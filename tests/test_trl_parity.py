@@ -112,3 +112,22 @@ def test_sft_trainer_and_hfx_give_the_same_losses_step_by_step(setup, shape, met
     # every step sees the same records, so the loss falls: the curves compared are those of training
     assert hfx_run.losses[-1] < hfx_run.losses[0] - 0.05
     assert trl_run.losses == pytest.approx(hfx_run.losses, abs=ATOL, rel=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bfd_rows_equal_trl_pack_dataset(seed):
+    """hfx's best-fit decreasing puts the same examples together as TRL's bfd packer (ties included)."""
+    import random
+
+    import datasets
+    from trl.data_utils import pack_dataset
+
+    from hfx.finetune.packing import best_fit_decreasing
+
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 64) for _ in range(300)]  # many equal rooms: the tie-break decides rows
+    data = datasets.Dataset.from_dict({"input_ids": [[i] * n for i, n in enumerate(lengths)]})
+    packed = pack_dataset(data, 128, strategy="bfd", map_kwargs={"batch_size": 1000})
+    trl_rows = sorted(tuple(sorted(set(row))) for row in packed["input_ids"])
+    hfx_rows = sorted(tuple(sorted(row)) for row in best_fit_decreasing(lengths, 128))
+    assert hfx_rows == trl_rows

@@ -12,6 +12,8 @@ The module scripts live in :mod:`hfx.finetune.metric_modules` and are loaded wit
 
 from __future__ import annotations
 
+import difflib
+
 import functools
 import math
 import tempfile
@@ -60,8 +62,13 @@ def check_metric_names(metrics: list[str] | None, task: str) -> None:
         return
     unknown = [name for name in metrics if name not in ALL_METRICS]
     if unknown:
+        # an abbreviation ("acc") names the metric it starts; otherwise the closest spelling
+        close = {name: [v for v in ALL_METRICS if v.startswith(name.lower())][:1]
+                 or difflib.get_close_matches(name, list(ALL_METRICS), n=1, cutoff=0.5) for name in unknown}
+        hint = ", ".join(f"{name!r} -> {match[0]!r}" for name, match in close.items() if match)
         raise MetricError(f"metrics {unknown} are unknown; valid values: " + "; ".join(
-            f"{task_name}: {list(names)}" for task_name, names in TASK_METRICS.items()) + ".")
+            f"{task_name}: {list(names)}" for task_name, names in TASK_METRICS.items()) + "."
+            + (f" Did you mean {hint}?" if hint else ""))
     if task in TASK_METRICS:
         wrong = [name for name in metrics if name not in TASK_METRICS[task]]
         if wrong:

@@ -20,6 +20,7 @@ rows end to end in one row, so no padding is ever added.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 from .data import IGNORE_INDEX
@@ -40,7 +41,8 @@ class _RoomIndex:
         while self.size < capacity + 1:
             self.size *= 2
         self.count = [0] * (2 * self.size)
-        self.rows: list[list[int]] = [[] for _ in range(self.size)]
+        # rows of equal room are taken first-in first-out, as TRL's packer takes them: same rows as SFTTrainer
+        self.rows: list[deque[int]] = [deque() for _ in range(self.size)]
 
     def _bump(self, room: int, delta: int) -> None:
         node = room + self.size
@@ -68,7 +70,7 @@ class _RoomIndex:
             while node < self.size:  # then the leftmost non-empty leaf below it
                 node = 2 * node if self.count[2 * node] else 2 * node + 1
         room = node - self.size
-        row = self.rows[room].pop()
+        row = self.rows[room].popleft()
         self._bump(room, -1)
         return room, row
 

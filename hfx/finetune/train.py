@@ -145,6 +145,7 @@ def finetune(config: FinetuneConfig | None = None, *, callbacks=None, **kwargs) 
 
     main_process = int(os.environ.get("RANK", "0")) == 0
     output = Path(config.output)
+    output_existed = output.exists()
     plan = check_output_dir(config) if main_process else OutputPlan()
     model_config, tokenizer = _load_config_and_tokenizer(config)
     long_load_kwargs(model_config, where=f"--model {config.model}")  # a long backend not installed: refused first
@@ -188,11 +189,16 @@ def finetune(config: FinetuneConfig | None = None, *, callbacks=None, **kwargs) 
     from ..quantization import bnb_cpu_path
 
     set_seed(config.seed)  # LoRA's A matrices (and a new classifier head) are drawn before Trainer seeds
-    model = load_model(config, task, model_config, gradient_checkpointing)
-    if config.uses_adapter:
-        model = add_lora(model, config, task, calibration=lambda batch_size: calibration_batches(  # EVA / CorDA only
-            model, data.train, collator_for(task, tokenizer, config.packing, model), batch_size))
-    trainer = build_trainer(config, model, tokenizer, data, task, gradient_checkpointing, callbacks)
+    try:
+        model = load_model(config, task, model_config, gradient_checkpointing)
+        if config.uses_adapter:
+            model = add_lora(model, config, task, calibration=lambda batch_size: calibration_batches(  # EVA / CorDA only
+                model, data.train, collator_for(task, tokenizer, config.packing, model), batch_size))
+        trainer = build_trainer(config, model, tokenizer, data, task, gradient_checkpointing, callbacks)
+    except BaseException:
+        if main_process and not config.resume:
+            _forget_unstarted_run(output, created=not output_existed)
+        raise
     outcome = trainer.train(resume_from_checkpoint=resumed_from)
 
     saved_dir = output / (ADAPTER_DIR if config.uses_adapter else MODEL_DIR)
@@ -661,6 +667,17 @@ def _set_labels(model_config, data) -> None:
         highest = max(data.train["labels"])
         if highest >= model_config.num_labels:
             model_config.num_labels = highest + 1
+
+
+def _forget_unstarted_run(output: Path, created: bool) -> None:
+    """A run that failed before training began leaves no record behind: its run file would make the
+    corrected command refuse the folder as "another run" (a folder it created, left empty, goes too)."""
+    (output / RUN_FILE).unlink(missing_ok=True)
+    if created:
+        try:
+            output.rmdir()  # only when nothing else is in it
+        except OSError:
+            pass
 
 
 def _write_json(path: Path, payload: dict) -> None:
