@@ -301,6 +301,22 @@ def test_seq_cls_run_logs_sklearn_equal_metrics(tmp_path, hfx_classifier):
 
 
 @pytest.mark.slow  # a whole finetune run
+def test_the_final_model_is_evaluated_when_the_last_step_is_not_an_eval_step(tmp_path, hfx_classifier):
+    train = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(range(24)))
+    held_out = sentiment_rows(range(100, 112))
+    result = finetune(model=hfx_classifier, data=train, eval_data=write_jsonl(tmp_path / "eval.jsonl", held_out),
+                      output=str(tmp_path / "out"), task="seq-cls", method="full", learning_rate=3e-3, max_steps=4,
+                      eval_steps=3, batch_size=8, logging_steps=2, save_steps=100, metrics="accuracy",
+                      extra_training_args=dict(QUIET))
+    assert [entry["step"] for entry in result.log_history if "eval_loss" in entry] == [3, 4]
+    tokenizer, model = result.tokenizer, result.model.eval()
+    with torch.no_grad():
+        predictions = [int(model(**tokenizer(row["text"], return_tensors="pt")).logits.argmax(-1)) for row in held_out]
+    accuracy = accuracy_score([row["label"] for row in held_out], predictions)
+    assert result.eval_metrics["eval_accuracy"] == pytest.approx(accuracy, abs=1e-12)
+
+
+@pytest.mark.slow  # a whole finetune run
 def test_causal_lm_run_logs_perplexity_and_exact_match(tmp_path, tiny_llama):
     train = write_jsonl(tmp_path / "train.jsonl", digit_rows(range(80)))
     held_out = digit_rows(range(100, 110))

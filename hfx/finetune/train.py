@@ -200,6 +200,8 @@ def finetune(config: FinetuneConfig | None = None, *, callbacks=None, **kwargs) 
             _forget_unstarted_run(output, created=not output_existed)
         raise
     outcome = trainer.train(resume_from_checkpoint=resumed_from)
+    if data.eval is not None and _needs_final_evaluation(trainer):
+        trainer.evaluate()  # on every process (a collective under DDP): the results describe the model saved
 
     saved_dir = output / (ADAPTER_DIR if config.uses_adapter else MODEL_DIR)
     merged_dir = None
@@ -667,6 +669,13 @@ def _set_labels(model_config, data) -> None:
         highest = max(data.train["labels"])
         if highest >= model_config.num_labels:
             model_config.num_labels = highest + 1
+
+
+def _needs_final_evaluation(trainer) -> bool:
+    """True when the last evaluation did not see the final weights: it ran before the last step, or
+    early stopping then restored the best checkpoint."""
+    steps = [entry["step"] for entry in trainer.state.log_history if "eval_loss" in entry]
+    return not steps or steps[-1] != trainer.state.global_step or trainer.args.load_best_model_at_end
 
 
 def _forget_unstarted_run(output: Path, created: bool) -> None:
