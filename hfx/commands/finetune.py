@@ -153,8 +153,19 @@ def run_command(args: argparse.Namespace) -> int:
         kind = "bad data" if isinstance(exc, DataError) else "bad target modules" if isinstance(exc, TargetModulesError) else "error"
         print(f"hfx finetune: {kind}: {' '.join(str(exc).split())}", file=sys.stderr)
         raise SystemExit(2) from None
+    _close_process_group()
     if not result.main_process:
         return 0  # one summary per run: the other processes of a DDP run stay quiet
     summary = {k: v for k, v in result.to_dict().items() if k != "log_history"}
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _close_process_group() -> None:
+    """The command owns its process: under torchrun every rank waits for the others, then closes the
+    group, so no rank exits while gloo still talks to it (an abort at interpreter exit otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
