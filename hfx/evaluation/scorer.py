@@ -237,6 +237,16 @@ class LMScorer:
     def _rolling_windows(self, tokens: list[int]):
         return rolling_windows(tokens, self.max_length, self.prefix_token_id)
 
+    def _cached_pair(self, key: str, continuation: list[int]) -> tuple[float, bool] | None:
+        """The cached ``(log-likelihood, is_greedy)`` of a pair, or None to score it (an empty continuation
+        is refused: there is nothing to score)."""
+        cached = self.cache.get(key) if self.cache is not None else None
+        if isinstance(cached, list) and len(cached) == 2 and isinstance(cached[0], (int, float)):
+            return float(cached[0]), bool(cached[1])
+        if not continuation:
+            raise ValueError("A continuation encodes to zero tokens; nothing to score.")
+        return None
+
     def score_token_pairs(self, pairs: Sequence[tuple[list[int], list[int]]], desc: str = "scoring"):
         raise NotImplementedError
 
@@ -343,12 +353,9 @@ class CausalLMScorer(LMScorer):
         keys = [request_key("ll", ctx, cont) for ctx, cont in pairs]
         rows: dict[tuple[int, ...], _Row] = {}
         for slot, ((ctx, cont), key) in enumerate(zip(pairs, keys)):
-            cached = self.cache.get(key) if self.cache is not None else None
-            if isinstance(cached, list) and len(cached) == 2 and isinstance(cached[0], (int, float)):
-                results[slot] = (float(cached[0]), bool(cached[1]))
+            results[slot] = self._cached_pair(key, cont)
+            if results[slot] is not None:
                 continue
-            if not cont:
-                raise ValueError("A continuation encodes to zero tokens; nothing to score.")
             if len(ctx) + len(cont) > self.max_length + 1:
                 # lm-eval truncates such a pair on the left; the cut context is then scored as any other
                 # (choices of one length cut the same: one row)

@@ -112,12 +112,9 @@ class Seq2SeqScorer(LMScorer):
         keys = [request_key("seq2seq-ll", ctx, cont) for ctx, cont in pairs]
         groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
         for slot, ((ctx, cont), key) in enumerate(zip(pairs, keys)):
-            cached = self.cache.get(key) if self.cache is not None else None
-            if isinstance(cached, list) and len(cached) == 2 and isinstance(cached[0], (int, float)):
-                results[slot] = (float(cached[0]), bool(cached[1]))
+            results[slot] = self._cached_pair(key, cont)
+            if results[slot] is not None:
                 continue
-            if not cont:
-                raise ValueError("A continuation encodes to zero tokens; nothing to score.")
             # lm-eval keeps the last max_length tokens of each side
             groups.setdefault(tuple(ctx[-self.max_length :]), []).append((slot, list(cont[-self.max_length :])))
         ordered = sorted(groups.items(), key=lambda g: (-(len(g[0]) + max(len(c) for _, c in g[1])), g[0]))
