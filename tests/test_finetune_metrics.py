@@ -271,6 +271,13 @@ def test_exact_match_is_sharded_under_ddp_and_replicated_where_the_model_is_part
 # --- runs: Trainer logs the metrics at each evaluation, the results file has the last ----------
 
 
+def final_predictions(result, rows) -> list[int]:
+    """The trained classifier's own argmax class for each row, one example at a time."""
+    tokenizer, model = result.tokenizer, result.model.eval()
+    with torch.no_grad():
+        return [int(model(**tokenizer(row["text"], return_tensors="pt")).logits.argmax(-1)) for row in rows]
+
+
 @pytest.mark.slow  # a whole finetune run
 def test_seq_cls_run_logs_sklearn_equal_metrics(tmp_path, hfx_classifier):
     train = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(range(40)))
@@ -285,10 +292,7 @@ def test_seq_cls_run_logs_sklearn_equal_metrics(tmp_path, hfx_classifier):
     for entry in evals:
         assert {"eval_accuracy", "eval_f1", "eval_mcc", "eval_precision", "eval_recall"} <= set(entry)
     # the final model's own predictions, one example at a time, scored by scikit-learn
-    tokenizer, model = result.tokenizer, result.model.eval()
-    with torch.no_grad():
-        predictions = [int(model(**tokenizer(row["text"], return_tensors="pt")).logits.argmax(-1))
-                       for row in held_out]
+    predictions = final_predictions(result, held_out)
     references = [row["label"] for row in held_out]
     last = evals[-1]
     assert last["eval_accuracy"] == pytest.approx(accuracy_score(references, predictions), abs=1e-12)
@@ -309,9 +313,7 @@ def test_the_final_model_is_evaluated_when_the_last_step_is_not_an_eval_step(tmp
                       eval_steps=3, batch_size=8, logging_steps=2, save_steps=100, metrics="accuracy",
                       extra_training_args=dict(QUIET))
     assert [entry["step"] for entry in result.log_history if "eval_loss" in entry] == [3, 4]
-    tokenizer, model = result.tokenizer, result.model.eval()
-    with torch.no_grad():
-        predictions = [int(model(**tokenizer(row["text"], return_tensors="pt")).logits.argmax(-1)) for row in held_out]
+    predictions = final_predictions(result, held_out)
     accuracy = accuracy_score([row["label"] for row in held_out], predictions)
     assert result.eval_metrics["eval_accuracy"] == pytest.approx(accuracy, abs=1e-12)
 
